@@ -1,0 +1,40 @@
+# humpback-nb: `make demo` walks the whole method on the CPU; `make test` checks the kit.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PRESET ?= demo
+RUN    ?= runs/$(PRESET)
+
+.PHONY: install fetch demo test lint lab bench clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "humpback-nb needs Python 3.11: make PYTHON=python3.11 ...")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU build the kit is tested on (a bare `torch` pulls a CUDA build)
+	$(BIN)/python -m pip install --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+fetch: install  ## fetch and check the embedded model and data (cached in $$HUMPBACK_CACHE)
+	$(BIN)/humpback fetch
+
+demo: fetch  ## every notebook on the demo preset, executed into runs/demo/notebooks/
+	$(BIN)/humpback notebooks --preset $(PRESET) --run-dir $(RUN)
+
+test: install  ## unit tests and every notebook on the tiny preset
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check humpback_nb tests benchmarks
+
+lab: install  ## JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks
+
+bench: install  ## benchmarks print one JSON object each
+	@for script in benchmarks/*.py; do [ -e "$$script" ] && $(BIN)/python "$$script"; done; true
+
+clean:  ## remove the environment and run folders (the download cache stays)
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache humpback_nb.egg-info

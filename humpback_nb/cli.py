@@ -1,0 +1,139 @@
+"""`humpback`: the pipeline from a shell. The notebooks call the same functions.
+
+    humpback run --preset demo --run-dir runs/demo [--until STAGE] [--redo STAGE] [--set train.max_steps=10]
+    humpback status --run-dir runs/demo
+    humpback clear --run-dir runs/demo STAGE
+    humpback config --preset paper-7b          # print a preset as YAML
+    humpback fetch                             # fetch and check every embedded default
+    humpback notebooks --preset demo --run-dir runs/demo   # execute the notebooks with papermill
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from humpback_nb.config import ConfigError, HumpbackConfig, load_config, load_preset, presets, with_overrides
+from humpback_nb.files import RecordError
+from humpback_nb.pipeline import PipelineError, RunFolder
+from humpback_nb.sources import SourceError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="humpback", description="Humpback: instruction backtranslation, stage by stage."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the method's stages into a run folder (done stages are skipped)")
+    _add_config_args(run)
+    run.add_argument("--run-dir", required=True, type=Path)
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    run.add_argument("--redo", metavar="STAGE", action="append", default=[], help="run this stage even if done")
+
+    status = commands.add_parser("status", help="which stages of a run folder are done")
+    status.add_argument("--run-dir", required=True, type=Path)
+
+    clear = commands.add_parser("clear", help="delete a stage's outputs; the stages after it become pending")
+    clear.add_argument("--run-dir", required=True, type=Path)
+    clear.add_argument("stage")
+
+    show = commands.add_parser("config", help="print a config as YAML")
+    _add_config_args(show)
+
+    commands.add_parser("fetch", help="fetch and check every embedded model and data set")
+
+    notebooks = commands.add_parser("notebooks", help="execute the notebooks with papermill into RUN_DIR/notebooks")
+    notebooks.add_argument("--preset", choices=presets(), default="demo")
+    notebooks.add_argument("--run-dir", required=True, type=Path)
+    notebooks.add_argument("--only", metavar="NN", action="append", help="only notebooks starting with NN")
+
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, PipelineError, SourceError, RecordError) as err:
+        print(f"humpback: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--preset", choices=presets(), help="a preset shipped with the kit (default: demo)")
+    group.add_argument("--config", type=Path, help="a config YAML file")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help="override one setting, e.g. --set train.max_steps=10 (value parsed as YAML)")
+
+
+def _config(args: argparse.Namespace) -> HumpbackConfig:
+    config = load_config(args.config) if args.config else load_preset(args.preset or "demo")
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return with_overrides(config, overrides) if overrides else config
+
+
+def _run(args: argparse.Namespace) -> int:
+    folder = RunFolder(args.run_dir)
+    folder.run(_config(args), until=args.until, redo=args.redo)
+    print(f"run folder: {folder.path}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    folder = RunFolder(args.run_dir)
+    if not folder.config_path.is_file():
+        print(f"{folder.path}: no run here yet (no {folder.config_path.name}); stages of the method:")
+    else:
+        config = folder.config()
+        print(f"{folder.path}: preset {config.preset}, config hash {config.hash()}")
+    for row in folder.status():
+        took = f"{row['seconds']:.1f}s" if row["seconds"] is not None and row["state"] == "done" else ""
+        print(f"  {row['stage']:<11} {row['state']:<10} {took:>9}  {', '.join(row['outputs']):<18} {row['doc']}")
+    return 0
+
+
+def _clear(args: argparse.Namespace) -> int:
+    folder = RunFolder(args.run_dir)
+    if args.stage not in folder.stages:
+        raise PipelineError(f"unknown stage {args.stage!r}; stages: {', '.join(folder.stages)}")
+    with folder.lock():
+        cleared = folder.clear(args.stage)
+    print(f"cleared {args.stage}; now pending: {', '.join(cleared)}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from humpback_nb.models import EMBEDDED_MODELS, embedded_checkpoint
+    from humpback_nb.sources import fetch_all
+
+    for name, path in fetch_all().items():
+        print(f"{name:<22} {path}")
+    for name in EMBEDDED_MODELS:
+        print(f"{name:<22} {embedded_checkpoint(name)}")
+    return 0
+
+
+def _notebooks(args: argparse.Namespace) -> int:
+    from humpback_nb.notebooks import execute_all
+
+    executed = execute_all(args.preset, args.run_dir, names=args.only)
+    print(f"executed {len(executed)} notebook(s) into {args.run_dir / 'notebooks'}")
+    return 0
+
+
+_COMMANDS = {"run": _run, "status": _status, "clear": _clear, "config": _show, "fetch": _fetch,
+             "notebooks": _notebooks}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Settings of a Humpback run: small dataclasses, presets kept as YAML data, a stable hash.
+
+A run is described by one `HumpbackConfig`. Presets (`tiny`, `demo`, `paper-7b`) are YAML files in
+`humpback_nb/presets/` that override the defaults below; a user's own YAML works the same way.
+Every number of the method lives here, never in a notebook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from humpback_nb.files import atomic_write_text
+
+PRESET_DIR = Path(__file__).with_name("presets")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names where and why."""
+
+
+@dataclass
+class ModelConfig:
+    """The base model every model of the method (M_yx, M0, M1, M2) starts from."""
+
+    name: str = "smollm2-135m"  # embedded name, a local folder with safetensors, or a hub id
+    quantization: Literal["none", "4bit"] = "none"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: see models.runtime()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: int = 2048  # prompt + answer, in tokens
+
+
+@dataclass
+class DataConfig:
+    """Seed pairs and unlabelled segments (paper section 2.1 and 3.1)."""
+
+    seed_source: str = "alpaca_en_demo"  # embedded name, "oasst1", or a path to JSON/JSONL
+    seed_size: int = 3200
+    corpus_sources: list[str] = field(default_factory=lambda: ["c4_demo", "wiki_demo"])
+    num_segments: int = 502_133
+    min_chars: int = 600
+    max_chars: int = 3000
+    near_duplicate_jaccard: float = 0.8  # word 5-gram Jaccard above which two segments are one
+    repeated_sentence_jaccard: float = 0.8  # n-gram Jaccard between two sentences of one segment
+    heldout_fraction: float = 0.05  # seed pairs kept out of training, to show M_yx at work
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning of M_yx, M0, M1 and M2 (paper section 3.1)."""
+
+    method: Literal["lora", "full"] = "lora"  # LoRA on a 4-bit base is QLoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1  # the paper's dropout 0.1
+    lora_target: str = "all-linear"
+    learning_rate: float = 1e-5
+    final_learning_rate: float = 9e-6  # the learning rate itself at the last step, not a multiplier
+    weight_decay: float = 0.1
+    batch_size: int | None = None  # None: the paper's rule (8 below 3,000 examples, else 32)
+    max_steps: int | None = None  # None: the paper's data-scaling table
+    micro_batch_size: int = 8  # per forward pass; batch_size is reached by accumulation
+    max_length: int = 1024  # training sequences are cut to this many tokens
+    seed: int = 42
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling for self-augmentation and for answers (paper section 3.1: T=0.7, p=0.9)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    seed: int = 42
+
+
+@dataclass
+class CurationConfig:
+    """Self-curation: the rater and the quality threshold k of A_k (paper section 2.3)."""
+
+    rater: Literal["logprob", "generate"] = "logprob"
+    threshold: float = 4.5  # A_k keeps pairs scored >= k; the paper's A5 is ">= 4.5"
+    max_new_tokens: int = 256  # for the `generate` rater's reasoning
+    batch_size: int = 16
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation prompts and the judge (paper section 4)."""
+
+    alpaca_eval_prompts: int = 805
+    mt_bench_prompts: int = 80
+    judge: str = "local"  # "local" or an OpenAI-compatible endpoint's model name
+    inference_tags: Literal["S_a+S_w", "S_a", "S_w", "none"] = "S_a+S_w"
+    seed: int = 42
+
+
+@dataclass
+class HumpbackConfig:
+    """Everything one run of the method needs; `preset` records where it came from."""
+
+    preset: str = "custom"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerationConfig = field(default_factory=GenerationConfig)
+    curate: CurationConfig = field(default_factory=CurationConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section (`model`, `data`, ...) as a plain dict, or a top-level value."""
+        value = getattr(self, name)
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+    def hash(self) -> str:
+        """A stable short hash of the settings (the `preset` label does not count)."""
+        return config_hash({k: v for k, v in self.to_dict().items() if k != "preset"})
+
+
+def config_hash(value: Any) -> str:
+    """sha256 of the canonical JSON of `value`, first 12 hex digits: equal settings, equal hash."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def presets() -> list[str]:
+    """Names of the presets shipped with the kit."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> HumpbackConfig:
+    """The defaults overridden by the preset `name` (tiny, demo, paper-7b)."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(presets())}")
+    config = load_config(path)
+    config.preset = name
+    return config
+
+
+def load_config(path: str | Path) -> HumpbackConfig:
+    """Read a config YAML (a full dump or a partial override of the defaults)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return from_dict(raw or {}, source=str(path))
+
+
+def save_config(config: HumpbackConfig, path: str | Path) -> Path:
+    """Write the full config as YAML, atomically."""
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+    return atomic_write_text(Path(path), text)
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> HumpbackConfig:
+    """Build a config from nested dicts, checking every key and type against the dataclasses."""
+    return _build(HumpbackConfig, raw, source, prefix="")
+
+
+def with_overrides(config: HumpbackConfig, overrides: dict[str, Any]) -> HumpbackConfig:
+    """A copy of `config` with dotted overrides applied, e.g. {"train.learning_rate": 2e-5}."""
+    data = config.to_dict()
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"override {dotted!r}: unknown key {leaf!r}")
+        node[leaf] = value
+    return from_dict(data, source="overrides")
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f" in section {prefix[:-1]!r}" if prefix else ""
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}{where}; known keys: {', '.join(sorted(names))}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, source, prefix=f"{prefix}{name}.")
+        else:
+            values[name] = _check(value, hint, source, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _check(value: Any, hint: Any, source: str, key: str) -> Any:
+    """Return `value` if it fits `hint` (ints are accepted for floats), else raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check(value, arg, source, key)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{source}: {key} must be one of {list(args)}, got {value!r}")
+    elif origin is list:
+        if isinstance(value, list):
+            return [_check(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise ConfigError(f"{source}: {key} must be {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

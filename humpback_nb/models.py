@@ -1,0 +1,210 @@
+"""Load the base model (full precision or 4-bit NF4), and attach, save and load LoRA adapters.
+
+Device and dtype are chosen in one place, `runtime()`: CUDA when present, else the CPU; bf16 where
+the hardware computes it natively, else fp16 (old GPUs) or fp32 (old CPUs). Models load from
+safetensors only and never run code shipped with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+
+from humpback_nb.config import ModelConfig, TrainConfig
+from humpback_nb.files import atomic_dir
+from humpback_nb.sources import cache_dir, fetch
+
+# Embedded model names -> the source (in sources.py) that holds their GGUF file.
+EMBEDDED_MODELS = {"smollm2-135m": "smollm2-135m-gguf"}
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class ModelError(RuntimeError):
+    """A model or adapter that cannot be loaded; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the model runs and in which floating-point type it computes."""
+
+    device: str
+    dtype: torch.dtype
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so bf16 beats fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """The one place where device and dtype are decided for every model of the kit."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for, but torch sees no CUDA device")
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "bfloat16" if cpu_has_bf16() else "float32"
+    return Runtime(device=device, dtype=getattr(torch, dtype))
+
+
+def embedded_checkpoint(name: str = "smollm2-135m") -> Path:
+    """A safetensors checkpoint of an embedded model, converted from its GGUF file once and cached."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"unknown embedded model {name!r}; embedded: {', '.join(EMBEDDED_MODELS)}")
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_path = fetch(EMBEDDED_MODELS[name])
+    with atomic_dir(target) as tmp:
+        convert_gguf(gguf_path, tmp)
+    return target
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Dequantize a GGUF checkpoint into a plain model and save it as safetensors with its tokenizer.
+
+    transformers reads GGUF as a quantized model; to load it later in 4-bit through bitsandbytes
+    the weights must be an ordinary checkpoint, so the dequantized state dict goes into a fresh
+    model built from the config without its `quantization_config`.
+    """
+    from transformers import GgufConfig
+
+    gguf_path = Path(gguf_path)
+    kwargs = {"gguf_file": gguf_path.name, "quantization_config": GgufConfig(dequantize=True)}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=dtype, **kwargs)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = gguf_path.stem
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = loaded.state_dict()
+    odd = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if odd:
+        raise ModelError(f"{gguf_path}: tensors still packed after dequantizing: {odd[:3]}")
+    model.load_state_dict(state, strict=True)
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def resolve(name: str) -> str:
+    """Where `name` loads from: the embedded checkpoint, a local folder, or a hub id."""
+    if name in EMBEDDED_MODELS:
+        return str(embedded_checkpoint(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(f"{path}: no *.safetensors file; the kit loads safetensors checkpoints only")
+        return str(path)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.suffix
+    if looks_like_hub_id:
+        return name
+    raise ModelError(
+        f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+        "an existing folder, nor a hub id of the form 'org/name'"
+    )
+
+
+def load_model(
+    spec: ModelConfig | str = "smollm2-135m",
+    quantization: str | None = None,
+    adapter: str | Path | None = None,
+) -> tuple[PreTrainedModel, object]:
+    """Load (model, tokenizer) for a model spec, in full precision or 4-bit NF4, with an optional adapter.
+
+    `spec` is a `ModelConfig` or a model name; `quantization` ("none" or "4bit") overrides the
+    config's. The tokenizer pads on the left, as batched generation needs.
+    """
+    config = ModelConfig(name=spec) if isinstance(spec, str) else spec
+    quantization = quantization or config.quantization
+    where = runtime(config.device, config.dtype)
+    source = resolve(config.name)
+    kwargs: dict = {"dtype": where.dtype, "use_safetensors": True, "trust_remote_code": False}
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=where.dtype,
+        )
+        kwargs["device_map"] = {"": where.device if where.device == "cpu" else 0}
+    elif quantization != "none":
+        raise ModelError(f"quantization must be 'none' or '4bit', got {quantization!r}")
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if quantization == "none":
+        model.to(where.device)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    model.eval()
+    return model, tokenizer
+
+
+def is_4bit(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+def attach_lora(model: PreTrainedModel, train: TrainConfig, gradient_checkpointing: bool = False):
+    """Wrap `model` with fresh trainable LoRA adapters (QLoRA when the base is 4-bit)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_4bit(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    lora = LoraConfig(
+        r=train.lora_r,
+        lora_alpha=train.lora_alpha,
+        lora_dropout=train.lora_dropout,
+        target_modules=train.lora_target,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def save_adapter(model, path: str | Path) -> Path:
+    """Save a model's LoRA adapter as safetensors into `path`, atomically (the whole folder or nothing)."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if not (tmp / ADAPTER_FILE).is_file():
+            raise ModelError(f"saving the adapter wrote no {ADAPTER_FILE}; is this a peft model?")
+    return path
+
+
+def load_adapter(model: PreTrainedModel, path: str | Path, trainable: bool = False):
+    """Put the LoRA adapter saved in `path` (safetensors) on `model`."""
+    from peft import PeftModel
+
+    path = Path(path)
+    if not (path / ADAPTER_FILE).is_file():
+        raise ModelError(f"{path}: no {ADAPTER_FILE}; the kit loads adapters saved as safetensors only")
+    return PeftModel.from_pretrained(model, path, is_trainable=trainable)
+
+
+class _quiet_loading:
+    """Silence the CPU-kernel hub lookups bitsandbytes and transformers announce while loading."""
+
+    def __enter__(self):
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message=".*kernels.*")
+        self._level = logging.getLogger("bitsandbytes").level
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("bitsandbytes").setLevel(self._level)
+        return self._warnings.__exit__(*exc)

