@@ -184,13 +184,19 @@ def save_adapter(model, path: str | Path) -> Path:
     return path
 
 
-def load_adapter(model: PreTrainedModel, path: str | Path, trainable: bool = False):
-    """Put the LoRA adapter saved in `path` (safetensors) on `model`."""
-    from peft import PeftModel
+def load_adapter(model: PreTrainedModel, path: str | Path, trainable: bool = False,
+                 gradient_checkpointing: bool = False):
+    """Put the LoRA adapter saved in `path` (safetensors) on `model`.
+
+    `trainable=True` prepares the model exactly as `attach_lora` does, to go on training it.
+    """
+    from peft import PeftModel, prepare_model_for_kbit_training
 
     path = Path(path)
     if not (path / ADAPTER_FILE).is_file():
         raise ModelError(f"{path}: no {ADAPTER_FILE}; the kit loads adapters saved as safetensors only")
+    if trainable and is_4bit(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return PeftModel.from_pretrained(model, path, is_trainable=trainable)
 
 

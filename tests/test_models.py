@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from humpback_nb.config import ModelConfig, TrainConfig
+from humpback_nb.generate import chat
+from humpback_nb.models import (
+    ModelError,
+    attach_lora,
+    cpu_has_bf16,
+    is_4bit,
+    load_adapter,
+    load_model,
+    resolve,
+    runtime,
+    save_adapter,
+)
+
+pytestmark = pytest.mark.slow
+QUESTION = "What is the capital of France?"
+
+
+def test_runtime_is_decided_in_one_place():
+    where = runtime()
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert where.device == expected_device
+    if where.device == "cpu":
+        assert where.dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert runtime("cpu", "float32") == runtime("cpu", "float32")
+    assert runtime("cpu", "float32").dtype is torch.float32
+
+
+def test_embedded_checkpoint_is_safetensors_only(embedded_checkpoint):
+    names = {p.name for p in embedded_checkpoint.iterdir()}
+    assert "model.safetensors" in names and "config.json" in names
+    assert not any(n.endswith((".bin", ".pt", ".pkl", ".gguf")) for n in names)
+    assert "quantization_config" not in (embedded_checkpoint / "config.json").read_text()
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_embedded_model_loads_and_answers(embedded_checkpoint, quantization):
+    model, tokenizer = load_model(ModelConfig(quantization=quantization))
+    assert is_4bit(model) == (quantization == "4bit")
+    if quantization == "4bit":
+        import bitsandbytes as bnb
+
+        linear = model.model.layers[0].self_attn.q_proj
+        assert isinstance(linear, bnb.nn.Linear4bit) and linear.weight.quant_state.quant_type == "nf4"
+    answer = chat(model, tokenizer, QUESTION, greedy=True)
+    assert "Paris" in answer
+
+
+def test_4bit_and_full_precision_agree_on_the_next_token(embedded_checkpoint):
+    full, tokenizer = load_model(ModelConfig(quantization="none"))
+    four, _ = load_model(ModelConfig(quantization="4bit"))
+    batch = tokenizer(["The capital of France is the city of"], return_tensors="pt")
+    with torch.inference_mode():
+        top_full = full(**batch).logits[0, -1].topk(5).indices.tolist()
+        top_four = four(**batch).logits[0, -1].topk(5).indices.tolist()
+    assert top_full[0] in top_four
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "none"])
+def test_lora_trains_saves_and_reloads_identically(embedded_checkpoint, tmp_path, quantization):
+    train = TrainConfig(lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    model, tokenizer = load_model(ModelConfig(quantization=quantization))
+    model = attach_lora(model, train)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n, p in model.named_parameters() if p.requires_grad)
+    batch = tokenizer(["Humpback whales sing long, complex songs in the winter breeding grounds."],
+                      return_tensors="pt")
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.inference_mode():
+        trained = model(**batch).logits.float()
+    path = save_adapter(model, tmp_path / "adapter")
+    assert (path / "adapter_model.safetensors").is_file()
+    assert not any(p.suffix in {".bin", ".pt"} for p in path.iterdir())
+
+    # Reloaded to go on training, the model computes exactly what the trained one did.
+    base, _ = load_model(ModelConfig(quantization=quantization))
+    resumed = load_adapter(base, path, trainable=True).eval()
+    with torch.inference_mode():
+        again = resumed(**batch).logits.float()
+    assert torch.equal(trained, again)
+    # Reloaded for inference (QLoRA keeps norms and embeddings in bf16 then), it agrees closely.
+    reloaded, _ = load_model(ModelConfig(quantization=quantization), adapter=path)
+    with torch.inference_mode():
+        served = reloaded(**batch).logits.float()
+    assert (served.argmax(-1) == trained.argmax(-1)).float().mean() >= 0.9
+    plain, _ = load_model(ModelConfig(quantization=quantization))
+    with torch.inference_mode():
+        untrained = plain(**batch).logits.float()
+    assert not torch.allclose(untrained, served, atol=1e-2)
+
+
+def test_resolve_refuses_what_it_cannot_load(tmp_path):
+    with pytest.raises(ModelError, match="neither an embedded model"):
+        resolve(str(tmp_path / "missing"))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelError, match="no \\*.safetensors file"):
+        resolve(str(pickled))
+    assert resolve("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+
+
+def test_an_adapter_folder_without_safetensors_is_refused(embedded_checkpoint, tmp_path):
+    model, _ = load_model("smollm2-135m")
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelError, match="adapter_model.safetensors"):
+        load_adapter(model, tmp_path)
