@@ -17,7 +17,7 @@ def chat(model, tokenizer, message: str, system: str | None = None,
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True).to(model.device)
-    sampling = {} if greedy else {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+    sampling = {} if greedy else {"temperature": settings.temperature, "top_p": settings.top_p}
     torch.manual_seed(settings.seed)
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, do_sample=not greedy,
