@@ -23,6 +23,16 @@ from humpback_nb.files import atomic_write_text
 PRESET_DIR = Path(__file__).with_name("presets")
 
 
+# Headers that mark site furniture, not content; matched as whole words, a plural "s" allowed
+# (paper section 3.1 names the first four; the last four are Wikipedia's link lists).
+NAVIGATION_HEADERS = (
+    "advertisement", "forum", "quick link", "free newsletter", "newsletter", "subscribe", "sign up",
+    "log in", "login", "navigation", "related post", "related article", "share this", "comment",
+    "leave a reply", "contact us", "privacy policy", "terms of use", "cookie policy",
+    "see also", "external link", "further reading", "reference",
+)
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names where and why."""
 
@@ -40,17 +50,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Seed pairs and unlabelled segments (paper section 2.1 and 3.1)."""
+    """Seed pairs and unlabelled segments (paper sections 2.1 and 3.1)."""
 
-    seed_source: str = "alpaca_en_demo"  # embedded name, "oasst1", or a path to JSON/JSONL
-    seed_size: int = 3200
-    corpus_sources: list[str] = field(default_factory=lambda: ["c4_demo", "wiki_demo"])
-    num_segments: int = 502_133
+    seed_source: str = "alpaca_en_demo"  # embedded name, "oasst1" (hub), or a JSON / JSONL / parquet file
+    seed_size: int = 3200  # pairs used for training; the paper's 3,200
+    heldout_size: int = 20  # further seed pairs kept out of training, to see M_yx on unseen outputs
+    seed_lang: str = "en"  # oasst1: language of the first turn
+    seed_min_quality: float = 0.5  # oasst1: the reply's human `quality` label at least this
+    corpus_sources: list[str] = field(default_factory=lambda: ["c4_demo", "wiki_demo", "enwiki_sample"])
+    num_segments: int = 502_133  # segments sampled after filtering; the paper's 502k
     min_chars: int = 600
     max_chars: int = 3000
-    near_duplicate_jaccard: float = 0.8  # word 5-gram Jaccard above which two segments are one
-    repeated_sentence_jaccard: float = 0.8  # n-gram Jaccard between two sentences of one segment
-    heldout_fraction: float = 0.05  # seed pairs kept out of training, to show M_yx at work
+    navigation_headers: list[str] = field(default_factory=lambda: list(NAVIGATION_HEADERS))
+    repeated_sentence_jaccard: float = 0.8  # word n-gram Jaccard above which two sentences are one repeated
+    repeated_sentence_ngram: int = 3
+    near_duplicate_jaccard: float = 0.8  # estimated word n-gram Jaccard above which two segments are one
+    near_duplicate_ngram: int = 5
+    minhash_permutations: int = 128
 
 
 @dataclass

@@ -3,7 +3,7 @@
     runs/<name>/
       config.yaml            the config of the run (the latest one it was run with)
       seed.jsonl             seed (instruction, output) pairs                      stage `seed`
-      segments.jsonl         unlabelled segments                                   stage `segments`
+      segments.jsonl         unlabelled segments (+ segments_dropped.jsonl, segments_report.json)
       backward/              M_yx, the backward model's LoRA adapter               stage `backward`
       candidates.jsonl       (generated instruction, segment) pairs                stage `candidates`
       m0/  scores_m0.jsonl  A1.jsonl  m1/  scores_m1.jsonl  A2.jsonl  m2/  eval/  summary.json
@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from humpback_nb.config import HumpbackConfig, config_hash, load_config, save_config
+from humpback_nb.data.stages import SEGMENT_FILES, seed_stage, segments_stage
 from humpback_nb.files import atomic_write_text, clean_temporaries
 
 CONFIG_FILE = "config.yaml"
@@ -73,8 +74,8 @@ class Stage:
 # The method, in order (paper section 2). Each stage's `run` is filled in as the kit grows; a stage
 # without one is listed by `status` as "not built" and stops `run` with a clear message.
 STAGES: tuple[Stage, ...] = (
-    Stage("seed", ("seed.jsonl",), (), ("seed", "data"), doc="seed (instruction, output) pairs"),
-    Stage("segments", ("segments.jsonl",), (), ("seed", "data"), doc="unlabelled segments, filtered"),
+    Stage("seed", ("seed.jsonl",), (), ("seed", "data"), run=seed_stage, doc="seed (instruction, output) pairs"),
+    Stage("segments", SEGMENT_FILES, (), ("seed", "data"), run=segments_stage, doc="unlabelled segments, filtered"),
     Stage("backward", ("backward",), ("seed",), ("seed", "model", "train"), doc="backward model M_yx"),
     Stage("candidates", ("candidates.jsonl",), ("backward", "segments"), ("generate",),
           doc="self-augmentation: M_yx writes an instruction for each segment"),

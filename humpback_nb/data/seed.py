@@ -1,0 +1,232 @@
+"""Seed data: human-written (instruction, output) pairs that start the method (paper section 2.1).
+
+The paper takes 3,200 first turns of Open Assistant (oasst1) conversations: an English prompter
+message with no parent and its assistant reply ranked best (rank 0) by people. `select_oasst1` does
+exactly that on oasst1's message rows, then keeps the pairs whose reply people rated highest for
+quality. Alpaca-format JSON and JSONL pairs load too; the offline default, `alpaca_en_demo`, is
+model-written Alpaca-style data, unlike the paper's human-written seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from humpback_nb.config import DataConfig
+from humpback_nb.sources import SOURCES, fetch
+
+OASST1_HUB_ID = "OpenAssistant/oasst1"
+OASST1_FIELDS = ("message_id", "parent_id", "role", "text")
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file, the line and the problem."""
+
+
+# -- reading files with line numbers -------------------------------------------------------------
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _open_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if path.suffix == ".gz" else raw
+
+
+def iter_json_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each object of a JSON array file or a JSON Lines file (.gz allowed)."""
+    path = Path(path)
+    text = _decode(_open_bytes(path), path)
+    stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    if stem_suffix == ".json" or text.lstrip().startswith("["):
+        yield from _iter_json_array(text, path)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
+def _iter_json_array(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Walk a JSON array element by element, so that an error can name the element's line."""
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        raise DataError(f"{path}, line 1: expected a JSON array of objects")
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        line = text.count("\n", 0, pos) + 1
+        if pos >= len(text):
+            raise DataError(f"{path}, line {line}: the JSON array is not closed")
+        if text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {line}: expected a JSON object, got {type(record).__name__}")
+        yield line, record
+
+
+def _text_field(record: dict[str, Any], key: str, where: str, required: bool = True) -> str:
+    if key not in record or record[key] is None:
+        if required:
+            raise DataError(f"{where}: missing field {key!r}")
+        return ""
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be text, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return value.strip()
+
+
+# -- the three seed formats ----------------------------------------------------------------------
+def pairs_from_records(records: Iterable[tuple[int, dict[str, Any]]], path: Path, name: str) -> list[dict[str, Any]]:
+    """Alpaca-style records (instruction, optional input, output) -> seed pairs."""
+    pairs = []
+    for line, record in records:
+        where = f"{path}, line {line}"
+        instruction = _text_field(record, "instruction", where)
+        extra = _text_field(record, "input", where, required=False)
+        output = _text_field(record, "output", where)
+        pairs.append({
+            "instruction": f"{instruction}\n\n{extra}" if extra else instruction,
+            "output": output,
+            "source": f"{name}:{line}",
+        })
+    return pairs
+
+
+def _quality(row: dict[str, Any]) -> float | None:
+    """The human `quality` label of an oasst1 message (0-1), if it has one."""
+    labels = row.get("labels") or {}
+    names, values = labels.get("name") or [], labels.get("value") or []
+    for label, value in zip(names, values, strict=False):
+        if label == "quality" and value is not None:
+            return float(value)
+    return None
+
+
+def select_oasst1(rows: Iterable[dict[str, Any]], n: int, lang: str = "en", min_quality: float = 0.5,
+                  where: str = "oasst1") -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """First turns of oasst1 trees: English root prompt + its rank-0 reply, best `quality` first.
+
+    Returns (pairs, counts of what was dropped and why).
+    """
+    rows = list(rows)
+    children: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for index, row in enumerate(rows, start=1):
+        missing = [key for key in OASST1_FIELDS if key not in row]
+        if missing:
+            raise DataError(f"{where}, row {index}: not an oasst1 message row (missing {missing[0]!r})")
+        if row["parent_id"] is not None:
+            children[row["parent_id"]].append(row)
+    counts: dict[str, int] = defaultdict(int)
+    pairs = []
+    for root in rows:
+        if root["parent_id"] is not None or root["role"] != "prompter":
+            continue
+        counts["first turns"] += 1
+        if root.get("lang") != lang:
+            counts[f"not {lang}"] += 1
+            continue
+        if root.get("deleted") or root.get("review_result") is False:
+            counts["prompt deleted or failed review"] += 1
+            continue
+        best = [c for c in children[root["message_id"]]
+                if c["role"] == "assistant" and c.get("rank") == 0 and not c.get("deleted")]
+        if not best:
+            counts["no rank-0 reply"] += 1
+            continue
+        reply = best[0]
+        quality = _quality(reply)
+        if quality is None or quality < min_quality:
+            counts[f"reply quality below {min_quality}"] += 1
+            continue
+        if not root["text"].strip() or not reply["text"].strip():
+            counts["empty text"] += 1
+            continue
+        pairs.append({"instruction": root["text"].strip(), "output": reply["text"].strip(),
+                      "source": f"oasst1:{reply['message_id']}", "quality": quality})
+    pairs.sort(key=lambda p: (-p["quality"], p["source"]))
+    counts["kept"] = min(n, len(pairs))
+    counts["beyond the top N"] = max(0, len(pairs) - n)
+    return pairs, dict(counts)
+
+
+def load_oasst1_rows(source: str) -> tuple[list[dict[str, Any]], str]:
+    """oasst1 message rows from the hub (`oasst1`, needs internet) or from a JSONL / parquet file."""
+    if source == "oasst1":
+        import datasets
+
+        table = datasets.load_dataset(OASST1_HUB_ID, split="train")
+        return table.to_list(), OASST1_HUB_ID
+    path = Path(source)
+    if path.suffix == ".parquet":
+        import datasets
+
+        return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list(), str(path)
+    return [record for _, record in iter_json_records(path)], str(path)
+
+
+def is_oasst1_row(record: dict[str, Any]) -> bool:
+    return all(key in record for key in OASST1_FIELDS)
+
+
+def load_seed(data: DataConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """All usable seed pairs of `data.seed_source`, best first for oasst1, file order otherwise."""
+    source = data.seed_source
+    if source in SOURCES:
+        path = fetch(source)
+        return pairs_from_records(iter_json_records(path), path, source), {}
+    if source == "oasst1" or source.endswith(".parquet"):
+        rows, where = load_oasst1_rows(source)
+        return select_oasst1(rows, data.seed_size, data.seed_lang, data.seed_min_quality, where)
+    path = Path(source).expanduser()
+    records = list(iter_json_records(path))
+    if records and is_oasst1_row(records[0][1]):
+        return select_oasst1((r for _, r in records), data.seed_size, data.seed_lang, data.seed_min_quality,
+                             str(path))
+    return pairs_from_records(records, path, path.name), {}
+
+
+def build_seed(data: DataConfig, seed: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """seed.jsonl's records: `seed_size` training pairs and `heldout_size` held-out ones, with ids.
+
+    oasst1 pairs come best-quality first, so the training pairs are the top N and the held-out ones the
+    next best; other sources are shuffled with `seed` first.
+    """
+    pairs, counts = load_seed(data)
+    if not pairs:
+        raise DataError(f"{data.seed_source}: no usable seed pairs")
+    if "quality" not in pairs[0]:
+        random.Random(seed).shuffle(pairs)
+    train = pairs[: data.seed_size]
+    heldout = pairs[data.seed_size : data.seed_size + data.heldout_size]
+    records = []
+    for split, chosen in (("train", train), ("heldout", heldout)):
+        for pair in chosen:
+            records.append({"id": f"seed-{len(records):05d}", "split": split, **pair})
+    counts = {**counts, "train": len(train), "heldout": len(heldout), "available": len(pairs)}
+    return records, counts

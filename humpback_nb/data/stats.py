@@ -1,0 +1,63 @@
+"""Data statistics in the layout of the paper's Table 2 (v1; Table 1 in v3), lengths in characters."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from typing import Any
+
+# Li et al. 2023, Table 2: count, instruction length (mean, std), output length (mean, std).
+PAPER_TABLE2 = {
+    "seed": (3200, (148, 322), (1072, 818)),
+    "A5^(2)": (41821, (115, 175), (1663, 616)),
+    "A4^(2)": (195043, (206, 298), (1985, 649)),
+    "augmented, all": (502133, (352, 134), (1722, 653)),
+}
+
+
+def length_stats(texts: Iterable[str]) -> tuple[float, float] | None:
+    """(mean, population std) of the lengths in characters; None for no texts."""
+    lengths = [len(t) for t in texts]
+    if not lengths:
+        return None
+    return statistics.fmean(lengths), statistics.pstdev(lengths)
+
+
+def table2(sets: dict[str, list[dict[str, Any]]], paper_rows: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per named set: our count and lengths, and the paper's row it corresponds to.
+
+    `paper_rows` maps our set name to the paper's row name (e.g. {"seed": "seed"}); records without an
+    `instruction` (unlabelled segments) have only output lengths.
+    """
+    rows = []
+    for name, records in sets.items():
+        paper = PAPER_TABLE2.get((paper_rows or {}).get(name, name))
+        rows.append({
+            "set": name,
+            "count": len(records),
+            "instruction": length_stats(r["instruction"] for r in records if r.get("instruction") is not None),
+            "output": length_stats(r.get("output", r.get("text", "")) for r in records),
+            "paper_count": paper[0] if paper else None,
+            "paper_instruction": paper[1] if paper else None,
+            "paper_output": paper[2] if paper else None,
+        })
+    return rows
+
+
+def _cell(stats: tuple[float, float] | None) -> str:
+    return "-" if stats is None else f"{stats[0]:,.0f} ± {stats[1]:,.0f}"
+
+
+def format_table2(rows: list[dict[str, Any]]) -> str:
+    """Table 2 as Markdown, ours beside the paper's."""
+    lines = [
+        "| set | count | instruction length | output length | paper: count | paper: instruction | paper: output |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        paper_count = "-" if row["paper_count"] is None else f"{row['paper_count']:,}"
+        lines.append(
+            f"| {row['set']} | {row['count']:,} | {_cell(row['instruction'])} | {_cell(row['output'])} "
+            f"| {paper_count} | {_cell(row['paper_instruction'])} | {_cell(row['paper_output'])} |"
+        )
+    return "\n".join(lines)
