@@ -29,6 +29,14 @@ def project_path(path: str | Path) -> Path:
     return path if path.is_absolute() else project_root() / path
 
 
+def open_run(preset: str, run_dir: str | Path):
+    """(config, run folder) for a notebook: the preset's config and the run folder it fills."""
+    from humpback_nb.config import load_preset
+    from humpback_nb.pipeline import RunFolder
+
+    return load_preset(preset), RunFolder(project_path(run_dir))
+
+
 def notebook_paths() -> list[Path]:
     """The numbered notebooks of the kit, in order."""
     return sorted((PACKAGE_DIR.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))

@@ -61,3 +61,15 @@ def format_table2(rows: list[dict[str, Any]]) -> str:
             f"| {paper_count} | {_cell(row['paper_instruction'])} | {_cell(row['paper_output'])} |"
         )
     return "\n".join(lines)
+
+
+def examples(records: list[dict[str, Any]], key: str, per_group: int = 1, seed: int = 0) -> list[dict[str, Any]]:
+    """A few records of each value of `key` (e.g. one dropped segment per filter), chosen with `seed`."""
+    import random
+
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(record.get(key), []).append(record)
+    rng = random.Random(seed)
+    return [r for _, group in sorted(groups.items(), key=lambda g: str(g[0]))
+            for r in rng.sample(group, min(per_group, len(group)))]
