@@ -94,9 +94,11 @@ class GenerationConfig:
 
     temperature: float = 0.7
     top_p: float = 0.9
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # answers
     batch_size: int = 16
     seed: int = 42
+    instruction_max_new_tokens: int = 128  # instructions written by M_yx (the paper's average 352 characters)
+    max_instruction_chars: int = 1000  # longer generated instructions are degenerate
 
 
 @dataclass

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.files import atomic_dir
+from humpback_nb.prompts import CHATML_TEMPLATE
 from humpback_nb.sources import cache_dir, fetch
 
 # Embedded model names -> the source (in sources.py) that holds their GGUF file.
@@ -144,14 +145,23 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if quantization == "none":
         model.to(where.device)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(config)
     if adapter is not None:
         model = load_adapter(model, adapter)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(spec: ModelConfig | str = "smollm2-135m"):
+    """The model's tokenizer, padding on the left (as batched generation needs), with a chat template."""
+    config = ModelConfig(name=spec) if isinstance(spec, str) else spec
+    tokenizer = AutoTokenizer.from_pretrained(resolve(config.name), trust_remote_code=False)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE  # base models (LLaMA-2) come without one
+    return tokenizer
 
 
 def is_4bit(model: torch.nn.Module) -> bool:

@@ -19,6 +19,7 @@ records in batches resume from their `.partial` file).
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import time
@@ -30,7 +31,6 @@ from typing import Any
 import yaml
 
 from humpback_nb.config import HumpbackConfig, config_hash, load_config, save_config
-from humpback_nb.data.stages import SEGMENT_FILES, seed_stage, segments_stage
 from humpback_nb.files import atomic_write_text, clean_temporaries
 
 CONFIG_FILE = "config.yaml"
@@ -49,14 +49,16 @@ class StageContext:
     run_dir: Path
     config: HumpbackConfig
     stage: Stage
+    hash: str = ""
 
     def path(self, name: str) -> Path:
         """A file of the run folder, e.g. ctx.path("seed.jsonl")."""
         return self.run_dir / name
 
     def partial(self, name: str) -> Path:
-        """Where a resumable stage keeps the records written so far for output `name`."""
-        return self.run_dir / f"{name}.partial"
+        """Where a resumable stage keeps the records written so far for output `name`; the name carries the
+        stage's hash, so records made with other settings are never resumed."""
+        return self.run_dir / f"{name}.{self.hash}.partial"
 
 
 @dataclass(frozen=True)
@@ -67,17 +69,29 @@ class Stage:
     outputs: tuple[str, ...]
     after: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
-    run: Callable[[StageContext], Any] | None = field(default=None, compare=False)
+    # The function that makes the outputs, or "module:function" (imported only when the stage runs, so
+    # that `humpback status` does not load torch).
+    run: Callable[[StageContext], Any] | str | None = field(default=None, compare=False)
     doc: str = ""
+
+    def function(self) -> Callable[[StageContext], Any]:
+        if isinstance(self.run, str):
+            module, name = self.run.split(":")
+            return getattr(importlib.import_module(module), name)
+        return self.run
 
 
 # The method, in order (paper section 2). Each stage's `run` is filled in as the kit grows; a stage
 # without one is listed by `status` as "not built" and stops `run` with a clear message.
 STAGES: tuple[Stage, ...] = (
-    Stage("seed", ("seed.jsonl",), (), ("seed", "data"), run=seed_stage, doc="seed (instruction, output) pairs"),
-    Stage("segments", SEGMENT_FILES, (), ("seed", "data"), run=segments_stage, doc="unlabelled segments, filtered"),
-    Stage("backward", ("backward",), ("seed",), ("seed", "model", "train"), doc="backward model M_yx"),
-    Stage("candidates", ("candidates.jsonl",), ("backward", "segments"), ("generate",),
+    Stage("seed", ("seed.jsonl",), (), ("seed", "data"), run="humpback_nb.data.stages:seed_stage",
+          doc="seed (instruction, output) pairs"),
+    Stage("segments", ("segments.jsonl", "segments_dropped.jsonl", "segments_report.json"), (), ("seed", "data"),
+          run="humpback_nb.data.stages:segments_stage", doc="unlabelled segments, filtered"),
+    Stage("backward", ("backward",), ("seed",), ("seed", "model", "train"), run="humpback_nb.train:backward_stage",
+          doc="backward model M_yx"),
+    Stage("candidates", ("candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json"),
+          ("backward", "segments"), ("generate",), run="humpback_nb.augment:self_augment_stage",
           doc="self-augmentation: M_yx writes an instruction for each segment"),
     Stage("m0", ("m0",), ("seed",), ("seed", "model", "train"), doc="M0: fine-tuned on seed data only"),
     Stage("scores_m0", ("scores_m0.jsonl",), ("m0", "candidates"), ("curate",), doc="M0 rates the candidates"),
@@ -178,11 +192,15 @@ class RunFolder:
             raise PipelineError(f"stage {name!r} ({stage.doc}) is not built in this version of the kit")
         self.manifest_path(name).unlink(missing_ok=True)  # from here on the stage is not done
         clean_temporaries(self.path)
+        context = StageContext(self.path, config, stage, self.stage_hash(name, config))
+        keep = {context.partial(out).name for out in stage.outputs}
+        self._remove_partials(stage, keep=keep)  # left by runs with other settings
         started = time.time()
-        stage.run(StageContext(self.path, config, stage))
+        stage.function()(context)
         missing = [out for out in stage.outputs if not (self.path / out).exists()]
         if missing:
             raise PipelineError(f"stage {name!r} finished without writing {missing}")
+        self._remove_partials(stage, keep=set())
         manifest = {
             "stage": name,
             "hash": self.stage_hash(name, config),
@@ -213,6 +231,12 @@ class RunFolder:
                 log(f"{name:<11} {results[name]}")
         return results
 
+    def _remove_partials(self, stage: Stage, keep: set[str]) -> None:
+        for out in stage.outputs:
+            for leftover in self.path.glob(f"{out}.*.partial"):
+                if leftover.name not in keep:
+                    leftover.unlink()
+
     def clear(self, name: str) -> list[str]:
         """Delete a stage's outputs and manifest, and the manifests of every stage that reads them."""
         cleared = []
@@ -220,6 +244,7 @@ class RunFolder:
             if stage.name == name or name in self._upstream(stage.name):
                 self.manifest_path(stage.name).unlink(missing_ok=True)
                 cleared.append(stage.name)
+        self._remove_partials(self.stages[name], keep=set())
         for out in self.stages[name].outputs:
             target = self.path / out
             if target.is_dir():

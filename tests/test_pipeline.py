@@ -124,7 +124,8 @@ def test_the_methods_stages_read_only_earlier_stages():
         seen.add(stage.name)
     outputs = [out for stage in STAGES for out in stage.outputs]
     assert outputs == ["seed.jsonl", "segments.jsonl", "segments_dropped.jsonl", "segments_report.json",
-                       "backward", "candidates.jsonl", "m0", "scores_m0.jsonl",
+                       "backward", "candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json",
+                       "m0", "scores_m0.jsonl",
                        "A1.jsonl", "m1", "scores_m1.jsonl", "A2.jsonl", "m2", "eval", "summary.json"]
 
 

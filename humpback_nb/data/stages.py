@@ -10,8 +10,6 @@ from humpback_nb.data.seed import DataError, build_seed
 from humpback_nb.data.segments import read_documents, segment_documents
 from humpback_nb.files import atomic_write_json, write_jsonl
 
-SEGMENT_FILES = ("segments.jsonl", "segments_dropped.jsonl", "segments_report.json")
-
 
 def seed_stage(ctx) -> dict:
     """seed.jsonl: the training seed pairs (split "train") and a few held-out ones (split "heldout")."""

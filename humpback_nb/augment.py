@@ -1,0 +1,106 @@
+"""Self-augmentation (paper section 2.2): the backward model M_yx writes an instruction for every segment.
+
+Each unlabelled segment y becomes a candidate pair (x, y), x being what M_yx thinks y answers. A
+backward model can fail in ways that no rating should have to catch, and public reimplementations
+show them: it writes nothing, rambles, echoes the start of the segment, or writes about the task itself
+("Write the most likely question..."). Those candidates are dropped here, each with its reason.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from typing import Any
+
+from humpback_nb.config import GenerationConfig
+from humpback_nb.data.filters import words
+from humpback_nb.files import atomic_write_json, read_jsonl, write_jsonl
+from humpback_nb.generate import generate_records
+from humpback_nb.prompts import backward_messages, prompt_ids
+from humpback_nb.train import fit_text, load_trained
+
+CANDIDATE_FILES = ("candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json")
+
+# Instructions about the backtranslation task or about a text the instruction cannot show.
+META_INSTRUCTION = re.compile(
+    r"candidate answer|most likely question|great answer|"
+    r"\b(?:write|generate|create|ask) (?:a|an|the) (?:question|instruction)s?(?![\w-])|"
+    r"\b(?:the|this) (?:text|passage|paragraph|excerpt|article|answer|response) (?:below|above)\b|"
+    r"\bthe (?:following|given|provided|above) (?:text|passage|paragraph|excerpt|article|answer|response)\b"
+)
+ECHO_WORDS = 8  # an instruction whose first words are the segment's first words echoes it
+
+
+def degeneracy(instruction: str, output: str, max_chars: int) -> str | None:
+    """Why a generated instruction is unusable, or None when it is fine."""
+    text = instruction.strip()
+    if not any(c.isalnum() for c in text):
+        return "empty"
+    if len(text) > max_chars:
+        return f"too long ({len(text)} > {max_chars} characters)"
+    head, start = words(text), words(output)
+    k = min(len(head), ECHO_WORDS)
+    if k >= 3 and head[:k] == start[:k]:
+        return "copies the start of the output"
+    if len(text) >= 40 and f" {' '.join(head)} " in f" {' '.join(start)} ":
+        return "copied from the output"
+    meta = META_INSTRUCTION.search(text.lower())
+    if meta:
+        return f"meta-instruction ({meta.group(0)!r})"
+    return None
+
+
+def split_degenerate(candidates: list[dict[str, Any]], max_chars: int) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped); a dropped candidate carries its `reason`."""
+    kept, dropped = [], []
+    for candidate in candidates:
+        reason = degeneracy(candidate["instruction"], candidate["output"], max_chars)
+        (dropped if reason else kept).append({**candidate, "reason": reason} if reason else candidate)
+    return kept, dropped
+
+
+def backward_prompts(tokenizer, segments: list[dict[str, Any]], max_length: int, max_new_tokens: int) -> list[dict]:
+    """The prompt M_yx gets for each segment; a segment too long for the context is cut to fit."""
+    room = max_length - max_new_tokens - len(prompt_ids(tokenizer, backward_messages("")))
+    return [{"id": s["id"], "messages": backward_messages(fit_text(tokenizer, s["text"], room))} for s in segments]
+
+
+def generation_settings(settings: GenerationConfig) -> dict[str, Any]:
+    return {"temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
+            "max_new_tokens": settings.instruction_max_new_tokens}
+
+
+def self_augment_stage(ctx) -> dict[str, Any]:
+    """candidates.jsonl: (instruction, segment) pairs from M_yx; degenerate ones in candidates_dropped.jsonl."""
+    config = ctx.config
+    settings = config.generate
+    segments = read_jsonl(ctx.path("segments.jsonl"))
+    model, tokenizer = load_trained(config, ctx.path("backward"))
+    prompts = backward_prompts(tokenizer, segments, config.model.max_length, settings.instruction_max_new_tokens)
+    started = time.time()
+    generated = generate_records(model, tokenizer, prompts, settings, settings.instruction_max_new_tokens,
+                                 partial=ctx.partial("candidates.jsonl"), desc="self-augmentation")
+    seconds = time.time() - started
+    used = generation_settings(settings)
+    candidates = [
+        {"id": f"cand-{segment['id']}", "segment_id": segment["id"], "instruction": g["text"].strip(),
+         "output": segment["text"], "source": segment["source"], "header": segment["header"],
+         "finished": g["finished"], "new_tokens": g["new_tokens"], "generation": used}
+        for segment, g in zip(segments, generated, strict=True)
+    ]
+    kept, dropped = split_degenerate(candidates, settings.max_instruction_chars)
+    new_tokens = sum(g["new_tokens"] for g in generated)
+    report = {
+        "segments": len(segments),
+        "kept": len(kept),
+        "dropped": dict(Counter(d["reason"].split(" (")[0] for d in dropped)),
+        "unfinished": sum(not c["finished"] for c in candidates),
+        "generation": used,
+        "seconds_this_run": round(seconds, 2),
+        "new_tokens": new_tokens,
+    }
+    write_jsonl(ctx.path("candidates_dropped.jsonl"), dropped)
+    atomic_write_json(ctx.path("candidates_report.json"), report)
+    write_jsonl(ctx.path("candidates.jsonl"), kept)
+    return report

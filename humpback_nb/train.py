@@ -1,0 +1,261 @@
+"""Fine-tuning shared by every model of the method (M_yx, M0, M1, M2): supervised, loss on the output only.
+
+An example is a prompt (chat messages) and a completion (the text the model must learn to write).
+`encode` renders both with the chat template and masks every prompt token out of the loss, so the
+model learns to answer, not to repeat instructions (paper section 2.3). Training runs on transformers'
+`Trainer` with LoRA adapters (QLoRA on a 4-bit base) or all weights, and the paper's schedule: the
+learning rate decays linearly from `learning_rate` to `final_learning_rate`, which is the learning rate
+of the last step itself (1e-5 -> 9e-6 in the paper), with weight decay 0.1 and dropout 0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from humpback_nb.config import HumpbackConfig, TrainConfig
+from humpback_nb.files import atomic_dir, read_jsonl
+from humpback_nb.models import attach_lora, load_model, load_tokenizer, runtime
+from humpback_nb.prompts import Message, backward_messages, forward_messages, prompt_ids
+
+IGNORE_INDEX = -100  # label of a token that does not count in the loss
+TRAIN_LOG = "train_log.json"
+
+# The paper's data-scaling runs (section 4.1): examples N -> (batch size, steps).
+PAPER_STEPS = {100: (8, 30), 800: (8, 300), 1600: (8, 600), 3200: (32, 500), 6400: (32, 600),
+               12800: (32, 600), 25600: (32, 1200), 51200: (32, 1600)}
+
+
+def paper_schedule(n: int) -> tuple[int, int]:
+    """(batch size, steps) for n examples by the paper's rule: batch 8 below 3,000 examples, else 32;
+    steps interpolated in log N between the paper's runs, held at the ends."""
+    batch = 8 if n < 3000 else 32
+    points = sorted(PAPER_STEPS.items())
+    if n <= points[0][0]:
+        return batch, points[0][1][1]
+    for (n0, (_, s0)), (n1, (_, s1)) in zip(points, points[1:], strict=False):
+        if n <= n1:
+            t = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
+            return batch, round(s0 + t * (s1 - s0))
+    return batch, points[-1][1][1]
+
+
+# -- examples ------------------------------------------------------------------------------------
+def encode(tokenizer, messages: list[Message], completion: str, max_length: int) -> dict[str, list[int]]:
+    """input_ids and labels of one example; labels are IGNORE_INDEX on every prompt token."""
+    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
+                                              tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template renders the prompt differently inside a full conversation")
+    prompt = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    answer = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    input_ids = (prompt + answer)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def fit_text(tokenizer, text: str, max_tokens: int) -> str:
+    """`text` cut to at most `max_tokens` tokens (at a token boundary)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+def backward_example(tokenizer, instruction: str, output: str, max_length: int) -> dict[str, list[int]]:
+    """M_yx learns output -> instruction. A long output is cut so that the instruction still fits."""
+    room = max_length - len(prompt_ids(tokenizer, backward_messages(""))) - max(16, max_length // 8)
+    return encode(tokenizer, backward_messages(fit_text(tokenizer, output, room)), instruction, max_length)
+
+
+def forward_example(tokenizer, instruction: str, output: str, tag: str,
+                    max_length: int) -> dict[str, list[int]]:
+    """M0, M1, M2 learn instruction -> output, with the system prompt of the example's tag."""
+    return encode(tokenizer, forward_messages(instruction, tag), output, max_length)
+
+
+def forward_examples(tokenizer, seed: list[dict[str, Any]], augmented: list[dict[str, Any]], max_length: int,
+                     tags: bool = True) -> list[dict[str, list[int]]]:
+    """Training examples of M0 / M1 / M2: seed pairs tagged S_a, augmented pairs tagged S_w (paper
+    section 2.3); `tags=False` trains without system prompts (the paper's "no tags" ablation)."""
+    seed_tag, web_tag = ("S_a", "S_w") if tags else ("none", "none")
+    return ([forward_example(tokenizer, r["instruction"], r["output"], seed_tag, max_length) for r in seed]
+            + [forward_example(tokenizer, r["instruction"], r["output"], web_tag, max_length) for r in augmented])
+
+
+def mean_loss(model, tokenizer, examples: list[dict[str, list[int]]], batch_size: int = 8) -> float:
+    """Average loss per output token of `model` on encoded examples (prompt tokens do not count)."""
+    total, count = 0.0, 0
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(model.device) for k, v in pad_batch(examples[start : start + batch_size],
+                                                                 tokenizer.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            targets = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            total += losses.item()
+            count += int((targets != IGNORE_INDEX).sum())
+    return total / max(1, count)
+
+
+def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: pad tokens are masked out of attention and of the loss."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    for f in features:
+        pad = width - len(f["input_ids"])
+        batch["input_ids"].append(f["input_ids"] + [pad_token_id] * pad)
+        batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
+        batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+    return {key: torch.tensor(value) for key, value in batch.items()}
+
+
+# -- the schedule --------------------------------------------------------------------------------
+def linear_to_final(total_steps: int, learning_rate: float, final_learning_rate: float):
+    """Multiplier of the learning rate at each step: 1 at the first, final/initial at the last."""
+    ratio = final_learning_rate / learning_rate
+    last = max(1, total_steps - 1)
+
+    def factor(step: int) -> float:
+        return 1.0 - (1.0 - ratio) * min(step, last) / last
+
+    return factor
+
+
+class _PaperScheduleTrainer(Trainer):
+    def __init__(self, *args, train_config: TrainConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_config = train_config
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            factor = linear_to_final(num_training_steps, self.train_config.learning_rate,
+                                     self.train_config.final_learning_rate)
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
+        return self.lr_scheduler
+
+
+class _LossLog(TrainerCallback):
+    """Keeps, for every optimizer step, the learning rate it used and the loss it reported."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self._lr = None
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.steps.append({"step": state.global_step, "loss": float(logs["loss"]), "lr": self._lr})
+
+
+# -- training ------------------------------------------------------------------------------------
+def training_plan(n_examples: int, train: TrainConfig) -> TrainConfig:
+    """`train` with batch size and steps filled in by the paper's rule where the config leaves them open."""
+    batch, steps = paper_schedule(n_examples)
+    return replace(train, batch_size=train.batch_size or batch, max_steps=train.max_steps or steps)
+
+
+def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, out_dir: str | Path,
+                log=print) -> dict[str, Any]:
+    """Fine-tune the base model of `config` on encoded examples; save it (adapter or full) to `out_dir`.
+
+    Returns the training log (also saved as train_log.json beside the weights): the loss and learning
+    rate of every step, the plan, and the time it took.
+    """
+    from datasets import Dataset
+
+    if not examples:
+        raise ValueError("no training examples")
+    plan = training_plan(len(examples), config.train)
+    if plan.method == "full" and config.model.quantization == "4bit":
+        raise ValueError("full fine-tuning needs model.quantization: none (4-bit weights cannot be trained)")
+    model, tokenizer = load_model(config.model)
+    if plan.method == "lora":
+        model = attach_lora(model, plan)
+    else:
+        model.config.attention_dropout = plan.lora_dropout  # the paper's dropout 0.1 on full fine-tuning
+        model.requires_grad_(True)
+    where = runtime(config.model.device, config.model.dtype)
+    micro = min(plan.micro_batch_size, plan.batch_size)
+    args = TrainingArguments(
+        output_dir=str(Path(out_dir).parent / f".trainer-{Path(out_dir).name}"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=max(1, plan.batch_size // micro),
+        max_steps=plan.max_steps,
+        learning_rate=plan.learning_rate,
+        weight_decay=plan.weight_decay,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=plan.seed,
+        data_seed=plan.seed,
+        bf16=where.dtype == torch.bfloat16,
+        fp16=where.dtype == torch.float16,
+        use_cpu=where.device == "cpu",
+        train_sampling_strategy="group_by_length",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    losses = _LossLog()
+    trainer = _PaperScheduleTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(examples),
+        data_collator=lambda f: pad_batch(f, tokenizer.pad_token_id), callbacks=[losses], train_config=plan,
+    )
+    started = time.time()
+    trainer.train()
+    seconds = time.time() - started
+    model.eval()
+    train_log = {
+        "examples": len(examples),
+        "batch_size": plan.batch_size,
+        "max_steps": plan.max_steps,
+        "method": plan.method,
+        "quantization": config.model.quantization,
+        "learning_rate": plan.learning_rate,
+        "final_learning_rate": plan.final_learning_rate,
+        "seconds": round(seconds, 2),
+        "tokens_per_step": plan.batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples),
+        "steps": losses.steps,
+    }
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if plan.method == "full":
+            tokenizer.save_pretrained(tmp)
+        (tmp / TRAIN_LOG).write_text(json.dumps(train_log, indent=2) + "\n")
+    log(f"trained {plan.method} ({config.model.quantization}) on {len(examples)} examples: {plan.max_steps} steps "
+        f"of {plan.batch_size} in {seconds:.0f}s, loss {losses.steps[0]['loss']:.3f} -> {losses.steps[-1]['loss']:.3f}")
+    return train_log
+
+
+def load_trained(config: HumpbackConfig, path: str | Path):
+    """(model, tokenizer) of a model the kit trained: the base with its adapter, or a full checkpoint."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return load_model(config.model, adapter=path)
+    return load_model(replace(config.model, name=str(path)))
+
+
+def read_train_log(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / TRAIN_LOG).read_text())
+
+
+def backward_stage(ctx) -> dict[str, Any]:
+    """backward/: M_yx, the base model fine-tuned on the training seed pairs reversed (output -> instruction)."""
+    config = ctx.config
+    tokenizer = load_tokenizer(config.model)
+    seed = [r for r in read_jsonl(ctx.path("seed.jsonl")) if r["split"] == "train"]
+    examples = [backward_example(tokenizer, r["instruction"], r["output"], config.train.max_length) for r in seed]
+    return train_model(examples, config, ctx.path("backward"))

@@ -1,0 +1,38 @@
+import pytest
+
+from humpback_nb.augment import degeneracy, split_degenerate
+
+SEGMENT = ("Humpback whales migrate up to 8,000 kilometres each year between polar feeding grounds and "
+           "tropical breeding grounds, and males sing complex songs that change from season to season.")
+
+
+@pytest.mark.parametrize("instruction, reason", [
+    ("", "empty"),
+    ("  ?! ", "empty"),
+    ("Why " + "really " * 300 + "?", "too long"),
+    ("Humpback whales migrate up to 8,000 kilometres each year", "copies the start of the output"),
+    ("males sing complex songs that change from season to season.", "copied from the output"),
+    ("Write the most likely question to which the text below would be a great answer.", "meta-instruction"),
+    ("Summarize the text below in two sentences.", "meta-instruction"),
+    ("Generate a question for this passage.", "meta-instruction"),
+])
+def test_degenerate_instructions_are_dropped_with_their_reason(instruction, reason):
+    assert (degeneracy(instruction, SEGMENT, max_chars=1000) or "").startswith(reason)
+
+
+@pytest.mark.parametrize("instruction", [
+    "How far do humpback whales migrate, and why do males sing?",
+    "Explain the migration of humpback whales.",
+    "Humpback whales: where do they breed?",  # shares two words with the start, not a copy
+    "Write a question-and-answer guide about whale songs for children.",
+    "What is the text of the Declaration of Independence about?",
+])
+def test_good_instructions_are_kept(instruction):
+    assert degeneracy(instruction, SEGMENT, max_chars=1000) is None
+
+
+def test_split_counts_and_keeps_order():
+    candidates = [{"id": str(i), "instruction": text, "output": SEGMENT}
+                  for i, text in enumerate(["Explain whale migration.", "", "Why do whales sing?"])]
+    kept, dropped = split_degenerate(candidates, max_chars=1000)
+    assert [c["id"] for c in kept] == ["0", "2"] and dropped[0]["reason"] == "empty"

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from humpback_nb import generate
+from humpback_nb.config import GenerationConfig, ModelConfig
+from humpback_nb.generate import generate_records, read_partial
+from humpback_nb.models import load_model
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["Name a colour.", "What is two plus two?", "Say hello in French.", "Name a planet.",
+             "What do bees make?", "Name an ocean.", "What is ice made of?"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(embedded_checkpoint):
+    return load_model("smollm2-135m")
+
+
+def prompts():
+    return [{"id": f"q{i}", "messages": [{"role": "user", "content": q}]} for i, q in enumerate(QUESTIONS)]
+
+
+SETTINGS = GenerationConfig(batch_size=3, seed=7)
+
+
+def test_batched_generation_matches_one_at_a_time_when_greedy(embedded_checkpoint):
+    # In float32, left padding changes no greedy choice; in bf16 it can flip a near-tie.
+    model, tokenizer = load_model(ModelConfig(dtype="float32"))
+    batched = generate_records(model, tokenizer, prompts(), SETTINGS, 12, greedy=True, progress=False)
+    single = generate_records(model, tokenizer, prompts(), GenerationConfig(batch_size=1), 12, greedy=True,
+                              progress=False)
+    assert [r["id"] for r in batched] == [p["id"] for p in prompts()]
+    assert [r["text"] for r in batched] == [r["text"] for r in single]
+
+
+def test_generation_resumes_after_an_interruption_without_duplicates_or_gaps(model_and_tokenizer, tmp_path,
+                                                                            monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    reference = generate_records(model, tokenizer, prompts(), SETTINGS, 10, progress=False)
+
+    partial = tmp_path / "out.partial"
+    real = generate._generate_batch
+    calls = []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "_generate_batch", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_records(model, tokenizer, prompts(), SETTINGS, 10, partial=partial, progress=False)
+    assert len(read_partial(partial)) == 3
+    with open(partial, "a") as handle:  # a crash in the middle of writing a line
+        handle.write('{"id": "q9", "text": "cut sh')
+    monkeypatch.setattr(generate, "_generate_batch", real)
+    resumed = generate_records(model, tokenizer, prompts(), SETTINGS, 10, partial=partial, progress=False)
+
+    lines = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert sorted(r["id"] for r in lines) == sorted(p["id"] for p in prompts())
+    assert [r["text"] for r in resumed] == [r["text"] for r in reference]
+
+
+def test_sampling_is_seeded(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    a = generate_records(model, tokenizer, prompts()[:3], SETTINGS, 10, progress=False)
+    b = generate_records(model, tokenizer, prompts()[:3], SETTINGS, 10, progress=False)
+    assert [r["text"] for r in a] == [r["text"] for r in b]

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from humpback_nb.config import load_preset, with_overrides
+from humpback_nb.models import load_tokenizer
+from humpback_nb.prompts import BACKWARD_PROMPT, S_A, S_W, prompt_ids
+from humpback_nb.train import (
+    IGNORE_INDEX,
+    backward_example,
+    encode,
+    forward_examples,
+    linear_to_final,
+    mean_loss,
+    paper_schedule,
+    read_train_log,
+    train_model,
+)
+
+PAIRS = [
+    {"instruction": "Name a whale that sings.", "output": "The humpback whale is famous for its long songs."},
+    {"instruction": "What do baleen whales eat?", "output": "Mostly krill and small schooling fish, filtered from water."},
+    {"instruction": "How long is a blue whale?", "output": "Adult blue whales reach about 25 to 30 metres in length."},
+    {"instruction": "Where do humpbacks breed?", "output": "In warm tropical waters, such as around Hawaii and Tonga."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_checkpoint):
+    return load_tokenizer("smollm2-135m")
+
+
+def test_labels_mask_every_prompt_token_and_keep_every_output_token(tokenizer):
+    messages = [{"role": "system", "content": S_A}, {"role": "user", "content": PAIRS[0]["instruction"]}]
+    example = encode(tokenizer, messages, PAIRS[0]["output"], max_length=512)
+    prompt = prompt_ids(tokenizer, messages)
+    assert example["input_ids"][: len(prompt)] == prompt
+    assert example["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    answer = example["labels"][len(prompt) :]
+    assert answer == example["input_ids"][len(prompt) :] and IGNORE_INDEX not in answer
+    assert tokenizer.decode(answer) == PAIRS[0]["output"] + tokenizer.eos_token + "\n"
+
+
+def test_backward_examples_learn_the_instruction_from_the_output(tokenizer):
+    example = backward_example(tokenizer, PAIRS[1]["instruction"], PAIRS[1]["output"], max_length=512)
+    first = example["labels"].index(next(x for x in example["labels"] if x != IGNORE_INDEX))
+    prompt = tokenizer.decode(example["input_ids"][:first])
+    assert BACKWARD_PROMPT in prompt and PAIRS[1]["output"] in prompt
+    assert tokenizer.decode(example["input_ids"][first:]).startswith(PAIRS[1]["instruction"])
+
+
+def test_a_long_output_is_cut_so_that_the_instruction_still_fits(tokenizer):
+    example = backward_example(tokenizer, "Describe the ocean.", "The ocean is vast. " * 400, max_length=128)
+    assert len(example["input_ids"]) <= 128
+    learned = [t for t in example["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned).startswith("Describe the ocean.")
+
+
+def test_seed_examples_carry_S_a_and_augmented_ones_S_w(tokenizer):
+    examples = forward_examples(tokenizer, PAIRS[:2], PAIRS[2:], max_length=512)
+    prompts = [tokenizer.decode([t for t, label in zip(e["input_ids"], e["labels"], strict=True)
+                                 if label == IGNORE_INDEX]) for e in examples]
+    assert all(S_A in p and S_W not in p for p in prompts[:2])
+    assert all(S_W in p and S_A not in p for p in prompts[2:])
+    untagged = forward_examples(tokenizer, PAIRS[:2], PAIRS[2:], max_length=512, tags=False)
+    assert not any(S_A in tokenizer.decode(e["input_ids"]) or S_W in tokenizer.decode(e["input_ids"])
+                   for e in untagged)
+
+
+def test_learning_rate_decays_linearly_to_the_final_rate_itself():
+    factor = linear_to_final(500, 1e-5, 9e-6)
+    assert factor(0) == 1.0
+    assert factor(499) * 1e-5 == pytest.approx(9e-6, rel=1e-12)
+    assert factor(250) * 1e-5 == pytest.approx(1e-5 - 1e-6 * 250 / 499)
+    assert factor(10_000) * 1e-5 == pytest.approx(9e-6)
+
+
+@pytest.mark.parametrize("n, expected", [(100, (8, 30)), (1600, (8, 600)), (3200, (32, 500)), (51200, (32, 1600)),
+                                         (10, (8, 30)), (200_000, (32, 1600))])
+def test_paper_schedule(n, expected):
+    assert paper_schedule(n) == expected
+
+
+def test_paper_schedule_interpolates_between_the_papers_runs():
+    batch, steps = paper_schedule(400)
+    assert batch == 8 and 30 < steps < 300
+
+
+@pytest.mark.slow
+def test_qlora_lowers_the_training_loss_and_ends_at_the_final_learning_rate(tokenizer, tmp_path):
+    config = with_overrides(load_preset("tiny"), {
+        "model.quantization": "4bit", "train.max_steps": 6, "train.batch_size": 4, "train.micro_batch_size": 4,
+        "train.learning_rate": 1e-3, "train.final_learning_rate": 5e-4, "train.lora_dropout": 0.0,
+    })
+    examples = forward_examples(tokenizer, PAIRS, [], max_length=128)
+    from humpback_nb.models import load_model
+
+    base, _ = load_model(config.model)
+    before = mean_loss(base, tokenizer, examples)
+    log = train_model(examples, config, tmp_path / "m", log=lambda _: None)
+    from humpback_nb.train import load_trained
+
+    trained, _ = load_trained(config, tmp_path / "m")
+    after = mean_loss(trained, tokenizer, examples)
+    assert after < before - 0.1
+    assert [s["lr"] for s in log["steps"]][0] == pytest.approx(1e-3)
+    assert log["steps"][-1]["lr"] == pytest.approx(5e-4)
+    assert len(log["steps"]) == 6 and read_train_log(tmp_path / "m") == log
+    assert (tmp_path / "m" / "adapter_model.safetensors").is_file()
+    assert torch.is_tensor(trained.get_input_embeddings().weight)
