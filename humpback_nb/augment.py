@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from humpback_nb.config import GenerationConfig
+from humpback_nb.config import GenerationConfig, HumpbackConfig
 from humpback_nb.data.filters import words
 from humpback_nb.files import atomic_write_json, read_jsonl, write_jsonl
 from humpback_nb.generate import generate_records
@@ -71,16 +71,23 @@ def generation_settings(settings: GenerationConfig) -> dict[str, Any]:
             "max_new_tokens": settings.instruction_max_new_tokens}
 
 
+def write_instructions(model, tokenizer, texts: list[dict[str, Any]], config: HumpbackConfig,
+                       partial=None) -> list[dict[str, Any]]:
+    """M_yx's instruction for each {"id", "text"}: generation records ("text" is the instruction)."""
+    settings = config.generate
+    prompts = backward_prompts(tokenizer, texts, config.model.max_length, settings.instruction_max_new_tokens)
+    return generate_records(model, tokenizer, prompts, settings, settings.instruction_max_new_tokens,
+                            partial=partial, desc="self-augmentation")
+
+
 def self_augment_stage(ctx) -> dict[str, Any]:
     """candidates.jsonl: (instruction, segment) pairs from M_yx; degenerate ones in candidates_dropped.jsonl."""
     config = ctx.config
     settings = config.generate
     segments = read_jsonl(ctx.path("segments.jsonl"))
     model, tokenizer = load_trained(config, ctx.path("backward"))
-    prompts = backward_prompts(tokenizer, segments, config.model.max_length, settings.instruction_max_new_tokens)
     started = time.time()
-    generated = generate_records(model, tokenizer, prompts, settings, settings.instruction_max_new_tokens,
-                                 partial=ctx.partial("candidates.jsonl"), desc="self-augmentation")
+    generated = write_instructions(model, tokenizer, segments, config, partial=ctx.partial("candidates.jsonl"))
     seconds = time.time() - started
     used = generation_settings(settings)
     candidates = [

@@ -114,3 +114,36 @@ def filter_funnel(funnel: list[dict]) -> plt.Figure:
     ax.set_title("From documents to segments: what each filter removed")
     fig.tight_layout()
     return fig
+
+
+def loss_curves(logs: dict[str, dict]) -> plt.Figure:
+    """Training loss per step, and the learning rate on a second axis, for each named training log."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    rate = ax.twinx()
+    for name, log in logs.items():
+        steps = [s["step"] for s in log["steps"]]
+        (line,) = ax.plot(steps, [s["loss"] for s in log["steps"]], marker="o", ms=3, label=f"{name} loss")
+        rate.plot(steps, [s["lr"] for s in log["steps"]], ls="--", color=line.get_color(), alpha=0.6,
+                  label=f"{name} learning rate")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (output tokens)")
+    rate.set_ylabel("learning rate")
+    rate.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    handles = ax.get_legend_handles_labels()[0] + rate.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper right")
+    ax.set_title("Fine-tuning: loss and learning rate per step")
+    fig.tight_layout()
+    return fig
+
+
+def first_words(texts: list[str], top: int = 15, title: str = "First word of the generated instructions") -> plt.Figure:
+    """How often each first word opens the texts: a backward model's habits at a glance."""
+    from collections import Counter
+
+    counts = Counter((t.split() or [""])[0].strip(".,:;!?\"'").lower() or "(empty)" for t in texts).most_common(top)
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(counts) + 1.2))
+    ax.barh([w for w, _ in counts][::-1], [c / max(1, len(texts)) for _, c in counts][::-1], color="#c4b5fd")
+    ax.set_xlabel(f"share of {len(texts):,} instructions")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
