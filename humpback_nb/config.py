@@ -107,6 +107,7 @@ class CurationConfig:
 
     rater: Literal["logprob", "generate"] = "logprob"
     threshold: float = 4.5  # A_k keeps pairs scored >= k; the paper's A5 is ">= 4.5"
+    rater_tag: Literal["S_a+S_w", "S_a", "S_w", "none"] = "S_a"  # system prompt while rating (M0 knows S_a)
     max_new_tokens: int = 256  # for the `generate` rater's reasoning
     batch_size: int = 16
 

@@ -52,7 +52,7 @@ def read_partial(path: Path | None) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _append(path: Path, records: list[dict[str, Any]]) -> None:
+def append_records(path: Path, records: list[dict[str, Any]]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         handle.flush()
@@ -80,7 +80,7 @@ def generate_records(model, tokenizer, prompts: Sequence[dict[str, Any]], settin
         new = [{"id": ids[i], **text, "batch": number}
                for i, text in zip(batch, texts, strict=True) if ids[i] not in done]
         if partial is not None:
-            _append(partial, new)
+            append_records(partial, new)
         done.update((r["id"], r) for r in new)
         bar.update(len(new))
     bar.close()

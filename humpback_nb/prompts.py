@@ -52,3 +52,26 @@ def prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
     """Token ids of a prompt, ending where the assistant's answer begins: the same in training and generation."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+# Li et al. 2023, Table 1 (v1; Table 19 in v3): the self-curation prompt, verbatim. The model rates a
+# candidate (instruction, output) pair on a 5-point scale. "<generated instruction>" and "<output>" are
+# the places the pair goes.
+CURATION_PROMPT = """Below is an instruction from an user and a candidate answer. Evaluate whether or not the answer is a good example of how AI Assistant should respond to the user's instruction. Please assign a score using the following 5-point scale:
+1: It means the answer is incomplete, vague, off-topic, controversial, or not exactly what the user asked for. For example, some content seems missing, numbered list does not start from the beginning, the opening sentence repeats user's question. Or the response is from another person's perspective with their personal experience (e.g. taken from blog posts), or looks like an answer from a forum. Or it contains promotional text, navigation text, or other irrelevant information.
+2: It means the answer addresses most of the asks from the user. It does not directly address the user's question. For example, it only provides a high-level methodology instead of the exact solution to user's question.
+3: It means the answer is helpful but not written by an AI Assistant. It addresses all the basic asks from the user. It is complete and self contained with the drawback that the response is not written from an AI assistant's perspective, but from other people's perspective. The content looks like an excerpt from a blog post, web page, or web search results. For example, it contains personal experience or opinion, mentions comments section, or share on social media, etc.
+4: It means the answer is written from an AI assistant's perspective with a clear focus of addressing the instruction. It provide a complete, clear, and comprehensive response to user's question or instruction without missing or irrelevant information. It is well organized, self-contained, and written in a helpful tone. It has minor room for improvement, e.g. more concise and focused.
+5: It means it is a perfect answer from an AI Assistant. It has a clear focus on being a helpful AI Assistant, where the response looks like intentionally written to address the user's question or instruction without any irrelevant sentences. The answer provides high quality content, demonstrating expert knowledge in the area, is very well written, logical, easy-to-follow, engaging and insightful.
+
+Please first provide a brief reasoning you used to derive the rating score, and then write "Score: <rating>" in the last line.
+
+<generated instruction>
+<output>"""  # noqa: E501 (verbatim)
+
+
+def curation_messages(instruction: str, output: str, tag: str = "S_a") -> list[Message]:
+    """The rating prompt for one candidate pair, with the system prompt of `tag` (M0 was trained on S_a)."""
+    text = CURATION_PROMPT.replace("<generated instruction>\n<output>", f"{instruction}\n{output}")
+    system = TAGS[tag]
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]

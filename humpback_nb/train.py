@@ -98,17 +98,16 @@ def mean_loss(model, tokenizer, examples: list[dict[str, list[int]]], batch_size
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(model.device) for k, v in pad_batch(examples[start : start + batch_size],
                                                                  tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            targets = batch["labels"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
-                                                       ignore_index=IGNORE_INDEX, reduction="sum")
-            total += losses.item()
-            count += int((targets != IGNORE_INDEX).sum())
+            labels = batch.pop("labels")
+            learned = int((labels[:, 1:] != IGNORE_INDEX).sum())
+            total += output_loss(model(**batch), labels).item() * learned
+            count += learned
     return total / max(1, count)
 
 
 def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: pad tokens are masked out of attention and of the loss."""
+    """Right-pad a batch: pad tokens are masked out of attention and of the loss. `logits_to_keep` lists the
+    positions whose next token is learned in some row: only there are the vocabulary logits computed."""
     width = max(len(f["input_ids"]) for f in features)
     batch = {"input_ids": [], "labels": [], "attention_mask": []}
     for f in features:
@@ -116,7 +115,27 @@ def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[s
         batch["input_ids"].append(f["input_ids"] + [pad_token_id] * pad)
         batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
         batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
-    return {key: torch.tensor(value) for key, value in batch.items()}
+    tensors = {key: torch.tensor(value) for key, value in batch.items()}
+    tensors["logits_to_keep"] = loss_positions(tensors["labels"])
+    return tensors
+
+
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions p whose logits predict a learned token (labels[:, p + 1] is not IGNORE_INDEX in some row)."""
+    positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    return positions if len(positions) else torch.tensor([labels.shape[1] - 2])
+
+
+def output_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy of the learned tokens, from logits computed at `loss_positions(labels)` only; summed and
+    divided by the number of learned tokens in the whole (accumulated) batch."""
+    keep = loss_positions(labels).to(labels.device)
+    targets = labels[:, keep + 1]
+    logits = outputs.logits.float()
+    total = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                              reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    return total / count
 
 
 # -- the schedule --------------------------------------------------------------------------------
@@ -212,7 +231,8 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
     losses = _LossLog()
     trainer = _PaperScheduleTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples),
-        data_collator=lambda f: pad_batch(f, tokenizer.pad_token_id), callbacks=[losses], train_config=plan,
+        data_collator=lambda f: pad_batch(f, tokenizer.pad_token_id), compute_loss_func=output_loss,
+        callbacks=[losses], train_config=plan,
     )
     started = time.time()
     trainer.train()

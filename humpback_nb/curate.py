@@ -1,0 +1,240 @@
+"""Self-curation (paper section 2.3): a model rates every candidate pair; A_k keeps those rated >= k.
+
+Two raters, one interface (`rate`):
+
+* `generate`, the paper's way: the model writes a brief reasoning and then "Score: N" on its last
+  line. The last line is parsed strictly; anything else (no score, two scores, a score outside 1-5,
+  "Score: 10502") is recorded as unparsed, never guessed, and the parse rate goes with every result.
+* `logprob`: no text is generated. The assistant's turn is started with "Score: " and one forward pass
+  reads the probabilities of the tokens "1".."5" there; the expected score and the distribution are
+  kept. The rubric, the long part of the prompt, is the same for every candidate: its keys and values
+  are computed once and reused for every batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from humpback_nb.config import CurationConfig, HumpbackConfig
+from humpback_nb.files import read_jsonl, write_jsonl
+from humpback_nb.generate import append_records, generate_records, read_partial
+from humpback_nb.prompts import curation_messages, prompt_ids
+
+SCORES = (1, 2, 3, 4, 5)
+_SCORE_LINE = re.compile(r"score\s*:\s*(\S+?)\.?", re.IGNORECASE)
+_PAIR = "\x00PAIR\x00"  # stands for the candidate while the shared rubric prefix is rendered
+
+
+# -- the strict parser ---------------------------------------------------------------------------
+def parse_score(text: str) -> int | None:
+    """The score of a rater's reply, or None. The last non-empty line must be "Score: N" with N in 1-5
+    (case and spacing aside, a final period allowed), and no other line may carry a score."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    scored = [line for line in lines if re.match(r"\W*score\s*:", line, re.IGNORECASE)]
+    if len(scored) != 1 or scored[0] != lines[-1]:
+        return None
+    match = _SCORE_LINE.fullmatch(lines[-1].strip("*_ "))
+    if not match or match.group(1) not in {str(s) for s in SCORES}:
+        return None
+    return int(match.group(1))
+
+
+# -- the generate rater --------------------------------------------------------------------------
+def rate_generate(model, tokenizer, pairs: list[dict[str, Any]], config: HumpbackConfig,
+                  partial: Path | None = None) -> list[dict[str, Any]]:
+    """The paper's rater: reasoning, then "Score: N" on the last line (greedy decoding)."""
+    settings = config.curate
+    fit = _output_fitter(tokenizer, config, reserve=settings.max_new_tokens)
+    prompts = [{"id": p["id"], "messages": curation_messages(p["instruction"], fit(p), settings.rater_tag)}
+               for p in pairs]
+    generated = generate_records(model, tokenizer, prompts, replace(config.generate, batch_size=settings.batch_size),
+                                 settings.max_new_tokens, partial=partial, greedy=True, desc="rating (generate)")
+    return [{"id": g["id"], "rater": "generate", "score": parse_score(g["text"]), "reasoning": g["text"].strip(),
+             "finished": g["finished"]} for g in generated]
+
+
+# -- the logprob rater ---------------------------------------------------------------------------
+def score_tokens(tokenizer, prefix: str = "Score: ") -> tuple[str, list[int]]:
+    """(answer prefix, token id of each digit 1-5 right after it) for this tokenizer."""
+    for start, digit_text in ((prefix, "{}"), (prefix.rstrip(), " {}")):
+        base = tokenizer(start, add_special_tokens=False)["input_ids"]
+        ids = []
+        for score in SCORES:
+            full = tokenizer(start + digit_text.format(score), add_special_tokens=False)["input_ids"]
+            if full[: len(base)] != base or len(full) != len(base) + 1:
+                break
+            ids.append(full[-1])
+        if len(set(ids)) == len(SCORES):
+            return start, ids
+    raise ValueError("this tokenizer has no single token for each score digit after 'Score:'")
+
+
+def _output_fitter(tokenizer, config: HumpbackConfig, reserve: int):
+    """A function that cuts a pair's output so that rubric, instruction, output and `reserve` tokens fit."""
+    from humpback_nb.train import fit_text
+
+    rubric = len(prompt_ids(tokenizer, curation_messages("", "", config.curate.rater_tag)))
+    room = config.model.max_length - rubric - reserve
+
+    def fit(pair: dict[str, Any]) -> str:
+        instruction = len(tokenizer(pair["instruction"], add_special_tokens=False)["input_ids"])
+        return fit_text(tokenizer, pair["output"], max(32, room - instruction))
+
+    return fit
+
+
+def _rubric_split(tokenizer, tag: str, answer_prefix: str) -> tuple[list[int], str]:
+    """(token ids of the shared prefix, text template of the rest with _PAIR where the pair goes)."""
+    text = tokenizer.apply_chat_template(curation_messages(_PAIR, "", tag), add_generation_prompt=True,
+                                         tokenize=False) + answer_prefix
+    head, tail = text.split(_PAIR)
+    return tokenizer(head, add_special_tokens=True)["input_ids"], _PAIR + tail
+
+
+def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], config: HumpbackConfig,
+                 partial: Path | None = None, reuse_prefix: bool = True, progress: bool = True) -> list[dict[str, Any]]:
+    """Scores from the probabilities of "1".."5" after "Score: ", one forward pass per candidate.
+
+    With `reuse_prefix` the rubric's keys and values are computed once; without, every candidate is
+    run whole (the slow reference; both give the same scores).
+    """
+    settings: CurationConfig = config.curate
+    answer_prefix, digit_ids = score_tokens(tokenizer)
+    prefix_ids, tail = _rubric_split(tokenizer, settings.rater_tag, answer_prefix)
+    fit = _output_fitter(tokenizer, config, reserve=8)
+    rest = [tokenizer(tail.replace(_PAIR, f"{p['instruction']}\n{fit(p)}"), add_special_tokens=False)["input_ids"]
+            for p in pairs]
+    done = {k: v for k, v in read_partial(partial).items() if k in {p["id"] for p in pairs}}
+    order = sorted(range(len(pairs)), key=lambda i: (-len(rest[i]), i))
+    prefix_cache = _prefix_cache(model, prefix_ids) if reuse_prefix else None
+    bar = tqdm(total=len(pairs), initial=len(done), desc="rating (logprob)", disable=not progress, unit="pair")
+    for start in range(0, len(order), settings.batch_size):
+        batch = [i for i in order[start : start + settings.batch_size] if pairs[i]["id"] not in done]
+        if not batch:
+            continue
+        logits = _last_logits(model, prefix_ids, [rest[i] for i in batch], prefix_cache, tokenizer.pad_token_id)
+        probs = torch.softmax(logits.float(), dim=-1)
+        records = []
+        for row, i in zip(probs, batch, strict=True):
+            mass = row[digit_ids]
+            distribution = (mass / mass.sum()).tolist()
+            records.append({"id": pairs[i]["id"], "rater": "logprob",
+                            "score": round(sum(s * p for s, p in zip(SCORES, distribution, strict=True)), 4),
+                            "distribution": [round(p, 6) for p in distribution],
+                            "digit_mass": round(float(mass.sum()), 6)})
+        if partial is not None:
+            append_records(partial, records)
+        done.update((r["id"], r) for r in records)
+        bar.update(len(records))
+    bar.close()
+    return [done[p["id"]] for p in pairs]
+
+
+def _prefix_cache(model, prefix_ids: list[int]):
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prefix_ids], device=model.device), use_cache=True)
+    return out.past_key_values
+
+
+def _last_logits(model, prefix_ids: list[int], rests: list[list[int]], prefix_cache, pad_id: int) -> torch.Tensor:
+    """Logits of the next token after each prompt (prefix + rest), right-padded in one batch."""
+    width = max(len(r) for r in rests)
+    tails = torch.tensor([r + [pad_id] * (width - len(r)) for r in rests], device=model.device)
+    tail_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rests], device=model.device)
+    prefix_mask = torch.ones(len(rests), len(prefix_ids), dtype=tail_mask.dtype, device=model.device)
+    with torch.inference_mode():
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rests))
+            out = model(input_ids=tails, attention_mask=torch.cat([prefix_mask, tail_mask], dim=1),
+                        past_key_values=cache, use_cache=True)
+            last = torch.tensor([len(r) - 1 for r in rests], device=model.device)
+        else:
+            prefix = torch.tensor([prefix_ids] * len(rests), device=model.device)
+            out = model(input_ids=torch.cat([prefix, tails], dim=1),
+                        attention_mask=torch.cat([prefix_mask, tail_mask], dim=1), use_cache=False)
+            last = torch.tensor([len(prefix_ids) + len(r) - 1 for r in rests], device=model.device)
+    return out.logits[torch.arange(len(rests), device=model.device), last]
+
+
+RATERS = {"logprob": rate_logprob, "generate": rate_generate}
+
+
+def rate(model, tokenizer, pairs: list[dict[str, Any]], config: HumpbackConfig, rater: str | None = None,
+         partial: Path | None = None) -> list[dict[str, Any]]:
+    """Rate candidate pairs ({"id", "instruction", "output"}) with the config's rater (or `rater`)."""
+    name = rater or config.curate.rater
+    if name not in RATERS:
+        raise ValueError(f"unknown rater {name!r}; raters: {', '.join(RATERS)}")
+    return RATERS[name](model, tokenizer, pairs, config, partial=partial)
+
+
+def parse_rate(scores: list[dict[str, Any]]) -> float:
+    """Share of ratings that gave a usable score."""
+    return sum(s["score"] is not None for s in scores) / max(1, len(scores))
+
+
+# -- selection -----------------------------------------------------------------------------------
+def select(candidates: list[dict[str, Any]], scores: list[dict[str, Any]], k: float) -> list[dict[str, Any]]:
+    """A_k: the candidates whose score is >= k (k a real number; the paper's A5 is ">= 4.5")."""
+    by_id = {s["id"]: s["score"] for s in scores}
+    return [dict(c, score=by_id[c["id"]]) for c in candidates
+            if by_id.get(c["id"]) is not None and by_id[c["id"]] >= k]
+
+
+def threshold_counts(scores: list[dict[str, Any]], ks=(1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5)) -> dict[float, int]:
+    """|A_k| for several k at once."""
+    values = [s["score"] for s in scores if s["score"] is not None]
+    return {k: sum(v >= k for v in values) for k in ks}
+
+
+# -- the stages ----------------------------------------------------------------------------------
+def _scores_stage(ctx, model_dir: str, out: str) -> dict[str, Any]:
+    from humpback_nb.train import load_trained
+
+    config = ctx.config
+    candidates = read_jsonl(ctx.path("candidates.jsonl"))
+    model, tokenizer = load_trained(config, ctx.path(model_dir))
+    started = time.time()
+    scores = rate(model, tokenizer, candidates, config, partial=ctx.partial(out))
+    seconds = time.time() - started
+    settings = {"rater": config.curate.rater, "model": model_dir, "tag": config.curate.rater_tag}
+    write_jsonl(ctx.path(out), [dict(s, **settings) for s in scores])
+    return {"pairs": len(scores), "parse_rate": parse_rate(scores), "seconds_this_run": round(seconds, 2)}
+
+
+def scores_m0_stage(ctx) -> dict[str, Any]:
+    """scores_m0.jsonl: M0 rates every candidate."""
+    return _scores_stage(ctx, "m0", "scores_m0.jsonl")
+
+
+def scores_m1_stage(ctx) -> dict[str, Any]:
+    """scores_m1.jsonl: M1 rates every candidate again."""
+    return _scores_stage(ctx, "m1", "scores_m1.jsonl")
+
+
+def _select_stage(ctx, scores_file: str, out: str) -> dict[str, Any]:
+    candidates = read_jsonl(ctx.path("candidates.jsonl"))
+    chosen = select(candidates, read_jsonl(ctx.path(scores_file)), ctx.config.curate.threshold)
+    write_jsonl(ctx.path(out), chosen)
+    return {"selected": len(chosen), "candidates": len(candidates)}
+
+
+def a1_stage(ctx) -> dict[str, Any]:
+    """A1.jsonl: the candidates M0 scored >= k."""
+    return _select_stage(ctx, "scores_m0.jsonl", "A1.jsonl")
+
+
+def a2_stage(ctx) -> dict[str, Any]:
+    """A2.jsonl: the candidates M1 scored >= k."""
+    return _select_stage(ctx, "scores_m1.jsonl", "A2.jsonl")
