@@ -14,6 +14,7 @@ Two raters, one interface (`rate`):
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from dataclasses import replace
@@ -223,11 +224,24 @@ def scores_m1_stage(ctx) -> dict[str, Any]:
     return _scores_stage(ctx, "m1", "scores_m1.jsonl")
 
 
+def selection_threshold(scores: list[dict[str, Any]], settings: CurationConfig) -> float:
+    """k for A_k: the config's threshold, or the lowest score within the best `top_share` of the rated pairs."""
+    if settings.top_share is None:
+        return settings.threshold
+    values = sorted((s["score"] for s in scores if s["score"] is not None), reverse=True)
+    if not values:
+        return settings.threshold
+    keep = max(1, math.ceil(settings.top_share * len(values)))
+    return values[min(keep, len(values)) - 1]
+
+
 def _select_stage(ctx, scores_file: str, out: str) -> dict[str, Any]:
     candidates = read_jsonl(ctx.path("candidates.jsonl"))
-    chosen = select(candidates, read_jsonl(ctx.path(scores_file)), ctx.config.curate.threshold)
+    scores = read_jsonl(ctx.path(scores_file))
+    k = selection_threshold(scores, ctx.config.curate)
+    chosen = select(candidates, scores, k)
     write_jsonl(ctx.path(out), chosen)
-    return {"selected": len(chosen), "candidates": len(candidates)}
+    return {"k": k, "selected": len(chosen), "candidates": len(candidates)}
 
 
 def a1_stage(ctx) -> dict[str, Any]:
@@ -238,3 +252,32 @@ def a1_stage(ctx) -> dict[str, Any]:
 def a2_stage(ctx) -> dict[str, Any]:
     """A2.jsonl: the candidates M1 scored >= k."""
     return _select_stage(ctx, "scores_m1.jsonl", "A2.jsonl")
+
+
+# -- checks a careful researcher makes first ------------------------------------------------------
+def sanity_pairs(seed: list[dict[str, Any]], candidates: list[dict[str, Any]], n: int,
+                 rng_seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Three sets to rate: seed pairs, augmented candidates, and shuffled pairs (a candidate's instruction
+    with another candidate's output). A rater worth trusting scores them in that order."""
+    import random
+
+    rng = random.Random(rng_seed)
+    seed_sample = rng.sample(seed, min(n, len(seed)))
+    sample = rng.sample(candidates, min(n, len(candidates)))
+    shuffled = [{"id": f"shuffled-{a['id']}", "instruction": a["instruction"], "output": b["output"]}
+                for a, b in zip(sample, sample[1:] + sample[:1], strict=True)] if len(sample) > 1 else []
+    return {"seed": seed_sample, "augmented": sample, "shuffled": shuffled}
+
+
+def agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, float]:
+    """How two raters agree on the pairs both scored: Spearman rank correlation and rounded-score agreement."""
+    from scipy.stats import spearmanr
+
+    by_id = {s["id"]: s["score"] for s in b}
+    both = [(s["score"], by_id[s["id"]]) for s in a if s["score"] is not None and by_id.get(s["id"]) is not None]
+    if len(both) < 3:
+        return {"pairs": len(both), "spearman": float("nan"), "same_rounded_score": float("nan")}
+    x, y = zip(*both, strict=True)
+    rho = spearmanr(x, y).statistic
+    return {"pairs": len(both), "spearman": float(rho),
+            "same_rounded_score": sum(round(p) == round(q) for p, q in both) / len(both)}

@@ -8,7 +8,6 @@ safetensors only and never run code shipped with a checkpoint.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,10 @@ from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.files import atomic_dir
 from humpback_nb.prompts import CHATML_TEMPLATE
 from humpback_nb.sources import cache_dir, fetch
+
+# bitsandbytes looks for a faster CPU 4-bit kernel on the hub when it is imported and warns when it cannot
+# have one; its own kernel is used then, which is what runs offline.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # Embedded model names -> the source (in sources.py) that holds their GGUF file.
 EMBEDDED_MODELS = {"smollm2-135m": "smollm2-135m-gguf"}
@@ -141,8 +144,7 @@ def load_model(
         kwargs["device_map"] = {"": where.device if where.device == "cpu" else 0}
     elif quantization != "none":
         raise ModelError(f"quantization must be 'none' or '4bit', got {quantization!r}")
-    with _quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if quantization == "none":
         model.to(where.device)
     tokenizer = load_tokenizer(config)
@@ -208,19 +210,3 @@ def load_adapter(model: PreTrainedModel, path: str | Path, trainable: bool = Fal
     if trainable and is_4bit(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return PeftModel.from_pretrained(model, path, is_trainable=trainable)
-
-
-class _quiet_loading:
-    """Silence the CPU-kernel hub lookups bitsandbytes and transformers announce while loading."""
-
-    def __enter__(self):
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.filterwarnings("ignore", message=".*kernels.*")
-        self._level = logging.getLogger("bitsandbytes").level
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger("bitsandbytes").setLevel(self._level)
-        return self._warnings.__exit__(*exc)

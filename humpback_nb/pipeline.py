@@ -93,13 +93,20 @@ STAGES: tuple[Stage, ...] = (
     Stage("candidates", ("candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json"),
           ("backward", "segments"), ("generate",), run="humpback_nb.augment:self_augment_stage",
           doc="self-augmentation: M_yx writes an instruction for each segment"),
-    Stage("m0", ("m0",), ("seed",), ("seed", "model", "train"), doc="M0: fine-tuned on seed data only"),
-    Stage("scores_m0", ("scores_m0.jsonl",), ("m0", "candidates"), ("curate",), doc="M0 rates the candidates"),
-    Stage("A1", ("A1.jsonl",), ("scores_m0",), ("curate",), doc="A(1)_k: candidates scored >= k by M0"),
-    Stage("m1", ("m1",), ("seed", "A1"), ("seed", "model", "train"), doc="M1: seed + A(1)_k"),
-    Stage("scores_m1", ("scores_m1.jsonl",), ("m1", "candidates"), ("curate",), doc="M1 rates the candidates"),
-    Stage("A2", ("A2.jsonl",), ("scores_m1",), ("curate",), doc="A(2)_k: candidates scored >= k by M1"),
-    Stage("m2", ("m2",), ("seed", "A2"), ("seed", "model", "train"), doc="M2 (Humpback): seed + A(2)_k"),
+    Stage("m0", ("m0",), ("seed",), ("seed", "model", "train"), run="humpback_nb.train:m0_stage",
+          doc="M0: fine-tuned on seed data only"),
+    Stage("scores_m0", ("scores_m0.jsonl",), ("m0", "candidates"), ("curate",),
+          run="humpback_nb.curate:scores_m0_stage", doc="M0 rates the candidates"),
+    Stage("A1", ("A1.jsonl",), ("scores_m0",), ("curate",), run="humpback_nb.curate:a1_stage",
+          doc="A(1)_k: candidates scored >= k by M0"),
+    Stage("m1", ("m1",), ("seed", "A1"), ("seed", "model", "train"), run="humpback_nb.train:m1_stage",
+          doc="M1: seed + A(1)_k"),
+    Stage("scores_m1", ("scores_m1.jsonl",), ("m1", "candidates"), ("curate",),
+          run="humpback_nb.curate:scores_m1_stage", doc="M1 rates the candidates"),
+    Stage("A2", ("A2.jsonl",), ("scores_m1",), ("curate",), run="humpback_nb.curate:a2_stage",
+          doc="A(2)_k: candidates scored >= k by M1"),
+    Stage("m2", ("m2",), ("seed", "A2"), ("seed", "model", "train"), run="humpback_nb.train:m2_stage",
+          doc="M2 (Humpback): seed + A(2)_k"),
     Stage("eval", ("eval",), ("m0", "m1", "m2"), ("evaluate", "generate"), doc="answers and judged win rates"),
     Stage("summary", ("summary.json",), ("eval", "A1", "A2"), (), doc="every figure's numbers in one file"),
 )
@@ -196,7 +203,7 @@ class RunFolder:
         keep = {context.partial(out).name for out in stage.outputs}
         self._remove_partials(stage, keep=keep)  # left by runs with other settings
         started = time.time()
-        stage.function()(context)
+        report = stage.function()(context)
         missing = [out for out in stage.outputs if not (self.path / out).exists()]
         if missing:
             raise PipelineError(f"stage {name!r} finished without writing {missing}")
@@ -208,6 +215,7 @@ class RunFolder:
             "outputs": list(stage.outputs),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - started, 3),
+            "report": report if isinstance(report, dict) else None,
             "config": config.to_dict(),
         }
         atomic_write_text(self.manifest_path(name), yaml.safe_dump(manifest, sort_keys=False))

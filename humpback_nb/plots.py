@@ -147,3 +147,41 @@ def first_words(texts: list[str], top: int = 15, title: str = "First word of the
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def score_distributions(scores: dict[str, list[float]], title: str = "Rater sanity check") -> plt.Figure:
+    """Histograms of scores (1-5) for named sets of pairs on one figure, each with its mean marked."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    edges = np.linspace(1, 5, 17)
+    for name, values in scores.items():
+        values = [v for v in values if v is not None]
+        if not values:
+            continue
+        mean = float(np.mean(values))
+        _, _, patches = ax.hist(values, bins=edges, alpha=0.45, label=f"{name}: mean {mean:.2f} (n={len(values)})")
+        ax.axvline(mean, color=patches[0].get_facecolor(), lw=2, alpha=1.0)
+    ax.set_xlabel("score")
+    ax.set_ylabel("pairs")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def score_shift(before: dict[str, float], after: dict[str, float], labels: tuple[str, str] = ("M0", "M1"),
+                threshold: float | None = None) -> plt.Figure:
+    """Each candidate's score by one rater against another's, with the A_k threshold drawn on both axes."""
+    ids = [key for key in before if before[key] is not None and after.get(key) is not None]
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.scatter([before[i] for i in ids], [after[i] for i in ids], s=10, alpha=0.5)
+    ax.plot([1, 5], [1, 5], color="#94a3b8", lw=1)
+    if threshold is not None:
+        ax.axvline(threshold, color="#ef4444", lw=1, ls="--")
+        ax.axhline(threshold, color="#ef4444", lw=1, ls="--")
+    ax.set_xlim(1, 5)
+    ax.set_ylim(1, 5)
+    ax.set_xlabel(f"score by {labels[0]}")
+    ax.set_ylabel(f"score by {labels[1]}")
+    ax.set_title(f"How the scores moved ({len(ids)} candidates)")
+    fig.tight_layout()
+    return fig

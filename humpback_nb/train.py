@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from humpback_nb.config import HumpbackConfig, TrainConfig
 from humpback_nb.files import atomic_dir, read_jsonl
 from humpback_nb.models import attach_lora, load_model, load_tokenizer, runtime
 from humpback_nb.prompts import Message, backward_messages, forward_messages, prompt_ids
+
+# peft asks transformers a question transformers renamed; the answer is the same.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss
 TRAIN_LOG = "train_log.json"
@@ -270,6 +274,30 @@ def load_trained(config: HumpbackConfig, path: str | Path):
 
 def read_train_log(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / TRAIN_LOG).read_text())
+
+
+def _forward_stage(ctx, augmented_file: str | None, out: str) -> dict[str, Any]:
+    config = ctx.config
+    tokenizer = load_tokenizer(config.model)
+    seed = [r for r in read_jsonl(ctx.path("seed.jsonl")) if r["split"] == "train"]
+    augmented = read_jsonl(ctx.path(augmented_file)) if augmented_file else []
+    examples = forward_examples(tokenizer, seed, augmented, config.train.max_length, tags=config.train.tags)
+    return train_model(examples, config, ctx.path(out))
+
+
+def m0_stage(ctx) -> dict[str, Any]:
+    """m0/: the seed model M0, fine-tuned on the seed pairs only (tag S_a)."""
+    return _forward_stage(ctx, None, "m0")
+
+
+def m1_stage(ctx) -> dict[str, Any]:
+    """m1/: M1, fine-tuned on the seed pairs (S_a) and A(1)_k, the candidates M0 rated >= k (S_w)."""
+    return _forward_stage(ctx, "A1.jsonl", "m1")
+
+
+def m2_stage(ctx) -> dict[str, Any]:
+    """m2/: M2 = Humpback, fine-tuned on the seed pairs (S_a) and A(2)_k, the candidates M1 rated >= k (S_w)."""
+    return _forward_stage(ctx, "A2.jsonl", "m2")
 
 
 def backward_stage(ctx) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from humpback_nb.train import (
 
 PAIRS = [
     {"instruction": "Name a whale that sings.", "output": "The humpback whale is famous for its long songs."},
-    {"instruction": "What do baleen whales eat?", "output": "Mostly krill and small schooling fish, filtered from water."},
+    {"instruction": "What do baleen whales eat?", "output": "Mostly krill and small fish, filtered from water."},
     {"instruction": "How long is a blue whale?", "output": "Adult blue whales reach about 25 to 30 metres in length."},
     {"instruction": "Where do humpbacks breed?", "output": "In warm tropical waters, such as around Hawaii and Tonga."},
 ]
