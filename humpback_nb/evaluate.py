@@ -1,0 +1,217 @@
+"""Evaluation (paper section 4): answers to held-out prompts, pairwise judging in both orders, win rates.
+
+The paper reports AlpacaEval win rates against text-davinci-003 with a GPT-4 judge. The kit keeps the
+parts that make such numbers meaningful at any scale: the same 805 AlpacaEval prompts (and MT-bench first
+turns), answers saved in AlpacaEval's model-outputs format so that `alpaca_eval` can judge them as they
+are, every pair judged twice with the answers swapped (judges favour a position), ties counted as half a
+win, and a standard error on every win rate.
+
+Judges: `LocalJudge`, any model the kit loads (the embedded one by default), which reads the
+probabilities of "A" and "B" after the judging prompt; and `EndpointJudge`, any OpenAI-compatible chat
+endpoint (a GPT-4 judge as in the paper, or a local server), with the key taken from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from humpback_nb.config import HumpbackConfig
+from humpback_nb.files import read_jsonl
+from humpback_nb.sources import fetch
+
+# A pairwise judging prompt in the manner of AlpacaEval's annotators (ours; AlpacaEval's GPT-4 template is
+# longer and asks for a ranking). The judge must answer with one letter.
+JUDGE_PROMPT = """You are a fair judge of AI assistants. Here is an instruction and two responses to it.
+
+Instruction:
+{instruction}
+
+Response A:
+{a}
+
+Response B:
+{b}
+
+Which response follows the instruction better: it is helpful, correct, relevant and well written? Answer with one letter, A or B."""  # noqa: E501
+ANSWER_PREFIX = "Better response:"
+
+
+# -- evaluation prompts --------------------------------------------------------------------------
+def alpaca_eval_prompts(n: int, seed: int = 42) -> list[dict[str, Any]]:
+    """n of the 805 AlpacaEval prompts (all of them for n >= 805), sampled with `seed`, in file order."""
+    rows = json.loads(fetch("alpaca_eval_prompts").read_text(encoding="utf-8"))
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+    return [{"id": f"alpaca_eval-{i}", "instruction": rows[i]["instruction"], "dataset": rows[i]["dataset"]}
+            for i in chosen]
+
+
+def mt_bench_prompts(n: int, seed: int = 42) -> list[dict[str, Any]]:
+    """n first turns of the 80 MT-bench questions, sampled with `seed`; `dataset` is mt_bench/<category>."""
+    rows = read_jsonl(fetch("mt_bench_questions"))
+    chosen = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+    return [{"id": f"mt_bench-{rows[i]['question_id']}", "instruction": rows[i]["turns"][0],
+             "dataset": f"mt_bench/{rows[i]['category']}"} for i in chosen]
+
+
+def eval_prompts(config: HumpbackConfig) -> list[dict[str, Any]]:
+    """The preset's evaluation prompts: AlpacaEval, then MT-bench first turns."""
+    settings = config.evaluate
+    return (alpaca_eval_prompts(settings.alpaca_eval_prompts, settings.seed)
+            + mt_bench_prompts(settings.mt_bench_prompts, settings.seed))
+
+
+# -- answers -------------------------------------------------------------------------------------
+def answer(model, tokenizer, prompts: list[dict[str, Any]], config: HumpbackConfig, generator: str,
+           tags: str | None = None, partial=None) -> list[dict[str, Any]]:
+    """Answers in AlpacaEval's model-outputs format: instruction, output, generator, dataset (and our id)."""
+    from humpback_nb.generate import generate_records
+    from humpback_nb.prompts import forward_messages
+
+    tag = tags or config.evaluate.inference_tags
+    requests = [{"id": p["id"], "messages": forward_messages(p["instruction"], tag)} for p in prompts]
+    generated = generate_records(model, tokenizer, requests, config.generate, config.generate.max_new_tokens,
+                                 partial=partial, desc=f"answers ({generator})")
+    return [{"instruction": p["instruction"], "output": g["text"].strip(), "generator": generator,
+             "dataset": p["dataset"], "id": p["id"]} for p, g in zip(prompts, generated, strict=True)]
+
+
+ALPACA_EVAL_FIELDS = ("instruction", "output", "generator", "dataset")
+
+
+def write_model_outputs(path, answers: list[dict[str, Any]]):
+    """Save answers as AlpacaEval's model-outputs JSON (a list of {instruction, output, generator, dataset}),
+    ready for `alpaca_eval --model_outputs PATH`."""
+    from humpback_nb.files import atomic_write_json
+
+    return atomic_write_json(path, [{key: a[key] for key in ALPACA_EVAL_FIELDS} for a in answers])
+
+
+# -- judges --------------------------------------------------------------------------------------
+class LocalJudge:
+    """A judge from a local model: P("A") against P("B") after the judging prompt."""
+
+    def __init__(self, model, tokenizer, max_chars: int = 2000):
+        self.model, self.tokenizer, self.max_chars = model, tokenizer, max_chars
+        self.letters = [self._letter_id(letter) for letter in ("A", "B")]
+
+    def _letter_id(self, letter: str) -> int:
+        base = self.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+        full = self.tokenizer(f"{ANSWER_PREFIX} {letter}", add_special_tokens=False)["input_ids"]
+        if full[: len(base)] != base or len(full) != len(base) + 1:
+            raise ValueError(f"no single token for ' {letter}' after {ANSWER_PREFIX!r}")
+        return full[-1]
+
+    def prefer_a(self, instruction: str, a: str, b: str) -> float:
+        """Probability that response A is the better one (the two letters renormalised)."""
+        from humpback_nb.prompts import prompt_ids
+
+        text = JUDGE_PROMPT.format(instruction=instruction, a=a[: self.max_chars], b=b[: self.max_chars])
+        ids = prompt_ids(self.tokenizer, [{"role": "user", "content": text}])
+        ids += self.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, -1].float()
+        pair = torch.softmax(logits[self.letters], dim=-1)
+        return float(pair[0])
+
+
+@dataclass
+class EndpointJudge:
+    """A judge behind an OpenAI-compatible chat endpoint (`{base_url}/chat/completions`)."""
+
+    base_url: str
+    model: str
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 60.0
+
+    def prefer_a(self, instruction: str, a: str, b: str) -> float:
+        """1.0 if the endpoint answers A, 0.0 for B, 0.5 when its reply names neither (counted as a tie)."""
+        body = {"model": self.model, "temperature": 0, "max_tokens": 4,
+                "messages": [{"role": "user", "content": JUDGE_PROMPT.format(instruction=instruction, a=a, b=b)}]}
+        request = urllib.request.Request(
+            self.base_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(), method="POST",
+            headers={"Content-Type": "application/json",
+                     "Authorization": f"Bearer {os.environ.get(self.api_key_env, '')}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                reply = json.loads(response.read())["choices"][0]["message"]["content"]
+        except (OSError, KeyError, IndexError, json.JSONDecodeError) as err:  # URLError and timeouts are OSErrors
+            raise RuntimeError(f"judge endpoint {self.base_url} ({self.model}) failed: {err}") from None
+        letter = reply.strip().lstrip("(*[ ").upper()[:1]
+        return {"A": 1.0, "B": 0.0}.get(letter, 0.5)
+
+
+Judge = Callable[[str, str, str], float]
+
+
+def judge_both_orders(prefer_a: Judge, instruction: str, x: str, y: str) -> dict[str, Any]:
+    """Judge x against y twice, x first and then y first: 1 if x wins both, 0 if it loses both, else a tie."""
+    first = prefer_a(instruction, x, y)  # x is A
+    second = 1.0 - prefer_a(instruction, y, x)  # x is B
+    if first > 0.5 and second > 0.5:
+        outcome = 1.0
+    elif first < 0.5 and second < 0.5:
+        outcome = 0.0
+    else:
+        outcome = 0.5  # the orders disagree, or the judge named neither
+    return {"x_as_a": round(first, 4), "x_as_b": round(second, 4), "outcome": outcome}
+
+
+def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
+    """Win rate in percent (ties count half) and its standard error across prompts."""
+    n = len(outcomes)
+    if n == 0:
+        return {"n": 0, "win_rate": float("nan"), "se": float("nan"), "wins": 0, "ties": 0, "losses": 0}
+    mean = statistics.fmean(outcomes)
+    se = statistics.stdev(outcomes) / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "win_rate": round(100 * mean, 2), "se": round(100 * se, 2),
+            "wins": sum(o == 1 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
+            "losses": sum(o == 0 for o in outcomes)}
+
+
+def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[dict[str, Any]]) -> dict[str, Any]:
+    """Win rate of x against y, overall and per dataset, with every judgment."""
+    by_id = {a["id"]: a for a in answers_y}
+    judgments = []
+    for ax in answers_x:
+        ay = by_id[ax["id"]]
+        judgments.append({"id": ax["id"], "dataset": ax["dataset"],
+                          **judge_both_orders(prefer_a, ax["instruction"], ax["output"], ay["output"])})
+    datasets = sorted({j["dataset"] for j in judgments})
+    return {
+        "x": answers_x[0]["generator"] if answers_x else None,
+        "y": answers_y[0]["generator"] if answers_y else None,
+        "overall": win_rate([j["outcome"] for j in judgments]),
+        "per_dataset": {d: win_rate([j["outcome"] for j in judgments if j["dataset"] == d]) for d in datasets},
+        "judgments": judgments,
+    }
+
+
+# -- the paper's analyses ------------------------------------------------------------------------
+def fit_alpha(ns: Sequence[float], win_rates: Sequence[float]) -> tuple[float, float]:
+    """(alpha, C) of the least-squares fit w = alpha * log N + C (paper Table 3; natural log)."""
+    if len(ns) < 2:
+        raise ValueError("the fit needs at least two data sizes")
+    xs = [math.log(n) for n in ns]
+    mean_x, mean_w = statistics.fmean(xs), statistics.fmean(win_rates)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    alpha = sum((x - mean_x) * (w - mean_w) for x, w in zip(xs, win_rates, strict=True)) / sxx
+    return alpha, mean_w - alpha * mean_x
+
+
+def precision_recall(selected: set[str], positives: set[str]) -> dict[str, float]:
+    """Precision and recall of a selection against the labelled positives (paper Table 7)."""
+    hit = len(selected & positives)
+    return {"precision": hit / len(selected) if selected else float("nan"),
+            "recall": hit / len(positives) if positives else float("nan"),
+            "selected": len(selected), "positives": len(positives)}

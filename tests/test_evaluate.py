@@ -1,0 +1,127 @@
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from humpback_nb.evaluate import (
+    EndpointJudge,
+    alpaca_eval_prompts,
+    compare,
+    fit_alpha,
+    judge_both_orders,
+    mt_bench_prompts,
+    precision_recall,
+    win_rate,
+    write_model_outputs,
+)
+
+
+def test_win_rate_counts_ties_as_half_and_gives_a_standard_error():
+    result = win_rate([1, 1, 0.5, 0])
+    assert result["win_rate"] == 62.5 and (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
+    expected_se = math.sqrt(sum((o - 0.625) ** 2 for o in [1, 1, 0.5, 0]) / 3) / 2
+    assert result["se"] == pytest.approx(100 * expected_se, abs=0.01)
+    assert win_rate([1, 1])["se"] == 0 and math.isnan(win_rate([])["win_rate"])
+
+
+@pytest.mark.parametrize("x_as_a, y_as_a, outcome", [
+    (0.9, 0.2, 1.0),   # x preferred in both orders
+    (0.3, 0.8, 0.0),   # y preferred in both orders
+    (0.9, 0.9, 0.5),   # the judge always picks A: position bias, a tie
+    (0.1, 0.1, 0.5),   # always B
+    (0.5, 0.2, 0.5),   # no answer in one order
+])
+def test_each_pair_is_judged_in_both_orders(x_as_a, y_as_a, outcome):
+    def judge(instruction, a, b):
+        return x_as_a if a == "x" else y_as_a
+
+    result = judge_both_orders(judge, "q", "x", "y")
+    assert result["outcome"] == outcome
+    assert result["x_as_a"] == x_as_a and result["x_as_b"] == pytest.approx(1 - y_as_a)
+
+
+def test_compare_reports_per_dataset():
+    answers_x = [{"id": str(i), "instruction": "q", "output": "long answer" if i < 3 else "x", "generator": "m2",
+                  "dataset": "vicuna" if i < 2 else "koala"} for i in range(4)]
+    answers_y = [dict(a, output="short", generator="m0") for a in answers_x]
+
+    def prefers_longer(instruction, a, b):
+        return 1.0 if len(a) > len(b) else 0.0
+
+    result = compare(prefers_longer, answers_x, answers_y)
+    assert (result["x"], result["y"]) == ("m2", "m0")
+    assert result["per_dataset"]["vicuna"]["win_rate"] == 100.0
+    assert result["per_dataset"]["koala"]["win_rate"] == 50.0  # one win, one loss
+    assert result["overall"]["win_rate"] == 75.0 and len(result["judgments"]) == 4
+
+
+def test_alpha_fit_recovers_known_points():
+    ns = [100, 800, 1600, 3200, 6400]
+    alpha, c = fit_alpha(ns, [6.95 * math.log(n) + 10.0 for n in ns])
+    assert alpha == pytest.approx(6.95) and c == pytest.approx(10.0)
+    with pytest.raises(ValueError):
+        fit_alpha([100], [50.0])
+
+
+def test_precision_recall():
+    assert precision_recall({"a", "b", "c", "d"}, {"a", "e"}) == {"precision": 0.25, "recall": 0.5,
+                                                                  "selected": 4, "positives": 2}
+
+
+def test_evaluation_prompts_come_from_the_pinned_sources():
+    prompts = alpaca_eval_prompts(805)
+    assert len(prompts) == 805 and len({p["id"] for p in prompts}) == 805
+    assert {p["dataset"] for p in prompts} == {"vicuna", "koala", "oasst", "selfinstruct", "helpful_base"}
+    assert alpaca_eval_prompts(10, seed=1) == alpaca_eval_prompts(10, seed=1) != alpaca_eval_prompts(10, seed=2)
+    questions = mt_bench_prompts(5)
+    assert len(questions) == 5 and all(q["dataset"].startswith("mt_bench/") for q in questions)
+
+
+def test_model_outputs_are_alpaca_eval_format(tmp_path):
+    answers = [{"id": "alpaca_eval-3", "instruction": "Say hi", "output": "Hi!", "generator": "humpback-m2",
+                "dataset": "vicuna"}]
+    data = json.loads(write_model_outputs(tmp_path / "m2.json", answers).read_text())
+    assert data == [{"instruction": "Say hi", "output": "Hi!", "generator": "humpback-m2", "dataset": "vicuna"}]
+
+
+class _FakeJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint that prefers the response containing the word 'whale'."""
+
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _FakeJudge.seen.append((self.path, self.headers.get("Authorization"), body["model"]))
+        prompt = body["messages"][0]["content"]
+        a = prompt.split("Response A:")[1].split("Response B:")[0]
+        content = "Neither." if "tie" in a else ("A" if "whale" in a else "B")
+        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_endpoint_judge_against_a_loopback_server(monkeypatch):
+    server = HTTPServer(("127.0.0.1", 0), _FakeJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("JUDGE_KEY", "secret")
+        judge = EndpointJudge(f"http://127.0.0.1:{server.server_port}/v1", "gpt-4-judge", api_key_env="JUDGE_KEY")
+        assert judge.prefer_a("q", "a whale song", "a bird song") == 1.0
+        assert judge.prefer_a("q", "a bird song", "a whale song") == 0.0
+        assert judge.prefer_a("q", "a tie", "anything") == 0.5
+        assert judge_both_orders(judge.prefer_a, "q", "whales sing", "birds sing")["outcome"] == 1.0
+        assert _FakeJudge.seen[0] == ("/v1/chat/completions", "Bearer secret", "gpt-4-judge")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(RuntimeError, match="judge endpoint .* failed"):
+        EndpointJudge(f"http://127.0.0.1:{server.server_port}/v1", "m", timeout=2).prefer_a("q", "a", "b")
