@@ -125,10 +125,24 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _notebooks(args: argparse.Namespace) -> int:
+    import json
+    import time
+
     from humpback_nb.notebooks import execute_all
 
+    started = time.time()
     executed = execute_all(args.preset, args.run_dir, names=args.only)
-    print(f"executed {len(executed)} notebook(s) into {args.run_dir / 'notebooks'}")
+    minutes = (time.time() - started) / 60
+    print(f"executed {len(executed)} notebook(s) in {minutes:.1f} min: {args.run_dir / 'notebooks'}")
+    summary = args.run_dir / "summary.json"
+    if summary.is_file():
+        numbers = json.loads(summary.read_text())
+        main_result = numbers["win_rates"].get("m2_vs_m0", {}).get("overall", {})
+        print(f"summary: {summary} (pipeline stages {numbers['pipeline_seconds'] / 60:.1f} min)")
+        if main_result:
+            print(f"M2 against M0: win rate {main_result['win_rate']:.1f}% ± {main_result['se']:.1f} "
+                  f"over {main_result['n']} prompts")
+    print("figures: figures/")
     return 0
 
 

@@ -215,3 +215,97 @@ def precision_recall(selected: set[str], positives: set[str]) -> dict[str, float
     return {"precision": hit / len(selected) if selected else float("nan"),
             "recall": hit / len(positives) if positives else float("nan"),
             "selected": len(selected), "positives": len(positives)}
+
+
+# -- the stage -----------------------------------------------------------------------------------
+GENERATORS = ("base", "m0", "m1", "m2")
+COMPARISONS = (("m2", "m0"), ("m1", "m0"), ("m0", "base"), ("m2", "base"))
+
+
+def make_judge(config: HumpbackConfig, base_model=None, tokenizer=None) -> Judge:
+    """The config's judge: the local base model, or an OpenAI-compatible endpoint when `judge_url` is set."""
+    settings = config.evaluate
+    if settings.judge_url:
+        return EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env).prefer_a
+    return LocalJudge(base_model, tokenizer).prefer_a
+
+
+def load_generator(config: HumpbackConfig, run_dir, name: str):
+    """(model, tokenizer) of `name`: the base model, or a model the run trained (m0, m1, m2, ...)."""
+    from humpback_nb.models import load_model
+    from humpback_nb.train import load_trained
+
+    return load_model(config.model) if name == "base" else load_trained(config, run_dir / name)
+
+
+def eval_stage(ctx) -> dict[str, Any]:
+    """eval/: answers of the base model, M0, M1 and M2 (AlpacaEval format) and their win rates."""
+    from humpback_nb.files import atomic_dir, atomic_write_json, write_jsonl
+
+    config = ctx.config
+    prompts = eval_prompts(config)
+    answers = {}
+    for name in GENERATORS:
+        model, tokenizer = load_generator(config, ctx.run_dir, name)
+        answers[name] = answer(model, tokenizer, prompts, config, generator=f"humpback-nb-{name}",
+                               partial=ctx.partial(f"eval.answers_{name}"))
+        del model
+    base, tokenizer = load_generator(config, ctx.run_dir, "base")
+    judge = make_judge(config, base, tokenizer)
+    results = {f"{x}_vs_{y}": compare(judge, answers[x], answers[y]) for x, y in COMPARISONS}
+    with atomic_dir(ctx.path("eval")) as tmp:
+        for name, rows in answers.items():
+            write_model_outputs(tmp / f"model_outputs_{name}.json", rows)
+        for key, result in results.items():
+            write_jsonl(tmp / f"judgments_{key}.jsonl", result.pop("judgments"))
+        atomic_write_json(tmp / "win_rates.json", {"judge": config.evaluate.judge_url or "local:base",
+                                                   "inference_tags": config.evaluate.inference_tags,
+                                                   "prompts": len(prompts), **results})
+    return {key: result["overall"] for key, result in results.items()}
+
+
+def summary(run_dir, config: HumpbackConfig) -> dict[str, Any]:
+    """Every number of a run in one place: sizes, stage times and reports, Table 2, win rates, the config."""
+    from pathlib import Path
+
+    import yaml
+
+    from humpback_nb.data.stats import table2
+
+    run_dir = Path(run_dir)
+    stages = {}
+    for manifest in sorted((run_dir / "stages").glob("*.yaml")):
+        data = yaml.safe_load(manifest.read_text())
+        stages[data["stage"]] = {"seconds": data["seconds"], "report": data.get("report")}
+    seed = [r for r in read_jsonl(run_dir / "seed.jsonl") if r["split"] == "train"]
+    candidates = read_jsonl(run_dir / "candidates.jsonl")
+    sets = {"seed": seed, "candidates": candidates, "A1": read_jsonl(run_dir / "A1.jsonl"),
+            "A2": read_jsonl(run_dir / "A2.jsonl")}
+    win_rates = json.loads((run_dir / "eval" / "win_rates.json").read_text())
+    analyses = {name: json.loads((run_dir / path).read_text()) for name, path in
+                (("table8_tags", "tags/win_rates.json"), ("table7_selection", "selection.json"),
+                 ("figure3_scaling", "scaling/results.json")) if (run_dir / path).is_file()}
+    return {
+        "preset": config.preset,
+        "config_hash": config.hash(),
+        "sizes": {name: len(records) for name, records in sets.items()} | {
+            "segments": len(read_jsonl(run_dir / "segments.jsonl"))},
+        "table2": table2(sets, paper_rows={"candidates": "augmented, all", "A2": "A5^(2)"}),
+        "win_rates": {key: {"overall": value["overall"], "per_dataset": value["per_dataset"]}
+                      for key, value in win_rates.items() if isinstance(value, dict) and "overall" in value},
+        "judge": win_rates.get("judge"),
+        **analyses,
+        "stage_seconds": {name: info["seconds"] for name, info in stages.items()},
+        "pipeline_seconds": round(sum(info["seconds"] for info in stages.values()), 1),
+        "stage_reports": {name: info["report"] for name, info in stages.items() if info["report"]},
+        "config": config.to_dict(),
+    }
+
+
+def summary_stage(ctx) -> dict[str, Any]:
+    """summary.json: every number of the run (what notebook 07 and the README's figures read)."""
+    from humpback_nb.files import atomic_write_json
+
+    result = summary(ctx.run_dir, ctx.config)
+    atomic_write_json(ctx.path("summary.json"), result)
+    return {"pipeline_seconds": result["pipeline_seconds"]}

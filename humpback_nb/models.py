@@ -123,11 +123,13 @@ def load_model(
     spec: ModelConfig | str = "smollm2-135m",
     quantization: str | None = None,
     adapter: str | Path | None = None,
+    merge: bool = True,
 ) -> tuple[PreTrainedModel, object]:
     """Load (model, tokenizer) for a model spec, in full precision or 4-bit NF4, with an optional adapter.
 
     `spec` is a `ModelConfig` or a model name; `quantization` ("none" or "4bit") overrides the
-    config's. The tokenizer pads on the left, as batched generation needs.
+    config's. The tokenizer pads on the left, as batched generation needs. An adapter on dense weights is
+    merged into them (`merge`), which makes inference cheaper; on packed 4-bit weights it stays apart.
     """
     config = ModelConfig(name=spec) if isinstance(spec, str) else spec
     quantization = quantization or config.quantization
@@ -147,9 +149,13 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if quantization == "none":
         model.to(where.device)
+    elif where.device == "cpu" and config.dequantize_on_cpu:
+        model = model.dequantize()  # NF4 values kept, unpacked once (see ModelConfig.dequantize_on_cpu)
     tokenizer = load_tokenizer(config)
     if adapter is not None:
         model = load_adapter(model, adapter)
+        if merge and not is_4bit(model):
+            model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
 
@@ -167,7 +173,8 @@ def load_tokenizer(spec: ModelConfig | str = "smollm2-135m"):
 
 
 def is_4bit(model: torch.nn.Module) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False))
+    """True while the model holds packed bitsandbytes 4-bit weights."""
+    return any(type(module).__name__ == "Linear4bit" for module in model.modules())
 
 
 def attach_lora(model: PreTrainedModel, train: TrainConfig, gradient_checkpointing: bool = False):

@@ -107,8 +107,16 @@ STAGES: tuple[Stage, ...] = (
           doc="A(2)_k: candidates scored >= k by M1"),
     Stage("m2", ("m2",), ("seed", "A2"), ("seed", "model", "train"), run="humpback_nb.train:m2_stage",
           doc="M2 (Humpback): seed + A(2)_k"),
-    Stage("eval", ("eval",), ("m0", "m1", "m2"), ("evaluate", "generate"), doc="answers and judged win rates"),
-    Stage("summary", ("summary.json",), ("eval", "A1", "A2"), (), doc="every figure's numbers in one file"),
+    Stage("eval", ("eval",), ("m0", "m1", "m2"), ("evaluate", "generate"), run="humpback_nb.evaluate:eval_stage",
+          doc="answers and judged win rates"),
+    Stage("tags", ("tags",), ("eval", "m2"), ("evaluate", "generate"), run="humpback_nb.analysis:tags_stage",
+          doc="Table 8: inference tags, and a model trained without tags"),
+    Stage("selection", ("selection.json",), ("m0", "m1", "candidates"), ("evaluate",),
+          run="humpback_nb.analysis:selection_stage", doc="Table 7: M0 and M1 as selectors on a labelled set"),
+    Stage("scaling", ("scaling",), ("eval", "scores_m1"), ("evaluate", "generate"),
+          run="humpback_nb.analysis:scaling_stage", doc="Figure 3 / Table 3: win rate against data size N"),
+    Stage("summary", ("summary.json",), ("eval", "A1", "A2", "tags", "selection", "scaling"), (),
+          run="humpback_nb.evaluate:summary_stage", doc="every figure's numbers in one file"),
 )
 
 
@@ -200,14 +208,13 @@ class RunFolder:
         self.manifest_path(name).unlink(missing_ok=True)  # from here on the stage is not done
         clean_temporaries(self.path)
         context = StageContext(self.path, config, stage, self.stage_hash(name, config))
-        keep = {context.partial(out).name for out in stage.outputs}
-        self._remove_partials(stage, keep=keep)  # left by runs with other settings
+        self._remove_partials(stage, keep_hash=context.hash)  # left by runs with other settings
         started = time.time()
         report = stage.function()(context)
         missing = [out for out in stage.outputs if not (self.path / out).exists()]
         if missing:
             raise PipelineError(f"stage {name!r} finished without writing {missing}")
-        self._remove_partials(stage, keep=set())
+        self._remove_partials(stage)
         manifest = {
             "stage": name,
             "hash": self.stage_hash(name, config),
@@ -239,10 +246,11 @@ class RunFolder:
                 log(f"{name:<11} {results[name]}")
         return results
 
-    def _remove_partials(self, stage: Stage, keep: set[str]) -> None:
+    def _remove_partials(self, stage: Stage, keep_hash: str | None = None) -> None:
+        """Delete the stage's `.partial` files, except those made with the settings of `keep_hash`."""
         for out in stage.outputs:
             for leftover in self.path.glob(f"{out}.*.partial"):
-                if leftover.name not in keep:
+                if keep_hash is None or not leftover.name.endswith(f".{keep_hash}.partial"):
                     leftover.unlink()
 
     def clear(self, name: str) -> list[str]:
@@ -252,7 +260,7 @@ class RunFolder:
             if stage.name == name or name in self._upstream(stage.name):
                 self.manifest_path(stage.name).unlink(missing_ok=True)
                 cleared.append(stage.name)
-        self._remove_partials(self.stages[name], keep=set())
+        self._remove_partials(self.stages[name])
         for out in self.stages[name].outputs:
             target = self.path / out
             if target.is_dir():

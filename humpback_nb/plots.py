@@ -185,3 +185,44 @@ def score_shift(before: dict[str, float], after: dict[str, float], labels: tuple
     ax.set_title(f"How the scores moved ({len(ids)} candidates)")
     fig.tight_layout()
     return fig
+
+
+def win_rates(results: dict[str, dict], title: str = "Pairwise win rates (ties count half)") -> plt.Figure:
+    """Win rate of x against y for each comparison, with the standard error as an error bar."""
+    names = list(results)
+    rates = [results[n]["win_rate"] for n in names]
+    errors = [results[n]["se"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.3))
+    ax.barh(names[::-1], rates[::-1], xerr=errors[::-1], color="#86efac", edgecolor="#166534", capsize=4)
+    ax.axvline(50, color="#64748b", ls="--", lw=1)
+    for y, (rate, n) in enumerate(zip(rates[::-1], [results[n]["n"] for n in names][::-1], strict=True)):
+        ax.text(1, y, f"{rate:.1f}% (n={n})", va="center", fontsize=8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("win rate of the first model, % (50 = no difference)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_curves(sources: dict[str, dict]) -> plt.Figure:
+    """Paper Figure 3 at the run's scale: win rate against the number N of augmented training pairs, one line per
+    data quality, with standard errors and the fit w = alpha log N + C."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, result in sources.items():
+        points = result["points"]
+        if not points:
+            continue
+        ns = [p["n"] for p in points]
+        bars = ax.errorbar(ns, [p["win_rate"] for p in points], yerr=[p["se"] for p in points], marker="o",
+                           capsize=3, label=f"{name} (alpha {result['alpha']:.2f})" if result["alpha"] is not None
+                           else name)
+        if result["alpha"] is not None:
+            grid = np.geomspace(min(ns), max(ns), 20)
+            ax.plot(grid, result["alpha"] * np.log(grid) + result["C"], ls=":", color=bars[0].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("augmented training pairs N (log scale)")
+    ax.set_ylabel("win rate against the base model, %")
+    ax.set_title("Data quality against data quantity (paper Figure 3)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

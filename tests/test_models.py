@@ -38,7 +38,7 @@ def test_embedded_checkpoint_is_safetensors_only(embedded_checkpoint):
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
 def test_embedded_model_loads_and_answers(embedded_checkpoint, quantization):
-    model, tokenizer = load_model(ModelConfig(quantization=quantization))
+    model, tokenizer = load_model(ModelConfig(quantization=quantization, dequantize_on_cpu=False))
     assert is_4bit(model) == (quantization == "4bit")
     if quantization == "4bit":
         import bitsandbytes as bnb
@@ -51,7 +51,7 @@ def test_embedded_model_loads_and_answers(embedded_checkpoint, quantization):
 
 def test_4bit_and_full_precision_agree_on_the_next_token(embedded_checkpoint):
     full, tokenizer = load_model(ModelConfig(quantization="none"))
-    four, _ = load_model(ModelConfig(quantization="4bit"))
+    four, _ = load_model(ModelConfig(quantization="4bit", dequantize_on_cpu=False))
     batch = tokenizer(["The capital of France is the city of"], return_tensors="pt")
     with torch.inference_mode():
         top_full = full(**batch).logits[0, -1].topk(5).indices.tolist()
@@ -59,10 +59,26 @@ def test_4bit_and_full_precision_agree_on_the_next_token(embedded_checkpoint):
     assert top_full[0] in top_four
 
 
+def test_4bit_unpacked_once_on_cpu_computes_what_bitsandbytes_computes(embedded_checkpoint):
+    packed, tokenizer = load_model(ModelConfig(quantization="4bit", dequantize_on_cpu=False))
+    unpacked, _ = load_model(ModelConfig(quantization="4bit", dequantize_on_cpu=True))
+    assert is_4bit(packed) and not is_4bit(unpacked)
+    import bitsandbytes.functional as F
+
+    layer = packed.model.layers[3].mlp.down_proj
+    nf4 = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    assert torch.equal(unpacked.model.layers[3].mlp.down_proj.weight, nf4)  # the very same NF4 values
+    batch = tokenizer(["Humpback whales sing long songs in the winter because"], return_tensors="pt")
+    with torch.inference_mode():
+        a, b = packed(**batch).logits.float(), unpacked(**batch).logits.float()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
 @pytest.mark.parametrize("quantization", ["4bit", "none"])
 def test_lora_trains_saves_and_reloads_identically(embedded_checkpoint, tmp_path, quantization):
     train = TrainConfig(lora_r=8, lora_alpha=16, lora_dropout=0.0)
-    model, tokenizer = load_model(ModelConfig(quantization=quantization))
+    spec = ModelConfig(quantization=quantization, dequantize_on_cpu=False)  # QLoRA through bitsandbytes itself
+    model, tokenizer = load_model(spec)
     model = attach_lora(model, train)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -86,17 +102,17 @@ def test_lora_trains_saves_and_reloads_identically(embedded_checkpoint, tmp_path
     assert not any(p.suffix in {".bin", ".pt"} for p in path.iterdir())
 
     # Reloaded to go on training, the model computes exactly what the trained one did.
-    base, _ = load_model(ModelConfig(quantization=quantization))
+    base, _ = load_model(spec)
     resumed = load_adapter(base, path, trainable=True).eval()
     with torch.inference_mode():
         again = resumed(**batch).logits.float()
     assert torch.equal(trained, again)
     # Reloaded for inference (QLoRA keeps norms and embeddings in bf16 then), it agrees closely.
-    reloaded, _ = load_model(ModelConfig(quantization=quantization), adapter=path)
+    reloaded, _ = load_model(spec, adapter=path)
     with torch.inference_mode():
         served = reloaded(**batch).logits.float()
     assert (served.argmax(-1) == trained.argmax(-1)).float().mean() >= 0.9
-    plain, _ = load_model(ModelConfig(quantization=quantization))
+    plain, _ = load_model(spec)
     with torch.inference_mode():
         untrained = plain(**batch).logits.float()
     assert not torch.allclose(untrained, served, atol=1e-2)

@@ -126,7 +126,8 @@ def test_the_methods_stages_read_only_earlier_stages():
     assert outputs == ["seed.jsonl", "segments.jsonl", "segments_dropped.jsonl", "segments_report.json",
                        "backward", "candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json",
                        "m0", "scores_m0.jsonl",
-                       "A1.jsonl", "m1", "scores_m1.jsonl", "A2.jsonl", "m2", "eval", "summary.json"]
+                       "A1.jsonl", "m1", "scores_m1.jsonl", "A2.jsonl", "m2", "eval", "tags", "selection.json",
+                       "scaling", "summary.json"]
 
 
 def test_cli_status_on_a_folder_with_no_run(tmp_path, capsys):
@@ -142,3 +143,25 @@ def test_cli_config_overrides_and_errors(capsys):
     assert "max_steps: 7" in capsys.readouterr().out
     assert main(["config", "--preset", "tiny", "--set", "train.max_stepz=7"]) == 2
     assert "unknown key 'max_stepz'" in capsys.readouterr().err
+
+
+def test_partials_of_other_settings_are_removed_and_own_ones_kept(tmp_path, config):
+    seen = []
+
+    def resumable(ctx):
+        mine = ctx.partial("out.jsonl")
+        seen.append(mine.exists())
+        mine.write_text('{"id": 1}\n')
+        raise RuntimeError("interrupted")
+
+    stages = (Stage("s", ("out.jsonl",), (), ("generate",), run=resumable),)
+    folder = RunFolder(tmp_path / "run", stages)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            folder.run(config, log=lambda _: None)
+    assert seen == [False, True]  # the second run finds the first one's records
+    other = with_overrides(config, {"generate.temperature": 1.0})
+    with pytest.raises(RuntimeError):
+        folder.run(other, log=lambda _: None)
+    assert seen[-1] is False  # records made with other settings are never resumed
+    assert len(list(folder.path.glob("out.jsonl.*.partial"))) == 1

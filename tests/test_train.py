@@ -88,7 +88,8 @@ def test_paper_schedule_interpolates_between_the_papers_runs():
 @pytest.mark.slow
 def test_qlora_lowers_the_training_loss_and_ends_at_the_final_learning_rate(tokenizer, tmp_path):
     config = with_overrides(load_preset("tiny"), {
-        "model.quantization": "4bit", "train.max_steps": 6, "train.batch_size": 4, "train.micro_batch_size": 4,
+        "model.quantization": "4bit", "model.dequantize_on_cpu": False,  # QLoRA through bitsandbytes itself
+        "train.max_steps": 6, "train.batch_size": 4, "train.micro_batch_size": 4,
         "train.learning_rate": 1e-3, "train.final_learning_rate": 5e-4, "train.lora_dropout": 0.0,
     })
     examples = forward_examples(tokenizer, PAIRS, [], max_length=128)
