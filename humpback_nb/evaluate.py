@@ -155,28 +155,26 @@ Judge = Callable[[str, str, str], float]
 
 
 def judge_both_orders(prefer_a: Judge, instruction: str, x: str, y: str) -> dict[str, Any]:
-    """Judge x against y twice, x first and then y first: 1 if x wins both, 0 if it loses both, else a tie."""
+    """Judge x against y twice, x shown first and then second. The outcome is x's preference averaged over
+    the two orders: 1 if x wins both, 0 if it loses both, 0.5 when the orders disagree (a judge that always
+    picks the first answer ties everything). With a judge that gives probabilities, the average is AlpacaEval
+    2.0's "weighted" preference; with one that names a letter it is 0, 0.25, 0.5, 0.75 or 1."""
     first = prefer_a(instruction, x, y)  # x is A
     second = 1.0 - prefer_a(instruction, y, x)  # x is B
-    if first > 0.5 and second > 0.5:
-        outcome = 1.0
-    elif first < 0.5 and second < 0.5:
-        outcome = 0.0
-    else:
-        outcome = 0.5  # the orders disagree, or the judge named neither
-    return {"x_as_a": round(first, 4), "x_as_b": round(second, 4), "outcome": outcome}
+    return {"x_as_a": round(first, 4), "x_as_b": round(second, 4), "outcome": round((first + second) / 2, 4)}
 
 
 def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
-    """Win rate in percent (ties count half) and its standard error across prompts."""
+    """Win rate in percent (the mean outcome: ties count half) and its standard error across prompts; wins, ties
+    and losses count the prompts whose outcome is above, at, or below one half."""
     n = len(outcomes)
     if n == 0:
         return {"n": 0, "win_rate": float("nan"), "se": float("nan"), "wins": 0, "ties": 0, "losses": 0}
     mean = statistics.fmean(outcomes)
     se = statistics.stdev(outcomes) / math.sqrt(n) if n > 1 else float("nan")
     return {"n": n, "win_rate": round(100 * mean, 2), "se": round(100 * se, 2),
-            "wins": sum(o == 1 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
-            "losses": sum(o == 0 for o in outcomes)}
+            "wins": sum(o > 0.5 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
+            "losses": sum(o < 0.5 for o in outcomes)}
 
 
 def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[dict[str, Any]]) -> dict[str, Any]:

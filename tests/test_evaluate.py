@@ -19,26 +19,28 @@ from humpback_nb.evaluate import (
 
 
 def test_win_rate_counts_ties_as_half_and_gives_a_standard_error():
-    result = win_rate([1, 1, 0.5, 0])
-    assert result["win_rate"] == 62.5 and (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
-    expected_se = math.sqrt(sum((o - 0.625) ** 2 for o in [1, 1, 0.5, 0]) / 3) / 2
+    result = win_rate([1, 0.75, 0.5, 0])
+    assert result["win_rate"] == 56.25 and (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
+    expected_se = math.sqrt(sum((o - 0.5625) ** 2 for o in [1, 0.75, 0.5, 0]) / 3) / 2
     assert result["se"] == pytest.approx(100 * expected_se, abs=0.01)
     assert win_rate([1, 1])["se"] == 0 and math.isnan(win_rate([])["win_rate"])
 
 
 @pytest.mark.parametrize("x_as_a, y_as_a, outcome", [
-    (0.9, 0.2, 1.0),   # x preferred in both orders
-    (0.3, 0.8, 0.0),   # y preferred in both orders
-    (0.9, 0.9, 0.5),   # the judge always picks A: position bias, a tie
-    (0.1, 0.1, 0.5),   # always B
-    (0.5, 0.2, 0.5),   # no answer in one order
+    (1.0, 0.0, 1.0),   # a letter judge prefers x in both orders: a win
+    (0.0, 1.0, 0.0),   # y in both orders: a loss
+    (1.0, 1.0, 0.5),   # the judge always picks A: position bias, a tie
+    (0.0, 0.0, 0.5),   # always B: a tie
+    (0.5, 0.0, 0.75),  # no answer in one order, x preferred in the other
+    (0.9, 0.2, 0.85),  # a judge with probabilities: the preference averaged over both orders
+    (0.9, 0.9, 0.5),   # strong position bias cancels out
 ])
 def test_each_pair_is_judged_in_both_orders(x_as_a, y_as_a, outcome):
     def judge(instruction, a, b):
         return x_as_a if a == "x" else y_as_a
 
     result = judge_both_orders(judge, "q", "x", "y")
-    assert result["outcome"] == outcome
+    assert result["outcome"] == pytest.approx(outcome)
     assert result["x_as_a"] == x_as_a and result["x_as_b"] == pytest.approx(1 - y_as_a)
 
 
