@@ -7,10 +7,8 @@ answers, the run's judge, and the base model's answers from `eval/` as the commo
 
 from __future__ import annotations
 
-import json
 import math
 import random
-from dataclasses import replace
 from typing import Any
 
 from humpback_nb.config import CurationConfig, HumpbackConfig, with_overrides
@@ -34,7 +32,7 @@ PAPER_SHARES = {"A5": 41821 / 502133, "A4": 195043 / 502133}
 
 
 def _base_answers(run_dir) -> list[dict[str, Any]]:
-    return json.loads((run_dir / "eval" / "model_outputs_base.json").read_text())
+    return read_jsonl(run_dir / "eval" / "answers_base.jsonl")
 
 
 def _judge(config: HumpbackConfig, run_dir):
@@ -135,8 +133,8 @@ def scaling_stage(ctx) -> dict[str, Any]:
                                   config.seed)
         judge = _judge(config, run_dir)
         tokenizer = load_tokenizer(config.model)
-        train = replace(config.train, max_steps=config.evaluate.scaling_steps or config.train.max_steps)
-        small = with_overrides(config, {"train.max_steps": train.max_steps})
+        # steps of each model: the paper's rule for N (or the preset's steps), capped by scaling_steps
+        small = with_overrides(config, {"train.max_steps": config.evaluate.scaling_steps or config.train.max_steps})
         for source, pool in sources.items():
             points = []
             for n in sizes:
@@ -151,7 +149,8 @@ def scaling_stage(ctx) -> dict[str, Any]:
                 answers = answer(model, model_tokenizer, prompts, config, generator=f"humpback-nb-{name}",
                                  partial=ctx.partial(f"scaling.{name}"))
                 del model
-                points.append({"n": n, **compare(judge, answers, reference)["overall"]})
+                overall = compare(judge, answers, reference)["overall"]
+                points.append({**overall, "prompts": overall["n"], "n": n})
             fit = fit_alpha([p["n"] for p in points], [p["win_rate"] for p in points]) if len(points) > 1 else None
             results["sources"][source] = {"available": len(pool), "points": points,
                                           "alpha": fit[0] if fit else None, "C": fit[1] if fit else None}
@@ -160,4 +159,4 @@ def scaling_stage(ctx) -> dict[str, Any]:
 
 
 def alpha_label(alpha: float | None) -> str:
-    return "-" if alpha is None or math.isnan(alpha) else f"{alpha:.2f}"
+    return "-" if alpha is None else f"{alpha:.2f}"

@@ -276,7 +276,7 @@ def agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, flo
     by_id = {s["id"]: s["score"] for s in b}
     both = [(s["score"], by_id[s["id"]]) for s in a if s["score"] is not None and by_id.get(s["id"]) is not None]
     if len(both) < 3:
-        return {"pairs": len(both), "spearman": float("nan"), "same_rounded_score": float("nan")}
+        return {"pairs": len(both), "spearman": None, "same_rounded_score": None}
     x, y = zip(*both, strict=True)
     rho = spearmanr(x, y).statistic
     return {"pairs": len(both), "spearman": float(rho),

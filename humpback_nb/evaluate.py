@@ -169,10 +169,10 @@ def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
     and losses count the prompts whose outcome is above, at, or below one half."""
     n = len(outcomes)
     if n == 0:
-        return {"n": 0, "win_rate": float("nan"), "se": float("nan"), "wins": 0, "ties": 0, "losses": 0}
+        return {"n": 0, "win_rate": None, "se": None, "wins": 0, "ties": 0, "losses": 0}
     mean = statistics.fmean(outcomes)
-    se = statistics.stdev(outcomes) / math.sqrt(n) if n > 1 else float("nan")
-    return {"n": n, "win_rate": round(100 * mean, 2), "se": round(100 * se, 2),
+    se = round(100 * statistics.stdev(outcomes) / math.sqrt(n), 2) if n > 1 else None  # None: one prompt
+    return {"n": n, "win_rate": round(100 * mean, 2), "se": se,
             "wins": sum(o > 0.5 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
             "losses": sum(o < 0.5 for o in outcomes)}
 
@@ -210,8 +210,8 @@ def fit_alpha(ns: Sequence[float], win_rates: Sequence[float]) -> tuple[float, f
 def precision_recall(selected: set[str], positives: set[str]) -> dict[str, float]:
     """Precision and recall of a selection against the labelled positives (paper Table 7)."""
     hit = len(selected & positives)
-    return {"precision": hit / len(selected) if selected else float("nan"),
-            "recall": hit / len(positives) if positives else float("nan"),
+    return {"precision": hit / len(selected) if selected else None,
+            "recall": hit / len(positives) if positives else None,
             "selected": len(selected), "positives": len(positives)}
 
 
@@ -254,6 +254,7 @@ def eval_stage(ctx) -> dict[str, Any]:
     with atomic_dir(ctx.path("eval")) as tmp:
         for name, rows in answers.items():
             write_model_outputs(tmp / f"model_outputs_{name}.json", rows)
+            write_jsonl(tmp / f"answers_{name}.jsonl", rows)  # with the prompt ids, for later comparisons
         for key, result in results.items():
             write_jsonl(tmp / f"judgments_{key}.jsonl", result.pop("judgments"))
         atomic_write_json(tmp / "win_rates.json", {"judge": config.evaluate.judge_url or "local:base",

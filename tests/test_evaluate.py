@@ -23,7 +23,7 @@ def test_win_rate_counts_ties_as_half_and_gives_a_standard_error():
     assert result["win_rate"] == 56.25 and (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
     expected_se = math.sqrt(sum((o - 0.5625) ** 2 for o in [1, 0.75, 0.5, 0]) / 3) / 2
     assert result["se"] == pytest.approx(100 * expected_se, abs=0.01)
-    assert win_rate([1, 1])["se"] == 0 and math.isnan(win_rate([])["win_rate"])
+    assert win_rate([1, 1])["se"] == 0 and win_rate([])["win_rate"] is None and win_rate([1])["se"] is None
 
 
 @pytest.mark.parametrize("x_as_a, y_as_a, outcome", [
