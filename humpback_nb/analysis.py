@@ -7,7 +7,6 @@ answers, the run's judge, and the base model's answers from `eval/` as the commo
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any
 
