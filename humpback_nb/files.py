@@ -92,26 +92,33 @@ class RecordError(ValueError):
     """A malformed record file; the message names the file, the line and the problem."""
 
 
+def decode_text(raw: bytes, path: str | Path, error: type[ValueError] = RecordError) -> str:
+    """UTF-8 text of a file's bytes; undecodable bytes raise `error` naming the file and the line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise error(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def parse_jsonl(text: str, path: str | Path, error: type[ValueError] = RecordError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line raises `error` naming the file and the line."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise error(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read JSON Lines, one object per non-blank line, with errors that name file and line."""
     path = Path(path)
-    records = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise RecordError(f"{path}, line {number}: not UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecordError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise RecordError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
+    return [record for _, record in parse_jsonl(decode_text(path.read_bytes(), path), path)]
 
 
 def clean_temporaries(folder: str | Path) -> list[Path]:

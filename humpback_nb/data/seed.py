@@ -18,23 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from humpback_nb.config import DataConfig
+from humpback_nb.files import RecordError, decode_text, parse_jsonl
 from humpback_nb.sources import SOURCES, fetch
 
 OASST1_HUB_ID = "OpenAssistant/oasst1"
 OASST1_FIELDS = ("message_id", "parent_id", "role", "text")
 
 
-class DataError(ValueError):
+class DataError(RecordError):
     """Input data that cannot be used; the message names the file, the line and the problem."""
 
 
 # -- reading files with line numbers -------------------------------------------------------------
 def _decode(raw: bytes, path: Path) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return decode_text(raw, path, DataError)
 
 
 def _open_bytes(path: Path) -> bytes:
@@ -51,17 +48,8 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
     if stem_suffix == ".json" or text.lstrip().startswith("["):
         yield from _iter_json_array(text, path)
-        return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
+    else:
+        yield from parse_jsonl(text, path, DataError)
 
 
 def _iter_json_array(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
