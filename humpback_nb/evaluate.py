@@ -308,3 +308,17 @@ def summary_stage(ctx) -> dict[str, Any]:
     result = summary(ctx.run_dir, ctx.config)
     atomic_write_json(ctx.path("summary.json"), result)
     return {"pipeline_seconds": result["pipeline_seconds"]}
+
+
+def win_rate_table(rows: dict[str, dict[str, Any]], paper: dict[str, float] | None = None) -> str:
+    """Win rates as a Markdown table (label, win rate, standard error, wins/ties/losses, n[, paper])."""
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    head = "| | win rate % | ± se | wins | ties | losses | n |" + (" paper % |" if paper else "")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if paper else "")]
+    for label, r in rows.items():
+        line = (f"| {label} | {number(r['win_rate'])} | {number(r['se'])} | {r['wins']} | {r['ties']} | {r['losses']} "
+                f"| {r['n']} |")
+        lines.append(line + (f" {paper.get(label, '-')} |" if paper else ""))
+    return "\n".join(lines)
