@@ -1,0 +1,23 @@
+from humpback_nb.analysis import PAPER_SHARES, labelled_set, scaling_sources
+
+
+def test_labelled_set_has_a_fifth_of_positives_and_says_where_labels_come_from():
+    heldout = [{"id": f"s{i}", "instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    candidates = [{"id": f"c{i}", "instruction": f"cq{i}", "output": f"ca{i}"} for i in range(40)]
+    pairs = labelled_set(heldout, candidates, positives=5, rng_seed=0)
+    positives = [p for p in pairs if p["label"] == 1]
+    negatives = [p for p in pairs if p["label"] == 0]
+    assert len(positives) == 5 and len(negatives) == 20
+    assert all(p["id"].startswith("positive-s") for p in positives)
+    for pair in negatives:  # an instruction with another candidate's output
+        assert pair["instruction"][2:] != pair["output"][2:]
+
+
+def test_scaling_sources_rank_by_score_and_keep_the_papers_shares():
+    candidates = [{"id": str(i), "instruction": "q", "output": "a"} for i in range(100)]
+    scores = [{"id": str(i), "score": 1 + 4 * i / 99} for i in range(100)]
+    sources = scaling_sources(candidates, scores, rng_seed=0)
+    assert len(sources["A5"]) == 9 == -(-100 * PAPER_SHARES["A5"] // 1)  # ceil of 8.3% of 100
+    assert [c["id"] for c in sources["A5"]][:3] == ["99", "98", "97"]
+    assert len(sources["A4"]) == 39 and len(sources["no curation"]) == 100
+    assert sorted(c["id"] for c in sources["no curation"]) == sorted(c["id"] for c in candidates)
