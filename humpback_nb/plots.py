@@ -10,6 +10,7 @@ if not matplotlib.get_backend().lower().startswith(("module://", "nbagg", "widge
     matplotlib.use("Agg")  # headless outside Jupyter (tests, CLI); notebooks keep the inline backend
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
@@ -220,6 +221,9 @@ def scaling_curves(sources: dict[str, dict]) -> plt.Figure:
             grid = np.geomspace(min(ns), max(ns), 20)
             ax.plot(grid, result["alpha"] * np.log(grid) + result["C"], ls=":", color=bars[0].get_color())
     ax.set_xscale("log")
+    sizes = sorted({p["n"] for result in sources.values() for p in result["points"]})
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("augmented training pairs N (log scale)")
     ax.set_ylabel("win rate against the base model, %")
     ax.set_title("Data quality against data quantity (paper Figure 3)")
