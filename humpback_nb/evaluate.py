@@ -253,8 +253,10 @@ def eval_stage(ctx) -> dict[str, Any]:
     results = {f"{x}_vs_{y}": compare(judge, answers[x], answers[y]) for x, y in COMPARISONS}
     with atomic_dir(ctx.path("eval")) as tmp:
         for name, rows in answers.items():
-            write_model_outputs(tmp / f"model_outputs_{name}.json", rows)
-            write_jsonl(tmp / f"answers_{name}.jsonl", rows)  # with the prompt ids, for later comparisons
+            # AlpacaEval's file holds its own prompts only; every answer, with its prompt id, is in the JSONL
+            write_model_outputs(tmp / f"model_outputs_{name}.json",
+                                [r for r in rows if r["id"].startswith("alpaca_eval-")])
+            write_jsonl(tmp / f"answers_{name}.jsonl", rows)
         for key, result in results.items():
             write_jsonl(tmp / f"judgments_{key}.jsonl", result.pop("judgments"))
         atomic_write_json(tmp / "win_rates.json", {"judge": config.evaluate.judge_url or "local:base",
