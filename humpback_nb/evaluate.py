@@ -247,9 +247,9 @@ def eval_stage(ctx) -> dict[str, Any]:
         model, tokenizer = load_generator(config, ctx.run_dir, name)
         answers[name] = answer(model, tokenizer, prompts, config, generator=f"humpback-nb-{name}",
                                partial=ctx.partial(f"eval.answers_{name}"))
+        if name == "base":
+            judge = make_judge(config, model, tokenizer)  # the local judge is the base model: load it once
         del model
-    base, tokenizer = load_generator(config, ctx.run_dir, "base")
-    judge = make_judge(config, base, tokenizer)
     results = {f"{x}_vs_{y}": compare(judge, answers[x], answers[y]) for x, y in COMPARISONS}
     with atomic_dir(ctx.path("eval")) as tmp:
         for name, rows in answers.items():
