@@ -1,10 +1,11 @@
 """Text generation: one reply to one message (`chat`), and batched, resumable generation (`generate_records`).
 
 Batched generation sorts the prompts by length (long first, so that memory peaks in the first batch and
-batches waste little padding), pads them on the left, samples with the config's nucleus settings and a
-seed per batch, and appends each finished batch to a `.partial` file. A rerun after an interruption reads
-that file and generates only the batches that are missing there, with the same composition and seed, so
-the result is the same as an uninterrupted run, without duplicates or gaps.
+batches waste little padding), pads them on the left and decodes them with `decode`: the prompts are read
+a few rows at a time into one preallocated cache, rows that finish leave the batch, and nucleus sampling
+sorts only the likely tokens. Each batch has its own seed and is appended to a `.partial` file when done.
+A rerun after an interruption reads that file and generates only the batches that are missing there, with
+the same composition and seed, so the result is the same as an uninterrupted run, without duplicates or gaps.
 """
 
 from __future__ import annotations
@@ -93,16 +94,107 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], settings: Generati
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=model.device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=model.device)
-    sampling = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0}
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    rows = decode(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id,
+                  temperature=settings.temperature, top_p=1.0 if greedy else settings.top_p,
+                  greedy=greedy, generator=generator)
     results = []
-    for ids, row in zip(batch, output[:, width:].tolist(), strict=True):
-        finished = tokenizer.eos_token_id in row
-        new = row[: row.index(tokenizer.eos_token_id)] if finished else row
+    for ids, row in zip(batch, rows, strict=True):
+        finished = bool(row) and row[-1] == tokenizer.eos_token_id
+        new = row[:-1] if finished else row
         results.append({"text": tokenizer.decode(new, skip_special_tokens=True), "prompt_tokens": len(ids),
                         "new_tokens": len(new), "finished": finished})
     return results
+
+
+# -- the decoding loop ---------------------------------------------------------------------------
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+           generator: torch.Generator | None = None, prefill_rows: int = 8) -> list[list[int]]:
+    """New tokens of each left-padded row (ending with eos where the row finished).
+
+    The prompts are read `prefill_rows` at a time, each group cut to its own longest prompt (long prompts
+    in big batches cost more per token on a CPU). Their keys and values go into one preallocated cache
+    with room for every new token, so a step writes one slot instead of copying the whole cache. Each step
+    feeds one token per row still writing; finished rows leave the batch once a quarter of it has finished.
+    Greedy decoding picks the argmax, as `model.generate(do_sample=False)` does; sampling keeps the nucleus
+    of `sample_top_p`.
+    """
+    rows, width = input_ids.shape
+    device = input_ids.device
+    position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    written: list[list[int]] = [[] for _ in range(rows)]
+    with torch.inference_mode():
+        cache, logits = _prefill(model, input_ids, attention_mask, position, prefill_rows, width + max_new_tokens)
+        mask = torch.cat([attention_mask, attention_mask.new_zeros(rows, max_new_tokens)], dim=1)
+        position = position[:, -1:]
+        alive = torch.arange(rows, device=device)  # row of `written` for each row of the batch
+        writing = torch.ones(rows, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            chosen = logits.argmax(-1) if greedy else sample_top_p(logits, temperature, top_p, generator)
+            for row, token, live in zip(alive.tolist(), chosen.tolist(), writing.tolist(), strict=True):
+                if live:
+                    written[row].append(token)
+            writing &= chosen != eos_token_id
+            if step == max_new_tokens - 1 or not bool(writing.any()):
+                break
+            if int((~writing).sum()) * 4 >= len(alive):  # drop the finished rows
+                keep = writing.nonzero().flatten()
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+                    layer.batch_size = len(keep)
+                alive, chosen, writing = alive[keep], chosen[keep], writing[keep]
+                mask, position = mask[keep], position[keep]
+            mask[:, width + step] = 1
+            position = position + 1
+            logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position,
+                           past_key_values=cache, use_cache=True).logits[:, -1]
+    return written
+
+
+def _prefill(model, input_ids, attention_mask, position, prefill_rows: int, max_cache_len: int):
+    """(a static cache of `max_cache_len` slots holding every prompt, the logits after each prompt)."""
+    from transformers import DynamicCache, StaticCache
+
+    rows, width = input_ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    logits = []
+    for start in range(0, rows, prefill_rows):
+        group = slice(start, start + prefill_rows)
+        cut = int((attention_mask[group].sum(0) == 0).sum())  # columns that are padding in every row
+        part = DynamicCache(config=model.config)
+        logits.append(model(input_ids=input_ids[group, cut:], attention_mask=attention_mask[group, cut:],
+                            position_ids=position[group, cut:], past_key_values=part, use_cache=True,
+                            logits_to_keep=1).logits[:, -1])
+        for layer, filled in zip(cache.layers, part.layers, strict=True):
+            if not layer.is_initialized:
+                shape = (rows, *filled.keys.shape[1:2], max_cache_len, filled.keys.shape[3])
+                layer.lazy_initialization(filled.keys.new_empty(shape), filled.values.new_empty(shape))
+            layer.keys[group, :, cut:width] = filled.keys
+            layer.values[group, :, cut:width] = filled.values
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(width)
+    return cache, torch.cat(logits)
+
+
+def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, token ids) of each row's nucleus: the fewest most likely tokens whose probability reaches
+    `top_p`, as transformers' top-p sampling keeps it; the other weights are 0.
+
+    Only the `candidates` most likely tokens are sorted; where they hold less than `top_p` of a row's mass,
+    the whole vocabulary is sorted, so the nucleus is exact either way.
+    """
+    top, index = probs.topk(min(candidates, probs.shape[-1]), dim=-1)
+    if bool((top.sum(-1) < top_p).any()):
+        top, index = probs.sort(dim=-1, descending=True)
+    return top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0), index  # drop tokens once likelier ones reach top_p
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row, sampled at `temperature` from the nucleus of `top_p` (all tokens when top_p = 1)."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    weights, index = nucleus(probs, top_p)
+    return index.gather(-1, torch.multinomial(weights, 1, generator=generator)).squeeze(-1)

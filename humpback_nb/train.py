@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -110,15 +111,15 @@ def mean_loss(model, tokenizer, examples: list[dict[str, list[int]]], batch_size
 
 
 def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: pad tokens are masked out of attention and of the loss. `logits_to_keep` lists the
-    positions whose next token is learned in some row: only there are the vocabulary logits computed."""
+    """Right-pad a batch. No attention mask is needed: with causal attention a real token never sees the pads
+    after it, and pads are out of the loss. `logits_to_keep` lists the positions whose next token is learned
+    in some row: only there are the vocabulary logits computed."""
     width = max(len(f["input_ids"]) for f in features)
-    batch = {"input_ids": [], "labels": [], "attention_mask": []}
+    batch = {"input_ids": [], "labels": []}
     for f in features:
         pad = width - len(f["input_ids"])
         batch["input_ids"].append(f["input_ids"] + [pad_token_id] * pad)
         batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
-        batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
     tensors = {key: torch.tensor(value) for key, value in batch.items()}
     tensors["logits_to_keep"] = loss_positions(tensors["labels"])
     return tensors
@@ -134,12 +135,37 @@ def output_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch
     """Cross-entropy of the learned tokens, from logits computed at `loss_positions(labels)` only; summed and
     divided by the number of learned tokens in the whole (accumulated) batch."""
     keep = loss_positions(labels).to(labels.device)
-    targets = labels[:, keep + 1]
-    logits = outputs.logits.float()
-    total = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                              reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    targets = labels[:, keep + 1].reshape(-1)
+    learned = targets != IGNORE_INDEX
+    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])[learned]  # rows of learned tokens, contiguous
+    total = torch.nn.functional.cross_entropy(logits.float(), targets[learned], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else learned.sum()
     return total / count
+
+
+def training_flops(model_config, examples: list[dict[str, list[int]]], lora_params: int = 0,
+                   full: bool = False) -> int:
+    """Model FLOPs of one training pass (forward and backward) over `examples`, padding not counted.
+
+    The usual count (PaLM's appendix B): a token costs 2 FLOPs per weight forward and 4 backward, except
+    that frozen weights need no weight gradient (2 + 2 with LoRA); LoRA's own weights cost 6 per weight;
+    attention costs 12 x layers x width x length per token; the vocabulary head is computed only where a
+    token is learned. `model_config` is the transformers config; `lora_params` counts LoRA's weights.
+    """
+    c = model_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attention_width = c.num_attention_heads * head_dim
+    per_layer = (2 * c.hidden_size * attention_width + 2 * c.hidden_size * c.num_key_value_heads * head_dim
+                 + 3 * c.hidden_size * c.intermediate_size)
+    per_weight = 6 if full else 4
+    total = 0
+    for e in examples:
+        length = len(e["input_ids"])
+        learned = sum(label != IGNORE_INDEX for label in e["labels"][1:])
+        total += (per_weight * c.num_hidden_layers * per_layer + 6 * lora_params) * length
+        total += 12 * c.num_hidden_layers * attention_width * length * length
+        total += per_weight * c.vocab_size * c.hidden_size * learned
+    return total
 
 
 # -- the schedule --------------------------------------------------------------------------------
@@ -158,6 +184,7 @@ class _PaperScheduleTrainer(Trainer):
     def __init__(self, *args, train_config: TrainConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.train_config = train_config
+        self.tokens_seen = 0  # tokens of the examples trained on so far, padding not counted
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
@@ -166,20 +193,45 @@ class _PaperScheduleTrainer(Trainer):
             self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
         return self.lr_scheduler
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.tokens_seen += int(inputs.pop("tokens"))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _collate(pad_token_id: int):
+    def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = pad_batch(features, pad_token_id)
+        batch["tokens"] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+        return batch
+
+    return collate
+
 
 class _LossLog(TrainerCallback):
-    """Keeps, for every optimizer step, the learning rate it used and the loss it reported."""
+    """Keeps, for every optimizer step, the learning rate it used, the loss it reported, its wall time and
+    the tokens it trained on (padding not counted)."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
+        self.trainer: _PaperScheduleTrainer | None = None
         self._lr = None
+        self._start = 0.0
+        self._tokens = 0
+        self._timing: dict[str, float] = {}
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         self._lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+        self._start = time.perf_counter()
+        self._tokens = self.trainer.tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._timing = {"seconds": round(time.perf_counter() - self._start, 4),
+                        "tokens": self.trainer.tokens_seen - self._tokens}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.steps.append({"step": state.global_step, "loss": float(logs["loss"]), "lr": self._lr})
+            self.steps.append({"step": state.global_step, "loss": float(logs["loss"]), "lr": self._lr,
+                               **self._timing})
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -235,11 +287,16 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
     losses = _LossLog()
     trainer = _PaperScheduleTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples),
-        data_collator=lambda f: pad_batch(f, tokenizer.pad_token_id), compute_loss_func=output_loss,
+        data_collator=_collate(tokenizer.pad_token_id), compute_loss_func=output_loss,
         callbacks=[losses], train_config=plan,
     )
+    losses.trainer = trainer
+    # Under mixed precision, LoRA's matrices multiply in the compute dtype (autocast casts them once per step);
+    # peft would otherwise cast every activation to float32 first, as its 4-bit layers already do not.
+    mixed = args.bf16 or args.fp16
     started = time.time()
-    trainer.train()
+    with disable_input_dtype_casting(model, active=mixed and plan.method == "lora"):
+        trainer.train()
     seconds = time.time() - started
     model.eval()
     train_log = {
@@ -252,6 +309,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         "final_learning_rate": plan.final_learning_rate,
         "seconds": round(seconds, 2),
         "tokens_per_step": plan.batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples),
+        "tokens": trainer.tokens_seen,
         "steps": losses.steps,
     }
     with atomic_dir(out_dir) as tmp:

@@ -69,3 +69,43 @@ def test_sampling_is_seeded(model_and_tokenizer):
     a = generate_records(model, tokenizer, prompts()[:3], SETTINGS, 10, progress=False)
     b = generate_records(model, tokenizer, prompts()[:3], SETTINGS, 10, progress=False)
     assert [r["text"] for r in a] == [r["text"] for r in b]
+
+
+def test_decoding_loop_matches_transformers_generate_when_greedy(embedded_checkpoint):
+    # The kit's loop (grouped prefill, one preallocated cache, finished rows leaving the batch) against
+    # transformers' own generate, one prompt at a time, in float32: the same tokens.
+    import torch
+
+    from humpback_nb.generate import decode
+    from humpback_nb.prompts import prompt_ids
+
+    model, tokenizer = load_model(ModelConfig(dtype="float32"))
+    encoded = [prompt_ids(tokenizer, p["messages"]) for p in prompts()]
+    width = max(map(len, encoded))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    ours = decode(model, ids, mask, 24, tokenizer.eos_token_id, greedy=True, prefill_rows=3)
+    assert any(row[-1] == tokenizer.eos_token_id and len(row) < 24 for row in ours)  # rows did leave early
+    for e, row in zip(encoded, ours, strict=True):
+        single = torch.tensor([e])
+        with torch.inference_mode():
+            out = model.generate(input_ids=single, attention_mask=torch.ones_like(single), do_sample=False,
+                                 max_new_tokens=24, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        assert out[0, len(e):].tolist()[: len(row)] == row
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 5.0])  # 5.0: a flat distribution, past the candidates
+def test_nucleus_is_the_one_transformers_samples_from(temperature):
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from humpback_nb.generate import nucleus
+
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    probs = torch.softmax(logits / temperature, dim=-1)
+    weights, index = nucleus(probs, 0.9, candidates=64)
+    ours = torch.zeros_like(probs).scatter(-1, index, weights)
+    warped = TopPLogitsWarper(0.9)(None, logits / temperature)
+    assert torch.equal(ours > 0, warped > float("-inf"))
+    assert torch.allclose(ours[ours > 0], probs[ours > 0])

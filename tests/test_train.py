@@ -108,3 +108,43 @@ def test_qlora_lowers_the_training_loss_and_ends_at_the_final_learning_rate(toke
     assert len(log["steps"]) == 6 and read_train_log(tmp_path / "m") == log
     assert (tmp_path / "m" / "adapter_model.safetensors").is_file()
     assert torch.is_tensor(trained.get_input_embeddings().weight)
+
+
+@pytest.mark.slow
+def test_training_batches_need_no_attention_mask_and_count_model_flops(embedded_checkpoint):
+    # Right padding + causal attention: the loss is the one computed with an explicit padding mask. And the
+    # analytic FLOP count of the benchmarks equals what torch counts in a real forward and backward pass.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from humpback_nb.config import ModelConfig
+    from humpback_nb.models import load_model
+    from humpback_nb.train import forward_example, output_loss, pad_batch, training_flops
+
+    model, tokenizer = load_model(ModelConfig(dtype="float32"))
+    examples = [forward_example(tokenizer, "Name a colour.", "Blue, like the sky on a clear day.", "S_a", 64),
+                forward_example(tokenizer, "What is two plus two?", "Four.", "S_a", 64)]
+    batch = pad_batch(examples, tokenizer.pad_token_id)
+    labels = batch.pop("labels")
+    assert "attention_mask" not in batch
+    mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (labels.shape[1] - len(e["input_ids"])) for e in examples])
+    with torch.inference_mode():
+        plain = output_loss(model(**batch), labels)
+        masked = output_loss(model(**batch, attention_mask=mask), labels)
+    assert torch.allclose(plain, masked, atol=1e-5)
+
+    model = attach_lora_for_test(model)
+    model.config._attn_implementation = "eager"  # attention as plain matmuls, which torch counts
+    one = pad_batch(examples[:1], tokenizer.pad_token_id)
+    one_labels = one.pop("labels")
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    with FlopCounterMode(display=False) as counter:
+        output_loss(model(**one), one_labels).backward()
+    expected = training_flops(model.config, examples[:1], lora_params=lora)
+    assert abs(counter.get_total_flops() - expected) / expected < 0.02
+
+
+def attach_lora_for_test(model):
+    from humpback_nb.config import TrainConfig
+    from humpback_nb.models import attach_lora
+
+    return attach_lora(model, TrainConfig(lora_dropout=0.0))
