@@ -11,7 +11,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export MALLOC_TOP_PAD_ ?= 536870912
 
-.PHONY: install fetch demo test lint lab bench clean
+.PHONY: install fetch demo test browser lint lab bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "humpback-nb needs Python 3.11: make PYTHON=python3.11 ...")'
@@ -29,8 +29,15 @@ fetch: install  ## fetch and check the embedded model and data (cached in $$HUMP
 demo: fetch  ## every notebook on the demo preset, executed into runs/demo/notebooks/
 	$(BIN)/humpback notebooks --preset $(PRESET) --run-dir $(RUN)
 
-test: install  ## unit tests and every notebook on the tiny preset
+test: install browser  ## unit tests and every notebook on the tiny preset
 	$(BIN)/python -m pytest -q
+
+browser:  ## Chromium for the test that runs a notebook in a browser (Debian's package, where apt-get may install it)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }; } || \
+	  echo "no Chromium could be installed: the browser test will be skipped"
+
 
 lint: install
 	$(BIN)/ruff check humpback_nb tests benchmarks

@@ -91,6 +91,7 @@ class TrainConfig:
     max_length: int = 1024  # training sequences are cut to this many tokens
     tags: bool = True  # seed examples get S_a and augmented ones S_w (False: the paper's "no tags" ablation)
     seed: int = 42
+    save_steps: int = 50  # a checkpoint every this many steps, from which an interrupted stage resumes (0: none)
 
 
 @dataclass

@@ -101,11 +101,17 @@ def decode_text(raw: bytes, path: str | Path, error: type[ValueError] = RecordEr
         raise error(f"{path}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+MAX_LINE_CHARS = 16 * 2**20  # a record longer than this is not a segment or a pair but a broken file
+
+
 def parse_jsonl(text: str, path: str | Path, error: type[ValueError] = RecordError) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a bad line raises `error` naming the file and the line."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_LINE_CHARS:
+            raise error(f"{path}, line {number}: {len(line):,} characters on one line, more than the "
+                        f"{MAX_LINE_CHARS:,} a record may have (is this JSON Lines, one object per line?)")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:

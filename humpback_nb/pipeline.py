@@ -251,7 +251,7 @@ class RunFolder:
         for out in stage.outputs:
             for leftover in self.path.glob(f"{out}.*.partial"):
                 if keep_hash is None or not leftover.name.endswith(f".{keep_hash}.partial"):
-                    leftover.unlink()
+                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
     def clear(self, name: str) -> list[str]:
         """Delete a stage's outputs and manifest, and the manifests of every stage that reads them."""

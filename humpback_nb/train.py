@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from peft.helpers import disable_input_dtype_casting
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from humpback_nb.config import HumpbackConfig, TrainConfig
 from humpback_nb.files import atomic_dir, read_jsonl
@@ -33,6 +33,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss
 TRAIN_LOG = "train_log.json"
+STEPS_FILE = "humpback_steps.json"  # in a checkpoint: the steps logged before it
 
 # The paper's data-scaling runs (section 4.1): examples N -> (batch size, steps).
 PAPER_STEPS = {100: (8, 30), 800: (8, 300), 1600: (8, 600), 3200: (32, 500), 6400: (32, 600),
@@ -228,6 +229,11 @@ class _LossLog(TrainerCallback):
         self._timing = {"seconds": round(time.perf_counter() - self._start, 4),
                         "tokens": self.trainer.tokens_seen - self._tokens}
 
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            (folder / STEPS_FILE).write_text(json.dumps(self.steps))
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.steps.append({"step": state.global_step, "loss": float(logs["loss"]), "lr": self._lr,
@@ -242,11 +248,13 @@ def training_plan(n_examples: int, train: TrainConfig) -> TrainConfig:
 
 
 def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, out_dir: str | Path,
-                log=print) -> dict[str, Any]:
+                log=print, checkpoints: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune the base model of `config` on encoded examples; save it (adapter or full) to `out_dir`.
 
     Returns the training log (also saved as train_log.json beside the weights): the loss and learning
-    rate of every step, the plan, and the time it took.
+    rate of every step, the plan, and the time it took. With `checkpoints`, a folder, the state of training
+    (adapter, optimizer, schedule, random generators, position in the data) is saved there every
+    `train.save_steps` steps, and a run that finds a checkpoint there goes on from it to the same result.
     """
     from datasets import Dataset
 
@@ -256,6 +264,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
     if plan.method == "full" and config.model.quantization == "4bit":
         raise ValueError("full fine-tuning needs model.quantization: none (4-bit weights cannot be trained)")
     model, tokenizer = load_model(config.model)
+    set_seed(plan.seed)  # LoRA's initial weights come from the random generator: the same seed, the same start
     if plan.method == "lora":
         model = attach_lora(model, plan)
     else:
@@ -263,8 +272,9 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         model.requires_grad_(True)
     where = runtime(config.model.device, config.model.dtype)
     micro = min(plan.micro_batch_size, plan.batch_size)
+    saving = checkpoints is not None and plan.save_steps > 0
     args = TrainingArguments(
-        output_dir=str(Path(out_dir).parent / f".trainer-{Path(out_dir).name}"),
+        output_dir=str(checkpoints) if saving else str(Path(out_dir).parent / f".trainer-{Path(out_dir).name}"),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=max(1, plan.batch_size // micro),
         max_steps=plan.max_steps,
@@ -272,7 +282,9 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         weight_decay=plan.weight_decay,
         warmup_steps=0,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if saving else "no",
+        save_steps=max(1, plan.save_steps),
+        save_total_limit=1,
         report_to=[],
         seed=plan.seed,
         data_seed=plan.seed,
@@ -295,8 +307,12 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
     # peft would otherwise cast every activation to float32 first, as its 4-bit layers already do not.
     mixed = args.bf16 or args.fp16
     started = time.time()
+    resume = _last_checkpoint(checkpoints) if saving else None
+    if resume is not None:
+        losses.steps = json.loads((resume / STEPS_FILE).read_text())
+        log(f"resuming training from {resume.name}")
     with disable_input_dtype_casting(model, active=mixed and plan.method == "lora"):
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     seconds = time.time() - started
     model.eval()
     train_log = {
@@ -309,7 +325,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         "final_learning_rate": plan.final_learning_rate,
         "seconds": round(seconds, 2),
         "tokens_per_step": plan.batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples),
-        "tokens": trainer.tokens_seen,
+        "tokens": sum(step.get("tokens", 0) for step in losses.steps),
         "steps": losses.steps,
     }
     with atomic_dir(out_dir) as tmp:
@@ -320,6 +336,12 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
     log(f"trained {plan.method} ({config.model.quantization}) on {len(examples)} examples: {plan.max_steps} steps "
         f"of {plan.batch_size} in {seconds:.0f}s, loss {losses.steps[0]['loss']:.3f} -> {losses.steps[-1]['loss']:.3f}")
     return train_log
+
+
+def _last_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint in `folder` (one killed while saving lacks its steps file)."""
+    found = [p for p in Path(folder).glob("checkpoint-*") if (p / STEPS_FILE).is_file()]
+    return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
 
 
 def load_trained(config: HumpbackConfig, path: str | Path):
@@ -340,7 +362,7 @@ def _forward_stage(ctx, augmented_file: str | None, out: str) -> dict[str, Any]:
     seed = [r for r in read_jsonl(ctx.path("seed.jsonl")) if r["split"] == "train"]
     augmented = read_jsonl(ctx.path(augmented_file)) if augmented_file else []
     examples = forward_examples(tokenizer, seed, augmented, config.train.max_length, tags=config.train.tags)
-    return train_model(examples, config, ctx.path(out))
+    return train_model(examples, config, ctx.path(out), checkpoints=ctx.partial(out))
 
 
 def m0_stage(ctx) -> dict[str, Any]:
@@ -364,4 +386,4 @@ def backward_stage(ctx) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     seed = [r for r in read_jsonl(ctx.path("seed.jsonl")) if r["split"] == "train"]
     examples = [backward_example(tokenizer, r["instruction"], r["output"], config.train.max_length) for r in seed]
-    return train_model(examples, config, ctx.path("backward"))
+    return train_model(examples, config, ctx.path("backward"), checkpoints=ctx.partial("backward"))

@@ -72,8 +72,9 @@ def threshold_explorer(candidates: list[dict[str, Any]], scores: list[dict[str, 
     ranked = sorted((c for c in candidates if c["id"] in by_id), key=lambda c: by_id[c["id"]])
     slider = widgets.FloatSlider(value=k, min=1.0, max=5.0, step=0.05, description="k", continuous_update=False)
     summary = widgets.HTML()
-    above = widgets.HTML()
-    below = widgets.HTML()
+    half = {"flex": "1 1 0%", "min_width": "0"}  # the two columns share the width equally
+    above = widgets.HTML(layout=widgets.Layout(**half))
+    below = widgets.HTML(layout=widgets.Layout(**half))
 
     def show(*_) -> None:
         k = slider.value

@@ -90,6 +90,8 @@ def test_atomic_dir_replaces_the_whole_folder(tmp_path):
         (b'{"id": 1}\n{"id": 2\n', r"line 2: not valid JSON"),
         (b'{"id": 1}\n\n[1, 2]\n', r"line 3: expected a JSON object, got list"),
         (b'{"id": 1}\n{"text": "\xff\xfe"}\n', r"line 2: not UTF-8"),
+        (b'{"id": 1}\n{"text": "' + b"a" * 2**24 + b'"}\n', r"line 2: 16,777,2\d\d characters on one line"),
+        ("{\"id\": 1}\n{\"text\": \"caf\u00e9\"}\n".encode("utf-16"), r"line 1: not UTF-8"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, content, message):
@@ -102,3 +104,39 @@ def test_bad_records_name_file_and_line(tmp_path, content, message):
 def test_atomic_text_is_utf8(tmp_path):
     path = atomic_write_text(tmp_path / "t.txt", json.dumps({"a": "é"}, ensure_ascii=False))
     assert path.read_bytes() == '{"a": "é"}'.encode()
+
+
+def test_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, [{"id": 1}])
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, text):
+            self.written += len(text)
+            if self.written > 64:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(text)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+    def opener(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return FullDisk(handle) if "w" in mode and ".tmp-" in str(file) else handle
+
+    monkeypatch.setattr(builtins, "open", opener)
+    with pytest.raises(OSError, match="No space left"):
+        write_jsonl(path, ({"id": i, "text": "x" * 20} for i in range(100)))
+    monkeypatch.undo()
+    assert read_jsonl(path) == [{"id": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]

@@ -1,0 +1,134 @@
+"""The curation notebook as a person uses it: JupyterLab on loopback, the notebook opened in headless
+Chromium, every cell run from the Run menu, the threshold slider moved. The counts and examples must
+follow the slider, and a segment that carries a <script> must show as text and never run.
+
+Skipped, with the reason, where Chromium or Playwright is missing (`make test` installs Chromium where
+it can: root with apt-get)."""
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = next((p for p in (os.environ.get("HUMPBACK_CHROMIUM"), shutil.which("chromium"),
+                             shutil.which("chromium-browser"), shutil.which("google-chrome")) if p), None)
+ROOT = Path(__file__).resolve().parents[1]
+HOSTILE = '<script>alert("pwned")</script><img src=x onerror="alert(2)"> What is the tallest mountain?'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, embedded_checkpoint):
+    if CHROMIUM is None:
+        pytest.skip("no Chromium on this machine (make test installs Debian's chromium where apt-get can)")
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+
+    from humpback_nb.config import load_preset
+    from humpback_nb.files import read_jsonl, write_jsonl
+    from humpback_nb.pipeline import run
+
+    root = tmp_path_factory.mktemp("lab")
+    run_dir = root / "run"
+    run(load_preset("tiny"), run_dir, until="A1")
+    # A web segment with markup in it, rated just under the notebook's k, first among the candidates.
+    candidates = read_jsonl(run_dir / "candidates.jsonl")
+    hostile = dict(candidates[0], id="cand-hostile", instruction=HOSTILE, output=HOSTILE + " Mount Everest.")
+    write_jsonl(run_dir / "candidates.jsonl", [hostile, *candidates])
+    scores = read_jsonl(run_dir / "scores_m0.jsonl")
+    write_jsonl(run_dir / "scores_m0.jsonl", [dict(scores[0], id="cand-hostile", score=4.4), *scores])
+    source = json.loads((ROOT / "notebooks" / "04_self_curation.ipynb").read_text())
+    for cell in source["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            cell["source"] = (f'preset = "tiny"\nrun_dir = {str(run_dir)!r}\nfigures_dir = {str(root / "figures")!r}\n'
+                              "examples_to_show = 2\n")
+    (root / "curation.ipynb").write_text(json.dumps(source))
+
+    port, token = free_port(), secrets.token_hex(16)
+    log = open(root / "lab.log", "wb")  # noqa: SIM115  (the server writes to it while the test runs)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--allow-root",
+         "--LabApp.news_url=", "--ServerApp.open_browser=False"],
+        stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (root / "lab.log").read_text()[-2000:]
+                time.sleep(0.5)
+        yield f"{url}/lab/tree/curation.ipynb?token={token}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def summary_text(page) -> str:
+    return page.locator(".widget-html-content", has_text="|A_k| =").first.inner_text()
+
+
+def test_the_threshold_slider_moves_counts_and_examples_and_markup_stays_text(lab):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        dialogs: list[str] = []
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(lab)
+        page.wait_for_selector(".jp-Notebook", timeout=120_000)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_text("Run All Cells", exact=True).click()
+        page.wait_for_selector("text=|A_k| =", timeout=600_000)
+
+        before = summary_text(page)
+        slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="k")).last
+        readout = slider.locator(".widget-readout")
+        explorer = page.locator(".widget-vbox", has=slider).last
+
+        def examples() -> str:  # the pairs shown beside the threshold, without the count line
+            return explorer.locator(".widget-hbox").last.inner_text()
+
+        examples_before = examples()
+        readout.click()
+        page.keyboard.press("Control+A")
+        page.keyboard.type("1.0")
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "before => [...document.querySelectorAll('.widget-html-content')].some("
+            "e => e.innerText.includes('|A_k| =') && e.innerText !== before)", arg=before, timeout=30_000)
+        after = summary_text(page)
+        examples_after = examples()
+        assert before != after and "1.00" in after
+        assert examples_before != examples_after
+
+        # The hostile segment is on the page as text, and nothing of it runs or becomes an element.
+        assert page.get_by_text('<script>alert("pwned")</script>', exact=False).count() >= 1
+        injected = page.evaluate("[...document.querySelectorAll('.jp-OutputArea script, .jp-OutputArea img')]"
+                                 ".filter(e => (e.outerHTML || '').includes('alert')).length")
+        assert injected == 0
+        assert dialogs == []
+        if os.environ.get("HUMPBACK_SCREENSHOT"):
+            page.screenshot(path=os.environ["HUMPBACK_SCREENSHOT"], full_page=True)
+        browser.close()

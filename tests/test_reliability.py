@@ -1,0 +1,88 @@
+"""A run killed in the middle of its long stages (SIGKILL: no clean-up code runs) and started again ends
+with the same files as a run that was never interrupted, and two runs of one preset and seed write the
+same bytes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STOP = "scores_m0"
+# Small batches and several checkpoints, so that every long stage is caught half-way.
+SETTINGS = ["model.dtype=float32", "train.max_steps=4", "train.save_steps=1", "generate.batch_size=2", "curate.batch_size=2"]
+
+
+def command(folder: Path) -> list[str]:
+    sets = [arg for setting in SETTINGS for arg in ("--set", setting)]
+    return [sys.executable, "-m", "humpback_nb.cli", "run", "--preset", "tiny", "--run-dir", str(folder),
+            "--until", STOP, *sets]
+
+
+def run_to_end(folder: Path) -> None:
+    subprocess.run(command(folder), check=True, capture_output=True, text=True, timeout=900)
+
+
+def kill_when(folder: Path, ready, timeout: float = 600) -> None:
+    """Start the run and SIGKILL it as soon as `ready(folder)` holds."""
+    process = subprocess.Popen(command(folder), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while not ready(folder):
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            assert time.time() < deadline, "the run never reached the point to interrupt"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+
+
+def partial_lines(name: str):
+    def ready(folder: Path) -> bool:
+        return any(p.read_bytes().count(b"\n") >= 1 for p in folder.glob(f"{name}.*.partial") if p.is_file())
+
+    return ready
+
+
+def checkpoint(name: str):
+    def ready(folder: Path) -> bool:
+        return any(folder.glob(f"{name}.*.partial/checkpoint-*/humpback_steps.json"))
+
+    return ready
+
+
+def records(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.jsonl"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, embedded_checkpoint) -> Path:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    run_to_end(folder)
+    return folder
+
+
+def test_same_preset_and_seed_write_the_same_bytes(uninterrupted, tmp_path):
+    run_to_end(tmp_path)
+    assert records(tmp_path) == records(uninterrupted)
+    assert len(records(tmp_path)) >= 5  # seed, segments, dropped segments, candidates, scores ...
+
+
+def test_killed_in_training_generation_and_rating_the_run_ends_as_if_never_stopped(uninterrupted, tmp_path):
+    kill_when(tmp_path, checkpoint("backward"))  # training M_yx, after its first checkpoint
+    kill_when(tmp_path, partial_lines("candidates.jsonl"))  # self-augmentation, after a batch
+    partial = next(tmp_path.glob("candidates.jsonl.*.partial"))
+    with open(partial, "ab") as handle:  # and a batch cut off while it was being written
+        handle.write(b'{"id": "seg-000')
+    kill_when(tmp_path, partial_lines("scores_m0.jsonl"))  # rating, after a batch
+    run_to_end(tmp_path)
+
+    assert records(tmp_path) == records(uninterrupted)
+    ours = (tmp_path / "backward" / "adapter_model.safetensors").read_bytes()
+    assert ours == (uninterrupted / "backward" / "adapter_model.safetensors").read_bytes()
+    assert not list(tmp_path.glob("*.partial"))  # nothing left behind
