@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PRESET ?= demo
 RUN    ?= runs/$(PRESET)
 # glibc hands large blocks back to the system after each use, and a forward pass on the CPU allocates many of
-# them, so every step pays page faults again. Keeping them: 64-row prefill 11.2 s -> 7.7 s (benchmarks/README.md).
+# them, so every step pays page faults again. Keeping them made a 64-row prefill 11.2 s -> 7.7 s (one ad-hoc timing).
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export MALLOC_TOP_PAD_ ?= 536870912
