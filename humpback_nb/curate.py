@@ -120,13 +120,16 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], config: Humpback
     prefix_cache = _prefix_cache(model, prefix_ids) if reuse_prefix else None
     bar = tqdm(total=len(pairs), initial=len(done), desc="rating (logprob)", disable=not progress, unit="pair")
     for start in range(0, len(order), settings.batch_size):
-        batch = [i for i in order[start : start + settings.batch_size] if pairs[i]["id"] not in done]
-        if not batch:
+        batch = order[start : start + settings.batch_size]
+        if all(pairs[i]["id"] in done for i in batch):
             continue
+        # the whole batch, even where a crash left part of it written: the same rows give the same numbers
         logits = _last_logits(model, prefix_ids, [rest[i] for i in batch], prefix_cache, tokenizer.pad_token_id)
         probs = torch.softmax(logits.float(), dim=-1)
         records = []
         for row, i in zip(probs, batch, strict=True):
+            if pairs[i]["id"] in done:
+                continue
             mass = row[digit_ids]
             distribution = (mass / mass.sum()).tolist()
             records.append({"id": pairs[i]["id"], "rater": "logprob",

@@ -167,8 +167,8 @@ def _prefill(model, input_ids, attention_mask, position, prefill_rows: int, max_
                             position_ids=position[group, cut:], past_key_values=part, use_cache=True,
                             logits_to_keep=1).logits[:, -1])
         for layer, filled in zip(cache.layers, part.layers, strict=True):
-            if not layer.is_initialized:
-                shape = (rows, *filled.keys.shape[1:2], max_cache_len, filled.keys.shape[3])
+            if not layer.is_initialized:  # it reads batch, heads and head size from these; the length is its own
+                shape = (rows, filled.keys.shape[1], 0, filled.keys.shape[3])
                 layer.lazy_initialization(filled.keys.new_empty(shape), filled.values.new_empty(shape))
             layer.keys[group, :, cut:width] = filled.keys
             layer.values[group, :, cut:width] = filled.values

@@ -77,7 +77,7 @@ def test_explorer_html_escapes_web_text():
 
 
 @pytest.mark.slow
-def test_logprob_rater_on_the_embedded_model(embedded_checkpoint):
+def test_logprob_rater_on_the_embedded_model(embedded_checkpoint, tmp_path):
     from humpback_nb.models import load_model
     from humpback_nb.sources import fetch
 
@@ -97,6 +97,16 @@ def test_logprob_rater_on_the_embedded_model(embedded_checkpoint):
     assert statistics.mean(by_id[p["id"]] for p in good) > statistics.mean(by_id[p["id"]] for p in shuffled)
     whole = rate_logprob(model, tokenizer, good[:3], config, reuse_prefix=False, progress=False)
     assert [s["score"] for s in whole] == pytest.approx([by_id[p["id"]] for p in good[:3]], abs=1e-3)
+
+    # a crash after one line of a batch: the rerun rates the whole batch again and keeps the missing rows
+    small = with_overrides(config, {"curate.batch_size": 4})
+    pairs = good + shuffled
+    reference = rate_logprob(model, tokenizer, pairs, small, progress=False)
+    partial = tmp_path / "scores.partial"
+    partial.write_text(json.dumps(reference[0]) + "\n")
+    resumed = rate_logprob(model, tokenizer, pairs, small, partial=partial, progress=False)
+    assert resumed == reference
+    assert [json.loads(line)["id"] for line in partial.read_text().splitlines()].count(reference[0]["id"]) == 1
 
 
 def test_top_share_picks_k_from_the_scores():

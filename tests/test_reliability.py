@@ -14,8 +14,8 @@ import pytest
 pytestmark = pytest.mark.slow
 
 STOP = "scores_m0"
-# Small batches and several checkpoints, so that every long stage is caught half-way. float32: in bf16 on
-# this CPU, one resumed batch once sampled another token at a near-tie (its logits differ in the last bits).
+# Small batches and several checkpoints, so that every long stage is caught half-way. float32: in bf16 on a
+# CPU, torch's results differ in the last bits from one process to the next (README, "When things go wrong").
 SETTINGS = ["model.dtype=float32", "train.max_steps=4", "train.save_steps=1", "generate.batch_size=2",
             "curate.batch_size=2"]
 
