@@ -1,6 +1,7 @@
 """`humpback`: the pipeline from a shell. The notebooks call the same functions.
 
     humpback run --preset demo --run-dir runs/demo [--until STAGE] [--redo STAGE] [--set train.max_steps=10]
+    accelerate launch --multi_gpu --num_processes N -m humpback_nb.cli run ...   # N processes, one run
     humpback status --run-dir runs/demo
     humpback clear --run-dir runs/demo STAGE
     humpback config --preset paper-7b          # print a preset as YAML
@@ -79,9 +80,12 @@ def _config(args: argparse.Namespace) -> HumpbackConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from humpback_nb.distributed import processes
+
     folder = RunFolder(args.run_dir)
     folder.run(_config(args), until=args.until, redo=args.redo)
-    print(f"run folder: {folder.path}")
+    if processes().is_main:
+        print(f"run folder: {folder.path}")
     return 0
 
 

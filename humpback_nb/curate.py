@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from humpback_nb.config import CurationConfig, HumpbackConfig
 from humpback_nb.files import read_jsonl, write_jsonl
-from humpback_nb.generate import append_records, generate_records, read_partial
+from humpback_nb.generate import generate_records, in_batches
 from humpback_nb.prompts import curation_messages, prompt_ids
 
 SCORES = (1, 2, 3, 4, 5)
@@ -115,33 +114,25 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], config: Humpback
     fit = _output_fitter(tokenizer, config, reserve=8)
     rest = [tokenizer(tail.replace(_PAIR, f"{p['instruction']}\n{fit(p)}"), add_special_tokens=False)["input_ids"]
             for p in pairs]
-    done = {k: v for k, v in read_partial(partial).items() if k in {p["id"] for p in pairs}}
     order = sorted(range(len(pairs)), key=lambda i: (-len(rest[i]), i))
+    batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     prefix_cache = _prefix_cache(model, prefix_ids) if reuse_prefix else None
-    bar = tqdm(total=len(pairs), initial=len(done), desc="rating (logprob)", disable=not progress, unit="pair")
-    for start in range(0, len(order), settings.batch_size):
-        batch = order[start : start + settings.batch_size]
-        if all(pairs[i]["id"] in done for i in batch):
-            continue
-        # the whole batch, even where a crash left part of it written: the same rows give the same numbers
+
+    def compute(number: int, batch: list[int]) -> list[dict[str, Any]]:
         logits = _last_logits(model, prefix_ids, [rest[i] for i in batch], prefix_cache, tokenizer.pad_token_id)
-        probs = torch.softmax(logits.float(), dim=-1)
         records = []
-        for row, i in zip(probs, batch, strict=True):
-            if pairs[i]["id"] in done:
-                continue
+        for row, i in zip(torch.softmax(logits.float(), dim=-1), batch, strict=True):
             mass = row[digit_ids]
             distribution = (mass / mass.sum()).tolist()
             records.append({"id": pairs[i]["id"], "rater": "logprob",
                             "score": round(sum(s * p for s, p in zip(SCORES, distribution, strict=True)), 4),
                             "distribution": [round(p, 6) for p in distribution],
                             "digit_mass": round(float(mass.sum()), 6)})
-        if partial is not None:
-            append_records(partial, records)
-        done.update((r["id"], r) for r in records)
-        bar.update(len(records))
-    bar.close()
-    return [done[p["id"]] for p in pairs]
+        return records
+
+    # a batch cut by a crash is rated whole again (the same rows give the same numbers); its missing rows are kept
+    return in_batches([p["id"] for p in pairs], batches, compute, partial=partial, progress=progress,
+                      desc="rating (logprob)", unit="pair")
 
 
 def _prefix_cache(model, prefix_ids: list[int]):

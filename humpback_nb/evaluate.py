@@ -179,12 +179,15 @@ def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
 
 def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[dict[str, Any]]) -> dict[str, Any]:
     """Win rate of x against y, overall and per dataset, with every judgment."""
+    from humpback_nb.distributed import shared_map
+
     by_id = {a["id"]: a for a in answers_y}
-    judgments = []
-    for ax in answers_x:
-        ay = by_id[ax["id"]]
-        judgments.append({"id": ax["id"], "dataset": ax["dataset"],
-                          **judge_both_orders(prefer_a, ax["instruction"], ax["output"], ay["output"])})
+
+    def judge(ax: dict[str, Any]) -> dict[str, Any]:
+        return {"id": ax["id"], "dataset": ax["dataset"],
+                **judge_both_orders(prefer_a, ax["instruction"], ax["output"], by_id[ax["id"]]["output"])}
+
+    judgments = shared_map(judge, answers_x)  # in a launch of several processes, each judges its share
     datasets = sorted({j["dataset"] for j in judgments})
     return {
         "x": answers_x[0]["generator"] if answers_x else None,

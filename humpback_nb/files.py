@@ -3,11 +3,16 @@
 Every write goes to a temporary name in the same folder, is flushed to disk, and is renamed into
 place; a rename within one file system is atomic, so a reader (or a rerun after a crash) never sees
 half a file. Folders (model adapters) are written the same way.
+
+In a launch of several processes every process runs each stage, and only the main one may write the
+run folder: the others run it inside `discard_writes(run_folder)`, where these writes go to a scratch
+place that is deleted at once (see distributed.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import shutil
@@ -25,10 +30,41 @@ def _umask() -> int:
     return mask
 
 
+_DISCARDED: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("discarded", default=())
+
+
+@contextlib.contextmanager
+def discard_writes(folder: str | Path) -> Iterator[None]:
+    """Inside this block, atomic writes to anything under `folder` are made in a scratch folder and dropped."""
+    token = _DISCARDED.set((*_DISCARDED.get(), Path(folder).resolve()))
+    try:
+        yield
+    finally:
+        _DISCARDED.reset(token)
+
+
+def _discarded(path: Path) -> bool:
+    target = path.resolve()
+    return any(target.is_relative_to(folder) for folder in _DISCARDED.get())
+
+
+@contextlib.contextmanager
+def _scratch(name: str) -> Iterator[Path]:
+    scratch = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+    try:
+        yield scratch / name
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
     path = Path(path)
+    if _discarded(path):
+        with _scratch(path.name) as tmp:
+            yield tmp
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
     os.close(fd)
@@ -60,6 +96,11 @@ def atomic_write_json(path: str | Path, value: Any) -> Path:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path` whole."""
     path = Path(path)
+    if _discarded(path):
+        with _scratch(path.name) as tmp:
+            tmp.mkdir()
+            yield tmp
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())

@@ -6,13 +6,14 @@ a few rows at a time into one preallocated cache, rows that finish leave the bat
 sorts only the likely tokens. Each batch has its own seed and is appended to a `.partial` file when done.
 A rerun after an interruption reads that file and generates only the batches that are missing there, with
 the same composition and seed, so the result is the same as an uninterrupted run, without duplicates or gaps.
+Launched on several processes, each takes every N-th batch and keeps its own part file (`in_batches`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from humpback_nb.config import GenerationConfig
+from humpback_nb.distributed import gather, processes
 from humpback_nb.prompts import prompt_ids
 
 
@@ -36,13 +38,14 @@ def chat(model, tokenizer, message: str, system: str | None = None,
     return record["text"].strip()
 
 
-def read_partial(path: Path | None) -> dict[str, dict[str, Any]]:
-    """Records already generated, by id. A last line cut short by a crash is dropped from the file."""
+def read_partial(path: Path | None, truncate: bool = True) -> dict[str, dict[str, Any]]:
+    """Records already generated, by id. A last line cut short by a crash is ignored and, with `truncate`,
+    dropped from the file (only the process that appends to a file may truncate it)."""
     if path is None or not path.is_file():
         return {}
     raw = path.read_bytes()
     complete = raw[: raw.rfind(b"\n") + 1]
-    if len(complete) != len(raw):
+    if truncate and len(complete) != len(raw):
         with open(path, "r+b") as handle:
             handle.truncate(len(complete))
     records = {}
@@ -53,11 +56,60 @@ def read_partial(path: Path | None) -> dict[str, dict[str, Any]]:
     return records
 
 
+def part_file(partial: Path, rank: int) -> Path:
+    """The part file of process `rank` in a launch of several processes, beside `partial`."""
+    return partial.with_name(f"{partial.name.removesuffix('.partial')}.rank{rank}.partial")
+
+
+def read_partials(partial: Path | None, own: Path | None) -> dict[str, dict[str, Any]]:
+    """Records in `partial` and in the part files of every process (of this or an earlier launch)."""
+    if partial is None:
+        return {}
+    records: dict[str, dict[str, Any]] = {}
+    for path in [partial, *sorted(partial.parent.glob(part_file(partial, 0).name.replace(".rank0.", ".rank*.")))]:
+        records.update(read_partial(path, truncate=path == own))
+    return records
+
+
 def append_records(path: Path, records: list[dict[str, Any]]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def in_batches(ids: Sequence[str], batches: Sequence[Sequence[int]],
+               compute: Callable[[int, Sequence[int]], list[dict[str, Any]]], partial: Path | None = None,
+               progress: bool = True, desc: str = "", unit: str = "prompt") -> list[dict[str, Any]]:
+    """One record per id, in the order of `ids`, made a batch at a time by `compute(number, batch)` (one record
+    with its "id" per index of the batch).
+
+    With `partial`, every finished batch is appended there, and batches whose records are all there are
+    skipped: a rerun after a crash computes only what is missing, with the same batches as before. In a launch
+    of several processes, batch b is process (b mod N)'s, each appends to its own part file, and at the end
+    every process holds every record.
+    """
+    where = processes()
+    wanted = set(ids)
+    own = (partial if where.world == 1 else part_file(partial, where.rank)) if partial is not None else None
+    done = {key: value for key, value in read_partials(partial, own).items() if key in wanted}
+    bar = tqdm(total=len(ids), initial=len(done), desc=desc, disable=not progress or not where.is_main, unit=unit)
+    made: list[dict[str, Any]] = []
+    for number, batch in enumerate(batches):
+        if not where.owns(number) or all(ids[i] in done for i in batch):
+            continue
+        new = [record for record in compute(number, batch) if record["id"] not in done]
+        if own is not None:
+            append_records(own, new)
+        done.update((r["id"], r) for r in new)
+        made.extend(new)
+        bar.update(len(new))
+    if where.world > 1:
+        for part in gather(made):
+            done.update((r["id"], r) for r in part)
+        bar.update(len(ids) - bar.n)
+    bar.close()
+    return [done[key] for key in ids]
 
 
 def generate_records(model, tokenizer, prompts: Sequence[dict[str, Any]], settings: GenerationConfig,
@@ -71,21 +123,13 @@ def generate_records(model, tokenizer, prompts: Sequence[dict[str, Any]], settin
     encoded = [prompt_ids(tokenizer, p["messages"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-    done = {key: value for key, value in read_partial(partial).items() if key in set(ids)}
-    bar = tqdm(total=len(prompts), initial=len(done), desc=desc, disable=not progress, unit="prompt")
-    for number, batch in enumerate(batches):
-        if all(ids[i] in done for i in batch):
-            continue
+
+    def compute(number: int, batch: Sequence[int]) -> list[dict[str, Any]]:
         texts = _generate_batch(model, tokenizer, [encoded[i] for i in batch], settings, max_new_tokens,
                                 seed=settings.seed + number, greedy=greedy)
-        new = [{"id": ids[i], **text, "batch": number}
-               for i, text in zip(batch, texts, strict=True) if ids[i] not in done]
-        if partial is not None:
-            append_records(partial, new)
-        done.update((r["id"], r) for r in new)
-        bar.update(len(new))
-    bar.close()
-    return [done[key] for key in ids]
+        return [{"id": ids[i], **text, "batch": number} for i, text in zip(batch, texts, strict=True)]
+
+    return in_batches(ids, batches, compute, partial=partial, progress=progress, desc=desc)
 
 
 def _generate_batch(model, tokenizer, batch: list[list[int]], settings: GenerationConfig, max_new_tokens: int,

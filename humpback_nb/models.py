@@ -8,6 +8,7 @@ safetensors only and never run code shipped with a checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         else:
             dtype = "bfloat16" if cpu_has_bf16() else "float32"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under a launcher
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     return Runtime(device=device, dtype=getattr(torch, dtype))
 
 
@@ -143,7 +146,11 @@ def load_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=where.dtype,
         )
-        kwargs["device_map"] = {"": where.device if where.device == "cpu" else 0}
+        kwargs["device_map"] = {"": where.device if where.device == "cpu" else torch.device(where.device).index or 0}
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            # FSDP flattens every weight of a wrapped block into one tensor: packed 4-bit weights must be stored in
+            # the dtype of the others (QLoRA with FSDP)
+            kwargs["quantization_config"].bnb_4bit_quant_storage = where.dtype
     elif quantization != "none":
         raise ModelError(f"quantization must be 'none' or '4bit', got {quantization!r}")
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -15,10 +15,15 @@ hashes of the stages it reads from, so changing the evaluation settings does not
 changing the data settings redoes everything downstream. Outputs are written atomically and the
 manifest last, so a stage interrupted halfway is simply not done and runs again (stages that write
 records in batches resume from their `.partial` file).
+
+Launched on several processes (distributed.py), every process runs every stage: the long loops split
+their batches, training runs under DDP, and only the main process writes the run folder; the processes
+meet before and after each stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -31,7 +36,8 @@ from typing import Any
 import yaml
 
 from humpback_nb.config import HumpbackConfig, config_hash, load_config, save_config
-from humpback_nb.files import atomic_write_text, clean_temporaries
+from humpback_nb.distributed import processes, wait_for_everyone
+from humpback_nb.files import atomic_write_text, clean_temporaries, discard_writes
 
 CONFIG_FILE = "config.yaml"
 MANIFEST_DIR = "stages"
@@ -198,6 +204,8 @@ class RunFolder:
     def run_stage(self, name: str, config: HumpbackConfig, redo: bool = False) -> str:
         """Run one stage unless it is done with this config; returns "skipped" or "ran"."""
         stage = self.stages[name]
+        main = processes().is_main
+        wait_for_everyone()  # in a launch: every process sees the folder as the last stage left it
         if not redo and self.is_done(name, config):
             return "skipped"
         for up in stage.after:
@@ -205,12 +213,18 @@ class RunFolder:
                 raise PipelineError(f"stage {name!r} needs stage {up!r}, which is {self.state(up, config)}")
         if stage.run is None:
             raise PipelineError(f"stage {name!r} ({stage.doc}) is not built in this version of the kit")
-        self.manifest_path(name).unlink(missing_ok=True)  # from here on the stage is not done
-        clean_temporaries(self.path)
         context = StageContext(self.path, config, stage, self.stage_hash(name, config))
-        self._remove_partials(stage, keep_hash=context.hash)  # left by runs with other settings
+        if main:
+            self.manifest_path(name).unlink(missing_ok=True)  # from here on the stage is not done
+            clean_temporaries(self.path)
+            self._remove_partials(stage, keep_hash=context.hash)  # left by runs with other settings
+        wait_for_everyone()
         started = time.time()
-        report = stage.function()(context)
+        with contextlib.nullcontext() if main else discard_writes(self.path):
+            report = stage.function()(context)
+        wait_for_everyone()  # every process has read the part files before they go
+        if not main:
+            return "ran"
         missing = [out for out in stage.outputs if not (self.path / out).exists()]
         if missing:
             raise PipelineError(f"stage {name!r} finished without writing {missing}")
@@ -237,20 +251,23 @@ class RunFolder:
         unknown = [name for name in redo if name not in self.stages]
         if unknown:
             raise PipelineError(f"unknown stage(s) to redo {unknown}; stages: {', '.join(names)}")
+        main = processes().is_main
         self.path.mkdir(parents=True, exist_ok=True)
         results = {}
-        with self.lock():
-            self.set_config(config)
+        with self.lock() if main else contextlib.nullcontext():
+            if main:
+                self.set_config(config)
             for name in names[: names.index(until) + 1] if until else names:
                 results[name] = self.run_stage(name, config, redo=name in redo)
-                log(f"{name:<11} {results[name]}")
+                if main:
+                    log(f"{name:<11} {results[name]}")
         return results
 
     def _remove_partials(self, stage: Stage, keep_hash: str | None = None) -> None:
         """Delete the stage's `.partial` files, except those made with the settings of `keep_hash`."""
         for out in stage.outputs:
-            for leftover in self.path.glob(f"{out}.*.partial"):
-                if keep_hash is None or not leftover.name.endswith(f".{keep_hash}.partial"):
+            for leftover in self.path.glob(f"{out}.*.partial"):  # <out>[.<name>].<hash>[.rank<r>].partial
+                if keep_hash is None or f".{keep_hash}." not in leftover.name:
                     shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
     def clear(self, name: str) -> list[str]:

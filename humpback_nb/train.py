@@ -24,6 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from humpback_nb.config import HumpbackConfig, TrainConfig
+from humpback_nb.distributed import gather, processes, wait_for_everyone
 from humpback_nb.files import atomic_dir, read_jsonl
 from humpback_nb.models import attach_lora, load_model, load_tokenizer, runtime
 from humpback_nb.prompts import Message, backward_messages, forward_messages, prompt_ids
@@ -198,6 +199,14 @@ class _PaperScheduleTrainer(Trainer):
         self.tokens_seen += int(inputs.pop("tokens"))
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Grouped by length in mega-batches of the whole (global) batch, not of one process's share: N processes
+        # then train each step on the examples one process would, each taking every N-th micro-batch.
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return LengthGroupedSampler(self.train_config.batch_size, dataset=dataset)
+
 
 def _collate(pad_token_id: int):
     def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -231,7 +240,7 @@ class _LossLog(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():
             (folder / STEPS_FILE).write_text(json.dumps(self.steps))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -271,12 +280,16 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         model.config.attention_dropout = plan.lora_dropout  # the paper's dropout 0.1 on full fine-tuning
         model.requires_grad_(True)
     where = runtime(config.model.device, config.model.dtype)
-    micro = min(plan.micro_batch_size, plan.batch_size)
+    world = processes().world  # under a launch of N processes (DDP), each accumulates 1/N of the batch
+    micro = min(plan.micro_batch_size, plan.batch_size // world)
+    if micro < 1 or plan.batch_size % (micro * world):
+        raise ValueError(f"train.batch_size {plan.batch_size} is not a multiple of train.micro_batch_size {micro} "
+                         f"x {world} process(es)")
     saving = checkpoints is not None and plan.save_steps > 0
     args = TrainingArguments(
         output_dir=str(checkpoints) if saving else str(Path(out_dir).parent / f".trainer-{Path(out_dir).name}"),
         per_device_train_batch_size=micro,
-        gradient_accumulation_steps=max(1, plan.batch_size // micro),
+        gradient_accumulation_steps=plan.batch_size // (micro * world),
         max_steps=plan.max_steps,
         learning_rate=plan.learning_rate,
         weight_decay=plan.weight_decay,
@@ -315,6 +328,10 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     seconds = time.time() - started
     model.eval()
+    if world > 1:  # every process trained on its share of each step's tokens
+        for other in gather([step.get("tokens", 0) for step in losses.steps])[1:]:
+            for step, tokens in zip(losses.steps, other, strict=True):
+                step["tokens"] = step.get("tokens", 0) + tokens
     train_log = {
         "examples": len(examples),
         "batch_size": plan.batch_size,
@@ -324,6 +341,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         "learning_rate": plan.learning_rate,
         "final_learning_rate": plan.final_learning_rate,
         "seconds": round(seconds, 2),
+        "processes": world,
         "tokens_per_step": plan.batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples),
         "tokens": sum(step.get("tokens", 0) for step in losses.steps),
         "steps": losses.steps,
@@ -333,6 +351,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         if plan.method == "full":
             tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_LOG).write_text(json.dumps(train_log, indent=2) + "\n")
+    wait_for_everyone()  # in a launch, the main process has saved the model before anyone reads it
     log(f"trained {plan.method} ({config.model.quantization}) on {len(examples)} examples: {plan.max_steps} steps "
         f"of {plan.batch_size} in {seconds:.0f}s, loss {losses.steps[0]['loss']:.3f} -> {losses.steps[-1]['loss']:.3f}")
     return train_log
