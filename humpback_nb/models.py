@@ -147,10 +147,6 @@ def load_model(
             bnb_4bit_compute_dtype=where.dtype,
         )
         kwargs["device_map"] = {"": where.device if where.device == "cpu" else torch.device(where.device).index or 0}
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-            # FSDP flattens every weight of a wrapped block into one tensor: packed 4-bit weights must be stored in
-            # the dtype of the others (QLoRA with FSDP)
-            kwargs["quantization_config"].bnb_4bit_quant_storage = where.dtype
     elif quantization != "none":
         raise ModelError(f"quantization must be 'none' or '4bit', got {quantization!r}")
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

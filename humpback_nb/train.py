@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import replace
@@ -279,6 +280,11 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
     else:
         model.config.attention_dropout = plan.lora_dropout  # the paper's dropout 0.1 on full fine-tuning
         model.requires_grad_(True)
+    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower()
+               in ("1", "true")]
+    if sharded:
+        raise ValueError(f"training under {sharded[0]} is not supported by this version of the kit: launch with "
+                         "--multi_gpu (DDP; a 4-bit 7B model and its LoRA fit on every GPU)")
     where = runtime(config.model.device, config.model.dtype)
     world = processes().world  # under a launch of N processes (DDP), each accumulates 1/N of the batch
     micro = min(plan.micro_batch_size, plan.batch_size // world)

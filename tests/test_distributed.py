@@ -114,3 +114,21 @@ def test_training_under_ddp_takes_the_steps_one_process_takes(one_process, tmp_p
     # differs in its last bits (summed in another order) can move a weight the other way: 2 x lr per step at most
     bound = 2 * theirs["learning_rate"] * len(theirs["steps"])
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= bound
+
+
+def test_the_shipped_launch_config_is_one_accelerate_reads():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    import humpback_nb
+
+    config = load_config_from_file(str(Path(humpback_nb.__file__).parent / "presets/accelerate/ddp-8gpu.yaml"))
+    assert str(config.distributed_type).endswith("MULTI_GPU") and config.num_processes == 8 and not config.use_cpu
+
+
+def test_sharded_training_is_refused_with_a_clear_message(monkeypatch, tmp_path):
+    from humpback_nb.config import load_preset
+    from humpback_nb.train import train_model
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP is not supported"):
+        train_model([{"input_ids": [1, 2], "labels": [-100, 2]}], load_preset("tiny"), tmp_path / "m")
