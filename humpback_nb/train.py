@@ -348,6 +348,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         "final_learning_rate": plan.final_learning_rate,
         "seconds": round(seconds, 2),
         "processes": world,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "tokens_per_step": plan.batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples),
         "tokens": sum(step.get("tokens", 0) for step in losses.steps),
         "steps": losses.steps,
