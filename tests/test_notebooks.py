@@ -1,4 +1,8 @@
-"""Every notebook runs top to bottom under papermill on the `tiny` preset, and is committed clean."""
+"""Every notebook runs top to bottom under papermill on the `tiny` preset, and is committed clean.
+
+The notebooks run in order on one run folder, as `make demo` runs them: each finds the stages of the
+notebooks before it done and runs only its own. Run alone (`pytest -k 05_iteration`), a notebook runs the
+stages it needs first, as it does for a reader who opens it first."""
 
 import json
 
@@ -24,10 +28,15 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(path):
     assert notebook["cells"][0]["cell_type"] == "markdown", "a notebook opens with prose"
 
 
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, embedded_checkpoint):
+    """One run folder for all the notebooks of this module."""
+    return tmp_path_factory.mktemp("notebooks") / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_on_the_tiny_preset(path, tmp_path, embedded_checkpoint):
-    run_dir = tmp_path / "run"
+def test_notebook_runs_on_the_tiny_preset(path, tmp_path, run_dir):
     output = execute(path, tmp_path / path.name,
                      {"preset": "tiny", "run_dir": str(run_dir), "figures_dir": str(tmp_path / "figures")})
     executed = nbformat.read(output, as_version=4)
