@@ -17,7 +17,8 @@ from humpback_nb.distributed import Processes, gather, processes, shared_map
 pytestmark = pytest.mark.slow
 
 # float32: bitwise equality across processes (README, "When things go wrong"); small batches: several per process
-SETTINGS = ["model.dtype=float32", "generate.batch_size=2", "curate.batch_size=2"]
+# (12 segments: 6 batches of self-augmentation, 3 for each of two processes)
+SETTINGS = ["model.dtype=float32", "data.num_segments=12", "generate.batch_size=2", "curate.batch_size=2"]
 RECORDS = ("candidates.jsonl", "candidates_dropped.jsonl", "scores_m0.jsonl")
 # Every process computes with one thread, as a launcher sets it: float sums split across another number of threads
 # round differently in the last bits.
