@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from humpback_nb.config import load_preset, with_overrides
 from humpback_nb.models import load_tokenizer
@@ -107,8 +108,6 @@ def test_qlora_lowers_the_training_loss_and_ends_at_the_final_learning_rate(toke
     assert log["steps"][-1]["lr"] == pytest.approx(5e-4)
     assert len(log["steps"]) == 6 and read_train_log(tmp_path / "m") == log
     assert (tmp_path / "m" / "adapter_model.safetensors").is_file()
-    from safetensors.torch import load_file
-
     saved = load_file(tmp_path / "m" / "adapter_model.safetensors")
     assert log["trainable_parameters"] == sum(t.numel() for t in saved.values())
     assert torch.is_tensor(trained.get_input_embeddings().weight)
