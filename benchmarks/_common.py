@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _STDOUT, sys.stdout = sys.stdout, sys.stderr
 
 from humpback_nb.config import HumpbackConfig, load_preset  # noqa: E402
-from humpback_nb.files import read_jsonl  # noqa: E402
-from humpback_nb.pipeline import run  # noqa: E402
+from humpback_nb.infra.files import read_jsonl  # noqa: E402
+from humpback_nb.run import run  # noqa: E402
 
 
 def demo_inputs(preset: str = "demo") -> tuple[HumpbackConfig, list[dict[str, Any]], list[dict[str, Any]]]:

@@ -17,9 +17,9 @@ from dataclasses import replace
 import torch
 from _common import demo_inputs, emit, machine, peak_rss_gib
 
-from humpback_nb.augment import backward_prompts, write_instructions
-from humpback_nb.models import load_model
-from humpback_nb.prompts import prompt_ids
+from humpback_nb.infra.models import load_model
+from humpback_nb.method.augment import backward_prompts, write_instructions
+from humpback_nb.method.prompts import prompt_ids
 
 
 def naive_loop(model, tokenizer, prompts, settings, max_new_tokens: int, greedy: bool = False) -> dict:
@@ -63,7 +63,7 @@ def main() -> None:
            "finished": sum(r["finished"] for r in records), "seconds": round(seconds, 2),
            "new_tokens_per_s": round(new / seconds, 1), "batch_size": config.generate.batch_size,
            "peak_rss_gib": peak_rss_gib()}
-    prompts = backward_prompts(tokenizer, naive_segments, config.model.max_length, args.max_new_tokens)
+    prompts = backward_prompts(tokenizer, naive_segments, config.model.context_length, args.max_new_tokens)
     same_model = naive_loop(model, tokenizer, prompts, config.generate, args.max_new_tokens)
     del model
     packed, _ = load_model(replace(config.model, dequantize_on_cpu=False))

@@ -16,9 +16,9 @@ import time
 from _common import demo_inputs, emit, machine, peak_rss_gib
 from bench_augment import naive_loop
 
-from humpback_nb.curate import agreement, parse_rate, rate_generate, rate_logprob
-from humpback_nb.models import load_model
-from humpback_nb.prompts import curation_messages
+from humpback_nb.infra.models import load_model
+from humpback_nb.method.curate import agreement, parse_rate, rate_generate, rate_logprob
+from humpback_nb.method.prompts import curation_messages
 
 
 def timed(function, *args, **kwargs) -> tuple[list, float]:

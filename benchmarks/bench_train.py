@@ -19,8 +19,8 @@ import torch
 from _common import demo_inputs, emit, machine, matmul_peak, peak_rss_gib
 
 from humpback_nb.config import with_overrides
-from humpback_nb.models import attach_lora, load_model, load_tokenizer
-from humpback_nb.train import IGNORE_INDEX, forward_examples, train_model, training_flops
+from humpback_nb.infra.models import attach_lora, load_model, load_tokenizer
+from humpback_nb.method.train import IGNORE_INDEX, forward_examples, train_model, training_flops
 
 
 def lora_params(model) -> int:
@@ -46,7 +46,7 @@ def plain_fp32_trainer(config, examples, steps: int, folder: str) -> dict:
     args = TrainingArguments(output_dir=folder, per_device_train_batch_size=config.train.batch_size,
                              max_steps=steps, learning_rate=config.train.learning_rate, report_to=[],
                              save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True,
-                             dataloader_num_workers=0, seed=config.train.seed)
+                             dataloader_num_workers=0, seed=config.train.random_seed)
     tokenizer.padding_side = "right"
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(examples), data_collator=collator,
@@ -70,7 +70,7 @@ def main() -> None:
     config, seed, _ = demo_inputs()
     config = with_overrides(config, {"train.max_steps": args.steps})
     tokenizer = load_tokenizer(config.model)
-    examples = forward_examples(tokenizer, seed[: args.examples], [], config.train.max_length)
+    examples = forward_examples(tokenizer, seed[: args.examples], [], config.train.max_seq_length)
 
     with tempfile.TemporaryDirectory() as folder:
         log = train_model(examples, config, f"{folder}/kit", log=lambda *_: None)
@@ -105,7 +105,7 @@ def main() -> None:
 def _model_config(config):
     from transformers import AutoConfig
 
-    from humpback_nb.models import resolve
+    from humpback_nb.infra.models import resolve
 
     return AutoConfig.from_pretrained(resolve(config.model.name))
 

@@ -55,9 +55,9 @@ def lora_training_flops(m: dict, examples: float, length: float, learned: float)
 
 
 def main() -> None:
-    from humpback_nb.models import load_tokenizer
-    from humpback_nb.prompts import backward_messages, curation_messages, forward_messages, prompt_ids
-    from humpback_nb.sources import fetch
+    from humpback_nb.infra.models import load_tokenizer
+    from humpback_nb.infra.sources import fetch
+    from humpback_nb.method.prompts import backward_messages, curation_messages, forward_messages, prompt_ids
 
     tokenizer = load_tokenizer("smollm2-135m")
     sample = [r["output"] for r in json.loads(fetch("alpaca_en_demo").read_text()) if r["output"]][:500]

@@ -18,9 +18,9 @@ from pathlib import Path
 import yaml
 
 from humpback_nb.config import ConfigError, HumpbackConfig, load_config, load_preset, presets, with_overrides
-from humpback_nb.files import RecordError
-from humpback_nb.pipeline import PipelineError, RunFolder
-from humpback_nb.sources import SourceError
+from humpback_nb.infra.files import RecordError
+from humpback_nb.infra.sources import SourceError
+from humpback_nb.run import PipelineError, RunFolder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +80,7 @@ def _config(args: argparse.Namespace) -> HumpbackConfig:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from humpback_nb.distributed import processes
+    from humpback_nb.infra.distributed import processes
 
     folder = RunFolder(args.run_dir)
     folder.run(_config(args), until=args.until, redo=args.redo)
@@ -118,8 +118,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from humpback_nb.models import EMBEDDED_MODELS, embedded_checkpoint
-    from humpback_nb.sources import fetch_all
+    from humpback_nb.infra.models import EMBEDDED_MODELS, embedded_checkpoint
+    from humpback_nb.infra.sources import fetch_all
 
     for name, path in fetch_all().items():
         print(f"{name:<22} {path}")
@@ -132,7 +132,7 @@ def _notebooks(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from humpback_nb.notebooks import execute_all
+    from humpback_nb.nb.notebooks import execute_all
 
     started = time.time()
     executed = execute_all(args.preset, args.run_dir, names=args.only)

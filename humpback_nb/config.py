@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from humpback_nb.files import atomic_write_text
+from humpback_nb.infra.files import atomic_write_text
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
@@ -45,7 +45,7 @@ class ModelConfig:
     quantization: Literal["none", "4bit"] = "none"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: see models.runtime()
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_length: int = 2048  # prompt + answer, in tokens
+    context_length: int = 2048  # tokens the model reads and writes at once: prompt + answer when generating
     # On a CPU, bitsandbytes unpacks the NF4 weights again for every matmul. With this on, a 4-bit model is
     # unpacked once after quantization: the same NF4 weights, computed in bf16 as before, about twice as
     # fast, with the memory of a bf16 model. GPUs always keep the packed weights and bitsandbytes' kernels.
@@ -88,27 +88,27 @@ class TrainConfig:
     batch_size: int | None = None  # None: the paper's rule (8 below 3,000 examples, else 32)
     max_steps: int | None = None  # None: the paper's data-scaling table
     micro_batch_size: int = 8  # per forward pass; batch_size is reached by accumulation
-    max_length: int = 1024  # training sequences are cut to this many tokens
+    max_seq_length: int = 1024  # training sequences (prompt + completion) are cut to this many tokens
     tags: bool = True  # seed examples get S_a and augmented ones S_w (False: the paper's "no tags" ablation)
-    seed: int = 42
+    random_seed: int = 42
     save_steps: int = 50  # a checkpoint every this many steps, from which an interrupted stage resumes (0: none)
 
 
 @dataclass
-class GenerationConfig:
+class GenerateConfig:
     """Sampling for self-augmentation and for answers (paper section 3.1: T=0.7, p=0.9)."""
 
     temperature: float = 0.7
     top_p: float = 0.9
     max_new_tokens: int = 512  # answers
     batch_size: int = 16
-    seed: int = 42
+    random_seed: int = 42  # batch b samples with random_seed + b
     instruction_max_new_tokens: int = 128  # instructions written by M_yx (the paper's average 352 characters)
     max_instruction_chars: int = 1000  # longer generated instructions are degenerate
 
 
 @dataclass
-class CurationConfig:
+class CurateConfig:
     """Self-curation: the rater and the quality threshold k of A_k (paper section 2.3)."""
 
     rater: Literal["logprob", "generate"] = "logprob"
@@ -125,7 +125,7 @@ class CurationConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvaluateConfig:
     """Evaluation prompts and the judge (paper section 4)."""
 
     alpaca_eval_prompts: int = 805
@@ -134,7 +134,7 @@ class EvalConfig:
     judge_url: str | None = None  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     judge_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the endpoint's key
     inference_tags: Literal["S_a+S_w", "S_a", "S_w", "none"] = "S_a+S_w"
-    seed: int = 42
+    random_seed: int = 42  # which evaluation prompts are sampled
     # Figure 3 / Table 3: models trained on N augmented pairs of each quality (the paper's sizes); [] skips it.
     scaling_sizes: list[int] = field(default_factory=lambda: [100, 800, 1600, 3200, 6400, 12800, 25600, 51200])
     scaling_steps: int | None = None  # None: the paper's rule for N; a number caps the cost of each model
@@ -146,13 +146,13 @@ class HumpbackConfig:
     """Everything one run of the method needs; `preset` records where it came from."""
 
     preset: str = "custom"
-    seed: int = 42
+    random_seed: int = 42  # sampling of segments and of the analyses' data; not the seed pairs (data.seed_*)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    generate: GenerationConfig = field(default_factory=GenerationConfig)
-    curate: CurationConfig = field(default_factory=CurationConfig)
-    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

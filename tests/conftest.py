@@ -13,6 +13,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def embedded_checkpoint():
     """The embedded model converted to safetensors (fetched and converted on first use)."""
-    from humpback_nb.models import embedded_checkpoint
+    from humpback_nb.infra.models import embedded_checkpoint
 
     return embedded_checkpoint("smollm2-135m")

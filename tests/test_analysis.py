@@ -1,6 +1,6 @@
 import math
 
-from humpback_nb.analysis import PAPER_SHARES, labelled_set, scaling_sources
+from humpback_nb.method.analysis import PAPER_SHARES, labelled_set, scaling_sources
 
 
 def test_labelled_set_has_a_fifth_of_positives_and_says_where_labels_come_from():

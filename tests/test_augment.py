@@ -1,6 +1,6 @@
 import pytest
 
-from humpback_nb.augment import degeneracy, split_degenerate
+from humpback_nb.method.augment import degeneracy, split_degenerate
 
 SEGMENT = ("Humpback whales migrate up to 8,000 kilometres each year between polar feeding grounds and "
            "tropical breeding grounds, and males sing complex songs that change from season to season.")

@@ -39,8 +39,8 @@ def lab(tmp_path_factory, embedded_checkpoint):
     pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
 
     from humpback_nb.config import load_preset
-    from humpback_nb.files import read_jsonl, write_jsonl
-    from humpback_nb.pipeline import run
+    from humpback_nb.infra.files import read_jsonl, write_jsonl
+    from humpback_nb.run import run
 
     root = tmp_path_factory.mktemp("lab")
     run_dir = root / "run"

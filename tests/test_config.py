@@ -69,7 +69,7 @@ def test_unknown_key_names_the_file_and_key(tmp_path):
         ("train:\n  max_steps: ten\n", "train.max_steps must be int or null"),
         ("model:\n  quantization: 8bit\n", "model.quantization must be one of"),
         ("data:\n  corpus_sources: c4_demo\n", "data.corpus_sources must be list"),
-        ("seed: true\n", "seed must be int"),
+        ("random_seed: true\n", "random_seed must be int"),
         ("train: [1, 2]\n", "train. must be a mapping"),
         ("model: {name: x\n", "not valid YAML"),
     ],

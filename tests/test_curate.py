@@ -4,8 +4,16 @@ import statistics
 import pytest
 
 from humpback_nb.config import load_preset, with_overrides
-from humpback_nb.curate import agreement, parse_rate, parse_score, rate_logprob, sanity_pairs, select, threshold_counts
-from humpback_nb.widgets import pair_explorer, pair_html, threshold_explorer
+from humpback_nb.method.curate import (
+    agreement,
+    parse_rate,
+    parse_score,
+    rate_logprob,
+    sanity_pairs,
+    select,
+    threshold_counts,
+)
+from humpback_nb.nb.widgets import pair_explorer, pair_html, threshold_explorer
 
 
 @pytest.mark.parametrize("reply, score", [
@@ -78,8 +86,8 @@ def test_explorer_html_escapes_web_text():
 
 @pytest.mark.slow
 def test_logprob_rater_on_the_embedded_model(embedded_checkpoint, tmp_path):
-    from humpback_nb.models import load_model
-    from humpback_nb.sources import fetch
+    from humpback_nb.infra.models import load_model
+    from humpback_nb.infra.sources import fetch
 
     # float32, so that reusing the rubric's keys and values gives exactly the scores of whole prompts
     config = with_overrides(load_preset("tiny"), {"model.dtype": "float32"})
@@ -110,10 +118,10 @@ def test_logprob_rater_on_the_embedded_model(embedded_checkpoint, tmp_path):
 
 
 def test_top_share_picks_k_from_the_scores():
-    from humpback_nb.config import CurationConfig
-    from humpback_nb.curate import selection_threshold
+    from humpback_nb.config import CurateConfig
+    from humpback_nb.method.curate import selection_threshold
 
     scores = [{"id": str(i), "score": s} for i, s in enumerate([3.1, 2.9, 3.4, 3.3, None, 2.5])]
-    assert selection_threshold(scores, CurationConfig(threshold=4.5)) == 4.5
-    assert selection_threshold(scores, CurationConfig(top_share=0.4)) == 3.3  # the best 2 of 5 rated
-    assert selection_threshold(scores, CurationConfig(top_share=1.0)) == 2.5
+    assert selection_threshold(scores, CurateConfig(threshold=4.5)) == 4.5
+    assert selection_threshold(scores, CurateConfig(top_share=0.4)) == 3.3  # the best 2 of 5 rated
+    assert selection_threshold(scores, CurateConfig(top_share=1.0)) == 2.5

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from humpback_nb.config import DataConfig, load_preset, with_overrides
-from humpback_nb.data.filters import (
+from humpback_nb.infra.files import read_jsonl
+from humpback_nb.method.data.filters import (
     apply_filters,
     exact_duplicate_filter,
     header_filter,
@@ -11,11 +12,10 @@ from humpback_nb.data.filters import (
     near_duplicate_filter,
     repeated_sentence_filter,
 )
-from humpback_nb.data.seed import DataError, build_seed, iter_json_records, select_oasst1
-from humpback_nb.data.segments import header_segments, html_blocks, paragraph_segments, text_blocks, wiki_blocks
-from humpback_nb.data.stats import format_table2, length_stats, table2
-from humpback_nb.files import read_jsonl
-from humpback_nb.pipeline import RunFolder
+from humpback_nb.method.data.seed import DataError, build_seed, iter_json_records, select_oasst1
+from humpback_nb.method.data.segments import header_segments, html_blocks, paragraph_segments, text_blocks, wiki_blocks
+from humpback_nb.method.data.stats import format_table2, length_stats, table2
+from humpback_nb.run import RunFolder
 
 NAV = DataConfig().navigation_headers
 PROSE = ("Humpback whales travel thousands of kilometres between feeding and breeding grounds every year. "

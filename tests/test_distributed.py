@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from humpback_nb.distributed import Processes, gather, processes, shared_map
+from humpback_nb.infra.distributed import Processes, gather, processes, shared_map
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +128,7 @@ def test_the_shipped_launch_config_is_one_accelerate_reads():
 
 def test_sharded_training_is_refused_with_a_clear_message(monkeypatch, tmp_path):
     from humpback_nb.config import load_preset
-    from humpback_nb.train import train_model
+    from humpback_nb.method.train import train_model
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="FSDP is not supported"):

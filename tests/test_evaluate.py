@@ -5,7 +5,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from humpback_nb.evaluate import (
+from humpback_nb.method.evaluate import (
     EndpointJudge,
     alpaca_eval_prompts,
     compare,

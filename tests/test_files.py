@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from humpback_nb.files import (
+from humpback_nb.infra.files import (
     RecordError,
     atomic_dir,
     atomic_write_text,
@@ -43,7 +43,7 @@ def test_a_killed_write_leaves_no_partial_file(tmp_path):
     ready = tmp_path / "ready"
     code = textwrap.dedent(f"""
         import pathlib, time
-        from humpback_nb.files import write_jsonl
+        from humpback_nb.infra.files import write_jsonl
         def records():
             for i in range(10**9):
                 if i == 1000:

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from humpback_nb import generate
-from humpback_nb.config import GenerationConfig, ModelConfig
-from humpback_nb.generate import generate_records, read_partial
-from humpback_nb.models import load_model
+from humpback_nb.config import GenerateConfig, ModelConfig
+from humpback_nb.infra import generate
+from humpback_nb.infra.generate import generate_records, read_partial
+from humpback_nb.infra.models import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +22,14 @@ def prompts():
     return [{"id": f"q{i}", "messages": [{"role": "user", "content": q}]} for i, q in enumerate(QUESTIONS)]
 
 
-SETTINGS = GenerationConfig(batch_size=3, seed=7)
+SETTINGS = GenerateConfig(batch_size=3, random_seed=7)
 
 
 def test_batched_generation_matches_one_at_a_time_when_greedy(embedded_checkpoint):
     # In float32, left padding changes no greedy choice; in bf16 it can flip a near-tie.
     model, tokenizer = load_model(ModelConfig(dtype="float32"))
     batched = generate_records(model, tokenizer, prompts(), SETTINGS, 12, greedy=True, progress=False)
-    single = generate_records(model, tokenizer, prompts(), GenerationConfig(batch_size=1), 12, greedy=True,
+    single = generate_records(model, tokenizer, prompts(), GenerateConfig(batch_size=1), 12, greedy=True,
                               progress=False)
     assert [r["id"] for r in batched] == [p["id"] for p in prompts()]
     assert [r["text"] for r in batched] == [r["text"] for r in single]
@@ -76,8 +76,8 @@ def test_decoding_loop_matches_transformers_generate_when_greedy(embedded_checkp
     # transformers' own generate, one prompt at a time, in float32: the same tokens.
     import torch
 
-    from humpback_nb.generate import decode
-    from humpback_nb.prompts import prompt_ids
+    from humpback_nb.infra.generate import decode
+    from humpback_nb.method.prompts import prompt_ids
 
     model, tokenizer = load_model(ModelConfig(dtype="float32"))
     encoded = [prompt_ids(tokenizer, p["messages"]) for p in prompts()]
@@ -100,7 +100,7 @@ def test_nucleus_is_the_one_transformers_samples_from(temperature):
     import torch
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from humpback_nb.generate import nucleus
+    from humpback_nb.infra.generate import nucleus
 
     logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)) * 3
     probs = torch.softmax(logits / temperature, dim=-1)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from humpback_nb.config import ModelConfig, TrainConfig
-from humpback_nb.generate import chat
-from humpback_nb.models import (
+from humpback_nb.infra.generate import chat
+from humpback_nb.infra.models import (
     ModelError,
     attach_lora,
     cpu_has_bf16,

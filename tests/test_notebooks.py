@@ -9,7 +9,7 @@ import json
 import nbformat
 import pytest
 
-from humpback_nb.notebooks import execute, notebook_paths
+from humpback_nb.nb.notebooks import execute, notebook_paths
 
 NOTEBOOKS = notebook_paths()
 

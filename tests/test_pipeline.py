@@ -5,8 +5,8 @@ import pytest
 
 from humpback_nb.cli import main
 from humpback_nb.config import load_preset, with_overrides
-from humpback_nb.files import read_jsonl, write_jsonl
-from humpback_nb.pipeline import STAGES, PipelineError, RunFolder, Stage
+from humpback_nb.infra.files import read_jsonl, write_jsonl
+from humpback_nb.run import STAGES, PipelineError, RunFolder, Stage
 
 CALLS: list[str] = []
 
@@ -104,7 +104,7 @@ def test_clear_makes_the_stage_and_its_readers_pending(folder, config):
 
 def test_one_process_at_a_time(folder):
     folder.path.mkdir(parents=True)
-    code = f"from humpback_nb.pipeline import RunFolder\nwith RunFolder({str(folder.path)!r}).lock(): pass"
+    code = f"from humpback_nb.run import RunFolder\nwith RunFolder({str(folder.path)!r}).lock(): pass"
     with folder.lock():
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert other.returncode != 0 and "another process" in other.stderr

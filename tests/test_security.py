@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from humpback_nb import sources
-from humpback_nb.models import ModelError, resolve
+from humpback_nb.infra import sources
+from humpback_nb.infra.models import ModelError, resolve
 
 PACKAGE = Path(__file__).resolve().parents[1] / "humpback_nb"
 

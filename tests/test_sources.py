@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from humpback_nb import sources
-from humpback_nb.files import read_jsonl
-from humpback_nb.sources import SOURCES, SourceError, cache_dir, fetch, fetch_archive, sha256_file
+from humpback_nb.infra import sources
+from humpback_nb.infra.files import read_jsonl
+from humpback_nb.infra.sources import SOURCES, SourceError, cache_dir, fetch, fetch_archive, sha256_file
 
 
 @pytest.fixture

@@ -3,9 +3,9 @@ import torch
 from safetensors.torch import load_file
 
 from humpback_nb.config import load_preset, with_overrides
-from humpback_nb.models import load_tokenizer
-from humpback_nb.prompts import BACKWARD_PROMPT, S_A, S_W, prompt_ids
-from humpback_nb.train import (
+from humpback_nb.infra.models import load_tokenizer
+from humpback_nb.method.prompts import BACKWARD_PROMPT, S_A, S_W, prompt_ids
+from humpback_nb.method.train import (
     IGNORE_INDEX,
     backward_example,
     encode,
@@ -94,12 +94,12 @@ def test_qlora_lowers_the_training_loss_and_ends_at_the_final_learning_rate(toke
         "train.learning_rate": 1e-3, "train.final_learning_rate": 5e-4, "train.lora_dropout": 0.0,
     })
     examples = forward_examples(tokenizer, PAIRS, [], max_length=128)
-    from humpback_nb.models import load_model
+    from humpback_nb.infra.models import load_model
 
     base, _ = load_model(config.model)
     before = mean_loss(base, tokenizer, examples)
     log = train_model(examples, config, tmp_path / "m", log=lambda _: None)
-    from humpback_nb.train import load_trained
+    from humpback_nb.method.train import load_trained
 
     trained, _ = load_trained(config, tmp_path / "m")
     after = mean_loss(trained, tokenizer, examples)
@@ -120,8 +120,8 @@ def test_training_batches_need_no_attention_mask_and_count_model_flops(embedded_
     from torch.utils.flop_counter import FlopCounterMode
 
     from humpback_nb.config import ModelConfig
-    from humpback_nb.models import load_model
-    from humpback_nb.train import forward_example, output_loss, pad_batch, training_flops
+    from humpback_nb.infra.models import load_model
+    from humpback_nb.method.train import forward_example, output_loss, pad_batch, training_flops
 
     model, tokenizer = load_model(ModelConfig(dtype="float32"))
     examples = [forward_example(tokenizer, "Name a colour.", "Blue, like the sky on a clear day.", "S_a", 64),
@@ -148,6 +148,6 @@ def test_training_batches_need_no_attention_mask_and_count_model_flops(embedded_
 
 def attach_lora_for_test(model):
     from humpback_nb.config import TrainConfig
-    from humpback_nb.models import attach_lora
+    from humpback_nb.infra.models import attach_lora
 
     return attach_lora(model, TrainConfig(lora_dropout=0.0))

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from humpback_nb.config import DataConfig
-from humpback_nb.files import RecordError, decode_text, parse_jsonl
-from humpback_nb.sources import SOURCES, fetch
+from humpback_nb.infra.files import RecordError, decode_text, parse_jsonl
+from humpback_nb.infra.sources import SOURCES, fetch
 
 OASST1_HUB_ID = "OpenAssistant/oasst1"
 OASST1_FIELDS = ("message_id", "parent_id", "role", "text")

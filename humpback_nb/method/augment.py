@@ -13,12 +13,12 @@ import time
 from collections import Counter
 from typing import Any
 
-from humpback_nb.config import GenerationConfig, HumpbackConfig
-from humpback_nb.data.filters import words
-from humpback_nb.files import atomic_write_json, read_jsonl, write_jsonl
-from humpback_nb.generate import generate_records
-from humpback_nb.prompts import backward_messages, prompt_ids
-from humpback_nb.train import fit_text, load_trained
+from humpback_nb.config import GenerateConfig, HumpbackConfig
+from humpback_nb.infra.files import atomic_write_json, read_jsonl, write_jsonl
+from humpback_nb.infra.generate import generate_records
+from humpback_nb.method.data.filters import words
+from humpback_nb.method.prompts import backward_messages, prompt_ids
+from humpback_nb.method.train import fit_text, load_trained
 
 CANDIDATE_FILES = ("candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json")
 
@@ -66,8 +66,8 @@ def backward_prompts(tokenizer, segments: list[dict[str, Any]], max_length: int,
     return [{"id": s["id"], "messages": backward_messages(fit_text(tokenizer, s["text"], room))} for s in segments]
 
 
-def generation_settings(settings: GenerationConfig) -> dict[str, Any]:
-    return {"temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed,
+def generation_settings(settings: GenerateConfig) -> dict[str, Any]:
+    return {"temperature": settings.temperature, "top_p": settings.top_p, "random_seed": settings.random_seed,
             "max_new_tokens": settings.instruction_max_new_tokens}
 
 
@@ -75,7 +75,7 @@ def write_instructions(model, tokenizer, texts: list[dict[str, Any]], config: Hu
                        partial=None) -> list[dict[str, Any]]:
     """M_yx's instruction for each {"id", "text"}: generation records ("text" is the instruction)."""
     settings = config.generate
-    prompts = backward_prompts(tokenizer, texts, config.model.max_length, settings.instruction_max_new_tokens)
+    prompts = backward_prompts(tokenizer, texts, config.model.context_length, settings.instruction_max_new_tokens)
     return generate_records(model, tokenizer, prompts, settings, settings.instruction_max_new_tokens,
                             partial=partial, desc="self-augmentation")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from humpback_nb.data.seed import DataError, _decode, iter_json_records
-from humpback_nb.sources import SOURCES, fetch
+from humpback_nb.infra.sources import SOURCES, fetch
+from humpback_nb.method.data.seed import DataError, _decode, iter_json_records
 
 
 @dataclass

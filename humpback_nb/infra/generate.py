@@ -20,18 +20,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from humpback_nb.config import GenerationConfig
-from humpback_nb.distributed import gather, processes
-from humpback_nb.prompts import prompt_ids
+from humpback_nb.config import GenerateConfig
+from humpback_nb.infra.distributed import gather, processes
+from humpback_nb.method.prompts import prompt_ids
 
 
 def chat(model, tokenizer, message: str, system: str | None = None,
-         settings: GenerationConfig | None = None, greedy: bool = False) -> str:
+         settings: GenerateConfig | None = None, greedy: bool = False) -> str:
     """The model's reply to one user message, through the tokenizer's chat template.
 
     Sampling follows `settings` (nucleus sampling, seeded); `greedy=True` decodes greedily.
     """
-    settings = settings or GenerationConfig()
+    settings = settings or GenerateConfig()
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     record = generate_records(model, tokenizer, [{"id": "chat", "messages": messages}], settings,
                               settings.max_new_tokens, greedy=greedy, progress=False)[0]
@@ -112,7 +112,7 @@ def in_batches(ids: Sequence[str], batches: Sequence[Sequence[int]],
     return [done[key] for key in ids]
 
 
-def generate_records(model, tokenizer, prompts: Sequence[dict[str, Any]], settings: GenerationConfig,
+def generate_records(model, tokenizer, prompts: Sequence[dict[str, Any]], settings: GenerateConfig,
                      max_new_tokens: int, partial: Path | None = None, greedy: bool = False,
                      progress: bool = True, desc: str = "generating") -> list[dict[str, Any]]:
     """One completion per prompt ({"id", "messages"}), in input order: {"id", "text", "prompt_tokens",
@@ -126,13 +126,13 @@ def generate_records(model, tokenizer, prompts: Sequence[dict[str, Any]], settin
 
     def compute(number: int, batch: Sequence[int]) -> list[dict[str, Any]]:
         texts = _generate_batch(model, tokenizer, [encoded[i] for i in batch], settings, max_new_tokens,
-                                seed=settings.seed + number, greedy=greedy)
+                                seed=settings.random_seed + number, greedy=greedy)
         return [{"id": ids[i], **text, "batch": number} for i, text in zip(batch, texts, strict=True)]
 
     return in_batches(ids, batches, compute, partial=partial, progress=progress, desc=desc)
 
 
-def _generate_batch(model, tokenizer, batch: list[list[int]], settings: GenerationConfig, max_new_tokens: int,
+def _generate_batch(model, tokenizer, batch: list[list[int]], settings: GenerateConfig, max_new_tokens: int,
                     seed: int, greedy: bool) -> list[dict[str, Any]]:
     width = max(len(ids) for ids in batch)
     pad = tokenizer.pad_token_id

@@ -36,8 +36,8 @@ from typing import Any
 import yaml
 
 from humpback_nb.config import HumpbackConfig, config_hash, load_config, save_config
-from humpback_nb.distributed import processes, wait_for_everyone
-from humpback_nb.files import atomic_write_text, clean_temporaries, discard_writes
+from humpback_nb.infra.distributed import processes, wait_for_everyone
+from humpback_nb.infra.files import atomic_write_text, clean_temporaries, discard_writes
 
 CONFIG_FILE = "config.yaml"
 MANIFEST_DIR = "stages"
@@ -90,39 +90,39 @@ class Stage:
 # The method, in order (paper section 2). Each stage's `run` is filled in as the kit grows; a stage
 # without one is listed by `status` as "not built" and stops `run` with a clear message.
 STAGES: tuple[Stage, ...] = (
-    Stage("seed", ("seed.jsonl",), (), ("seed", "data"), run="humpback_nb.data.stages:seed_stage",
+    Stage("seed", ("seed.jsonl",), (), ("random_seed", "data"), run="humpback_nb.method.data.stages:seed_stage",
           doc="seed (instruction, output) pairs"),
-    Stage("segments", ("segments.jsonl", "segments_dropped.jsonl", "segments_report.json"), (), ("seed", "data"),
-          run="humpback_nb.data.stages:segments_stage", doc="unlabelled segments, filtered"),
-    Stage("backward", ("backward",), ("seed",), ("seed", "model", "train"), run="humpback_nb.train:backward_stage",
+    Stage("segments", ("segments.jsonl", "segments_dropped.jsonl", "segments_report.json"), (), ("random_seed", "data"),
+          run="humpback_nb.method.data.stages:segments_stage", doc="unlabelled segments, filtered"),
+    Stage("backward", ("backward",), ("seed",), ("random_seed", "model", "train"), run="humpback_nb.method.train:backward_stage",
           doc="backward model M_yx"),
     Stage("candidates", ("candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json"),
-          ("backward", "segments"), ("generate",), run="humpback_nb.augment:self_augment_stage",
+          ("backward", "segments"), ("generate",), run="humpback_nb.method.augment:self_augment_stage",
           doc="self-augmentation: M_yx writes an instruction for each segment"),
-    Stage("m0", ("m0",), ("seed",), ("seed", "model", "train"), run="humpback_nb.train:m0_stage",
+    Stage("m0", ("m0",), ("seed",), ("random_seed", "model", "train"), run="humpback_nb.method.train:m0_stage",
           doc="M0: fine-tuned on seed data only"),
     Stage("scores_m0", ("scores_m0.jsonl",), ("m0", "candidates"), ("curate",),
-          run="humpback_nb.curate:scores_m0_stage", doc="M0 rates the candidates"),
-    Stage("A1", ("A1.jsonl",), ("scores_m0",), ("curate",), run="humpback_nb.curate:a1_stage",
+          run="humpback_nb.method.curate:scores_m0_stage", doc="M0 rates the candidates"),
+    Stage("A1", ("A1.jsonl",), ("scores_m0",), ("curate",), run="humpback_nb.method.curate:a1_stage",
           doc="A(1)_k: candidates scored >= k by M0"),
-    Stage("m1", ("m1",), ("seed", "A1"), ("seed", "model", "train"), run="humpback_nb.train:m1_stage",
+    Stage("m1", ("m1",), ("seed", "A1"), ("random_seed", "model", "train"), run="humpback_nb.method.train:m1_stage",
           doc="M1: seed + A(1)_k"),
     Stage("scores_m1", ("scores_m1.jsonl",), ("m1", "candidates"), ("curate",),
-          run="humpback_nb.curate:scores_m1_stage", doc="M1 rates the candidates"),
-    Stage("A2", ("A2.jsonl",), ("scores_m1",), ("curate",), run="humpback_nb.curate:a2_stage",
+          run="humpback_nb.method.curate:scores_m1_stage", doc="M1 rates the candidates"),
+    Stage("A2", ("A2.jsonl",), ("scores_m1",), ("curate",), run="humpback_nb.method.curate:a2_stage",
           doc="A(2)_k: candidates scored >= k by M1"),
-    Stage("m2", ("m2",), ("seed", "A2"), ("seed", "model", "train"), run="humpback_nb.train:m2_stage",
+    Stage("m2", ("m2",), ("seed", "A2"), ("random_seed", "model", "train"), run="humpback_nb.method.train:m2_stage",
           doc="M2 (Humpback): seed + A(2)_k"),
-    Stage("eval", ("eval",), ("m0", "m1", "m2"), ("evaluate", "generate"), run="humpback_nb.evaluate:eval_stage",
+    Stage("eval", ("eval",), ("m0", "m1", "m2"), ("evaluate", "generate"), run="humpback_nb.method.evaluate:eval_stage",
           doc="answers and judged win rates"),
-    Stage("tags", ("tags",), ("eval", "m2"), ("evaluate", "generate"), run="humpback_nb.analysis:tags_stage",
+    Stage("tags", ("tags",), ("eval", "m2"), ("evaluate", "generate"), run="humpback_nb.method.analysis:tags_stage",
           doc="Table 8: inference tags, and a model trained without tags"),
     Stage("selection", ("selection.json",), ("m0", "m1", "candidates"), ("evaluate",),
-          run="humpback_nb.analysis:selection_stage", doc="Table 7: M0 and M1 as selectors on a labelled set"),
+          run="humpback_nb.method.analysis:selection_stage", doc="Table 7: M0 and M1 as selectors on a labelled set"),
     Stage("scaling", ("scaling",), ("eval", "scores_m1"), ("evaluate", "generate"),
-          run="humpback_nb.analysis:scaling_stage", doc="Figure 3 / Table 3: win rate against data size N"),
+          run="humpback_nb.method.analysis:scaling_stage", doc="Figure 3 / Table 3: win rate against data size N"),
     Stage("summary", ("summary.json",), ("eval", "A1", "A2", "tags", "selection", "scaling"), (),
-          run="humpback_nb.evaluate:summary_stage", doc="every figure's numbers in one file"),
+          run="humpback_nb.method.evaluate:summary_stage", doc="every figure's numbers in one file"),
 )
 
 

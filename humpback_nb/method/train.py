@@ -25,10 +25,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from humpback_nb.config import HumpbackConfig, TrainConfig
-from humpback_nb.distributed import gather, processes, wait_for_everyone
-from humpback_nb.files import atomic_dir, read_jsonl
-from humpback_nb.models import attach_lora, load_model, load_tokenizer, runtime
-from humpback_nb.prompts import Message, backward_messages, forward_messages, prompt_ids
+from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
+from humpback_nb.infra.files import atomic_dir, read_jsonl
+from humpback_nb.infra.models import attach_lora, load_model, load_tokenizer, runtime
+from humpback_nb.method.prompts import Message, backward_messages, forward_messages, prompt_ids
 
 # peft asks transformers a question transformers renamed; the answer is the same.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -274,7 +274,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
     if plan.method == "full" and config.model.quantization == "4bit":
         raise ValueError("full fine-tuning needs model.quantization: none (4-bit weights cannot be trained)")
     model, tokenizer = load_model(config.model)
-    set_seed(plan.seed)  # LoRA's initial weights come from the random generator: the same seed, the same start
+    set_seed(plan.random_seed)  # LoRA's initial weights come from the random generator: the same seed, the same start
     if plan.method == "lora":
         model = attach_lora(model, plan)
     else:
@@ -305,8 +305,8 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         save_steps=max(1, plan.save_steps),
         save_total_limit=1,
         report_to=[],
-        seed=plan.seed,
-        data_seed=plan.seed,
+        seed=plan.random_seed,
+        data_seed=plan.random_seed,
         bf16=where.dtype == torch.bfloat16,
         fp16=where.dtype == torch.float16,
         use_cpu=where.device == "cpu",
@@ -387,7 +387,7 @@ def _forward_stage(ctx, augmented_file: str | None, out: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     seed = [r for r in read_jsonl(ctx.path("seed.jsonl")) if r["split"] == "train"]
     augmented = read_jsonl(ctx.path(augmented_file)) if augmented_file else []
-    examples = forward_examples(tokenizer, seed, augmented, config.train.max_length, tags=config.train.tags)
+    examples = forward_examples(tokenizer, seed, augmented, config.train.max_seq_length, tags=config.train.tags)
     return train_model(examples, config, ctx.path(out), checkpoints=ctx.partial(out))
 
 
@@ -411,5 +411,5 @@ def backward_stage(ctx) -> dict[str, Any]:
     config = ctx.config
     tokenizer = load_tokenizer(config.model)
     seed = [r for r in read_jsonl(ctx.path("seed.jsonl")) if r["split"] == "train"]
-    examples = [backward_example(tokenizer, r["instruction"], r["output"], config.train.max_length) for r in seed]
+    examples = [backward_example(tokenizer, r["instruction"], r["output"], config.train.max_seq_length) for r in seed]
     return train_model(examples, config, ctx.path("backward"), checkpoints=ctx.partial("backward"))

@@ -10,12 +10,20 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from humpback_nb.config import CurationConfig, HumpbackConfig, with_overrides
-from humpback_nb.curate import rate_logprob, select, selection_threshold
-from humpback_nb.evaluate import answer, compare, eval_prompts, fit_alpha, load_generator, make_judge, precision_recall
-from humpback_nb.files import atomic_write_json, read_jsonl
-from humpback_nb.models import load_tokenizer
-from humpback_nb.train import forward_examples, load_trained, train_model
+from humpback_nb.config import CurateConfig, HumpbackConfig, with_overrides
+from humpback_nb.infra.files import atomic_write_json, read_jsonl
+from humpback_nb.infra.models import load_tokenizer
+from humpback_nb.method.curate import rate_logprob, select, selection_threshold
+from humpback_nb.method.evaluate import (
+    answer,
+    compare,
+    eval_prompts,
+    fit_alpha,
+    load_generator,
+    make_judge,
+    precision_recall,
+)
+from humpback_nb.method.train import forward_examples, load_trained, train_model
 
 # Li et al. 2023, Table 8 (v1; Table 5 in v3): win rate % of 7B models, by training and inference tags.
 PAPER_TABLE8 = {"S_a/S_w, infer S_a+S_w": 66.47, "no tags": 59.96, "S_a/S_w, infer S_a": 62.69,
@@ -52,7 +60,7 @@ def tags_stage(ctx) -> dict[str, Any]:
     untagged_dir = out / "m2_notags"
     if not (untagged_dir / "train_log.json").is_file():
         tokenizer = load_tokenizer(config.model)
-        train_model(forward_examples(tokenizer, seed, a2, config.train.max_length, tags=False), config, untagged_dir)
+        train_model(forward_examples(tokenizer, seed, a2, config.train.max_seq_length, tags=False), config, untagged_dir)
     variants = {"S_a/S_w, infer S_a+S_w": ("m2", "S_a+S_w"), "S_a/S_w, infer S_a": ("m2", "S_a"),
                 "S_a/S_w, infer none": ("m2", "none"), "no tags": ("tags/m2_notags", "none")}
     judge = _judge(config, run_dir)
@@ -87,14 +95,14 @@ def selection_stage(ctx) -> dict[str, Any]:
     config, run_dir = ctx.config, ctx.run_dir
     heldout = [r for r in read_jsonl(run_dir / "seed.jsonl") if r["split"] == "heldout"]
     pairs = labelled_set(heldout, read_jsonl(run_dir / "candidates.jsonl"), config.evaluate.selection_positives,
-                         config.seed)
+                         config.random_seed)
     positives = {p["id"] for p in pairs if p["label"] == 1}
     share = len(positives) / max(1, len(pairs))
     results = {}
     for name in ("m0", "m1"):
         model, tokenizer = load_trained(config, run_dir / name)
         scores = rate_logprob(model, tokenizer, pairs, config, progress=False)
-        k = selection_threshold(scores, CurationConfig(top_share=share))
+        k = selection_threshold(scores, CurateConfig(top_share=share))
         chosen = {p["id"] for p in select(pairs, scores, k)}
         results[name.upper()] = precision_recall(chosen, positives) | {"k": k, "paper": PAPER_TABLE7[name.upper()]}
     report = {"labels": "positives: held-out seed pairs; negatives: candidates with another candidate's output",
@@ -109,7 +117,7 @@ def scaling_sources(candidates: list[dict], scores: list[dict], rng_seed: int) -
     the candidates, by M1's scores) and no curation (a random order)."""
     sources = {}
     for name, share in PAPER_SHARES.items():
-        k = selection_threshold(scores, CurationConfig(top_share=share))
+        k = selection_threshold(scores, CurateConfig(top_share=share))
         chosen = select(candidates, scores, k)
         sources[name] = sorted(chosen, key=lambda c: -c["score"])
     shuffled = list(candidates)
@@ -129,7 +137,7 @@ def scaling_stage(ctx) -> dict[str, Any]:
         prompts = eval_prompts(config)
         reference = _base_answers(run_dir)
         sources = scaling_sources(read_jsonl(run_dir / "candidates.jsonl"), read_jsonl(run_dir / "scores_m1.jsonl"),
-                                  config.seed)
+                                  config.random_seed)
         judge = _judge(config, run_dir)
         tokenizer = load_tokenizer(config.model)
         # steps of each model: the paper's rule for N (or the preset's steps), capped by scaling_steps
@@ -142,7 +150,7 @@ def scaling_stage(ctx) -> dict[str, Any]:
                 name = f"{source.replace(' ', '_')}_{n}"
                 model_dir = out / name
                 if not (model_dir / "train_log.json").is_file():
-                    examples = forward_examples(tokenizer, [], pool[:n], config.train.max_length, config.train.tags)
+                    examples = forward_examples(tokenizer, [], pool[:n], config.train.max_seq_length, config.train.tags)
                     train_model(examples, small, model_dir)
                 model, model_tokenizer = load_trained(config, model_dir)
                 answers = answer(model, model_tokenizer, prompts, config, generator=f"humpback-nb-{name}",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # humpback_nb/
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -32,7 +32,7 @@ def project_path(path: str | Path) -> Path:
 def open_run(preset: str, run_dir: str | Path):
     """(config, run folder) for a notebook: the preset's config and the run folder it fills."""
     from humpback_nb.config import load_preset
-    from humpback_nb.pipeline import RunFolder
+    from humpback_nb.run import RunFolder
 
     return load_preset(preset), RunFolder(project_path(run_dir))
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
-from humpback_nb.data.filters import apply_filters
-from humpback_nb.data.seed import DataError, build_seed
-from humpback_nb.data.segments import read_documents, segment_documents
-from humpback_nb.files import atomic_write_json, write_jsonl
+from humpback_nb.infra.files import atomic_write_json, write_jsonl
+from humpback_nb.method.data.filters import apply_filters
+from humpback_nb.method.data.seed import DataError, build_seed
+from humpback_nb.method.data.segments import read_documents, segment_documents
 
 
 def seed_stage(ctx) -> dict:
     """seed.jsonl: the training seed pairs (split "train") and a few held-out ones (split "heldout")."""
-    records, counts = build_seed(ctx.config.data, ctx.config.seed)
+    records, counts = build_seed(ctx.config.data, ctx.config.random_seed)
     write_jsonl(ctx.path("seed.jsonl"), records)
     return counts
 
@@ -35,7 +35,7 @@ def segments_stage(ctx) -> dict:
     kept, dropped, funnel = apply_filters(segments, data)
     # The paper samples its 502k segments from what passed the filters; sampling by a seeded hash of
     # the id keeps the choice stable when the corpus grows, and the output stays in corpus order.
-    chosen = set(sorted((s["id"] for s in kept), key=lambda i: _sample_key(ctx.config.seed, i))[: data.num_segments])
+    chosen = set(sorted((s["id"] for s in kept), key=lambda i: _sample_key(ctx.config.random_seed, i))[: data.num_segments])
     sampled = [dict(s, chars=len(s["text"])) for s in kept if s["id"] in chosen]
     funnel.append({"step": "sampled", "count": len(sampled), "removed": len(kept) - len(sampled)})
     report = {

@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from humpback_nb.files import atomic_path, atomic_write_text
+from humpback_nb.infra.files import atomic_path, atomic_write_text
 
 
 class SourceError(RuntimeError):

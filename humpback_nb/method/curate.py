@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from humpback_nb.config import CurationConfig, HumpbackConfig
-from humpback_nb.files import read_jsonl, write_jsonl
-from humpback_nb.generate import generate_records, in_batches
-from humpback_nb.prompts import curation_messages, prompt_ids
+from humpback_nb.config import CurateConfig, HumpbackConfig
+from humpback_nb.infra.files import read_jsonl, write_jsonl
+from humpback_nb.infra.generate import generate_records, in_batches
+from humpback_nb.method.prompts import curation_messages, prompt_ids
 
 SCORES = (1, 2, 3, 4, 5)
 _SCORE_LINE = re.compile(r"score\s*:\s*(\S+?)\.?", re.IGNORECASE)
@@ -81,10 +81,10 @@ def score_tokens(tokenizer, prefix: str = "Score: ") -> tuple[str, list[int]]:
 
 def _output_fitter(tokenizer, config: HumpbackConfig, reserve: int):
     """A function that cuts a pair's output so that rubric, instruction, output and `reserve` tokens fit."""
-    from humpback_nb.train import fit_text
+    from humpback_nb.method.train import fit_text
 
     rubric = len(prompt_ids(tokenizer, curation_messages("", "", config.curate.rater_tag)))
-    room = config.model.max_length - rubric - reserve
+    room = config.model.context_length - rubric - reserve
 
     def fit(pair: dict[str, Any]) -> str:
         instruction = len(tokenizer(pair["instruction"], add_special_tokens=False)["input_ids"])
@@ -108,7 +108,7 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], config: Humpback
     With `reuse_prefix` the rubric's keys and values are computed once; without, every candidate is
     run whole (the slow reference; both give the same scores).
     """
-    settings: CurationConfig = config.curate
+    settings: CurateConfig = config.curate
     answer_prefix, digit_ids = score_tokens(tokenizer)
     prefix_ids, tail = _rubric_split(tokenizer, settings.rater_tag, answer_prefix)
     fit = _output_fitter(tokenizer, config, reserve=8)
@@ -195,7 +195,7 @@ def threshold_counts(scores: list[dict[str, Any]], ks=(1, 1.5, 2, 2.5, 3, 3.5, 4
 
 # -- the stages ----------------------------------------------------------------------------------
 def _scores_stage(ctx, model_dir: str, out: str) -> dict[str, Any]:
-    from humpback_nb.train import load_trained
+    from humpback_nb.method.train import load_trained
 
     config = ctx.config
     candidates = read_jsonl(ctx.path("candidates.jsonl"))
@@ -218,7 +218,7 @@ def scores_m1_stage(ctx) -> dict[str, Any]:
     return _scores_stage(ctx, "m1", "scores_m1.jsonl")
 
 
-def selection_threshold(scores: list[dict[str, Any]], settings: CurationConfig) -> float:
+def selection_threshold(scores: list[dict[str, Any]], settings: CurateConfig) -> float:
     """k for A_k: the config's threshold, or the lowest score within the best `top_share` of the rated pairs."""
     if settings.top_share is None:
         return settings.threshold

@@ -14,7 +14,7 @@ import matplotlib.ticker
 import numpy as np
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-from humpback_nb.files import atomic_path
+from humpback_nb.infra.files import atomic_path
 
 SEED_COLOR, WEB_COLOR, MODEL_COLOR, DATA_COLOR = "#dbeafe", "#fde68a", "#e9d5ff", "#dcfce7"
 

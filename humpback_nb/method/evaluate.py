@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from humpback_nb.config import HumpbackConfig
-from humpback_nb.files import read_jsonl
-from humpback_nb.sources import fetch
+from humpback_nb.infra.files import read_jsonl
+from humpback_nb.infra.sources import fetch
 
 # A pairwise judging prompt in the manner of AlpacaEval's annotators (ours; AlpacaEval's GPT-4 template is
 # longer and asks for a ranking). The judge must answer with one letter.
@@ -66,16 +66,16 @@ def mt_bench_prompts(n: int, seed: int = 42) -> list[dict[str, Any]]:
 def eval_prompts(config: HumpbackConfig) -> list[dict[str, Any]]:
     """The preset's evaluation prompts: AlpacaEval, then MT-bench first turns."""
     settings = config.evaluate
-    return (alpaca_eval_prompts(settings.alpaca_eval_prompts, settings.seed)
-            + mt_bench_prompts(settings.mt_bench_prompts, settings.seed))
+    return (alpaca_eval_prompts(settings.alpaca_eval_prompts, settings.random_seed)
+            + mt_bench_prompts(settings.mt_bench_prompts, settings.random_seed))
 
 
 # -- answers -------------------------------------------------------------------------------------
 def answer(model, tokenizer, prompts: list[dict[str, Any]], config: HumpbackConfig, generator: str,
            tags: str | None = None, partial=None) -> list[dict[str, Any]]:
     """Answers in AlpacaEval's model-outputs format: instruction, output, generator, dataset (and our id)."""
-    from humpback_nb.generate import generate_records
-    from humpback_nb.prompts import forward_messages
+    from humpback_nb.infra.generate import generate_records
+    from humpback_nb.method.prompts import forward_messages
 
     tag = tags or config.evaluate.inference_tags
     requests = [{"id": p["id"], "messages": forward_messages(p["instruction"], tag)} for p in prompts]
@@ -91,7 +91,7 @@ ALPACA_EVAL_FIELDS = ("instruction", "output", "generator", "dataset")
 def write_model_outputs(path, answers: list[dict[str, Any]]):
     """Save answers as AlpacaEval's model-outputs JSON (a list of {instruction, output, generator, dataset}),
     ready for `alpaca_eval --model_outputs PATH`."""
-    from humpback_nb.files import atomic_write_json
+    from humpback_nb.infra.files import atomic_write_json
 
     return atomic_write_json(path, [{key: a[key] for key in ALPACA_EVAL_FIELDS} for a in answers])
 
@@ -113,7 +113,7 @@ class LocalJudge:
 
     def prefer_a(self, instruction: str, a: str, b: str) -> float:
         """Probability that response A is the better one (the two letters renormalised)."""
-        from humpback_nb.prompts import prompt_ids
+        from humpback_nb.method.prompts import prompt_ids
 
         text = JUDGE_PROMPT.format(instruction=instruction, a=a[: self.max_chars], b=b[: self.max_chars])
         ids = prompt_ids(self.tokenizer, [{"role": "user", "content": text}])
@@ -179,7 +179,7 @@ def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
 
 def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[dict[str, Any]]) -> dict[str, Any]:
     """Win rate of x against y, overall and per dataset, with every judgment."""
-    from humpback_nb.distributed import shared_map
+    from humpback_nb.infra.distributed import shared_map
 
     by_id = {a["id"]: a for a in answers_y}
 
@@ -233,15 +233,15 @@ def make_judge(config: HumpbackConfig, base_model=None, tokenizer=None) -> Judge
 
 def load_generator(config: HumpbackConfig, run_dir, name: str):
     """(model, tokenizer) of `name`: the base model, or a model the run trained (m0, m1, m2, ...)."""
-    from humpback_nb.models import load_model
-    from humpback_nb.train import load_trained
+    from humpback_nb.infra.models import load_model
+    from humpback_nb.method.train import load_trained
 
     return load_model(config.model) if name == "base" else load_trained(config, run_dir / name)
 
 
 def eval_stage(ctx) -> dict[str, Any]:
     """eval/: answers of the base model, M0, M1 and M2 (AlpacaEval format) and their win rates."""
-    from humpback_nb.files import atomic_dir, atomic_write_json, write_jsonl
+    from humpback_nb.infra.files import atomic_dir, atomic_write_json, write_jsonl
 
     config = ctx.config
     prompts = eval_prompts(config)
@@ -274,7 +274,7 @@ def summary(run_dir, config: HumpbackConfig) -> dict[str, Any]:
 
     import yaml
 
-    from humpback_nb.data.stats import table2
+    from humpback_nb.method.data.stats import table2
 
     run_dir = Path(run_dir)
     stages = {}
@@ -308,7 +308,7 @@ def summary(run_dir, config: HumpbackConfig) -> dict[str, Any]:
 
 def summary_stage(ctx) -> dict[str, Any]:
     """summary.json: every number of the run (what notebook 07 and the README's figures read)."""
-    from humpback_nb.files import atomic_write_json
+    from humpback_nb.infra.files import atomic_write_json
 
     result = summary(ctx.run_dir, ctx.config)
     atomic_write_json(ctx.path("summary.json"), result)

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from humpback_nb.config import ModelConfig, TrainConfig
-from humpback_nb.files import atomic_dir
-from humpback_nb.prompts import CHATML_TEMPLATE
-from humpback_nb.sources import cache_dir, fetch
+from humpback_nb.infra.files import atomic_dir
+from humpback_nb.infra.sources import cache_dir, fetch
+from humpback_nb.method.prompts import CHATML_TEMPLATE
 
 # bitsandbytes looks for a faster CPU 4-bit kernel on the hub when it is imported and warns when it cannot
 # have one; its own kernel is used then, which is what runs offline.

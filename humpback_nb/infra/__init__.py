@@ -1,0 +1,1 @@
+"""What the method runs on: loading models, decoding, resumable batches, processes, files, pinned sources."""

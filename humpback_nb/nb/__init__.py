@@ -1,0 +1,1 @@
+"""For the notebooks: plots, explorers, Markdown tables, and running notebooks with papermill."""
