@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import yaml
 from humpback_nb.config import ConfigError, HumpbackConfig, load_config, load_preset, presets, with_overrides
 from humpback_nb.infra.files import RecordError
 from humpback_nb.infra.sources import SourceError
-from humpback_nb.run import PipelineError, RunFolder
+from humpback_nb.run import PipelineError, RunFiles, RunFolder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +76,10 @@ def _config(args: argparse.Namespace) -> HumpbackConfig:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        overrides[key.strip()] = parsed
     return with_overrides(config, overrides) if overrides else config
 
 
@@ -91,14 +95,17 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     folder = RunFolder(args.run_dir)
-    if not folder.config_path.is_file():
-        print(f"{folder.path}: no run here yet (no {folder.config_path.name}); stages of the method:")
+    if not folder.files.config_file().is_file():
+        print(f"{folder.path}: no run here yet (no {folder.files.config_file().name}); stages of the method:")
     else:
         config = folder.config()
         print(f"{folder.path}: preset {config.preset}, config hash {config.hash()}")
     for row in folder.status():
         took = f"{row['seconds']:.1f}s" if row["seconds"] is not None and row["state"] == "done" else ""
-        print(f"  {row['stage']:<11} {row['state']:<10} {took:>9}  {', '.join(row['outputs']):<18} {row['doc']}")
+        print(f"  {row['stage']:<11} {row['state']:<10} {took:>9}  {row['doc']}")
+        for model in row["models"]:
+            took = f"{model['seconds']:.1f}s" if model["seconds"] is not None and model["state"] == "done" else ""
+            print(f"    model {model['model']:<22} {model['state']:<8} {took:>9}  {model['hash'] or ''}")
     return 0
 
 
@@ -137,8 +144,8 @@ def _notebooks(args: argparse.Namespace) -> int:
     started = time.time()
     executed = execute_all(args.preset, args.run_dir, names=args.only)
     minutes = (time.time() - started) / 60
-    print(f"executed {len(executed)} notebook(s) in {minutes:.1f} min: {args.run_dir / 'notebooks'}")
-    summary = args.run_dir / "summary.json"
+    print(f"executed {len(executed)} notebook(s) in {minutes:.1f} min: {RunFiles(args.run_dir).notebooks_dir()}")
+    summary = RunFiles(args.run_dir).summary_file()
     if summary.is_file():
         numbers = json.loads(summary.read_text())
         main_result = numbers["win_rates"].get("m2_vs_m0", {}).get("overall", {})

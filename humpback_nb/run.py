@@ -1,30 +1,37 @@
-"""The method as stages over a run folder: each reads the files of the stages before it, writes its own.
+"""The run folder: the one place that names its files, and the rules by which stages fill it.
 
     runs/<name>/
-      config.yaml            the config of the run (the latest one it was run with)
-      seed.jsonl             seed (instruction, output) pairs                      stage `seed`
-      segments.jsonl         unlabelled segments (+ segments_dropped.jsonl, segments_report.json)
-      backward/              M_yx, the backward model's LoRA adapter               stage `backward`
-      candidates.jsonl       (generated instruction, segment) pairs                stage `candidates`
-      m0/  scores_m0.jsonl  A1.jsonl  m1/  scores_m1.jsonl  A2.jsonl  m2/  eval/  summary.json
-      stages/<stage>.yaml    manifest: the config that made a stage's outputs, its hash, its time
+      config.yaml                  the config of the latest `run`
+      seed.jsonl                   seed pairs, split "train" or "heldout"                      stage seed
+      segments.jsonl               unlabelled segments (+ segments_dropped.jsonl, segments_report.json)
+      models/<model>/              every trained model (adapter or full weights, train_log.json):
+                                   backward (M_yx), m0, m1, m2, and the models of the analyses
+      candidates.jsonl             (instruction, segment) pairs (+ candidates_dropped.jsonl, candidates_report.json)
+      scores_<model>.jsonl         a model's rating of every candidate
+      A<i>.jsonl  A<i>.json        A^(i)_k, and the k that made it (with the rule that chose k)
+      eval/                        answers_<model>.jsonl, model_outputs_<model>.json (AlpacaEval's format),
+                                   judgments_<x>_vs_<y>.jsonl, win_rates.json
+      analyses/<name>.json         the paper's analyses: table8_tags, table7_selectors, figure3_scaling
+      summary.json                 every number of the run
+      stages/<stage>.yaml          a stage's manifest: its hash, its inputs' hashes, the config, time, report
+      stages/models/<model>.yaml   a model's manifest: its own hash and the settings that made it
 
-A stage is done when its manifest exists, its outputs exist, and the manifest's hash equals the
-hash the current config gives it. That hash covers only the config sections the stage reads plus the
-hashes of the stages it reads from, so changing the evaluation settings does not retrain M0, while
-changing the data settings redoes everything downstream. Outputs are written atomically and the
-manifest last, so a stage interrupted halfway is simply not done and runs again (stages that write
-records in batches resume from their `.partial` file).
-
-Launched on several processes (distributed.py), every process runs every stage: the long loops split
-their batches, training runs under DDP, and only the main process writes the run folder; the processes
-meet before and after each stage.
+Rules (a stage is declared in stages.py with its outputs, the stages it reads and the config sections it reads):
+- A stage is done when its manifest and outputs exist and the manifest's hash equals the hash the current config
+  gives it: the hash of its declared config sections and of the hashes of the stages it reads. A stage sees only
+  the sections it declares (`StageRun.config`), so the hash covers what the stage reads.
+- Every trained model has a hash of its own (the settings and data that made it) and is retrained when it
+  changes, also inside an analysis that trains several (`StageRun.trained`).
+- Outputs are written atomically and the manifest last: a stage interrupted halfway is not done and runs again,
+  resuming from its `.partial` files, whose names carry the hash (records made with other settings never resume).
+- Launched on several processes (infra/distributed.py), every process runs every stage; only the main process
+  writes the run folder, and the processes meet before and after each stage.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
+import dataclasses
 import os
 import shutil
 import time
@@ -37,170 +44,373 @@ import yaml
 
 from humpback_nb.config import HumpbackConfig, config_hash, load_config, save_config
 from humpback_nb.infra.distributed import processes, wait_for_everyone
-from humpback_nb.infra.files import atomic_write_text, clean_temporaries, discard_writes
+from humpback_nb.infra.files import atomic_write_text, clean_temporaries, discard_writes, read_jsonl
 
-CONFIG_FILE = "config.yaml"
-MANIFEST_DIR = "stages"
-LOCK_FILE = ".lock"
+SECTIONS = tuple(f.name for f in dataclasses.fields(HumpbackConfig) if f.name != "preset")
+ALL_SECTIONS = ("*",)  # a stage that reads the whole config (the summary)
 
 
 class PipelineError(RuntimeError):
     """A run folder or stage that cannot proceed; the message says which and why."""
 
 
-@dataclass
-class StageContext:
-    """What a stage function gets: the run folder, the config, and where its files go."""
-
-    run_dir: Path
-    config: HumpbackConfig
-    stage: Stage
-    hash: str = ""
-
-    def path(self, name: str) -> Path:
-        """A file of the run folder, e.g. ctx.path("seed.jsonl")."""
-        return self.run_dir / name
-
-    def partial(self, name: str) -> Path:
-        """Where a resumable stage keeps the records written so far for output `name`; the name carries the
-        stage's hash, so records made with other settings are never resumed."""
-        return self.run_dir / f"{name}.{self.hash}.partial"
+class SectionError(PipelineError, AttributeError):
+    """A stage read a config section it does not declare: its hash would not cover what it reads."""
 
 
+# -- the accessor: every name in the run folder --------------------------------------------------------------
+@dataclass(frozen=True)
+class Curated:
+    """A^(i)_k as written by a stage: the pairs, the k that made them, and how k was chosen."""
+
+    records: list[dict[str, Any]]
+    k: float
+    rule: str
+    info: dict[str, Any]
+
+    def label(self, iteration: int) -> str:
+        """How the kit names this set wherever it shows it: "A(1)_k, k >= 3.97"."""
+        return f"A({iteration})_k, k >= {self.k:.3g}"
+
+
+class RunFiles:
+    """The files of one run folder: a path method and a reader for each artifact. Nothing else names them."""
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path)
+
+    # paths
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    def seed_file(self) -> Path:
+        return self.root / "seed.jsonl"
+
+    def segments_file(self) -> Path:
+        return self.root / "segments.jsonl"
+
+    def segments_dropped_file(self) -> Path:
+        return self.root / "segments_dropped.jsonl"
+
+    def segments_report_file(self) -> Path:
+        return self.root / "segments_report.json"
+
+    def candidates_file(self) -> Path:
+        return self.root / "candidates.jsonl"
+
+    def candidates_dropped_file(self) -> Path:
+        return self.root / "candidates_dropped.jsonl"
+
+    def candidates_report_file(self) -> Path:
+        return self.root / "candidates_report.json"
+
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def model_dir(self, model: str) -> Path:
+        """A trained model's folder: "backward", "m0", "m1", "m2", or a model an analysis trains."""
+        return self.models_dir() / model
+
+    def scores_file(self, model: str) -> Path:
+        return self.root / f"scores_{model}.jsonl"
+
+    def curated_file(self, iteration: int) -> Path:
+        return self.root / f"A{iteration}.jsonl"
+
+    def curated_info_file(self, iteration: int) -> Path:
+        return self.root / f"A{iteration}.json"
+
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def answers_file(self, model: str, folder: Path | None = None) -> Path:
+        return (folder or self.eval_dir()) / f"answers_{model}.jsonl"
+
+    def model_outputs_file(self, model: str, folder: Path | None = None) -> Path:
+        """AlpacaEval's model-outputs JSON of `model` (`alpaca_eval --model_outputs PATH`)."""
+        return (folder or self.eval_dir()) / f"model_outputs_{model}.json"
+
+    def judgments_file(self, comparison: str, folder: Path | None = None) -> Path:
+        return (folder or self.eval_dir()) / f"judgments_{comparison}.jsonl"
+
+    def win_rates_file(self, folder: Path | None = None) -> Path:
+        return (folder or self.eval_dir()) / "win_rates.json"
+
+    def analysis_file(self, name: str) -> Path:
+        """One of the paper's analyses: "table8_tags", "table7_selectors", "figure3_scaling"."""
+        return self.root / "analyses" / f"{name}.json"
+
+    def summary_file(self) -> Path:
+        return self.root / "summary.json"
+
+    def notebooks_dir(self) -> Path:
+        """Where `humpback notebooks` writes the executed notebooks."""
+        return self.root / "notebooks"
+
+    def manifest_file(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.yaml"
+
+    def model_manifest_file(self, model: str) -> Path:
+        return self.root / "stages" / "models" / f"{model}.yaml"
+
+    def partial(self, output: Path, hash: str, part: str | None = None) -> Path:
+        """Where a resumable stage keeps what it has made so far of `output` (or of one `part` of it), with the
+        settings of `hash`."""
+        return output.with_name(f"{output.name}{'.' + part if part else ''}.{hash}.partial")
+
+    def partials(self, output: Path) -> list[Path]:
+        """Every `.partial` of `output`, whatever its settings and process (`<name>.<hash>[.rank<r>].partial`)."""
+        return sorted(output.parent.glob(f"{output.name}.*.partial"))
+
+    def resolve(self, output: str) -> Path:
+        """The path of a declared output: "seed_file", or with an argument, "model_dir:m0", "scores_file:m0"."""
+        name, _, argument = output.partition(":")
+        method = getattr(self, name, None)
+        if method is None or not name.endswith(("_file", "_dir")):
+            raise PipelineError(f"unknown run-folder artifact {output!r}")
+        if not argument:
+            return method()
+        return method(int(argument) if argument.isdigit() else argument)
+
+    # readers
+    def seed_pairs(self, split: str = "train") -> list[dict[str, Any]]:
+        """The seed pairs of one split: "train" (what M_yx and M0 learn from) or "heldout" (never trained on)."""
+        return [r for r in read_jsonl(self.seed_file()) if r["split"] == split]
+
+    def segments(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.segments_file())
+
+    def segments_dropped(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.segments_dropped_file())
+
+    def segments_report(self) -> dict[str, Any]:
+        return _read_json(self.segments_report_file())
+
+    def candidates(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.candidates_file())
+
+    def candidates_dropped(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.candidates_dropped_file())
+
+    def candidates_report(self) -> dict[str, Any]:
+        return _read_json(self.candidates_report_file())
+
+    def scores(self, model: str) -> list[dict[str, Any]]:
+        """`model`'s rating of every candidate ("m0" or "m1")."""
+        return read_jsonl(self.scores_file(model))
+
+    def curated(self, iteration: int) -> Curated:
+        """A^(iteration)_k with the k that made it."""
+        info = _read_json(self.curated_info_file(iteration))
+        return Curated(read_jsonl(self.curated_file(iteration)), info["k"], info["rule"], info)
+
+    def train_log(self, model: str) -> dict[str, Any]:
+        from humpback_nb.method.train import read_train_log  # the model folder's format belongs to training
+
+        return read_train_log(self.model_dir(model))
+
+    def answers(self, model: str) -> list[dict[str, Any]]:
+        return read_jsonl(self.answers_file(model))
+
+    def judgments(self, comparison: str) -> list[dict[str, Any]]:
+        """Every judgment of a comparison of the eval stage, e.g. "m2_vs_m0"."""
+        return read_jsonl(self.judgments_file(comparison))
+
+    def win_rates(self) -> dict[str, Any]:
+        return _read_json(self.win_rates_file())
+
+    def analysis(self, name: str) -> dict[str, Any] | None:
+        """An analysis' results, or None when its stage has not run."""
+        path = self.analysis_file(name)
+        return _read_json(path) if path.is_file() else None
+
+    def summary(self) -> dict[str, Any]:
+        return _read_json(self.summary_file())
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    if not path.is_file():
+        raise PipelineError(f"{path}: not there yet; run the stage that writes it (`humpback status` shows which)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# -- stages --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stage:
-    """One step of the method: its outputs, the stages it reads, the config sections it depends on."""
+    """One step of the method: what it writes, which stages it reads, which config sections it reads."""
 
     name: str
-    outputs: tuple[str, ...]
+    outputs: tuple[str, ...]  # artifacts of RunFiles: "seed_file", "model_dir:m0", ...
     after: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
-    # The function that makes the outputs, or "module:function" (imported only when the stage runs, so
-    # that `humpback status` does not load torch).
-    run: Callable[[StageContext], Any] | str | None = field(default=None, compare=False)
+    function: Callable[[StageRun], Any] | None = field(default=None, compare=False)
     doc: str = ""
 
-    def function(self) -> Callable[[StageContext], Any]:
-        if isinstance(self.run, str):
-            module, name = self.run.split(":")
-            return getattr(importlib.import_module(module), name)
-        return self.run
+
+class StageConfig:
+    """The config as one stage sees it: the sections it declares, and an error naming the stage for any other."""
+
+    def __init__(self, config: HumpbackConfig, stage: Stage):
+        self._config, self._stage = config, stage
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name == "preset" or (name in SECTIONS and (self._stage.sections == ALL_SECTIONS
+                                                      or name in self._stage.sections)):
+            return getattr(self._config, name)
+        if name in SECTIONS:
+            raise SectionError(f"stage {self._stage.name!r} reads config section {name!r}, which it does not declare "
+                               f"(it declares {', '.join(self._stage.sections) or 'none'}); add it to its sections")
+        raise AttributeError(f"a stage's config has sections only; {name!r} is none of {', '.join(SECTIONS)}")
+
+    def whole(self) -> HumpbackConfig:
+        """The whole config, for a stage that declares every section (the summary)."""
+        if self._stage.sections != ALL_SECTIONS:
+            raise SectionError(f"stage {self._stage.name!r} asks for the whole config but declares "
+                               f"{', '.join(self._stage.sections) or 'no sections'}")
+        return self._config
 
 
-# The method, in order (paper section 2). Each stage's `run` is filled in as the kit grows; a stage
-# without one is listed by `status` as "not built" and stops `run` with a clear message.
-STAGES: tuple[Stage, ...] = (
-    Stage("seed", ("seed.jsonl",), (), ("random_seed", "data"), run="humpback_nb.method.data.stages:seed_stage",
-          doc="seed (instruction, output) pairs"),
-    Stage("segments", ("segments.jsonl", "segments_dropped.jsonl", "segments_report.json"), (), ("random_seed", "data"),
-          run="humpback_nb.method.data.stages:segments_stage", doc="unlabelled segments, filtered"),
-    Stage("backward", ("backward",), ("seed",), ("random_seed", "model", "train"), run="humpback_nb.method.train:backward_stage",
-          doc="backward model M_yx"),
-    Stage("candidates", ("candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json"),
-          ("backward", "segments"), ("generate",), run="humpback_nb.method.augment:self_augment_stage",
-          doc="self-augmentation: M_yx writes an instruction for each segment"),
-    Stage("m0", ("m0",), ("seed",), ("random_seed", "model", "train"), run="humpback_nb.method.train:m0_stage",
-          doc="M0: fine-tuned on seed data only"),
-    Stage("scores_m0", ("scores_m0.jsonl",), ("m0", "candidates"), ("curate",),
-          run="humpback_nb.method.curate:scores_m0_stage", doc="M0 rates the candidates"),
-    Stage("A1", ("A1.jsonl",), ("scores_m0",), ("curate",), run="humpback_nb.method.curate:a1_stage",
-          doc="A(1)_k: candidates scored >= k by M0"),
-    Stage("m1", ("m1",), ("seed", "A1"), ("random_seed", "model", "train"), run="humpback_nb.method.train:m1_stage",
-          doc="M1: seed + A(1)_k"),
-    Stage("scores_m1", ("scores_m1.jsonl",), ("m1", "candidates"), ("curate",),
-          run="humpback_nb.method.curate:scores_m1_stage", doc="M1 rates the candidates"),
-    Stage("A2", ("A2.jsonl",), ("scores_m1",), ("curate",), run="humpback_nb.method.curate:a2_stage",
-          doc="A(2)_k: candidates scored >= k by M1"),
-    Stage("m2", ("m2",), ("seed", "A2"), ("random_seed", "model", "train"), run="humpback_nb.method.train:m2_stage",
-          doc="M2 (Humpback): seed + A(2)_k"),
-    Stage("eval", ("eval",), ("m0", "m1", "m2"), ("evaluate", "generate"), run="humpback_nb.method.evaluate:eval_stage",
-          doc="answers and judged win rates"),
-    Stage("tags", ("tags",), ("eval", "m2"), ("evaluate", "generate"), run="humpback_nb.method.analysis:tags_stage",
-          doc="Table 8: inference tags, and a model trained without tags"),
-    Stage("selection", ("selection.json",), ("m0", "m1", "candidates"), ("evaluate",),
-          run="humpback_nb.method.analysis:selection_stage", doc="Table 7: M0 and M1 as selectors on a labelled set"),
-    Stage("scaling", ("scaling",), ("eval", "scores_m1"), ("evaluate", "generate"),
-          run="humpback_nb.method.analysis:scaling_stage", doc="Figure 3 / Table 3: win rate against data size N"),
-    Stage("summary", ("summary.json",), ("eval", "A1", "A2", "tags", "selection", "scaling"), (),
-          run="humpback_nb.method.evaluate:summary_stage", doc="every figure's numbers in one file"),
-)
+@dataclass
+class StageRun:
+    """What a stage function gets: the run's files, its own view of the config, its hash."""
+
+    files: RunFiles
+    config: StageConfig
+    stage: Stage
+    hash: str
+    upstream: dict[str, str]  # hash of each stage this one reads
+    models: dict[str, str] = field(default_factory=dict)  # models this run of the stage trained or kept: name -> hash
+
+    def partial(self, output: Path, part: str | None = None) -> Path:
+        """The `.partial` of `output` (or of one `part` of it) made with this stage's settings (resumed by a rerun
+        with the same ones)."""
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return self.files.partial(output, self.hash, part)
+
+    def trained(self, model: str, settings: dict[str, Any], train: Callable[[Path, Path], Any]) -> Path:
+        """The folder of `model`, trained by `train(folder, checkpoints)` unless it already holds a model made with
+        the same `settings` (everything its training reads: base model, training settings, and the hashes or
+        choices of its data). A model made with other settings is trained again from scratch."""
+        model_hash = config_hash({"model": model, "settings": settings})
+        folder, manifest_file = self.files.model_dir(model), self.files.model_manifest_file(model)
+        self.models[model] = model_hash
+        manifest = _read_yaml(manifest_file)
+        if manifest and manifest.get("hash") == model_hash and folder.is_dir():
+            return folder
+        main = processes().is_main
+        if main:  # a model made with other settings is never read again, even if this training fails
+            manifest_file.unlink(missing_ok=True)
+            _remove(folder)
+            for leftover in self.files.partials(folder):  # checkpoints of the same model with other settings
+                if f".{model_hash}." not in leftover.name:
+                    _remove(leftover)
+        started = time.time()
+        with contextlib.nullcontext() if main else discard_writes(self.files.root):
+            train(folder, self.files.partial(folder, model_hash))
+        if main:
+            for leftover in self.files.partials(folder):
+                _remove(leftover)
+            record = {"model": model, "stage": self.stage.name, "hash": model_hash, "settings": settings,
+                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - started, 3)}
+            atomic_write_text(manifest_file, yaml.safe_dump(record, sort_keys=False))
+        return folder
 
 
 class RunFolder:
-    """A run folder and the stages that fill it."""
+    """A run folder and the stages that fill it (by default the method's, from stages.py)."""
 
-    def __init__(self, path: str | Path, stages: Sequence[Stage] = STAGES):
+    def __init__(self, path: str | Path, stages: Sequence[Stage] | None = None):
+        if stages is None:
+            from humpback_nb.stages import STAGES as stages
         self.path = Path(path)
+        self.files = RunFiles(self.path)
         self.stages = {stage.name: stage for stage in stages}
         for stage in stages:
             missing = [name for name in stage.after if name not in self.stages]
             if missing:
                 raise PipelineError(f"stage {stage.name!r} reads from unknown stage(s) {missing}")
+            unknown = [s for s in stage.sections if s not in SECTIONS and stage.sections != ALL_SECTIONS]
+            if unknown:
+                raise PipelineError(f"stage {stage.name!r} declares unknown config section(s) {unknown}")
 
-    # -- config -------------------------------------------------------------------------------
-    @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG_FILE
-
+    # -- config ---------------------------------------------------------------------------------------------
     def config(self) -> HumpbackConfig:
         """The config stored in the run folder."""
-        if not self.config_path.is_file():
-            raise PipelineError(f"{self.path}: no {CONFIG_FILE}; start the run with `humpback run`")
-        return load_config(self.config_path)
+        path = self.files.config_file()
+        if not path.is_file():
+            raise PipelineError(f"{self.path}: no {path.name}; start the run with `humpback run`")
+        return load_config(path)
 
     def set_config(self, config: HumpbackConfig) -> None:
         """Store `config` as the run's config; stages it changes become stale."""
-        save_config(config, self.config_path)
+        save_config(config, self.files.config_file())
 
-    # -- hashes and manifests -----------------------------------------------------------------
+    # -- hashes and manifests -------------------------------------------------------------------------------
     def stage_hash(self, name: str, config: HumpbackConfig) -> str:
         """Hash of what determines a stage's outputs: its config sections and its inputs' hashes."""
         stage = self.stages[name]
-        return config_hash(
-            {
-                "stage": name,
-                "sections": {section: config.section(section) for section in stage.sections},
-                "after": {up: self.stage_hash(up, config) for up in stage.after},
-            }
-        )
-
-    def manifest_path(self, name: str) -> Path:
-        return self.path / MANIFEST_DIR / f"{name}.yaml"
+        sections = SECTIONS if stage.sections == ALL_SECTIONS else stage.sections
+        return config_hash({"stage": name, "sections": {s: config.section(s) for s in sections},
+                            "after": {up: self.stage_hash(up, config) for up in stage.after}})
 
     def manifest(self, name: str) -> dict[str, Any] | None:
-        path = self.manifest_path(name)
-        if not path.is_file():
-            return None
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return _read_yaml(self.files.manifest_file(name))
+
+    def outputs(self, name: str) -> list[Path]:
+        return [self.files.resolve(out) for out in self.stages[name].outputs]
 
     def state(self, name: str, config: HumpbackConfig) -> str:
         """"done", "stale" (made by another config), "pending", or "not built"."""
-        stage = self.stages[name]
         manifest = self.manifest(name)
-        outputs_exist = all((self.path / out).exists() for out in stage.outputs)
-        if manifest is not None and outputs_exist:
+        if manifest is not None and all(out.exists() for out in self.outputs(name)):
             return "done" if manifest.get("hash") == self.stage_hash(name, config) else "stale"
-        return "pending" if stage.run is not None else "not built"
+        return "pending" if self.stages[name].function is not None else "not built"
 
     def is_done(self, name: str, config: HumpbackConfig) -> bool:
         return self.state(name, config) == "done"
 
+    def model_rows(self, name: str, stage_state: str) -> list[dict[str, Any]]:
+        """The models a stage trained: each done while its stage is done with that model's hash."""
+        kept = (self.manifest(name) or {}).get("models") or {}
+        found = {}
+        for path in sorted((self.files.root / "stages" / "models").glob("*.yaml")):
+            record = _read_yaml(path) or {}
+            if record.get("stage") == name:
+                found[record["model"]] = record
+        rows = []
+        for model in sorted(set(kept) | set(found), key=lambda m: (m not in kept, m)):
+            record = found.get(model, {})
+            done = (stage_state == "done" and kept.get(model) == record.get("hash")
+                    and self.files.model_dir(model).is_dir())
+            rows.append({"model": model, "state": "done" if done else "stale" if record else "pending",
+                         "hash": record.get("hash"), "seconds": record.get("seconds")})
+        return rows
+
     def status(self, config: HumpbackConfig | None = None) -> list[dict[str, Any]]:
-        """One row per stage: name, state, outputs, seconds it took."""
-        if config is None:
-            config = self.config() if self.config_path.is_file() else None
+        """One row per stage: name, state, outputs, seconds it took, and the models it trained."""
+        if config is None and self.files.config_file().is_file():
+            config = self.config()
         rows = []
         for name, stage in self.stages.items():
             manifest = self.manifest(name) or {}
             if config is None:
-                state = "pending" if stage.run is not None else "not built"
+                state = "pending" if stage.function is not None else "not built"
             else:
                 state = self.state(name, config)
-            rows.append({"stage": name, "state": state, "outputs": list(stage.outputs),
-                         "seconds": manifest.get("seconds"), "doc": stage.doc})
+            rows.append({"stage": name, "state": state, "outputs": [str(p.relative_to(self.path))
+                                                                     for p in self.outputs(name)],
+                         "seconds": manifest.get("seconds"), "doc": stage.doc,
+                         "models": self.model_rows(name, state)})
         return rows
 
-    # -- running ------------------------------------------------------------------------------
+    # -- running --------------------------------------------------------------------------------------------
     def run_stage(self, name: str, config: HumpbackConfig, redo: bool = False) -> str:
         """Run one stage unless it is done with this config; returns "skipped" or "ran"."""
         stage = self.stages[name]
@@ -211,35 +421,40 @@ class RunFolder:
         for up in stage.after:
             if not self.is_done(up, config):
                 raise PipelineError(f"stage {name!r} needs stage {up!r}, which is {self.state(up, config)}")
-        if stage.run is None:
+        if stage.function is None:
             raise PipelineError(f"stage {name!r} ({stage.doc}) is not built in this version of the kit")
-        context = StageContext(self.path, config, stage, self.stage_hash(name, config))
+        context = StageRun(self.files, StageConfig(config, stage), stage, self.stage_hash(name, config),
+                           {up: self.stage_hash(up, config) for up in stage.after})
         if main:
-            self.manifest_path(name).unlink(missing_ok=True)  # from here on the stage is not done
-            clean_temporaries(self.path)
-            self._remove_partials(stage, keep_hash=context.hash)  # left by runs with other settings
+            self.files.manifest_file(name).unlink(missing_ok=True)  # from here on the stage is not done
+            for output in self.outputs(name):
+                clean_temporaries(output.parent)
+                if output.parent != self.files.models_dir():  # a model's checkpoints: see StageRun.trained
+                    self._remove_partials(output, keep_hash=context.hash)  # left by runs with other settings
         wait_for_everyone()
         started = time.time()
         with contextlib.nullcontext() if main else discard_writes(self.path):
-            report = stage.function()(context)
+            report = stage.function(context)
         wait_for_everyone()  # every process has read the part files before they go
         if not main:
             return "ran"
-        missing = [out for out in stage.outputs if not (self.path / out).exists()]
+        missing = [str(out.relative_to(self.path)) for out in self.outputs(name) if not out.exists()]
         if missing:
             raise PipelineError(f"stage {name!r} finished without writing {missing}")
-        self._remove_partials(stage)
+        for output in self.outputs(name):
+            self._remove_partials(output)
         manifest = {
             "stage": name,
-            "hash": self.stage_hash(name, config),
-            "after": {up: self.stage_hash(up, config) for up in stage.after},
+            "hash": context.hash,
+            "after": context.upstream,
             "outputs": list(stage.outputs),
+            "models": context.models,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - started, 3),
             "report": report if isinstance(report, dict) else None,
             "config": config.to_dict(),
         }
-        atomic_write_text(self.manifest_path(name), yaml.safe_dump(manifest, sort_keys=False))
+        atomic_write_text(self.files.manifest_file(name), yaml.safe_dump(manifest, sort_keys=False))
         return "ran"
 
     def run(self, config: HumpbackConfig, until: str | None = None, redo: Sequence[str] = (),
@@ -263,27 +478,27 @@ class RunFolder:
                     log(f"{name:<11} {results[name]}")
         return results
 
-    def _remove_partials(self, stage: Stage, keep_hash: str | None = None) -> None:
-        """Delete the stage's `.partial` files, except those made with the settings of `keep_hash`."""
-        for out in stage.outputs:
-            for leftover in self.path.glob(f"{out}.*.partial"):  # <out>[.<name>].<hash>[.rank<r>].partial
-                if keep_hash is None or f".{keep_hash}." not in leftover.name:
-                    shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    def _remove_partials(self, output: Path, keep_hash: str | None = None) -> None:
+        """Delete the `.partial` files of `output`, except those made with the settings of `keep_hash`."""
+        for leftover in self.files.partials(output):
+            if keep_hash is None or f".{keep_hash}." not in leftover.name:
+                _remove(leftover)
 
     def clear(self, name: str) -> list[str]:
-        """Delete a stage's outputs and manifest, and the manifests of every stage that reads them."""
+        """Delete a stage's outputs, models and manifest, and the manifests of every stage that reads them."""
         cleared = []
         for stage in self.stages.values():
             if stage.name == name or name in self._upstream(stage.name):
-                self.manifest_path(stage.name).unlink(missing_ok=True)
+                self.files.manifest_file(stage.name).unlink(missing_ok=True)
                 cleared.append(stage.name)
-        self._remove_partials(self.stages[name])
-        for out in self.stages[name].outputs:
-            target = self.path / out
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
+        for row in self.model_rows(name, "stale"):
+            folder = self.files.model_dir(row["model"])
+            self.files.model_manifest_file(row["model"]).unlink(missing_ok=True)
+            for target in (folder, *self.files.partials(folder)):
+                _remove(target)
+        for output in self.outputs(name):
+            self._remove_partials(output)
+            _remove(output)
         return cleared
 
     def _upstream(self, name: str) -> set[str]:
@@ -294,7 +509,18 @@ class RunFolder:
 
     def lock(self) -> _Lock:
         """Keep two processes from running stages in one run folder at the same time."""
-        return _Lock(self.path / LOCK_FILE)
+        return _Lock(self.files.lock_file())
+
+
+def _read_yaml(path: Path) -> dict[str, Any] | None:
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class _Lock:

@@ -39,18 +39,20 @@ def lab(tmp_path_factory, embedded_checkpoint):
     pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
 
     from humpback_nb.config import load_preset
-    from humpback_nb.infra.files import read_jsonl, write_jsonl
-    from humpback_nb.run import run
+    from humpback_nb.infra.files import write_jsonl
+    from humpback_nb.run import RunFiles, run
 
     root = tmp_path_factory.mktemp("lab")
     run_dir = root / "run"
     run(load_preset("tiny"), run_dir, until="A1")
-    # A web segment with markup in it, rated just under the notebook's k, first among the candidates.
-    candidates = read_jsonl(run_dir / "candidates.jsonl")
+    # A web segment with markup in it, rated just under the k of A(1)_k, first among the candidates.
+    files = RunFiles(run_dir)
+    candidates = files.candidates()
     hostile = dict(candidates[0], id="cand-hostile", instruction=HOSTILE, output=HOSTILE + " Mount Everest.")
-    write_jsonl(run_dir / "candidates.jsonl", [hostile, *candidates])
-    scores = read_jsonl(run_dir / "scores_m0.jsonl")
-    write_jsonl(run_dir / "scores_m0.jsonl", [dict(scores[0], id="cand-hostile", score=4.4), *scores])
+    write_jsonl(files.candidates_file(), [hostile, *candidates])
+    scores = files.scores("m0")
+    k = files.curated(1).k
+    write_jsonl(files.scores_file("m0"), [dict(scores[0], id="cand-hostile", score=round(k - 0.01, 4)), *scores])
     source = json.loads((ROOT / "notebooks" / "04_self_curation.ipynb").read_text())
     for cell in source["cells"]:
         if "parameters" in cell.get("metadata", {}).get("tags", []):

@@ -97,22 +97,24 @@ def test_logprob_rater_on_the_embedded_model(embedded_checkpoint, tmp_path):
             for i, d in enumerate(data[:40]) if not d["input"] and 200 < len(d["output"]) < 1200][:8]
     shuffled = [{"id": f"shuffled{i}", "instruction": a["instruction"], "output": b["output"]}
                 for i, (a, b) in enumerate(zip(good, good[1:] + good[:1], strict=True))]
-    scores = rate_logprob(model, tokenizer, good + shuffled, config, progress=False)
+    scores = rate_logprob(model, tokenizer, good + shuffled, config.curate, config.model.context_length, progress=False)
     for record in scores:
         assert sum(record["distribution"]) == pytest.approx(1.0, abs=1e-5)
         assert 1.0 <= record["score"] <= 5.0 and 0 < record["digit_mass"] <= 1
     by_id = {s["id"]: s["score"] for s in scores}
     assert statistics.mean(by_id[p["id"]] for p in good) > statistics.mean(by_id[p["id"]] for p in shuffled)
-    whole = rate_logprob(model, tokenizer, good[:3], config, reuse_prefix=False, progress=False)
+    whole = rate_logprob(model, tokenizer, good[:3], config.curate, config.model.context_length, reuse_prefix=False,
+                         progress=False)
     assert [s["score"] for s in whole] == pytest.approx([by_id[p["id"]] for p in good[:3]], abs=1e-3)
 
     # a crash after one line of a batch: the rerun rates the whole batch again and keeps the missing rows
     small = with_overrides(config, {"curate.batch_size": 4})
     pairs = good + shuffled
-    reference = rate_logprob(model, tokenizer, pairs, small, progress=False)
+    reference = rate_logprob(model, tokenizer, pairs, small.curate, small.model.context_length, progress=False)
     partial = tmp_path / "scores.partial"
     partial.write_text(json.dumps(reference[0]) + "\n")
-    resumed = rate_logprob(model, tokenizer, pairs, small, partial=partial, progress=False)
+    resumed = rate_logprob(model, tokenizer, pairs, small.curate, small.model.context_length, partial=partial,
+                           progress=False)
     assert resumed == reference
     assert [json.loads(line)["id"] for line in partial.read_text().splitlines()].count(reference[0]["id"]) == 1
 
@@ -125,3 +127,16 @@ def test_top_share_picks_k_from_the_scores():
     assert selection_threshold(scores, CurateConfig(threshold=4.5)) == 4.5
     assert selection_threshold(scores, CurateConfig(top_share=0.4)) == 3.3  # the best 2 of 5 rated
     assert selection_threshold(scores, CurateConfig(top_share=1.0)) == 2.5
+
+
+def test_a_curated_set_carries_the_k_that_made_it_and_how_k_was_chosen():
+    from humpback_nb.config import CurateConfig
+    from humpback_nb.method.curate import curated_set
+
+    candidates = [{"id": str(i), "instruction": "q", "output": "a"} for i in range(5)]
+    scores = [{"id": str(i), "score": s} for i, s in enumerate([3.1, 2.9, 3.4, 3.3, None])]
+    chosen, info = curated_set(candidates, scores, CurateConfig(top_share=0.5))
+    assert [c["id"] for c in chosen] == ["2", "3"] and info["k"] == 3.3
+    assert info["rule"].startswith("the best 50.0%") and (info["rated"], info["candidates"]) == (4, 5)
+    chosen, info = curated_set(candidates, scores, CurateConfig(threshold=3.0))
+    assert len(chosen) == 3 and info["k"] == 3.0 and info["rule"] == "score >= 3 (curate.threshold)"

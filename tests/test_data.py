@@ -3,7 +3,6 @@ import json
 import pytest
 
 from humpback_nb.config import DataConfig, load_preset, with_overrides
-from humpback_nb.infra.files import read_jsonl
 from humpback_nb.method.data.filters import (
     apply_filters,
     exact_duplicate_filter,
@@ -14,7 +13,8 @@ from humpback_nb.method.data.filters import (
 )
 from humpback_nb.method.data.seed import DataError, build_seed, iter_json_records, select_oasst1
 from humpback_nb.method.data.segments import header_segments, html_blocks, paragraph_segments, text_blocks, wiki_blocks
-from humpback_nb.method.data.stats import format_table2, length_stats, table2
+from humpback_nb.method.data.stats import length_stats, table2
+from humpback_nb.nb import tables
 from humpback_nb.run import RunFolder
 
 NAV = DataConfig().navigation_headers
@@ -176,7 +176,7 @@ def test_oasst1_file_becomes_top_n_seed_and_heldout(tmp_path):
     path = tmp_path / "oasst1_sample.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in oasst1_rows()))
     data = DataConfig(seed_source=str(path), seed_size=1, heldout_size=1)
-    records, counts = build_seed(data, seed=0)
+    records, counts = build_seed(data, random_seed=0)
     assert [(r["split"], r["source"]) for r in records] == [("train", "oasst1:a1"), ("heldout", "oasst1:e1")]
     assert counts["train"] == 1 and counts["heldout"] == 1
 
@@ -200,7 +200,7 @@ def test_bad_seed_files_name_file_line_and_problem(tmp_path, content, message):
     path = tmp_path / ("seed.json" if content.startswith(b"[") else "seed.jsonl")
     path.write_bytes(content)
     with pytest.raises(DataError, match=rf"{path.name}, {message}"):
-        build_seed(DataConfig(seed_source=str(path)), seed=0)
+        build_seed(DataConfig(seed_source=str(path)), random_seed=0)
 
 
 def test_a_bad_seed_file_leaves_nothing_in_the_run_folder(tmp_path):
@@ -224,7 +224,7 @@ def test_table2_numbers():
     rows = table2({"seed": [{"instruction": "ab", "output": "abcd"}, {"instruction": "abcd", "output": "ab"}]})
     assert rows[0]["count"] == 2 and rows[0]["instruction"] == (3.0, 1.0) and rows[0]["output"] == (3.0, 1.0)
     assert rows[0]["paper_count"] == 3200 and rows[0]["paper_instruction"] == (148, 322)
-    assert "| seed | 2 | 3 ± 1 | 3 ± 1 | 3,200 | 148 ± 322 | 1,072 ± 818 |" in format_table2(rows)
+    assert "| seed | 2 | 3 ± 1 | 3 ± 1 | 3,200 | 148 ± 322 | 1,072 ± 818 |" in tables.table2(rows)
     assert length_stats([]) is None
 
 
@@ -233,11 +233,10 @@ def test_tiny_data_stages(tmp_path):
     config = load_preset("tiny")
     folder = RunFolder(tmp_path / "run")
     assert folder.run(config, until="segments", log=lambda _: None) == {"seed": "ran", "segments": "ran"}
-    seed = read_jsonl(folder.path / "seed.jsonl")
-    assert [r["split"] for r in seed].count("train") == config.data.seed_size
-    assert [r["split"] for r in seed].count("heldout") == config.data.heldout_size
-    assert len({r["id"] for r in seed}) == len(seed)
-    segments = read_jsonl(folder.path / "segments.jsonl")
+    train, heldout = folder.files.seed_pairs("train"), folder.files.seed_pairs("heldout")
+    assert (len(train), len(heldout)) == (config.data.seed_size, config.data.heldout_size)
+    assert len({r["id"] for r in train + heldout}) == len(train + heldout)
+    segments = folder.files.segments()
     assert len(segments) == config.data.num_segments
     assert all({"id", "text", "header", "source", "chars"} <= set(s) for s in segments)
 
@@ -247,10 +246,10 @@ def test_demo_preset_gives_at_least_200_segments_that_pass_every_filter(tmp_path
     config = load_preset("demo")
     folder = RunFolder(tmp_path / "run")
     folder.run(config, until="segments", log=lambda _: None)
-    segments = read_jsonl(folder.path / "segments.jsonl")
+    segments = folder.files.segments()
     assert len(segments) >= 200
     kept, dropped, _ = apply_filters(segments, config.data)
     assert not dropped
-    report = json.loads((folder.path / "segments_report.json").read_text())
+    report = folder.files.segments_report()
     assert report["funnel"][-1] == {"step": "sampled", "count": len(segments),
                                     "removed": report["funnel"][-2]["count"] - len(segments)}

@@ -1,7 +1,6 @@
 """The same stages on two processes (gloo on a CPU, launched by accelerate) write the records one process
 writes, resume a killed launch with any number of processes, and train under DDP as one process does."""
 
-import json
 import os
 import shutil
 import socket
@@ -13,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from humpback_nb.infra.distributed import Processes, gather, processes, shared_map
+from humpback_nb.infra.models import ADAPTER_FILE
+from humpback_nb.run import RunFiles
 
 pytestmark = pytest.mark.slow
 
 # float32: bitwise equality across processes (README, "When things go wrong"); small batches: several per process
 # (12 segments: 6 batches of self-augmentation, 3 for each of two processes)
 SETTINGS = ["model.dtype=float32", "data.num_segments=12", "generate.batch_size=2", "curate.batch_size=2"]
-RECORDS = ("candidates.jsonl", "candidates_dropped.jsonl", "scores_m0.jsonl")
+RECORDS = (RunFiles.candidates_file, RunFiles.candidates_dropped_file, lambda files: files.scores_file("m0"))
 # Every process computes with one thread, as a launcher sets it: float sums split across another number of threads
 # round differently in the last bits.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -47,19 +48,26 @@ def cleared(source: Path, target: Path) -> Path:
     """A copy of a finished run whose generation stages (self-augmentation and rating) are to be done again."""
     shutil.copytree(source, target)
     run([sys.executable, "-m", "humpback_nb.cli", "clear", "--run-dir", str(target), "candidates"])
-    assert not (target / "candidates.jsonl").exists() and (target / "m0").is_dir()
+    files = RunFiles(target)
+    assert not files.candidates_file().exists() and files.model_dir("m0").is_dir()
     return target
 
 
 def same_records(a: Path, b: Path) -> None:
-    for name in RECORDS:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for record_file in RECORDS:
+        ours, theirs = record_file(RunFiles(a)), record_file(RunFiles(b))
+        assert ours.read_bytes() == theirs.read_bytes(), ours.name
+
+
+def part_files(folder: Path) -> list[Path]:
+    files = RunFiles(folder)
+    return [p for p in files.partials(files.candidates_file()) if ".rank" in p.name]
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, embedded_checkpoint) -> Path:
     folder = tmp_path_factory.mktemp("one-process")
-    run(humpback(folder, "scores_m0"))
+    run(humpback(folder, "rate_m0"))
     return folder
 
 
@@ -74,11 +82,11 @@ def test_a_killed_launch_ends_with_the_records_of_one_process(one_process, tmp_p
     folder = cleared(one_process, tmp_path / "killed")
     import psutil
 
-    launch = subprocess.Popen(humpback(folder, "scores_m0", processes=2), stdout=subprocess.DEVNULL,
+    launch = subprocess.Popen(humpback(folder, "rate_m0", processes=2), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=ENV)
     deadline = time.time() + 600
     try:  # kill every process of the launch once a process has written a batch to its part file
-        while not any(p.read_bytes().count(b"\n") for p in folder.glob("candidates.jsonl.*.rank*.partial")):
+        while not any(p.read_bytes().count(b"\n") for p in part_files(folder)):
             assert launch.poll() is None and time.time() < deadline, "the launch ended before it could be killed"
             time.sleep(0.05)
     finally:
@@ -88,17 +96,17 @@ def test_a_killed_launch_ends_with_the_records_of_one_process(one_process, tmp_p
             process.kill()
         launch.wait()
         psutil.wait_procs(family, timeout=30)
-    parts = list(folder.glob("candidates.jsonl.*.rank*.partial"))
-    assert parts and not (folder / "candidates.jsonl").exists()
+    parts = part_files(folder)
+    assert parts and not RunFiles(folder).candidates_file().exists()
     saved = {part.name: part.read_bytes() for part in parts}
-    run(humpback(folder, "scores_m0", processes=2))  # each process redoes only the batches missing in all parts
+    run(humpback(folder, "rate_m0", processes=2))  # each process redoes only the batches missing in all parts
     same_records(one_process, folder)
-    assert not list(folder.glob("*.partial"))  # part files are merged and removed
+    assert not list(folder.rglob("*.partial"))  # part files are merged and removed
 
     cleared(folder, tmp_path / "again")  # and a launch's parts can be finished by one process
     for name, lines in saved.items():
         (tmp_path / "again" / name).write_bytes(lines)
-    run(humpback(tmp_path / "again", "scores_m0"))
+    run(humpback(tmp_path / "again", "rate_m0"))
     same_records(one_process, tmp_path / "again")
 
 
@@ -106,11 +114,11 @@ def test_training_under_ddp_takes_the_steps_one_process_takes(one_process, tmp_p
     from safetensors.torch import load_file
 
     run(humpback(tmp_path, "backward", processes=2))
-    ours, theirs = (json.loads((f / "backward" / "train_log.json").read_text()) for f in (tmp_path, one_process))
+    ours, theirs = (RunFiles(f).train_log("backward") for f in (tmp_path, one_process))
     assert ours["processes"] == 2 and theirs["processes"] == 1
     assert [s["tokens"] for s in ours["steps"]] == [s["tokens"] for s in theirs["steps"]]  # the same examples
     assert [s["loss"] for s in ours["steps"]] == pytest.approx([s["loss"] for s in theirs["steps"]], abs=1e-4)
-    a, b = (load_file(f / "backward" / "adapter_model.safetensors") for f in (tmp_path, one_process))
+    a, b = (load_file(RunFiles(f).model_dir("backward") / ADAPTER_FILE) for f in (tmp_path, one_process))
     # Adam moves every weight by about the learning rate whatever the gradient's size, so a gradient that
     # differs in its last bits (summed in another order) can move a weight the other way: 2 x lr per step at most
     bound = 2 * theirs["learning_rate"] * len(theirs["steps"])
@@ -132,4 +140,5 @@ def test_sharded_training_is_refused_with_a_clear_message(monkeypatch, tmp_path)
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="FSDP is not supported"):
-        train_model([{"input_ids": [1, 2], "labels": [-100, 2]}], load_preset("tiny"), tmp_path / "m")
+        config = load_preset("tiny")
+        train_model([{"input_ids": [1, 2], "labels": [-100, 2]}], config.model, config.train, tmp_path / "m")

@@ -5,17 +5,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from humpback_nb.method.evaluate import (
-    EndpointJudge,
-    alpaca_eval_prompts,
-    compare,
-    fit_alpha,
-    judge_both_orders,
-    mt_bench_prompts,
-    precision_recall,
-    win_rate,
-    write_model_outputs,
-)
+from humpback_nb.method.evaluate import alpaca_eval_prompts, mt_bench_prompts, write_model_outputs
+from humpback_nb.method.judges import EndpointJudge, judge_both_orders
+from humpback_nb.method.winrates import compare, fit_alpha, position_bias, precision_recall, win_rate
 
 
 def test_win_rate_counts_ties_as_half_and_gives_a_standard_error():
@@ -127,3 +119,8 @@ def test_endpoint_judge_against_a_loopback_server(monkeypatch):
         server.server_close()
     with pytest.raises(RuntimeError, match="judge endpoint .* failed"):
         EndpointJudge(f"http://127.0.0.1:{server.server_port}/v1", "m", timeout=2).prefer_a("q", "a", "b")
+
+
+def test_position_bias_is_the_mean_preference_for_the_answer_shown_first():
+    assert position_bias([{"x_as_a": 0.9, "x_as_b": 0.1}, {"x_as_a": 0.7, "x_as_b": 0.3}]) == pytest.approx(0.8)
+    assert position_bias([{"x_as_a": 0.8, "x_as_b": 0.8}]) == pytest.approx(0.5) and position_bias([]) is None

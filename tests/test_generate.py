@@ -3,8 +3,9 @@ import json
 import pytest
 
 from humpback_nb.config import GenerateConfig, ModelConfig
-from humpback_nb.infra import generate
-from humpback_nb.infra.generate import generate_records, read_partial
+from humpback_nb.infra import decode as generate
+from humpback_nb.infra.batches import read_partial
+from humpback_nb.infra.decode import generate_records
 from humpback_nb.infra.models import load_model
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ def test_decoding_loop_matches_transformers_generate_when_greedy(embedded_checkp
     # transformers' own generate, one prompt at a time, in float32: the same tokens.
     import torch
 
-    from humpback_nb.infra.generate import decode
+    from humpback_nb.infra.decode import decode
     from humpback_nb.method.prompts import prompt_ids
 
     model, tokenizer = load_model(ModelConfig(dtype="float32"))
@@ -100,7 +101,7 @@ def test_nucleus_is_the_one_transformers_samples_from(temperature):
     import torch
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from humpback_nb.infra.generate import nucleus
+    from humpback_nb.infra.decode import nucleus
 
     logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(0)) * 3
     probs = torch.softmax(logits / temperature, dim=-1)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from humpback_nb.config import ModelConfig, TrainConfig
-from humpback_nb.infra.generate import chat
+from humpback_nb.infra.decode import chat
 from humpback_nb.infra.models import (
     ModelError,
     attach_lora,

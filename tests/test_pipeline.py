@@ -6,32 +6,33 @@ import pytest
 from humpback_nb.cli import main
 from humpback_nb.config import load_preset, with_overrides
 from humpback_nb.infra.files import read_jsonl, write_jsonl
-from humpback_nb.run import STAGES, PipelineError, RunFolder, Stage
+from humpback_nb.run import PipelineError, RunFiles, RunFolder, SectionError, Stage
+from humpback_nb.stages import STAGES
 
 CALLS: list[str] = []
 
 
-def make_numbers(ctx):
+def make_numbers(run):
     CALLS.append("numbers")
-    n = ctx.config.data.seed_size
-    write_jsonl(ctx.path("numbers.jsonl"), ({"id": i, "value": i * i} for i in range(n)))
+    n = run.config.data.seed_size
+    write_jsonl(run.files.seed_file(), ({"id": i, "value": i * i, "split": "train"} for i in range(n)))
 
 
-def sum_numbers(ctx):
+def sum_numbers(run):
     CALLS.append("total")
-    values = [r["value"] for r in read_jsonl(ctx.path("numbers.jsonl"))]
-    scale = ctx.config.generate.temperature
-    write_jsonl(ctx.path("total.jsonl"), [{"total": sum(values) * scale}])
+    values = [r["value"] for r in run.files.seed_pairs("train")]
+    scale = run.config.generate.temperature
+    write_jsonl(run.files.candidates_file(), [{"total": sum(values) * scale}])
 
 
-def crash(ctx):
+def crash(run):
     CALLS.append("crash")
     raise RuntimeError("killed halfway")
 
 
 TOY = (
-    Stage("numbers", ("numbers.jsonl",), (), ("data",), run=make_numbers),
-    Stage("total", ("total.jsonl",), ("numbers",), ("generate",), run=sum_numbers),
+    Stage("numbers", ("seed_file",), (), ("data",), make_numbers),
+    Stage("total", ("candidates_file",), ("numbers",), ("generate",), sum_numbers),
 )
 
 
@@ -50,11 +51,11 @@ def test_stages_run_once_and_are_skipped_with_the_same_config(folder, config):
     assert folder.run(config, log=lambda _: None) == {"numbers": "ran", "total": "ran"}
     assert folder.run(config, log=lambda _: None) == {"numbers": "skipped", "total": "skipped"}
     assert CALLS == ["numbers", "total"]
-    assert read_jsonl(folder.path / "total.jsonl") == [{"total": sum(i * i for i in range(24)) * 0.7}]
+    assert read_jsonl(folder.files.candidates_file()) == [{"total": sum(i * i for i in range(24)) * 0.7}]
     manifest = folder.manifest("numbers")
     assert manifest["hash"] == folder.stage_hash("numbers", config)
     assert manifest["config"] == config.to_dict()
-    assert (folder.path / "config.yaml").is_file()
+    assert folder.files.config_file().is_file()
 
 
 def test_a_change_redoes_only_the_stages_it_touches(folder, config):
@@ -75,22 +76,22 @@ def test_until_and_redo(folder, config):
 
 def test_an_interrupted_stage_is_not_done_and_runs_again(tmp_path, config):
     CALLS.clear()
-    stages = (TOY[0], Stage("total", ("total.jsonl",), ("numbers",), ("generate",), run=crash))
+    stages = (TOY[0], Stage("total", ("candidates_file",), ("numbers",), ("generate",), crash))
     folder = RunFolder(tmp_path / "run", stages)
     with pytest.raises(RuntimeError, match="killed halfway"):
         folder.run(config, log=lambda _: None)
     assert folder.state("numbers", config) == "done"
     assert folder.state("total", config) == "pending"
-    assert not (folder.path / "stages" / "total.yaml").exists()
-    assert not (folder.path / ".lock").exists()
+    assert not folder.files.manifest_file("total").exists()
+    assert not folder.files.lock_file().exists()
     fixed = RunFolder(tmp_path / "run", TOY)
     assert fixed.run(config, log=lambda _: None) == {"numbers": "skipped", "total": "ran"}
 
 
 def test_a_stage_that_writes_nothing_is_not_marked_done(tmp_path, config):
-    stages = (Stage("lazy", ("never.jsonl",), (), (), run=lambda ctx: None),)
+    stages = (Stage("lazy", ("summary_file",), (), (), lambda run: None),)
     folder = RunFolder(tmp_path / "run", stages)
-    with pytest.raises(PipelineError, match=r"finished without writing \['never.jsonl'\]"):
+    with pytest.raises(PipelineError, match=r"finished without writing \['summary.json'\]"):
         folder.run(config, log=lambda _: None)
     assert folder.manifest("lazy") is None
 
@@ -98,7 +99,7 @@ def test_a_stage_that_writes_nothing_is_not_marked_done(tmp_path, config):
 def test_clear_makes_the_stage_and_its_readers_pending(folder, config):
     folder.run(config, log=lambda _: None)
     assert folder.clear("numbers") == ["numbers", "total"]
-    assert not (folder.path / "numbers.jsonl").exists()
+    assert not folder.files.seed_file().exists()
     assert [folder.state(s, config) for s in ("numbers", "total")] == ["pending", "pending"]
 
 
@@ -113,21 +114,20 @@ def test_one_process_at_a_time(folder):
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(folder, config):
     folder.path.mkdir(parents=True)
-    (folder.path / ".lock").write_text("999999999\n")
+    folder.files.lock_file().write_text("999999999\n")
     assert folder.run(config, until="numbers", log=lambda _: None) == {"numbers": "ran"}
 
 
-def test_the_methods_stages_read_only_earlier_stages():
+def test_the_methods_stages_read_only_earlier_stages_in_the_papers_order():
     seen = set()
     for stage in STAGES:
         assert set(stage.after) <= seen, stage.name
         seen.add(stage.name)
-    outputs = [out for stage in STAGES for out in stage.outputs]
-    assert outputs == ["seed.jsonl", "segments.jsonl", "segments_dropped.jsonl", "segments_report.json",
-                       "backward", "candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json",
-                       "m0", "scores_m0.jsonl",
-                       "A1.jsonl", "m1", "scores_m1.jsonl", "A2.jsonl", "m2", "eval", "tags", "selection.json",
-                       "scaling", "summary.json"]
+    assert [stage.name for stage in STAGES] == ["seed", "segments", "backward", "candidates", "m0", "rate_m0", "A1",
+                                                "m1", "rate_m1", "A2", "m2", "eval", "tags", "selectors", "scaling",
+                                                "summary"]
+    folder = RunFolder("runs/x")  # every declared output names an artifact of the run folder
+    assert all(folder.outputs(stage.name) for stage in STAGES)
 
 
 def test_cli_status_on_a_folder_with_no_run(tmp_path, capsys):
@@ -148,13 +148,13 @@ def test_cli_config_overrides_and_errors(capsys):
 def test_partials_of_other_settings_are_removed_and_own_ones_kept(tmp_path, config):
     seen = []
 
-    def resumable(ctx):
-        mine = ctx.partial("out.jsonl")
+    def resumable(run):
+        mine = run.partial(run.files.candidates_file())
         seen.append(mine.exists())
         mine.write_text('{"id": 1}\n')
         raise RuntimeError("interrupted")
 
-    stages = (Stage("s", ("out.jsonl",), (), ("generate",), run=resumable),)
+    stages = (Stage("s", ("candidates_file",), (), ("generate",), resumable),)
     folder = RunFolder(tmp_path / "run", stages)
     for _ in range(2):
         with pytest.raises(RuntimeError):
@@ -164,4 +164,104 @@ def test_partials_of_other_settings_are_removed_and_own_ones_kept(tmp_path, conf
     with pytest.raises(RuntimeError):
         folder.run(other, log=lambda _: None)
     assert seen[-1] is False  # records made with other settings are never resumed
-    assert len(list(folder.path.glob("out.jsonl.*.partial"))) == 1
+    assert len(folder.files.partials(folder.files.candidates_file())) == 1
+
+
+# -- honest hashes: a stage sees only the sections it declares -----------------------------------------------------
+def test_a_stage_that_reads_an_undeclared_section_stops_with_its_name_and_the_section(tmp_path, config):
+    def sneaky(run):
+        return run.config.train.learning_rate  # declares only "generate"
+
+    folder = RunFolder(tmp_path / "run", (Stage("sneaky", ("candidates_file",), (), ("generate",), sneaky),))
+    with pytest.raises(SectionError, match="stage 'sneaky' reads config section 'train', which it does not declare"):
+        folder.run(config, log=lambda _: None)
+    assert folder.manifest("sneaky") is None
+
+
+def test_the_cli_reports_an_undeclared_section_in_one_line(tmp_path, monkeypatch, capsys):
+    import humpback_nb.stages
+
+    def sneaky(run):
+        return run.config.evaluate.judge
+
+    monkeypatch.setattr(humpback_nb.stages, "STAGES", [Stage("sneaky", ("summary_file",), (), ("data",), sneaky)])
+    assert main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "humpback: error: stage 'sneaky' reads config section 'evaluate', which it does not declare (it declares "
+        "data); add it to its sections"]
+
+
+# -- every trained model is under a hash ---------------------------------------------------------------------------
+def test_models_inside_a_stage_are_retrained_when_their_settings_change_and_kept_when_not(tmp_path, config):
+    trained = []
+
+    def fit(name, rate):
+        def train(folder, checkpoints):
+            trained.append((name, rate))
+            folder.mkdir(parents=True)
+            (folder / "weights.txt").write_text(str(rate))
+        return train
+
+    def analysis(run):  # an analysis that trains two models of its own, as Table 8 and Figure 3 do
+        for name in ("extra_a", "extra_b"):
+            rate = run.config.train.learning_rate
+            run.trained(name, {"train": rate, "n": name}, fit(name, rate))
+        write_jsonl(run.files.candidates_file(), [{"judge": run.config.evaluate.judge}])
+
+    stages = (Stage("analysis", ("candidates_file",), (), ("train", "evaluate"), analysis),)
+    folder = RunFolder(tmp_path / "run", stages)
+    folder.run(config, log=lambda _: None)
+    assert [(m["model"], m["state"]) for m in folder.status(config)[0]["models"]] == [("extra_a", "done"),
+                                                                                      ("extra_b", "done")]
+    other_judge = with_overrides(config, {"evaluate.judge": "other"})
+    folder.run(other_judge, log=lambda _: None)  # the stage reruns, its models are kept
+    assert len(trained) == 2
+    new_rate = with_overrides(other_judge, {"train.learning_rate": 3e-4})
+    assert [m["state"] for m in folder.status(new_rate)[0]["models"]] == ["stale", "stale"]
+    folder.run(new_rate, log=lambda _: None)
+    assert trained[2:] == [("extra_a", 3e-4), ("extra_b", 3e-4)]
+    assert (folder.files.model_dir("extra_a") / "weights.txt").read_text() == "0.0003"
+    assert folder.files.model_manifest_file("extra_b").is_file()
+
+
+def test_status_shows_the_models_of_a_stage(tmp_path, config, capsys):
+    def analysis(run):
+        run.trained("extra", {"n": 1}, lambda folder, checkpoints: folder.mkdir(parents=True))
+        write_jsonl(run.files.candidates_file(), [])
+
+    RunFolder(tmp_path, (Stage("analysis", ("candidates_file",), (), (), analysis),)).run(config, log=lambda _: None)
+    rows = RunFolder(tmp_path, (Stage("analysis", ("candidates_file",), (), (), analysis),)).status()
+    assert rows[0]["models"][0]["model"] == "extra" and rows[0]["models"][0]["state"] == "done"
+
+
+# -- one accessor names the run folder's files ----------------------------------------------------------------------
+def test_no_file_name_of_the_run_folder_is_written_outside_the_run_module():
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = RunFiles("R")
+    names = {p.name for p in (files.config_file(), files.seed_file(), files.segments_file(),
+                              files.segments_dropped_file(), files.segments_report_file(), files.candidates_file(),
+                              files.candidates_dropped_file(), files.candidates_report_file(), files.summary_file(),
+                              files.win_rates_file(), files.curated_file(1), files.curated_info_file(2))}
+    patterns = [re.escape(name) for name in names] + [r"scores_m\d", r"\bA[12]\.jsonl", r"answers_\w*\.jsonl",
+                                                      r"model_outputs_\w*\.json", r"judgments_\w*\.jsonl"]
+    sources = [p for folder in ("humpback_nb", "notebooks", "benchmarks") for p in (root / folder).rglob("*")
+               if p.suffix in (".py", ".ipynb") and p.name != "run.py"]
+
+    def code(path: Path) -> str:  # a notebook's code cells (its prose may name a file for the reader)
+        if path.suffix != ".ipynb":
+            return path.read_text(encoding="utf-8")
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+    found = [f"{p.relative_to(root)}: {m.group(0)}" for p in sources for pattern in patterns
+             for m in re.finditer(pattern, code(p))]
+    assert len(sources) > 20 and found == []
+
+
+def test_cli_reads_numbers_in_e_notation_as_numbers(capsys):
+    assert main(["config", "--preset", "tiny", "--set", "train.learning_rate=3e-4"]) == 0
+    assert "learning_rate: 0.0003" in capsys.readouterr().out

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from humpback_nb.infra.models import ADAPTER_FILE
+from humpback_nb.run import RunFiles
+
 pytestmark = pytest.mark.slow
 
-STOP = "scores_m0"
+STOP = "rate_m0"
 # Small batches and several checkpoints, so that every long stage is caught half-way. float32: in bf16 on a
 # CPU, torch's results differ in the last bits from one process to the next (README, "When things go wrong").
 SETTINGS = ["model.dtype=float32", "train.max_steps=4", "train.save_steps=1", "generate.batch_size=2",
@@ -44,16 +47,19 @@ def kill_when(folder: Path, ready, timeout: float = 600) -> None:
         process.wait()
 
 
-def partial_lines(name: str):
+def partial_lines(output):
+    """Ready when a `.partial` of the output `output(files)` has a whole batch in it."""
     def ready(folder: Path) -> bool:
-        return any(p.read_bytes().count(b"\n") >= 1 for p in folder.glob(f"{name}.*.partial") if p.is_file())
+        files = RunFiles(folder)
+        return any(p.read_bytes().count(b"\n") >= 1 for p in files.partials(output(files)) if p.is_file())
 
     return ready
 
 
-def checkpoint(name: str):
+def checkpoint(model: str):
     def ready(folder: Path) -> bool:
-        return any(folder.glob(f"{name}.*.partial/checkpoint-*/humpback_steps.json"))
+        files = RunFiles(folder)
+        return any(list(p.glob("checkpoint-*/humpback_steps.json")) for p in files.partials(files.model_dir(model)))
 
     return ready
 
@@ -71,16 +77,16 @@ def uninterrupted(tmp_path_factory, embedded_checkpoint) -> Path:
 
 def test_killed_in_training_generation_and_rating_the_run_ends_as_if_never_stopped(uninterrupted, tmp_path):
     kill_when(tmp_path, checkpoint("backward"))  # training M_yx, after its first checkpoint
-    kill_when(tmp_path, partial_lines("candidates.jsonl"))  # self-augmentation, after a batch
-    partial = next(tmp_path.glob("candidates.jsonl.*.partial"))
+    kill_when(tmp_path, partial_lines(RunFiles.candidates_file))  # self-augmentation, after a batch
+    partial = RunFiles(tmp_path).partials(RunFiles(tmp_path).candidates_file())[0]
     with open(partial, "ab") as handle:  # and a batch cut off while it was being written
         handle.write(b'{"id": "seg-000')
-    kill_when(tmp_path, partial_lines("scores_m0.jsonl"))  # rating, after a batch
+    kill_when(tmp_path, partial_lines(lambda files: files.scores_file("m0")))  # rating, after a batch
     run_to_end(tmp_path)
 
     # same preset, same seed, other processes: the same bytes in every record file
     assert records(tmp_path) == records(uninterrupted)
     assert len(records(tmp_path)) >= 5  # seed, segments, dropped segments, candidates, scores ...
-    ours = (tmp_path / "backward" / "adapter_model.safetensors").read_bytes()
-    assert ours == (uninterrupted / "backward" / "adapter_model.safetensors").read_bytes()
-    assert not list(tmp_path.glob("*.partial"))  # nothing left behind
+    ours, theirs = (RunFiles(f).model_dir("backward") / ADAPTER_FILE for f in (tmp_path, uninterrupted))
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert not list(tmp_path.rglob("*.partial"))  # nothing left behind

@@ -98,10 +98,10 @@ def test_qlora_lowers_the_training_loss_and_ends_at_the_final_learning_rate(toke
 
     base, _ = load_model(config.model)
     before = mean_loss(base, tokenizer, examples)
-    log = train_model(examples, config, tmp_path / "m", log=lambda _: None)
-    from humpback_nb.method.train import load_trained
+    log = train_model(examples, config.model, config.train, tmp_path / "m", log=lambda _: None)
+    from humpback_nb.infra.models import load_trained
 
-    trained, _ = load_trained(config, tmp_path / "m")
+    trained, _ = load_trained(config.model, tmp_path / "m")
     after = mean_loss(trained, tokenizer, examples)
     assert after < before - 0.1
     assert [s["lr"] for s in log["steps"]][0] == pytest.approx(1e-3)

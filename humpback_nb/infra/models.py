@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -220,3 +220,14 @@ def load_adapter(model: PreTrainedModel, path: str | Path, trainable: bool = Fal
     if trainable and is_4bit(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return PeftModel.from_pretrained(model, path, is_trainable=trainable)
+
+
+def load_trained(base: ModelConfig, path: str | Path, merge: bool = True) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) of a model the kit trained: `base` with the LoRA adapter saved in `path`, or the full
+    checkpoint in `path` (loaded with the settings of `base`)."""
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return load_model(base, adapter=path, merge=merge)
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{path}: neither a LoRA adapter nor a safetensors checkpoint; has its stage run?")
+    return load_model(replace(base, name=str(path)))

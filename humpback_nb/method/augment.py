@@ -9,18 +9,13 @@ show them: it writes nothing, rambles, echoes the start of the segment, or write
 from __future__ import annotations
 
 import re
-import time
 from collections import Counter
 from typing import Any
 
-from humpback_nb.config import GenerateConfig, HumpbackConfig
-from humpback_nb.infra.files import atomic_write_json, read_jsonl, write_jsonl
-from humpback_nb.infra.generate import generate_records
+from humpback_nb.config import GenerateConfig
+from humpback_nb.infra.decode import generate_records
 from humpback_nb.method.data.filters import words
-from humpback_nb.method.prompts import backward_messages, prompt_ids
-from humpback_nb.method.train import fit_text, load_trained
-
-CANDIDATE_FILES = ("candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json")
+from humpback_nb.method.prompts import backward_messages, fit_text, prompt_ids
 
 # Instructions about the backtranslation task or about a text the instruction cannot show.
 META_INSTRUCTION = re.compile(
@@ -60,9 +55,10 @@ def split_degenerate(candidates: list[dict[str, Any]], max_chars: int) -> tuple[
     return kept, dropped
 
 
-def backward_prompts(tokenizer, segments: list[dict[str, Any]], max_length: int, max_new_tokens: int) -> list[dict]:
+def backward_prompts(tokenizer, segments: list[dict[str, Any]], context_length: int,
+                     max_new_tokens: int) -> list[dict]:
     """The prompt M_yx gets for each segment; a segment too long for the context is cut to fit."""
-    room = max_length - max_new_tokens - len(prompt_ids(tokenizer, backward_messages("")))
+    room = context_length - max_new_tokens - len(prompt_ids(tokenizer, backward_messages("")))
     return [{"id": s["id"], "messages": backward_messages(fit_text(tokenizer, s["text"], room))} for s in segments]
 
 
@@ -71,24 +67,19 @@ def generation_settings(settings: GenerateConfig) -> dict[str, Any]:
             "max_new_tokens": settings.instruction_max_new_tokens}
 
 
-def write_instructions(model, tokenizer, texts: list[dict[str, Any]], config: HumpbackConfig,
+def write_instructions(model, tokenizer, texts: list[dict[str, Any]], settings: GenerateConfig, context_length: int,
                        partial=None) -> list[dict[str, Any]]:
     """M_yx's instruction for each {"id", "text"}: generation records ("text" is the instruction)."""
-    settings = config.generate
-    prompts = backward_prompts(tokenizer, texts, config.model.context_length, settings.instruction_max_new_tokens)
+    prompts = backward_prompts(tokenizer, texts, context_length, settings.instruction_max_new_tokens)
     return generate_records(model, tokenizer, prompts, settings, settings.instruction_max_new_tokens,
                             partial=partial, desc="self-augmentation")
 
 
-def self_augment_stage(ctx) -> dict[str, Any]:
-    """candidates.jsonl: (instruction, segment) pairs from M_yx; degenerate ones in candidates_dropped.jsonl."""
-    config = ctx.config
-    settings = config.generate
-    segments = read_jsonl(ctx.path("segments.jsonl"))
-    model, tokenizer = load_trained(config, ctx.path("backward"))
-    started = time.time()
-    generated = write_instructions(model, tokenizer, segments, config, partial=ctx.partial("candidates.jsonl"))
-    seconds = time.time() - started
+def self_augment(model, tokenizer, segments: list[dict[str, Any]], settings: GenerateConfig, context_length: int,
+                 partial=None) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """(candidates, dropped, report): M_yx writes an instruction for every segment, and the degenerate ones are
+    set aside with their reason (paper section 2.2)."""
+    generated = write_instructions(model, tokenizer, segments, settings, context_length, partial=partial)
     used = generation_settings(settings)
     candidates = [
         {"id": f"cand-{segment['id']}", "segment_id": segment["id"], "instruction": g["text"].strip(),
@@ -97,17 +88,12 @@ def self_augment_stage(ctx) -> dict[str, Any]:
         for segment, g in zip(segments, generated, strict=True)
     ]
     kept, dropped = split_degenerate(candidates, settings.max_instruction_chars)
-    new_tokens = sum(g["new_tokens"] for g in generated)
     report = {
         "segments": len(segments),
         "kept": len(kept),
         "dropped": dict(Counter(d["reason"].split(" (")[0] for d in dropped)),
         "unfinished": sum(not c["finished"] for c in candidates),
         "generation": used,
-        "seconds_this_run": round(seconds, 2),
-        "new_tokens": new_tokens,
+        "new_tokens": sum(g["new_tokens"] for g in generated),
     }
-    write_jsonl(ctx.path("candidates_dropped.jsonl"), dropped)
-    atomic_write_json(ctx.path("candidates_report.json"), report)
-    write_jsonl(ctx.path("candidates.jsonl"), kept)
-    return report
+    return kept, dropped, report

@@ -16,17 +16,15 @@ from __future__ import annotations
 import copy
 import math
 import re
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from humpback_nb.config import CurateConfig, HumpbackConfig
-from humpback_nb.infra.files import read_jsonl, write_jsonl
-from humpback_nb.infra.generate import generate_records, in_batches
-from humpback_nb.method.prompts import curation_messages, prompt_ids
+from humpback_nb.config import CurateConfig, GenerateConfig
+from humpback_nb.infra.batches import in_batches
+from humpback_nb.infra.decode import generate_records
+from humpback_nb.method.prompts import curation_messages, fit_text, prompt_ids
 
 SCORES = (1, 2, 3, 4, 5)
 _SCORE_LINE = re.compile(r"score\s*:\s*(\S+?)\.?", re.IGNORECASE)
@@ -50,15 +48,15 @@ def parse_score(text: str) -> int | None:
 
 
 # -- the generate rater --------------------------------------------------------------------------
-def rate_generate(model, tokenizer, pairs: list[dict[str, Any]], config: HumpbackConfig,
+def rate_generate(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
                   partial: Path | None = None) -> list[dict[str, Any]]:
     """The paper's rater: reasoning, then "Score: N" on the last line (greedy decoding)."""
-    settings = config.curate
-    fit = _output_fitter(tokenizer, config, reserve=settings.max_new_tokens)
+    fit = _output_fitter(tokenizer, settings, context_length, reserve=settings.max_new_tokens)
     prompts = [{"id": p["id"], "messages": curation_messages(p["instruction"], fit(p), settings.rater_tag)}
                for p in pairs]
-    generated = generate_records(model, tokenizer, prompts, replace(config.generate, batch_size=settings.batch_size),
-                                 settings.max_new_tokens, partial=partial, greedy=True, desc="rating (generate)")
+    greedy = GenerateConfig(batch_size=settings.batch_size)  # no sampling: only the batch size counts
+    generated = generate_records(model, tokenizer, prompts, greedy, settings.max_new_tokens, partial=partial,
+                                 greedy=True, desc="rating (generate)")
     return [{"id": g["id"], "rater": "generate", "score": parse_score(g["text"]), "reasoning": g["text"].strip(),
              "finished": g["finished"]} for g in generated]
 
@@ -79,12 +77,10 @@ def score_tokens(tokenizer, prefix: str = "Score: ") -> tuple[str, list[int]]:
     raise ValueError("this tokenizer has no single token for each score digit after 'Score:'")
 
 
-def _output_fitter(tokenizer, config: HumpbackConfig, reserve: int):
+def _output_fitter(tokenizer, settings: CurateConfig, context_length: int, reserve: int):
     """A function that cuts a pair's output so that rubric, instruction, output and `reserve` tokens fit."""
-    from humpback_nb.method.train import fit_text
-
-    rubric = len(prompt_ids(tokenizer, curation_messages("", "", config.curate.rater_tag)))
-    room = config.model.context_length - rubric - reserve
+    rubric = len(prompt_ids(tokenizer, curation_messages("", "", settings.rater_tag)))
+    room = context_length - rubric - reserve
 
     def fit(pair: dict[str, Any]) -> str:
         instruction = len(tokenizer(pair["instruction"], add_special_tokens=False)["input_ids"])
@@ -101,17 +97,16 @@ def _rubric_split(tokenizer, tag: str, answer_prefix: str) -> tuple[list[int], s
     return tokenizer(head, add_special_tokens=True)["input_ids"], _PAIR + tail
 
 
-def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], config: HumpbackConfig,
+def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
                  partial: Path | None = None, reuse_prefix: bool = True, progress: bool = True) -> list[dict[str, Any]]:
     """Scores from the probabilities of "1".."5" after "Score: ", one forward pass per candidate.
 
     With `reuse_prefix` the rubric's keys and values are computed once; without, every candidate is
     run whole (the slow reference; both give the same scores).
     """
-    settings: CurateConfig = config.curate
     answer_prefix, digit_ids = score_tokens(tokenizer)
     prefix_ids, tail = _rubric_split(tokenizer, settings.rater_tag, answer_prefix)
-    fit = _output_fitter(tokenizer, config, reserve=8)
+    fit = _output_fitter(tokenizer, settings, context_length, reserve=8)
     rest = [tokenizer(tail.replace(_PAIR, f"{p['instruction']}\n{fit(p)}"), add_special_tokens=False)["input_ids"]
             for p in pairs]
     order = sorted(range(len(pairs)), key=lambda i: (-len(rest[i]), i))
@@ -165,13 +160,13 @@ def _last_logits(model, prefix_ids: list[int], rests: list[list[int]], prefix_ca
 RATERS = {"logprob": rate_logprob, "generate": rate_generate}
 
 
-def rate(model, tokenizer, pairs: list[dict[str, Any]], config: HumpbackConfig, rater: str | None = None,
+def rate(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
          partial: Path | None = None) -> list[dict[str, Any]]:
-    """Rate candidate pairs ({"id", "instruction", "output"}) with the config's rater (or `rater`)."""
-    name = rater or config.curate.rater
-    if name not in RATERS:
-        raise ValueError(f"unknown rater {name!r}; raters: {', '.join(RATERS)}")
-    return RATERS[name](model, tokenizer, pairs, config, partial=partial)
+    """Rate candidate pairs ({"id", "instruction", "output"}) with the rater of `settings` (`curate.rater`);
+    prompts are cut to `context_length` tokens (`model.context_length`)."""
+    if settings.rater not in RATERS:
+        raise ValueError(f"unknown rater {settings.rater!r}; raters: {', '.join(RATERS)}")
+    return RATERS[settings.rater](model, tokenizer, pairs, settings, context_length, partial=partial)
 
 
 def parse_rate(scores: list[dict[str, Any]]) -> float:
@@ -179,7 +174,7 @@ def parse_rate(scores: list[dict[str, Any]]) -> float:
     return sum(s["score"] is not None for s in scores) / max(1, len(scores))
 
 
-# -- selection -----------------------------------------------------------------------------------
+# -- A_k selection -----------------------------------------------------------------------------------
 def select(candidates: list[dict[str, Any]], scores: list[dict[str, Any]], k: float) -> list[dict[str, Any]]:
     """A_k: the candidates whose score is >= k (k a real number; the paper's A5 is ">= 4.5")."""
     by_id = {s["id"]: s["score"] for s in scores}
@@ -193,31 +188,7 @@ def threshold_counts(scores: list[dict[str, Any]], ks=(1, 1.5, 2, 2.5, 3, 3.5, 4
     return {k: sum(v >= k for v in values) for k in ks}
 
 
-# -- the stages ----------------------------------------------------------------------------------
-def _scores_stage(ctx, model_dir: str, out: str) -> dict[str, Any]:
-    from humpback_nb.method.train import load_trained
-
-    config = ctx.config
-    candidates = read_jsonl(ctx.path("candidates.jsonl"))
-    model, tokenizer = load_trained(config, ctx.path(model_dir))
-    started = time.time()
-    scores = rate(model, tokenizer, candidates, config, partial=ctx.partial(out))
-    seconds = time.time() - started
-    settings = {"rater": config.curate.rater, "model": model_dir, "tag": config.curate.rater_tag}
-    write_jsonl(ctx.path(out), [dict(s, **settings) for s in scores])
-    return {"pairs": len(scores), "parse_rate": parse_rate(scores), "seconds_this_run": round(seconds, 2)}
-
-
-def scores_m0_stage(ctx) -> dict[str, Any]:
-    """scores_m0.jsonl: M0 rates every candidate."""
-    return _scores_stage(ctx, "m0", "scores_m0.jsonl")
-
-
-def scores_m1_stage(ctx) -> dict[str, Any]:
-    """scores_m1.jsonl: M1 rates every candidate again."""
-    return _scores_stage(ctx, "m1", "scores_m1.jsonl")
-
-
+# -- A_k -----------------------------------------------------------------------------------------
 def selection_threshold(scores: list[dict[str, Any]], settings: CurateConfig) -> float:
     """k for A_k: the config's threshold, or the lowest score within the best `top_share` of the rated pairs."""
     if settings.top_share is None:
@@ -229,23 +200,16 @@ def selection_threshold(scores: list[dict[str, Any]], settings: CurateConfig) ->
     return values[min(keep, len(values)) - 1]
 
 
-def _select_stage(ctx, scores_file: str, out: str) -> dict[str, Any]:
-    candidates = read_jsonl(ctx.path("candidates.jsonl"))
-    scores = read_jsonl(ctx.path(scores_file))
-    k = selection_threshold(scores, ctx.config.curate)
+def curated_set(candidates: list[dict[str, Any]], scores: list[dict[str, Any]],
+                settings: CurateConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(A_k, how it was made): the candidates scored >= k, k the config's threshold or the one `top_share`
+    gives, and a record of k, the rule, and the counts (A_k is only meaningful beside the k that made it)."""
+    k = selection_threshold(scores, settings)
     chosen = select(candidates, scores, k)
-    write_jsonl(ctx.path(out), chosen)
-    return {"k": k, "selected": len(chosen), "candidates": len(candidates)}
-
-
-def a1_stage(ctx) -> dict[str, Any]:
-    """A1.jsonl: the candidates M0 scored >= k."""
-    return _select_stage(ctx, "scores_m0.jsonl", "A1.jsonl")
-
-
-def a2_stage(ctx) -> dict[str, Any]:
-    """A2.jsonl: the candidates M1 scored >= k."""
-    return _select_stage(ctx, "scores_m1.jsonl", "A2.jsonl")
+    rule = (f"the best {settings.top_share:.1%} of the rated candidates (curate.top_share)"
+            if settings.top_share is not None else f"score >= {settings.threshold:g} (curate.threshold)")
+    return chosen, {"k": k, "rule": rule, "selected": len(chosen), "candidates": len(candidates),
+                    "rated": sum(s["score"] is not None for s in scores), "rater": settings.rater}
 
 
 # -- checks a careful researcher makes first ------------------------------------------------------

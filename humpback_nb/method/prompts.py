@@ -48,6 +48,12 @@ def backward_messages(output: str) -> list[Message]:
     return [{"role": "user", "content": f"{BACKWARD_PROMPT}\n\n{output}"}]
 
 
+def fit_text(tokenizer, text: str, max_tokens: int) -> str:
+    """`text` cut to at most `max_tokens` tokens (at a token boundary), so that a prompt fits the context."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
 def prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
     """Token ids of a prompt, ending where the assistant's answer begins: the same in training and generation."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -24,11 +24,11 @@ from peft.helpers import disable_input_dtype_casting
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from humpback_nb.config import HumpbackConfig, TrainConfig
+from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
-from humpback_nb.infra.files import atomic_dir, read_jsonl
-from humpback_nb.infra.models import attach_lora, load_model, load_tokenizer, runtime
-from humpback_nb.method.prompts import Message, backward_messages, forward_messages, prompt_ids
+from humpback_nb.infra.files import atomic_dir
+from humpback_nb.infra.models import attach_lora, load_model, runtime
+from humpback_nb.method.prompts import Message, backward_messages, fit_text, forward_messages, prompt_ids
 
 # peft asks transformers a question transformers renamed; the answer is the same.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -69,12 +69,6 @@ def encode(tokenizer, messages: list[Message], completion: str, max_length: int)
     input_ids = (prompt + answer)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
-
-
-def fit_text(tokenizer, text: str, max_tokens: int) -> str:
-    """`text` cut to at most `max_tokens` tokens (at a token boundary)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
 def backward_example(tokenizer, instruction: str, output: str, max_length: int) -> dict[str, list[int]]:
@@ -257,9 +251,9 @@ def training_plan(n_examples: int, train: TrainConfig) -> TrainConfig:
     return replace(train, batch_size=train.batch_size or batch, max_steps=train.max_steps or steps)
 
 
-def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, out_dir: str | Path,
+def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: TrainConfig, out_dir: str | Path,
                 log=print, checkpoints: str | Path | None = None) -> dict[str, Any]:
-    """Fine-tune the base model of `config` on encoded examples; save it (adapter or full) to `out_dir`.
+    """Fine-tune the base model `base` on encoded examples with `train`; save it (adapter or full) to `out_dir`.
 
     Returns the training log (also saved as train_log.json beside the weights): the loss and learning
     rate of every step, the plan, and the time it took. With `checkpoints`, a folder, the state of training
@@ -270,10 +264,10 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
 
     if not examples:
         raise ValueError("no training examples")
-    plan = training_plan(len(examples), config.train)
-    if plan.method == "full" and config.model.quantization == "4bit":
+    plan = training_plan(len(examples), train)
+    if plan.method == "full" and base.quantization == "4bit":
         raise ValueError("full fine-tuning needs model.quantization: none (4-bit weights cannot be trained)")
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(base)
     set_seed(plan.random_seed)  # LoRA's initial weights come from the random generator: the same seed, the same start
     if plan.method == "lora":
         model = attach_lora(model, plan)
@@ -285,7 +279,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
     if sharded:
         raise ValueError(f"training under {sharded[0]} is not supported by this version of the kit: launch with "
                          "--multi_gpu (DDP; a 4-bit 7B model and its LoRA fit on every GPU)")
-    where = runtime(config.model.device, config.model.dtype)
+    where = runtime(base.device, base.dtype)
     world = processes().world  # under a launch of N processes (DDP), each accumulates 1/N of the batch
     micro = min(plan.micro_batch_size, plan.batch_size // world)
     if micro < 1 or plan.batch_size % (micro * world):
@@ -343,7 +337,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
         "batch_size": plan.batch_size,
         "max_steps": plan.max_steps,
         "method": plan.method,
-        "quantization": config.model.quantization,
+        "quantization": base.quantization,
         "learning_rate": plan.learning_rate,
         "final_learning_rate": plan.final_learning_rate,
         "seconds": round(seconds, 2),
@@ -359,7 +353,7 @@ def train_model(examples: list[dict[str, list[int]]], config: HumpbackConfig, ou
             tokenizer.save_pretrained(tmp)
         (tmp / TRAIN_LOG).write_text(json.dumps(train_log, indent=2) + "\n")
     wait_for_everyone()  # in a launch, the main process has saved the model before anyone reads it
-    log(f"trained {plan.method} ({config.model.quantization}) on {len(examples)} examples: {plan.max_steps} steps "
+    log(f"trained {plan.method} ({base.quantization}) on {len(examples)} examples: {plan.max_steps} steps "
         f"of {plan.batch_size} in {seconds:.0f}s, loss {losses.steps[0]['loss']:.3f} -> {losses.steps[-1]['loss']:.3f}")
     return train_log
 
@@ -370,46 +364,6 @@ def _last_checkpoint(folder: str | Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
 
 
-def load_trained(config: HumpbackConfig, path: str | Path):
-    """(model, tokenizer) of a model the kit trained: the base with its adapter, or a full checkpoint."""
-    path = Path(path)
-    if (path / "adapter_config.json").is_file():
-        return load_model(config.model, adapter=path)
-    return load_model(replace(config.model, name=str(path)))
-
-
 def read_train_log(path: str | Path) -> dict[str, Any]:
+    """The training log saved beside a model's weights (steps, losses, learning rates, the plan)."""
     return json.loads((Path(path) / TRAIN_LOG).read_text())
-
-
-def _forward_stage(ctx, augmented_file: str | None, out: str) -> dict[str, Any]:
-    config = ctx.config
-    tokenizer = load_tokenizer(config.model)
-    seed = [r for r in read_jsonl(ctx.path("seed.jsonl")) if r["split"] == "train"]
-    augmented = read_jsonl(ctx.path(augmented_file)) if augmented_file else []
-    examples = forward_examples(tokenizer, seed, augmented, config.train.max_seq_length, tags=config.train.tags)
-    return train_model(examples, config, ctx.path(out), checkpoints=ctx.partial(out))
-
-
-def m0_stage(ctx) -> dict[str, Any]:
-    """m0/: the seed model M0, fine-tuned on the seed pairs only (tag S_a)."""
-    return _forward_stage(ctx, None, "m0")
-
-
-def m1_stage(ctx) -> dict[str, Any]:
-    """m1/: M1, fine-tuned on the seed pairs (S_a) and A(1)_k, the candidates M0 rated >= k (S_w)."""
-    return _forward_stage(ctx, "A1.jsonl", "m1")
-
-
-def m2_stage(ctx) -> dict[str, Any]:
-    """m2/: M2 = Humpback, fine-tuned on the seed pairs (S_a) and A(2)_k, the candidates M1 rated >= k (S_w)."""
-    return _forward_stage(ctx, "A2.jsonl", "m2")
-
-
-def backward_stage(ctx) -> dict[str, Any]:
-    """backward/: M_yx, the base model fine-tuned on the training seed pairs reversed (output -> instruction)."""
-    config = ctx.config
-    tokenizer = load_tokenizer(config.model)
-    seed = [r for r in read_jsonl(ctx.path("seed.jsonl")) if r["split"] == "train"]
-    examples = [backward_example(tokenizer, r["instruction"], r["output"], config.train.max_seq_length) for r in seed]
-    return train_model(examples, config, ctx.path("backward"), checkpoints=ctx.partial("backward"))

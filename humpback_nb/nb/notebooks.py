@@ -58,6 +58,8 @@ def execute(notebook: str | Path, output: str | Path, parameters: dict[str, Any]
 def execute_all(preset: str, run_dir: str | Path, names: Sequence[str] | None = None,
                 extra: dict[str, Any] | None = None) -> list[Path]:
     """Execute every notebook (or those whose file names start with `names`) on `preset`."""
+    from humpback_nb.run import RunFiles
+
     run_dir = project_path(run_dir)
     executed = []
     for notebook in notebook_paths():
@@ -65,5 +67,5 @@ def execute_all(preset: str, run_dir: str | Path, names: Sequence[str] | None = 
             continue
         parameters = {"preset": preset, "run_dir": str(run_dir), **(extra or {})}
         print(f"executing {notebook.name} (preset {preset})", flush=True)
-        executed.append(execute(notebook, run_dir / "notebooks" / notebook.name, parameters))
+        executed.append(execute(notebook, RunFiles(run_dir).notebooks_dir() / notebook.name, parameters))
     return executed

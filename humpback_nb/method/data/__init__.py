@@ -1,5 +1,5 @@
 """Data of the method: seed pairs (`seed`), unlabelled segments (`segments`), the paper's filters
-(`filters`), Table 2 statistics (`stats`), and the run stages that write them (`stages`)."""
+(`filters`) and Table 2 statistics (`stats`). The stages that write them into a run are in stages.py."""
 
 from humpback_nb.method.data.seed import DataError
 

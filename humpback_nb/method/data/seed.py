@@ -199,17 +199,18 @@ def load_seed(data: DataConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
     return pairs_from_records(records, path, path.name), {}
 
 
-def build_seed(data: DataConfig, seed: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """seed.jsonl's records: `seed_size` training pairs and `heldout_size` held-out ones, with ids.
+def build_seed(data: DataConfig, random_seed: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The seed pairs of a run: `seed_size` training pairs (split "train") and `heldout_size` held-out ones
+    (split "heldout"), with ids.
 
     oasst1 pairs come best-quality first, so the training pairs are the top N and the held-out ones the
-    next best; other sources are shuffled with `seed` first.
+    next best; other sources are shuffled with `random_seed` first.
     """
     pairs, counts = load_seed(data)
     if not pairs:
         raise DataError(f"{data.seed_source}: no usable seed pairs")
     if "quality" not in pairs[0]:
-        random.Random(seed).shuffle(pairs)
+        random.Random(random_seed).shuffle(pairs)
     train = pairs[: data.seed_size]
     heldout = pairs[data.seed_size : data.seed_size + data.heldout_size]
     records = []

@@ -9,15 +9,18 @@ are cut into runs of whole paragraphs no longer than `max_chars`; their segments
 from __future__ import annotations
 
 import bz2
+import hashlib
 import html
 import re
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
 from humpback_nb.infra.sources import SOURCES, fetch
+from humpback_nb.method.data.filters import apply_filters
 from humpback_nb.method.data.seed import DataError, _decode, iter_json_records
 
 
@@ -267,3 +270,39 @@ def segment_documents(documents: Iterator[Document], max_chars: int) -> Iterator
         else:
             for text in paragraph_segments(document.blocks, max_chars):
                 yield {"source": document.id, "header": None, "text": text}
+
+
+# -- the unlabelled data of a run ------------------------------------------------------------------
+def _sample_key(random_seed: int, segment_id: str) -> str:
+    return hashlib.sha256(f"{random_seed}:{segment_id}".encode()).hexdigest()
+
+
+def build_segments(data, random_seed: int) -> tuple[list[dict], list[dict], dict]:
+    """(segments, dropped, report) of `data` (a DataConfig): every corpus cut into segments, the paper's filters
+    applied (each dropped segment with its filter and reason), `num_segments` of the rest sampled."""
+    if not data.corpus_sources:
+        raise DataError("data.corpus_sources is empty: name the corpora (files, folders, embedded names) to segment")
+    documents = Counter()
+    segments = []
+    for source in data.corpus_sources:
+        for segment in segment_documents(_counted(read_documents(source), documents, source), data.max_chars):
+            segments.append({"id": f"seg-{len(segments):06d}", **segment})
+    kept, dropped, funnel = apply_filters(segments, data)
+    # The paper samples its 502k segments from what passed the filters; sampling by a seeded hash of
+    # the id keeps the choice stable when the corpus grows, and the output stays in corpus order.
+    ranked = sorted((s["id"] for s in kept), key=lambda i: _sample_key(random_seed, i))
+    chosen = set(ranked[: data.num_segments])
+    sampled = [dict(s, chars=len(s["text"])) for s in kept if s["id"] in chosen]
+    funnel.append({"step": "sampled", "count": len(sampled), "removed": len(kept) - len(sampled)})
+    report = {
+        "documents": dict(documents),
+        "funnel": [{"step": "documents", "count": sum(documents.values()), "removed": 0}, *funnel],
+        "segments_by_source": dict(Counter(s["source"].split(":")[0] for s in sampled)),
+    }
+    return sampled, dropped, report
+
+
+def _counted(documents, counter: Counter, source: str):
+    for document in documents:
+        counter[source] += 1
+        yield document

@@ -44,25 +44,6 @@ def table2(sets: dict[str, list[dict[str, Any]]], paper_rows: dict[str, str] | N
     return rows
 
 
-def _cell(stats: tuple[float, float] | None) -> str:
-    return "-" if stats is None else f"{stats[0]:,.0f} ± {stats[1]:,.0f}"
-
-
-def format_table2(rows: list[dict[str, Any]]) -> str:
-    """Table 2 as Markdown, ours beside the paper's."""
-    lines = [
-        "| set | count | instruction length | output length | paper: count | paper: instruction | paper: output |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        paper_count = "-" if row["paper_count"] is None else f"{row['paper_count']:,}"
-        lines.append(
-            f"| {row['set']} | {row['count']:,} | {_cell(row['instruction'])} | {_cell(row['output'])} "
-            f"| {paper_count} | {_cell(row['paper_instruction'])} | {_cell(row['paper_output'])} |"
-        )
-    return "\n".join(lines)
-
-
 def examples(records: list[dict[str, Any]], key: str, per_group: int = 1, seed: int = 0) -> list[dict[str, Any]]:
     """A few records of each value of `key` (e.g. one dropped segment per filter), chosen with `seed`."""
     import random

@@ -1,0 +1,72 @@
+"""Win rates: ties count half, every pair judged in both orders, a standard error on every number; and the
+paper's two summaries of many win rates, the data-scaling fit (Table 3) and selection precision (Table 7)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from humpback_nb.method.judges import Judge, judge_both_orders
+
+
+def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
+    """Win rate in percent (the mean outcome: ties count half) and its standard error across prompts; wins, ties
+    and losses count the prompts whose outcome is above, at, or below one half."""
+    n = len(outcomes)
+    if n == 0:
+        return {"n": 0, "win_rate": None, "se": None, "wins": 0, "ties": 0, "losses": 0}
+    mean = statistics.fmean(outcomes)
+    se = round(100 * statistics.stdev(outcomes) / math.sqrt(n), 2) if n > 1 else None  # None: one prompt
+    return {"n": n, "win_rate": round(100 * mean, 2), "se": se,
+            "wins": sum(o > 0.5 for o in outcomes), "ties": sum(o == 0.5 for o in outcomes),
+            "losses": sum(o < 0.5 for o in outcomes)}
+
+
+def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[dict[str, Any]]) -> dict[str, Any]:
+    """Win rate of x against y, overall and per dataset, with every judgment."""
+    from humpback_nb.infra.distributed import shared_map
+
+    by_id = {a["id"]: a for a in answers_y}
+
+    def judge(ax: dict[str, Any]) -> dict[str, Any]:
+        return {"id": ax["id"], "dataset": ax["dataset"],
+                **judge_both_orders(prefer_a, ax["instruction"], ax["output"], by_id[ax["id"]]["output"])}
+
+    judgments = shared_map(judge, answers_x)  # in a launch of several processes, each judges its share
+    datasets = sorted({j["dataset"] for j in judgments})
+    return {
+        "x": answers_x[0]["generator"] if answers_x else None,
+        "y": answers_y[0]["generator"] if answers_y else None,
+        "overall": win_rate([j["outcome"] for j in judgments]),
+        "per_dataset": {d: win_rate([j["outcome"] for j in judgments if j["dataset"] == d]) for d in datasets},
+        "judgments": judgments,
+    }
+
+
+def fit_alpha(ns: Sequence[float], win_rates: Sequence[float]) -> tuple[float, float]:
+    """(alpha, C) of the least-squares fit w = alpha * log N + C (paper Table 3; natural log)."""
+    if len(ns) < 2:
+        raise ValueError("the fit needs at least two data sizes")
+    xs = [math.log(n) for n in ns]
+    mean_x, mean_w = statistics.fmean(xs), statistics.fmean(win_rates)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    alpha = sum((x - mean_x) * (w - mean_w) for x, w in zip(xs, win_rates, strict=True)) / sxx
+    return alpha, mean_w - alpha * mean_x
+
+
+def precision_recall(selected: set[str], positives: set[str]) -> dict[str, float]:
+    """Precision and recall of a selection against the labelled positives (paper Table 7)."""
+    hit = len(selected & positives)
+    return {"precision": hit / len(selected) if selected else None,
+            "recall": hit / len(positives) if positives else None,
+            "selected": len(selected), "positives": len(positives)}
+
+
+def position_bias(judgments: list[dict[str, Any]]) -> float | None:
+    """The judge's mean preference for the answer shown first (0.5: no bias), from judgments in both orders:
+    x_as_a is P(first is better) with x first, 1 - x_as_b the same with y first."""
+    if not judgments:
+        return None
+    return statistics.fmean((j["x_as_a"] + 1 - j["x_as_b"]) / 2 for j in judgments)
