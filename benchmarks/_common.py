@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 _STDOUT, sys.stdout = sys.stdout, sys.stderr
 
 from humpback_nb.config import HumpbackConfig, load_preset  # noqa: E402
-from humpback_nb.infra.files import read_jsonl  # noqa: E402
-from humpback_nb.run import run  # noqa: E402
+from humpback_nb.run import RunFolder  # noqa: E402
 
 
 def demo_inputs(preset: str = "demo") -> tuple[HumpbackConfig, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -29,9 +28,9 @@ def demo_inputs(preset: str = "demo") -> tuple[HumpbackConfig, list[dict[str, An
     temporary folder (no model is needed for them)."""
     config = load_preset(preset)
     with tempfile.TemporaryDirectory(prefix="humpback-bench-") as folder:
-        run(config, folder, until="segments")
-        seed = [r for r in read_jsonl(Path(folder) / "seed.jsonl") if r["split"] == "train"]
-        segments = read_jsonl(Path(folder) / "segments.jsonl")
+        run = RunFolder(folder)
+        run.run(config, until="segments", log=lambda _: None)
+        seed, segments = run.files.seed_pairs("train"), run.files.segments()
     return config, seed, segments
 
 

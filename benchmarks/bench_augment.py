@@ -56,7 +56,7 @@ def main() -> None:
     model, tokenizer = load_model(config.model)
     torch.manual_seed(0)
     start = time.perf_counter()
-    records = write_instructions(model, tokenizer, segments, config)
+    records = write_instructions(model, tokenizer, segments, config.generate, config.model.context_length)
     seconds = time.perf_counter() - start
     new = sum(r["new_tokens"] for r in records)
     kit = {"prompts": len(records), "prompt_tokens": sum(r["prompt_tokens"] for r in records), "new_tokens": new,

@@ -39,11 +39,12 @@ def main() -> None:
     every = max(1, len(pairs) // args.generate_pairs)
     sample = pairs[::every][: args.generate_pairs]
     model, tokenizer = load_model(config.model)
+    settings = (config.curate, config.model.context_length)  # what a rater reads of the config
 
-    fast, fast_s = timed(rate_logprob, model, tokenizer, pairs, config, progress=False)
+    fast, fast_s = timed(rate_logprob, model, tokenizer, pairs, *settings, progress=False)
     kit_rss = peak_rss_gib()
-    whole, whole_s = timed(rate_logprob, model, tokenizer, sample, config, reuse_prefix=False, progress=False)
-    paper, paper_s = timed(rate_generate, model, tokenizer, sample, config)
+    whole, whole_s = timed(rate_logprob, model, tokenizer, sample, *settings, reuse_prefix=False, progress=False)
+    paper, paper_s = timed(rate_generate, model, tokenizer, sample, *settings)
     naive = naive_loop(model, tokenizer, [{"messages": curation_messages(p["instruction"], p["output"],
                                                                           config.curate.rater_tag)}
                                           for p in sample[: args.naive_pairs]],

@@ -73,7 +73,7 @@ def main() -> None:
     examples = forward_examples(tokenizer, seed[: args.examples], [], config.train.max_seq_length)
 
     with tempfile.TemporaryDirectory() as folder:
-        log = train_model(examples, config, f"{folder}/kit", log=lambda *_: None)
+        log = train_model(examples, config.model, config.train, f"{folder}/kit", log=lambda *_: None)
         kit_rss = peak_rss_gib()
         timed = log["steps"][1:]  # the first step pays for warm-up
         seconds = sum(s["seconds"] for s in timed)

@@ -208,7 +208,7 @@ class RunFiles:
         return Curated(read_jsonl(self.curated_file(iteration)), info["k"], info["rule"], info)
 
     def train_log(self, model: str) -> dict[str, Any]:
-        from humpback_nb.method.train import read_train_log  # the model folder's format belongs to training
+        from humpback_nb.infra.models import read_train_log  # the model folder's format belongs to models.py
 
         return read_train_log(self.model_dir(model))
 

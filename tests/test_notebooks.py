@@ -10,6 +10,7 @@ import nbformat
 import pytest
 
 from humpback_nb.nb.notebooks import execute, notebook_paths
+from humpback_nb.run import RunFiles
 
 NOTEBOOKS = notebook_paths()
 
@@ -44,3 +45,31 @@ def test_notebook_runs_on_the_tiny_preset(path, tmp_path, run_dir):
     assert not errors
     if path.name == "00_overview.ipynb":
         assert (tmp_path / "figures" / "method_overview.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_after_a_change_of_learning_rate_every_model_is_trained_again(run_dir, tmp_path):
+    """Stale models must not reach the tables: the models the analyses train (Table 8's untagged M2, Figure 3's
+    models) are retrained with the main ones. Runs after the notebooks, on a copy of their run folder."""
+    import shutil
+    import subprocess
+    import sys
+
+    from humpback_nb.run import RunFolder
+
+    command = [sys.executable, "-m", "humpback_nb.cli", "run", "--preset", "tiny"]
+    if not RunFiles(run_dir).summary_file().is_file():  # run alone: the finished run first
+        subprocess.run([*command, "--run-dir", str(run_dir)], check=True, capture_output=True, timeout=900)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("notebooks"))
+    before = sorted(p.name for p in RunFiles(copy).models_dir().iterdir())
+    assert {"backward", "m0", "m1", "m2", "m2_untagged"} <= set(before) and any("scaling_" in m for m in before)
+
+    changed = ["--set", "train.learning_rate=3e-4", "--set", "train.final_learning_rate=2.7e-4"]
+    subprocess.run([*command, "--run-dir", str(copy), *changed], check=True, capture_output=True, timeout=900)
+    files = RunFiles(copy)
+    assert sorted(p.name for p in files.models_dir().iterdir()) == before
+    assert {model: files.train_log(model)["steps"][0]["lr"] for model in before} == {model: 3e-4 for model in before}
+    rows = RunFolder(copy).status()
+    assert all(row["state"] == "done" for row in rows)
+    assert all(model["state"] == "done" for row in rows for model in row["models"])

@@ -27,6 +27,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # Embedded model names -> the source (in sources.py) that holds their GGUF file.
 EMBEDDED_MODELS = {"smollm2-135m": "smollm2-135m-gguf"}
 ADAPTER_FILE = "adapter_model.safetensors"
+TRAIN_LOG = "train_log.json"  # beside the weights of every model the kit trains
 
 
 class ModelError(RuntimeError):
@@ -231,3 +232,10 @@ def load_trained(base: ModelConfig, path: str | Path, merge: bool = True) -> tup
     if not any(path.glob("*.safetensors")):
         raise ModelError(f"{path}: neither a LoRA adapter nor a safetensors checkpoint; has its stage run?")
     return load_model(replace(base, name=str(path)))
+
+
+def read_train_log(path: str | Path) -> dict:
+    """The training log saved beside a trained model's weights: the plan, and the loss and learning rate per step."""
+    import json
+
+    return json.loads((Path(path) / TRAIN_LOG).read_text(encoding="utf-8"))

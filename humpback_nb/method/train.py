@@ -27,14 +27,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
 from humpback_nb.infra.files import atomic_dir
-from humpback_nb.infra.models import attach_lora, load_model, runtime
+from humpback_nb.infra.models import TRAIN_LOG, attach_lora, load_model, read_train_log, runtime  # noqa: F401
 from humpback_nb.method.prompts import Message, backward_messages, fit_text, forward_messages, prompt_ids
 
 # peft asks transformers a question transformers renamed; the answer is the same.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss
-TRAIN_LOG = "train_log.json"
 STEPS_FILE = "humpback_steps.json"  # in a checkpoint: the steps logged before it
 
 # The paper's data-scaling runs (section 4.1): examples N -> (batch size, steps).
@@ -362,8 +361,3 @@ def _last_checkpoint(folder: str | Path) -> Path | None:
     """The newest complete checkpoint in `folder` (one killed while saving lacks its steps file)."""
     found = [p for p in Path(folder).glob("checkpoint-*") if (p / STEPS_FILE).is_file()]
     return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
-
-
-def read_train_log(path: str | Path) -> dict[str, Any]:
-    """The training log saved beside a model's weights (steps, losses, learning rates, the plan)."""
-    return json.loads((Path(path) / TRAIN_LOG).read_text())
