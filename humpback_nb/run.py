@@ -443,6 +443,9 @@ class RunFolder:
             raise PipelineError(f"stage {name!r} finished without writing {missing}")
         for output in self.outputs(name):
             self._remove_partials(output)
+        for row in self.model_rows(name, "stale"):  # models this stage trained before and no longer needs
+            if row["model"] not in context.models:
+                self._remove_model(row["model"])
         manifest = {
             "stage": name,
             "hash": context.hash,
@@ -492,14 +495,17 @@ class RunFolder:
                 self.files.manifest_file(stage.name).unlink(missing_ok=True)
                 cleared.append(stage.name)
         for row in self.model_rows(name, "stale"):
-            folder = self.files.model_dir(row["model"])
-            self.files.model_manifest_file(row["model"]).unlink(missing_ok=True)
-            for target in (folder, *self.files.partials(folder)):
-                _remove(target)
+            self._remove_model(row["model"])
         for output in self.outputs(name):
             self._remove_partials(output)
             _remove(output)
         return cleared
+
+    def _remove_model(self, model: str) -> None:
+        folder = self.files.model_dir(model)
+        self.files.model_manifest_file(model).unlink(missing_ok=True)
+        for target in (folder, *self.files.partials(folder)):
+            _remove(target)
 
     def _upstream(self, name: str) -> set[str]:
         found: set[str] = set()

@@ -265,3 +265,24 @@ def test_no_file_name_of_the_run_folder_is_written_outside_the_run_module():
 def test_cli_reads_numbers_in_e_notation_as_numbers(capsys):
     assert main(["config", "--preset", "tiny", "--set", "train.learning_rate=3e-4"]) == 0
     assert "learning_rate: 0.0003" in capsys.readouterr().out
+
+
+def test_models_a_stage_no_longer_trains_are_removed_with_their_manifests(tmp_path, config):
+    def analysis(run):  # one model per size, as Figure 3 trains them
+        for n in run.config.evaluate.scaling_sizes:
+            run.trained(f"size_{n}", {"n": n}, lambda folder, checkpoints: folder.mkdir(parents=True))
+        write_jsonl(run.files.candidates_file(), [])
+
+    folder = RunFolder(tmp_path, (Stage("analysis", ("candidates_file",), (), ("evaluate",), analysis),))
+    folder.run(config, log=lambda _: None)  # tiny: sizes 2 and 4
+    folder.run(with_overrides(config, {"evaluate.scaling_sizes": [4, 8]}), log=lambda _: None)
+    assert sorted(p.name for p in folder.files.models_dir().iterdir()) == ["size_4", "size_8"]
+    assert not folder.files.model_manifest_file("size_2").exists()
+    assert folder.clear("analysis") == ["analysis"] and not list(folder.files.models_dir().iterdir())
+
+
+def test_status_loads_no_torch(tmp_path):
+    code = ("import sys\nfrom humpback_nb.cli import main\n"
+            f"main(['status', '--run-dir', {str(tmp_path)!r}])\nassert 'torch' not in sys.modules, 'torch loaded'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
