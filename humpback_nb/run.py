@@ -339,6 +339,8 @@ class RunFolder:
             unknown = [s for s in stage.sections if s not in SECTIONS and stage.sections != ALL_SECTIONS]
             if unknown:
                 raise PipelineError(f"stage {stage.name!r} declares unknown config section(s) {unknown}")
+            for output in stage.outputs:  # a misspelt artifact fails here, not after hours of work
+                self.files.resolve(output)
 
     # -- config ---------------------------------------------------------------------------------------------
     def config(self) -> HumpbackConfig:

@@ -12,6 +12,7 @@ changed. Heavy modules are imported inside the stages, so that `humpback status`
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -245,7 +246,7 @@ def scaling(run: StageRun) -> dict:
             for n in settings.scaling_sizes:
                 if n > len(pool):
                     continue  # this quality has fewer pairs than N at this scale
-                name = f"scaling_{source.replace(' ', '_')}_{n}"
+                name = f"scaling_{re.sub(r'[^a-z0-9]+', '_', source).strip('_')}_{n}"  # scaling_top_8_3_100
 
                 def examples(pool=pool, n=n) -> list[dict]:
                     tokenizer = load_tokenizer(run.config.model)

@@ -19,7 +19,8 @@ def test_scaling_sources_rank_by_score_and_keep_the_papers_shares():
     candidates = [{"id": str(i), "instruction": "q", "output": "a"} for i in range(100)]
     scores = [{"id": str(i), "score": 1 + 4 * i / 99} for i in range(100)]
     sources = scaling_sources(candidates, scores, rng_seed=0)
-    assert len(sources["A5"]) == math.ceil(100 * PAPER_SHARES["A5"]) == 9
-    assert [c["id"] for c in sources["A5"]][:3] == ["99", "98", "97"]
-    assert len(sources["A4"]) == 39 and len(sources["no curation"]) == 100
+    assert list(sources) == ["top 8.3%", "top 38.8%", "no curation"]
+    assert len(sources["top 8.3%"]) == math.ceil(100 * PAPER_SHARES["A5"]) == 9
+    assert [c["id"] for c in sources["top 8.3%"]][:3] == ["99", "98", "97"]
+    assert len(sources["top 38.8%"]) == 39 and len(sources["no curation"]) == 100
     assert sorted(c["id"] for c in sources["no curation"]) == sorted(c["id"] for c in candidates)

@@ -170,15 +170,17 @@ def score_distributions(scores: dict[str, list[float]], title: str = "Rater sani
 
 
 def score_shift(before: dict[str, float], after: dict[str, float], labels: tuple[str, str] = ("M0", "M1"),
-                threshold: float | None = None) -> plt.Figure:
-    """Each candidate's score by one rater against another's, with the A_k threshold drawn on both axes."""
+                thresholds: tuple[float, float] | None = None) -> plt.Figure:
+    """Each candidate's score by one rater against another's, with the k of each rater's A_k on its axis (under
+    `curate.top_share` the two k differ)."""
     ids = [key for key in before if before[key] is not None and after.get(key) is not None]
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
     ax.scatter([before[i] for i in ids], [after[i] for i in ids], s=10, alpha=0.5)
     ax.plot([1, 5], [1, 5], color="#94a3b8", lw=1)
-    if threshold is not None:
-        ax.axvline(threshold, color="#ef4444", lw=1, ls="--")
-        ax.axhline(threshold, color="#ef4444", lw=1, ls="--")
+    if thresholds is not None:
+        ax.axvline(thresholds[0], color="#ef4444", lw=1, ls="--", label=f"k of {labels[0]}: {thresholds[0]:.3g}")
+        ax.axhline(thresholds[1], color="#f97316", lw=1, ls="--", label=f"k of {labels[1]}: {thresholds[1]:.3g}")
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_xlim(1, 5)
     ax.set_ylim(1, 5)
     ax.set_xlabel(f"score by {labels[0]}")
