@@ -76,7 +76,7 @@ def lab(tmp_path_factory, embedded_checkpoint):
             except OSError:
                 assert server.poll() is None, (root / "lab.log").read_text()[-2000:]
                 time.sleep(0.5)
-        yield f"{url}/lab/tree/curation.ipynb?token={token}"
+        yield f"{url}/lab/tree/curation.ipynb?token={token}", root
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -90,6 +90,8 @@ def summary_text(page) -> str:
 def test_the_threshold_slider_moves_counts_and_examples_and_markup_stays_text(lab):
     from playwright.sync_api import sync_playwright
 
+    url, root = lab
+
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -97,12 +99,17 @@ def test_the_threshold_slider_moves_counts_and_examples_and_markup_stays_text(la
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         dialogs: list[str] = []
         page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-        page.goto(lab)
+        page.goto(url)
         page.wait_for_selector(".jp-Notebook", timeout=120_000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_text("Run All Cells", exact=True).click()
-        page.wait_for_selector("text=|A_k| =", timeout=600_000)
+        try:
+            page.wait_for_selector("text=|A_k| =", timeout=300_000)  # the tiny notebook runs in about 2 minutes
+        except Exception:  # what the page showed, for whoever reads the failure
+            page.screenshot(path=str(root / "failure.png"), full_page=True)
+            (root / "failure.txt").write_text(page.inner_text("body"))
+            raise
 
         before = summary_text(page)
         slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="k")).last
