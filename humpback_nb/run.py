@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -230,10 +231,17 @@ class RunFiles:
     def summary(self) -> dict[str, Any]:
         return _read_json(self.summary_file())
 
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        """A stage's manifest, or None while the stage is not done."""
+        return _read_yaml(self.manifest_file(stage))
+
+    def model_manifests(self) -> list[dict[str, Any]]:
+        """The manifest of every trained model in the run folder."""
+        folder = self.model_manifest_file("any").parent
+        return [_read_yaml(path) or {} for path in sorted(folder.glob("*.yaml"))]
+
 
 def _read_json(path: Path) -> Any:
-    import json
-
     if not path.is_file():
         raise PipelineError(f"{path}: not there yet; run the stage that writes it (`humpback status` shows which)")
     return json.loads(path.read_text(encoding="utf-8"))
@@ -363,7 +371,7 @@ class RunFolder:
                             "after": {up: self.stage_hash(up, config) for up in stage.after}})
 
     def manifest(self, name: str) -> dict[str, Any] | None:
-        return _read_yaml(self.files.manifest_file(name))
+        return self.files.manifest(name)
 
     def outputs(self, name: str) -> list[Path]:
         return [self.files.resolve(out) for out in self.stages[name].outputs]
@@ -381,11 +389,7 @@ class RunFolder:
     def model_rows(self, name: str, stage_state: str) -> list[dict[str, Any]]:
         """The models a stage trained: each done while its stage is done with that model's hash."""
         kept = (self.manifest(name) or {}).get("models") or {}
-        found = {}
-        for path in sorted((self.files.root / "stages" / "models").glob("*.yaml")):
-            record = _read_yaml(path) or {}
-            if record.get("stage") == name:
-                found[record["model"]] = record
+        found = {record["model"]: record for record in self.files.model_manifests() if record.get("stage") == name}
         rows = []
         for model in sorted(set(kept) | set(found), key=lambda m: (m not in kept, m)):
             record = found.get(model, {})
@@ -570,7 +574,3 @@ def run(config: HumpbackConfig, run_dir: str | Path, until: str | None = None,
     """Run the method's stages for `config` in `run_dir` (what `humpback run` does)."""
     return RunFolder(run_dir).run(config, until=until, redo=redo)
 
-
-def status(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Which stages of `run_dir` are done, stale, pending or not built (what `humpback status` shows)."""
-    return RunFolder(run_dir).status()

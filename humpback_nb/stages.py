@@ -278,12 +278,9 @@ def summary(run: StageRun) -> dict:
 
 def summarize(files, config) -> dict[str, Any]:
     """Sizes, Table 2 (with the k of each A_k), win rates, the analyses, stage times and reports, the config."""
-    import yaml
-
     from humpback_nb.method.data.stats import table2
 
-    manifests = {s.name: yaml.safe_load(files.manifest_file(s.name).read_text()) for s in STAGES
-                 if files.manifest_file(s.name).is_file()}
+    manifests = {s.name: manifest for s in STAGES if (manifest := files.manifest(s.name)) is not None}
     curated = {i: files.curated(i) for i in (1, 2)}
     sets = {"seed": files.seed_pairs("train"), "candidates": files.candidates(),
             **{c.label(i): c.records for i, c in curated.items()}}

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 
 from humpback_nb.config import load_preset, with_overrides
-from humpback_nb.infra.models import load_tokenizer
+from humpback_nb.infra.models import load_tokenizer, read_train_log
 from humpback_nb.method.prompts import BACKWARD_PROMPT, S_A, S_W, prompt_ids
 from humpback_nb.method.train import (
     IGNORE_INDEX,
@@ -13,7 +13,6 @@ from humpback_nb.method.train import (
     linear_to_final,
     mean_loss,
     paper_schedule,
-    read_train_log,
     train_model,
 )
 

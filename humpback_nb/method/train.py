@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
 from humpback_nb.infra.files import atomic_dir
-from humpback_nb.infra.models import TRAIN_LOG, attach_lora, load_model, read_train_log, runtime  # noqa: F401
+from humpback_nb.infra.models import TRAIN_LOG, attach_lora, load_model, runtime
 from humpback_nb.method.prompts import Message, backward_messages, fit_text, forward_messages, prompt_ids
 
 # peft asks transformers a question transformers renamed; the answer is the same.
