@@ -161,7 +161,11 @@ def evaluate(run: StageRun) -> dict:
         if name == "base":
             judge = make_judge(settings, model, tokenizer)  # the local judge is the base model: load it once
         del model
-    results = {f"{x}_vs_{y}": compare(judge, answers[x], answers[y]) for x, y in COMPARISONS}
+    results = {}
+    for x, y in COMPARISONS:  # each pair's judgment is kept as it comes: a rerun asks only for the missing ones
+        key = f"{x}_vs_{y}"
+        judged = run.partial(run.files.eval_dir(), part=f"judge_{key}")
+        results[key] = compare(judge, answers[x], answers[y], partial=judged, progress=True, desc=f"judging {key}")
     with atomic_dir(run.files.eval_dir()) as tmp:
         for name, rows in answers.items():
             # AlpacaEval's file holds its own prompts only; every answer, with its prompt id, is in the JSONL
@@ -193,7 +197,9 @@ def tags(run: StageRun) -> dict:
         partial = run.partial(run.files.analysis_file("table8_tags"), part=key)
         answers = answer(run, model, tokenizer, prompts, key, tag, partial)
         del model
-        results[label] = compare(judge, answers, reference)["overall"] | {"paper": PAPER_TABLE8[label]}
+        judged = run.partial(run.files.analysis_file("table8_tags"), part=f"judge_{key}")
+        overall = compare(judge, answers, reference, partial=judged, progress=True, desc=f"judging {key}")["overall"]
+        results[label] = overall | {"paper": PAPER_TABLE8[label]}
     atomic_write_json(run.files.analysis_file("table8_tags"), {"reference": "base", "untagged_model":
                                                                untagged["model"], **results})
     return {label: r["win_rate"] for label, r in results.items()}
@@ -255,8 +261,10 @@ def scaling(run: StageRun) -> dict:
                 train(run, name, examples, small, data=data | {"source": source, "n": n})
                 model, tokenizer = load(run, name)
                 partial = run.partial(run.files.analysis_file("figure3_scaling"), part=name)
-                overall = compare(judge, answer(run, model, tokenizer, prompts, name, settings.inference_tags,
-                                                partial), reference)["overall"]
+                judged = run.partial(run.files.analysis_file("figure3_scaling"), part=f"judge_{name}")
+                answers = answer(run, model, tokenizer, prompts, name, settings.inference_tags, partial)
+                overall = compare(judge, answers, reference, partial=judged, progress=True,
+                                  desc=f"judging {name}")["overall"]
                 del model
                 points.append({**overall, "prompts": overall["n"], "n": n, "model": name})
             fit = fit_alpha([p["n"] for p in points], [p["win_rate"] for p in points]) if len(points) > 1 else None

@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from humpback_nb.method.evaluate import alpaca_eval_prompts, mt_bench_prompts, write_model_outputs
-from humpback_nb.method.judges import EndpointJudge, judge_both_orders
+from humpback_nb.method.judges import EndpointJudge, JudgeError, UnparsedReply, judge_both_orders
 from humpback_nb.method.winrates import compare, fit_alpha, position_bias, precision_recall, win_rate
 
 
@@ -23,7 +23,7 @@ def test_win_rate_counts_ties_as_half_and_gives_a_standard_error():
     (0.0, 1.0, 0.0),   # y in both orders: a loss
     (1.0, 1.0, 0.5),   # the judge always picks A: position bias, a tie
     (0.0, 0.0, 0.5),   # always B: a tie
-    (0.5, 0.0, 0.75),  # no answer in one order, x preferred in the other
+    (0.5, 0.0, 0.75),  # even odds in one order, x preferred in the other
     (0.9, 0.2, 0.85),  # a judge with probabilities: the preference averaged over both orders
     (0.9, 0.9, 0.5),   # strong position bias cancels out
 ])
@@ -111,14 +111,18 @@ def test_endpoint_judge_against_a_loopback_server(monkeypatch):
         judge = EndpointJudge(f"http://127.0.0.1:{server.server_port}/v1", "gpt-4-judge", api_key_env="JUDGE_KEY")
         assert judge.prefer_a("q", "a whale song", "a bird song") == 1.0
         assert judge.prefer_a("q", "a bird song", "a whale song") == 0.0
-        assert judge.prefer_a("q", "a tie", "anything") == 0.5
+        with pytest.raises(UnparsedReply):  # "Neither." is no preference, not a tie
+            judge.prefer_a("q", "a tie", "anything")
         assert judge_both_orders(judge.prefer_a, "q", "whales sing", "birds sing")["outcome"] == 1.0
         assert _FakeJudge.seen[0] == ("/v1/chat/completions", "Bearer secret", "gpt-4-judge")
     finally:
         server.shutdown()
         server.server_close()
-    with pytest.raises(RuntimeError, match="judge endpoint .* failed"):
-        EndpointJudge(f"http://127.0.0.1:{server.server_port}/v1", "m", timeout=2).prefer_a("q", "a", "b")
+    waits = []
+    with pytest.raises(JudgeError, match="judge endpoint .* failed 2 tries"):
+        EndpointJudge(f"http://127.0.0.1:{server.server_port}/v1", "m", timeout=2, max_tries=2,
+                      sleep=waits.append).prefer_a("q", "a", "b")
+    assert len(waits) == 1  # a refused connection is tried again
 
 
 def test_position_bias_is_the_mean_preference_for_the_answer_shown_first():

@@ -2,13 +2,21 @@
 
 `LocalJudge`, any model the kit loads (the base model by default), reads the probabilities of "A" and "B"
 after the judging prompt; `EndpointJudge`, any OpenAI-compatible chat endpoint (a GPT-4 judge as in the
-paper, or a local server), with the key taken from the environment. Replies are parsed, never run.
+paper, or a local server), with the key taken from the environment. An endpoint's reply must name exactly one
+of A and B (`parse_choice`); any other reply is kept as text and left out of the win rates, never read as a
+preference. Replies are parsed, never run.
 """
 
 from __future__ import annotations
 
+import email.utils
+import http.client
 import json
 import os
+import random
+import re
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +42,32 @@ Response B:
 Which response follows the instruction better: it is helpful, correct, relevant and well written? Answer with one letter, A or B."""  # noqa: E501
 ANSWER_PREFIX = "Better response:"
 
+# One capital letter, in the wrappings a chat model writes around it: "A", "(A)", "**B**", "A.", "Response A",
+# "Better response: B". "Both", "Neither", "A or B" and an empty reply name no single letter.
+_CHOICE = re.compile(r"[\W_]*(?:(?i:(?:the\s+)?(?:better\s+)?(?:response|answer))\s*:?)?[\W_]*([AB])[\W_]*")
+
+
+class UnparsedReply(Exception):
+    """A judge's reply that names neither A nor B, or both; `reply` is its text."""
+
+    def __init__(self, reply: str):
+        super().__init__(f"the judge's reply names neither A nor B alone: {reply!r}")
+        self.reply = reply
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint refused the request, or failed every try."""
+
+
+def parse_choice(reply: str) -> str | None:
+    """"A" or "B" when the reply names exactly one of them, else None."""
+    match = _CHOICE.fullmatch(reply)
+    return match.group(1) if match else None
+
 
 # -- judges --------------------------------------------------------------------------------------
 class LocalJudge:
-    """A judge from a local model: P("A") against P("B") after the judging prompt."""
+    """A judge from a local model: P("A") against P("B") after the judging prompt (always a preference)."""
 
     def __init__(self, model, tokenizer, max_chars: int = 2000):
         self.model, self.tokenizer, self.max_chars = model, tokenizer, max_chars
@@ -63,31 +93,112 @@ class LocalJudge:
         return float(pair[0])
 
 
+class _Transient(Exception):
+    """A failure worth another try: a rate limit, a server error, a timeout or a dropped connection."""
+
+    def __init__(self, message: str, wait: float | None = None):
+        super().__init__(message)
+        self.wait = wait  # the seconds the server asked for (Retry-After), if it did
+
+
 @dataclass
 class EndpointJudge:
-    """A judge behind an OpenAI-compatible chat endpoint (`{base_url}/chat/completions`)."""
+    """A judge behind an OpenAI-compatible chat endpoint (`{base_url}/chat/completions`).
+
+    Rate limits (429), server errors (5xx, 408), timeouts and connection errors are tried again, at most
+    `max_tries` times in all, after waits that double from `backoff` seconds with jitter, or as long as the
+    server's Retry-After asks; no wait is longer than `max_wait`. Any other error status fails at once."""
 
     base_url: str
     model: str
     api_key_env: str = "OPENAI_API_KEY"
     timeout: float = 60.0
+    max_tries: int = 6
+    backoff: float = 2.0
+    max_wait: float = 120.0
+    sleep: Callable[[float], None] = time.sleep
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
 
     def prefer_a(self, instruction: str, a: str, b: str) -> float:
-        """1.0 if the endpoint answers A, 0.0 for B, 0.5 when its reply names neither (counted as a tie)."""
+        """1.0 if the endpoint answers A, 0.0 for B; `UnparsedReply` when its reply names neither alone."""
+        reply = self.reply(JUDGE_PROMPT.format(instruction=instruction, a=a, b=b))
+        choice = parse_choice(reply)
+        if choice is None:
+            raise UnparsedReply(reply)
+        return 1.0 if choice == "A" else 0.0
+
+    def reply(self, prompt: str) -> str:
+        """The endpoint's reply to `prompt`, tried again after transient failures."""
+        for tries in range(1, self.max_tries + 1):
+            try:
+                return self._post(prompt)
+            except _Transient as err:
+                if tries >= self.max_tries:
+                    raise JudgeError(f"judge endpoint {self.url} ({self.model}) failed {tries} tries; "
+                                     f"the last: {err}") from None
+                wait = err.wait if err.wait is not None else self.backoff * 2 ** (tries - 1) * random.uniform(0.5, 1)
+                self.sleep(min(wait, self.max_wait))
+        raise JudgeError(f"judge endpoint {self.url}: max_tries is {self.max_tries}, at least 1 is needed")
+
+    def _post(self, prompt: str) -> str:
         body = {"model": self.model, "temperature": 0, "max_tokens": 4,
-                "messages": [{"role": "user", "content": JUDGE_PROMPT.format(instruction=instruction, a=a, b=b)}]}
+                "messages": [{"role": "user", "content": prompt}]}
         request = urllib.request.Request(
-            self.base_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(), method="POST",
+            self.url, data=json.dumps(body).encode(), method="POST",
             headers={"Content-Type": "application/json",
                      "Authorization": f"Bearer {os.environ.get(self.api_key_env, '')}"},
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                reply = json.loads(response.read())["choices"][0]["message"]["content"]
-        except (OSError, KeyError, IndexError, json.JSONDecodeError) as err:  # URLError and timeouts are OSErrors
-            raise RuntimeError(f"judge endpoint {self.base_url} ({self.model}) failed: {err}") from None
-        letter = reply.strip().lstrip("(*[ ").upper()[:1]
-        return {"A": 1.0, "B": 0.0}.get(letter, 0.5)
+                payload = response.read()
+        except urllib.error.HTTPError as err:
+            status = f"HTTP {err.code}: {_error_message(err)}"
+            if err.code in (408, 429) or err.code >= 500:
+                raise _Transient(status, retry_after(err.headers.get("Retry-After"))) from None
+            raise JudgeError(f"judge endpoint {self.url} ({self.model}) refused the request: {status}") from None
+        except (OSError, http.client.HTTPException) as err:  # timeouts, refused and dropped connections
+            raise _Transient(f"{type(err).__name__}: {err}") from None
+        try:
+            return json.loads(payload)["choices"][0]["message"].get("content") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise JudgeError(f"judge endpoint {self.url} ({self.model}) sent no chat completion: "
+                             f"{_one_line(payload.decode('utf-8', 'replace'))}") from None
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (a number of seconds or an HTTP date); None without one."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _error_message(err: urllib.error.HTTPError) -> str:
+    """The error message of an error reply: OpenAI's {"error": {"message": ...}}, or the body's text."""
+    try:
+        text = err.read().decode("utf-8", "replace")
+    except OSError:
+        return err.reason or ""
+    try:
+        error = json.loads(text).get("error")
+        text = error.get("message", text) if isinstance(error, dict) else error or text
+    except (ValueError, AttributeError):
+        pass
+    return _one_line(str(text)) or str(err.reason)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 Judge = Callable[[str, str, str], float]
@@ -97,10 +208,24 @@ def judge_both_orders(prefer_a: Judge, instruction: str, x: str, y: str) -> dict
     """Judge x against y twice, x shown first and then second. The outcome is x's preference averaged over
     the two orders: 1 if x wins both, 0 if it loses both, 0.5 when the orders disagree (a judge that always
     picks the first answer ties everything). With a judge that gives probabilities, the average is AlpacaEval
-    2.0's "weighted" preference; with one that names a letter it is 0, 0.25, 0.5, 0.75 or 1."""
-    first = prefer_a(instruction, x, y)  # x is A
-    second = 1.0 - prefer_a(instruction, y, x)  # x is B
-    return {"x_as_a": round(first, 4), "x_as_b": round(second, 4), "outcome": round((first + second) / 2, 4)}
+    2.0's "weighted" preference; with one that names a letter it is 0, 0.5 or 1. When a reply names no letter,
+    the outcome is None and `unparsed` holds that reply's text by order."""
+    first, first_reply = _ask(prefer_a, instruction, x, y)  # x is A
+    second, second_reply = _ask(prefer_a, instruction, y, x)  # x is B
+    record = {"x_as_a": None if first is None else round(first, 4),
+              "x_as_b": None if second is None else round(1.0 - second, 4)}
+    if first is None or second is None:
+        replies = {"x_as_a": first_reply, "x_as_b": second_reply}
+        return record | {"outcome": None, "unparsed": {k: r for k, r in replies.items() if r is not None}}
+    return record | {"outcome": round((first + 1.0 - second) / 2, 4)}
+
+
+def _ask(prefer_a: Judge, instruction: str, a: str, b: str) -> tuple[float | None, str | None]:
+    """(preference for A, None), or (None, the reply) when the judge's reply names no letter."""
+    try:
+        return prefer_a(instruction, a, b), None
+    except UnparsedReply as err:
+        return None, err.reply
 
 
 def make_judge(settings: EvaluateConfig, base_model=None, tokenizer=None) -> Judge:

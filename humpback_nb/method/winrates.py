@@ -3,9 +3,12 @@ paper's two summaries of many win rates, the data-scaling fit (Table 3) and sele
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from humpback_nb.method.judges import Judge, judge_both_orders
@@ -24,25 +27,48 @@ def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
             "losses": sum(o < 0.5 for o in outcomes)}
 
 
-def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[dict[str, Any]]) -> dict[str, Any]:
-    """Win rate of x against y, overall and per dataset, with every judgment."""
-    from humpback_nb.infra.distributed import shared_map
+def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[dict[str, Any]],
+            partial: Path | None = None, progress: bool = False, desc: str = "judging") -> dict[str, Any]:
+    """Win rate of x against y, overall and per dataset, with every judgment. Pairs whose reply names no letter
+    in either order are counted as `unparsed` and left out of the win rates.
+
+    With `partial`, each judged pair is appended there at once, and a rerun judges only the pairs missing
+    there (a judgment resumes only for the very same instruction and answers); in a launch of several
+    processes, each judges its share of the pairs."""
+    from humpback_nb.infra.batches import in_batches
 
     by_id = {a["id"]: a for a in answers_y}
+    keys = [_pair_key(ax, by_id[ax["id"]]) for ax in answers_x]
 
-    def judge(ax: dict[str, Any]) -> dict[str, Any]:
-        return {"id": ax["id"], "dataset": ax["dataset"],
-                **judge_both_orders(prefer_a, ax["instruction"], ax["output"], by_id[ax["id"]]["output"])}
+    def judge(number: int, batch: list[int]) -> list[dict[str, Any]]:
+        ax = answers_x[batch[0]]
+        return [{"id": keys[batch[0]], "dataset": ax["dataset"],
+                 **judge_both_orders(prefer_a, ax["instruction"], ax["output"], by_id[ax["id"]]["output"])}]
 
-    judgments = shared_map(judge, answers_x)  # in a launch of several processes, each judges its share
+    # one pair a batch: a crash while a paid judge runs loses at most the pair being judged
+    records = in_batches(keys, [[i] for i in range(len(keys))], judge, partial=partial, progress=progress,
+                         desc=desc, unit="pair")
+    judgments = [record | {"id": ax["id"]} for ax, record in zip(answers_x, records, strict=True)]
     datasets = sorted({j["dataset"] for j in judgments})
     return {
         "x": answers_x[0]["generator"] if answers_x else None,
         "y": answers_y[0]["generator"] if answers_y else None,
-        "overall": win_rate([j["outcome"] for j in judgments]),
-        "per_dataset": {d: win_rate([j["outcome"] for j in judgments if j["dataset"] == d]) for d in datasets},
+        "overall": _summary(judgments),
+        "per_dataset": {d: _summary([j for j in judgments if j["dataset"] == d]) for d in datasets},
         "judgments": judgments,
     }
+
+
+def _pair_key(ax: dict[str, Any], ay: dict[str, Any]) -> str:
+    """The prompt's id and a digest of the texts judged, so a stored judgment is never read for other answers."""
+    texts = json.dumps([ax["instruction"], ax["output"], ay["output"]], ensure_ascii=False)
+    return f"{ax['id']}#{hashlib.sha256(texts.encode()).hexdigest()[:16]}"
+
+
+def _summary(judgments: list[dict[str, Any]]) -> dict[str, Any]:
+    """The win rate over the pairs with an outcome, with the number of pairs judged and of those unparsed."""
+    outcomes = [j["outcome"] for j in judgments if j["outcome"] is not None]
+    return win_rate(outcomes) | {"pairs": len(judgments), "unparsed": len(judgments) - len(outcomes)}
 
 
 def fit_alpha(ns: Sequence[float], win_rates: Sequence[float]) -> tuple[float, float]:
@@ -66,7 +92,9 @@ def precision_recall(selected: set[str], positives: set[str]) -> dict[str, float
 
 def position_bias(judgments: list[dict[str, Any]]) -> float | None:
     """The judge's mean preference for the answer shown first (0.5: no bias), from judgments in both orders:
-    x_as_a is P(first is better) with x first, 1 - x_as_b the same with y first."""
-    if not judgments:
+    x_as_a is P(first is better) with x first, 1 - x_as_b the same with y first. Pairs with an unparsed reply
+    are left out."""
+    parsed = [j for j in judgments if j["x_as_a"] is not None and j["x_as_b"] is not None]
+    if not parsed:
         return None
-    return statistics.fmean((j["x_as_a"] + 1 - j["x_as_b"]) / 2 for j in judgments)
+    return statistics.fmean((j["x_as_a"] + 1 - j["x_as_b"]) / 2 for j in parsed)
