@@ -80,7 +80,7 @@ class TrainConfig:
     method: Literal["lora", "full"] = "lora"  # LoRA on a 4-bit base is QLoRA
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.1  # the paper's dropout 0.1
+    dropout: float = 0.1  # the paper's dropout 0.1: on the LoRA adapters (method lora), on attention (method full)
     lora_target: str = "all-linear"
     learning_rate: float = 1e-5
     final_learning_rate: float = 9e-6  # the learning rate itself at the last step, not a multiplier

@@ -33,7 +33,7 @@ def test_paper_preset_carries_the_papers_hyperparameters():
     config = load_preset("paper-7b")
     assert config.model.quantization == "4bit"
     assert (config.train.learning_rate, config.train.final_learning_rate) == (1e-5, 9e-6)
-    assert config.train.weight_decay == 0.1 and config.train.lora_dropout == 0.1
+    assert config.train.weight_decay == 0.1 and config.train.dropout == 0.1
     assert (config.generate.temperature, config.generate.top_p) == (0.7, 0.9)
     assert config.curate.threshold == 4.5
     assert config.data.seed_size == 3200 and (config.data.min_chars, config.data.max_chars) == (600, 3000)

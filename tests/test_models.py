@@ -76,7 +76,7 @@ def test_4bit_unpacked_once_on_cpu_computes_what_bitsandbytes_computes(embedded_
 
 @pytest.mark.parametrize("quantization", ["4bit", "none"])
 def test_lora_trains_saves_and_reloads_identically(embedded_checkpoint, tmp_path, quantization):
-    train = TrainConfig(lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    train = TrainConfig(lora_r=8, lora_alpha=16, dropout=0.0)
     spec = ModelConfig(quantization=quantization, dequantize_on_cpu=False)  # QLoRA through bitsandbytes itself
     model, tokenizer = load_model(spec)
     model = attach_lora(model, train)

@@ -90,7 +90,7 @@ def test_qlora_lowers_the_training_loss_and_ends_at_the_final_learning_rate(toke
     config = with_overrides(load_preset("tiny"), {
         "model.quantization": "4bit", "model.dequantize_on_cpu": False,  # QLoRA through bitsandbytes itself
         "train.max_steps": 6, "train.batch_size": 4, "train.micro_batch_size": 4,
-        "train.learning_rate": 1e-3, "train.final_learning_rate": 5e-4, "train.lora_dropout": 0.0,
+        "train.learning_rate": 1e-3, "train.final_learning_rate": 5e-4, "train.dropout": 0.0,
     })
     examples = forward_examples(tokenizer, PAIRS, [], max_length=128)
     from humpback_nb.infra.models import load_model
@@ -149,4 +149,4 @@ def attach_lora_for_test(model):
     from humpback_nb.config import TrainConfig
     from humpback_nb.infra.models import attach_lora
 
-    return attach_lora(model, TrainConfig(lora_dropout=0.0))
+    return attach_lora(model, TrainConfig(dropout=0.0))

@@ -17,7 +17,7 @@ import torch
 
 from humpback_nb.config import GenerateConfig
 from humpback_nb.infra.batches import in_batches
-from humpback_nb.method.prompts import prompt_ids
+from humpback_nb.method.prompts import prompt_ids, turn_end_ids
 
 
 def chat(model, tokenizer, message: str, system: str | None = None,
@@ -42,30 +42,31 @@ def generate_records(model, tokenizer, prompts: Sequence[dict[str, Any]], settin
     if len(set(ids)) != len(ids):
         raise ValueError("prompt ids must be unique")
     encoded = [prompt_ids(tokenizer, p["messages"]) for p in prompts]
+    stops = turn_end_ids(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
 
     def compute(number: int, batch: Sequence[int]) -> list[dict[str, Any]]:
         texts = _generate_batch(model, tokenizer, [encoded[i] for i in batch], settings, max_new_tokens,
-                                seed=settings.random_seed + number, greedy=greedy)
+                                seed=settings.random_seed + number, greedy=greedy, stops=stops)
         return [{"id": ids[i], **text, "batch": number} for i, text in zip(batch, texts, strict=True)]
 
     return in_batches(ids, batches, compute, partial=partial, progress=progress, desc=desc)
 
 
 def _generate_batch(model, tokenizer, batch: list[list[int]], settings: GenerateConfig, max_new_tokens: int,
-                    seed: int, greedy: bool) -> list[dict[str, Any]]:
+                    seed: int, greedy: bool, stops: list[int]) -> list[dict[str, Any]]:
     width = max(len(ids) for ids in batch)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=model.device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=model.device)
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    rows = decode(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id,
+    rows = decode(model, input_ids, attention, max_new_tokens, stops,
                   temperature=settings.temperature, top_p=1.0 if greedy else settings.top_p,
                   greedy=greedy, generator=generator)
     results = []
     for ids, row in zip(batch, rows, strict=True):
-        finished = bool(row) and row[-1] == tokenizer.eos_token_id
+        finished = bool(row) and row[-1] in stops
         new = row[:-1] if finished else row
         results.append({"text": tokenizer.decode(new, skip_special_tokens=True), "prompt_tokens": len(ids),
                         "new_tokens": len(new), "finished": finished})
@@ -73,10 +74,12 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], settings: Generate
 
 
 # -- the decoding loop ---------------------------------------------------------------------------
-def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+           stop_ids: int | Sequence[int],
            temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
            generator: torch.Generator | None = None, prefill_rows: int = 8) -> list[list[int]]:
-    """New tokens of each left-padded row (ending with eos where the row finished).
+    """New tokens of each left-padded row (ending with a stop id, an EOS or end-of-turn token, where the row
+    finished).
 
     The prompts are read `prefill_rows` at a time, each group cut to its own longest prompt (long prompts
     in big batches cost more per token on a CPU). Their keys and values go into one preallocated cache
@@ -89,6 +92,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     device = input_ids.device
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     written: list[list[int]] = [[] for _ in range(rows)]
+    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=device)
     with torch.inference_mode():
         cache, logits = _prefill(model, input_ids, attention_mask, position, prefill_rows, width + max_new_tokens)
         mask = torch.cat([attention_mask, attention_mask.new_zeros(rows, max_new_tokens)], dim=1)
@@ -100,7 +104,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             for row, token, live in zip(alive.tolist(), chosen.tolist(), writing.tolist(), strict=True):
                 if live:
                     written[row].append(token)
-            writing &= chosen != eos_token_id
+            writing &= ~torch.isin(chosen, stops)
             if step == max_new_tokens - 1 or not bool(writing.any()):
                 break
             if int((~writing).sum()) * 4 >= len(alive):  # drop the finished rows

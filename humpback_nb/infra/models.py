@@ -7,8 +7,10 @@ safetensors only and never run code shipped with a checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.files import atomic_dir
 from humpback_nb.infra.sources import cache_dir, fetch
-from humpback_nb.method.prompts import CHATML_TEMPLATE
+from humpback_nb.method.prompts import BASE_TEMPLATE
 
 # bitsandbytes looks for a faster CPU 4-bit kernel on the hub when it is imported and warns when it cannot
 # have one; its own kernel is used then, which is what runs offline.
@@ -26,6 +28,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # Embedded model names -> the source (in sources.py) that holds their GGUF file.
 EMBEDDED_MODELS = {"smollm2-135m": "smollm2-135m-gguf"}
+# The same weights dressed as a base model such as LLaMA-2: no chat template, and an EOS (`<|endoftext|>`) that
+# ChatML does not use. Runs on it take the base-model format, as a LLaMA run does (tests, `humpback gpu-check`).
+EMBEDDED_VARIANTS = {"smollm2-135m-as-base": ("smollm2-135m", "<|endoftext|>")}
 ADAPTER_FILE = "adapter_model.safetensors"
 TRAIN_LOG = "train_log.json"  # beside the weights of every model the kit trains
 
@@ -64,12 +69,22 @@ def runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     return Runtime(device=device, dtype=getattr(torch, dtype))
 
 
+def embedded_names() -> list[str]:
+    """Names of the embedded models and their variants."""
+    return [*EMBEDDED_MODELS, *EMBEDDED_VARIANTS]
+
+
 def embedded_checkpoint(name: str = "smollm2-135m") -> Path:
     """A safetensors checkpoint of an embedded model, converted from its GGUF file once and cached."""
-    if name not in EMBEDDED_MODELS:
-        raise ModelError(f"unknown embedded model {name!r}; embedded: {', '.join(EMBEDDED_MODELS)}")
+    if name not in embedded_names():
+        raise ModelError(f"unknown embedded model {name!r}; embedded: {', '.join(embedded_names())}")
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    if name in EMBEDDED_VARIANTS:
+        original, eos = EMBEDDED_VARIANTS[name]
+        with atomic_dir(target) as tmp:
+            as_base_model(embedded_checkpoint(original), tmp, eos)
         return target
     gguf_path = fetch(EMBEDDED_MODELS[name])
     with atomic_dir(target) as tmp:
@@ -105,9 +120,35 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype 
     tokenizer.save_pretrained(out_dir)
 
 
+def as_base_model(checkpoint: str | Path, out_dir: str | Path, eos_token: str) -> None:
+    """A copy of `checkpoint` that looks like a base model such as LLaMA-2: no chat template, no pad token, and
+    `eos_token` as its EOS (in the tokenizer, the model config and the generation config). The weights are
+    linked, not copied, where the file system allows."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+    eos_id = tokenizer.convert_tokens_to_ids(eos_token)
+    if eos_id is None or eos_id == tokenizer.unk_token_id and eos_token != tokenizer.unk_token:
+        raise ModelError(f"{checkpoint}: {eos_token!r} is not a token of this tokenizer")
+    tokenizer.chat_template = None
+    tokenizer.eos_token = eos_token
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "chat_template.jinja").unlink(missing_ok=True)
+    for name in ("config.json", "generation_config.json"):
+        settings = json.loads((checkpoint / name).read_text(encoding="utf-8"))
+        settings["eos_token_id"] = eos_id
+        settings.pop("pad_token_id", None)
+        (out_dir / name).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    for weights in checkpoint.glob("*.safetensors"):
+        try:
+            os.link(weights, out_dir / weights.name)
+        except OSError:
+            shutil.copyfile(weights, out_dir / weights.name)
+
+
 def resolve(name: str) -> str:
     """Where `name` loads from: the embedded checkpoint, a local folder, or a hub id."""
-    if name in EMBEDDED_MODELS:
+    if name in embedded_names():
         return str(embedded_checkpoint(name))
     path = Path(name).expanduser()
     if path.is_dir():
@@ -118,7 +159,7 @@ def resolve(name: str) -> str:
     if looks_like_hub_id:
         return name
     raise ModelError(
-        f"model {name!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+        f"model {name!r} is neither an embedded model ({', '.join(embedded_names())}), "
         "an existing folder, nor a hub id of the form 'org/name'"
     )
 
@@ -165,14 +206,24 @@ def load_model(
 
 
 def load_tokenizer(spec: ModelConfig | str = "smollm2-135m"):
-    """The model's tokenizer, padding on the left (as batched generation needs), with a chat template."""
+    """The model's tokenizer, padding on the left (as batched generation needs), with a chat template: its own,
+    or for a base model (LLaMA-2 has none) the base-model format, whose assistant turns end with the EOS.
+
+    A tokenizer without a pad token pads with its unknown token, else with its EOS. Padding is never told apart
+    by its id anywhere in the kit (attention masks and labels mark it), so an EOS that is also the pad token is
+    still learned and still stops generation.
+    """
     config = ModelConfig(name=spec) if isinstance(spec, str) else spec
-    tokenizer = AutoTokenizer.from_pretrained(resolve(config.name), trust_remote_code=False)
+    source = resolve(config.name)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
-        tokenizer.chat_template = CHATML_TEMPLATE  # base models (LLaMA-2) come without one
+        if tokenizer.eos_token is None:
+            raise ModelError(f"{config.name}: the tokenizer has neither a chat template nor an EOS token, so a "
+                             "trained model could not mark where its answer ends")
+        tokenizer.chat_template = BASE_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
 
 
@@ -190,7 +241,7 @@ def attach_lora(model: PreTrainedModel, train: TrainConfig, gradient_checkpointi
     lora = LoraConfig(
         r=train.lora_r,
         lora_alpha=train.lora_alpha,
-        lora_dropout=train.lora_dropout,
+        lora_dropout=train.dropout,
         target_modules=train.lora_target,
         task_type="CAUSAL_LM",
     )
@@ -236,6 +287,4 @@ def load_trained(base: ModelConfig, path: str | Path, merge: bool = True) -> tup
 
 def read_train_log(path: str | Path) -> dict:
     """The training log saved beside a trained model's weights: the plan, and the loss and learning rate per step."""
-    import json
-
     return json.loads((Path(path) / TRAIN_LOG).read_text(encoding="utf-8"))
