@@ -45,11 +45,11 @@ lint: install
 lab: install  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks
 
-bench: fetch  ## the three loops against their naive baselines, and the paper-scale compute; JSON, also in runs/bench/
+bench: fetch  ## the three loops against their naive baselines, and what paper-7b costs (humpback plan); JSON, also in runs/bench/
 	@mkdir -p runs/bench
 	@for name in augment curate train; do \
 	  $(BIN)/python benchmarks/bench_$$name.py | tee runs/bench/$$name.json || exit 1; done
-	$(BIN)/python benchmarks/compute_estimate.py | tee runs/bench/compute_estimate.json
+	$(BIN)/humpback plan --preset paper-7b --json | tee runs/bench/plan.json
 
 clean:  ## remove the environment and run folders (the download cache stays)
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache humpback_nb.egg-info

@@ -1,0 +1,807 @@
+"""What a run costs before anyone pays for it: every stage of a config, as arithmetic over token counts.
+
+For each stage of stages.py, in its order: the models it trains (with the paper's schedule where the config
+leaves steps open), the tokens it reads and writes, its FLOPs, GPU-hours, judge calls and disk; with N GPUs the
+wall-clock time and whether training fits the GPUs' memory. Nothing here loads model weights: token counts come
+from the configured tokenizer on a sample of the configured data when both are at hand, else from the paper's
+lengths (Li et al. 2023, arXiv 2308.06259, Table 2) at the characters per token of the tokenizer at hand, and
+every number says which. FLOPs follow `train.training_flops` (PaLM's count, Chowdhery et al. 2022, appendix B).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from humpback_nb.config import ConfigError, HumpbackConfig
+
+
+# -- the hardware ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Gpu:
+    """One accelerator: dense bf16 tensor-core peak (no sparsity), memory, memory bandwidth."""
+
+    label: str
+    flops: float  # FLOP/s
+    memory: float  # bytes
+    bandwidth: float  # bytes/s
+
+
+# Vendor datasheets: NVIDIA H100 Tensor Core GPU (SXM5), H200 (SXM), A100 80GB / 40GB (SXM), L40S, A10,
+# and the Ada Lovelace architecture whitepaper (RTX 4090, bf16 with fp32 accumulate). Sparse figures are twice these.
+GPUS = {
+    "h100": Gpu("H100 SXM 80GB", 989e12, 80e9, 3.35e12),
+    "h200": Gpu("H200 SXM 141GB", 989e12, 141e9, 4.8e12),
+    "a100": Gpu("A100 SXM 80GB", 312e12, 80e9, 2.039e12),
+    "a100-40gb": Gpu("A100 SXM 40GB", 312e12, 40e9, 1.555e12),
+    "l40s": Gpu("L40S 48GB", 362e12, 48e9, 0.864e12),
+    "a10": Gpu("A10 24GB", 125e12, 24e9, 0.6e12),
+    "rtx4090": Gpu("RTX 4090 24GB", 165.2e12, 24e9, 1.008e12),
+}
+# Model FLOPs utilization for training, prompt reading (prefill) and forward-only scoring: an assumption, below
+# the 46.2% PaLM reached (Chowdhery et al. 2022, arXiv 2204.02311, Table 3); not measured by the kit.
+MFU = 0.40
+# Decoding writes one token per row per step and reads every weight and the whole KV cache to do it: its time is
+# bytes over the datasheet bandwidth (a floor: real kernels reach less), or FLOPs at MFU when that is longer.
+
+
+# -- the model ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Architecture:
+    """The shape of a LLaMA-style decoder (what the FLOPs and bytes depend on)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool = False  # input embedding shared with the vocabulary head
+    head_dim: int = 0  # 0: hidden // heads
+
+    @property
+    def width(self) -> int:
+        """Attention width: heads x head dimension."""
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def layer_weights(self) -> int:
+        """Weights of the linear layers of one block (q, k, v, o, gate, up, down), as train.training_flops counts."""
+        kv = self.kv_heads * (self.head_dim or self.hidden // self.heads)
+        return 2 * self.hidden * self.width + 2 * self.hidden * kv + 3 * self.hidden * self.intermediate
+
+    @property
+    def embedding_weights(self) -> int:
+        """Input embedding plus vocabulary head (one matrix when tied)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def weights(self) -> int:
+        """All weights, norms aside (a few thousand per layer)."""
+        return self.layers * self.layer_weights + self.embedding_weights
+
+    def lora_weights(self, r: int) -> int:
+        """LoRA's weights with rank r on every linear layer of every block ("all-linear" leaves the head out)."""
+        kv = self.kv_heads * (self.head_dim or self.hidden // self.heads)
+        shapes = [(self.hidden, self.width), (self.hidden, kv), (self.hidden, kv), (self.width, self.hidden),
+                  (self.hidden, self.intermediate), (self.hidden, self.intermediate), (self.intermediate, self.hidden)]
+        return self.layers * r * sum(a + b for a, b in shapes)
+
+    def kv_bytes_per_token(self, value_bytes: int = 2) -> int:
+        """Bytes of keys and values one token leaves in the cache (bf16)."""
+        return 2 * self.layers * self.kv_heads * (self.head_dim or self.hidden // self.heads) * value_bytes
+
+    def forward_flops(self, tokens: float, context: float, head_tokens: float) -> float:
+        """Forward FLOPs for `tokens` tokens attending over `context` positions each, the vocabulary head computed
+        for `head_tokens` of them (train.training_flops' count, forward only: 2 per weight, 4 x width x context)."""
+        return (2 * self.layers * self.layer_weights * tokens + 4 * self.layers * self.width * context * tokens
+                + 2 * self.vocab * self.hidden * head_tokens)
+
+    def training_flops(self, examples: float, length: float, learned: float, full: bool, lora: int) -> float:
+        """train.training_flops for `examples` examples of `length` tokens with `learned` of them in the loss."""
+        per_weight = 6 if full else 4
+        return examples * ((per_weight * self.layers * self.layer_weights + 6 * lora) * length
+                           + 12 * self.layers * self.width * length * length
+                           + per_weight * self.vocab * self.hidden * learned)
+
+
+# Published configs (config.json of each checkpoint on the hub; LLaMA-1 as converted by transformers, e.g.
+# huggyllama/*, the 33B also called 30B). None ties its embeddings; LLaMA-2 70B uses grouped-query attention.
+KNOWN_MODELS = {
+    "llama-7b": Architecture(4096, 32, 32, 32, 11008, 32000),
+    "llama-13b": Architecture(5120, 40, 40, 40, 13824, 32000),
+    "llama-33b": Architecture(6656, 60, 52, 52, 17920, 32000),
+    "llama-65b": Architecture(8192, 80, 64, 64, 22016, 32000),
+    "llama-2-7b": Architecture(4096, 32, 32, 32, 11008, 32000),
+    "llama-2-13b": Architecture(5120, 40, 40, 40, 13824, 32000),
+    "llama-2-70b": Architecture(8192, 80, 64, 8, 28672, 32000),
+}
+
+
+def known_model(name: str) -> str | None:
+    """The key of KNOWN_MODELS a hub id names (meta-llama/Llama-2-7b-hf -> llama-2-7b), or None."""
+    base = name.lower().split("/")[-1]
+    match = re.match(r"(?:llama-?(2)-?|llama-)(\d+)b", base)
+    if not match:
+        return None
+    size = {"30": "33"}.get(match.group(2), match.group(2))
+    key = f"llama-{'2-' if match.group(1) else ''}{size}b"
+    return key if key in KNOWN_MODELS else None
+
+
+def local_model(model_name: str) -> Path | None:
+    """The folder of an embedded model or a local folder; None for a hub id (never fetched here)."""
+    from humpback_nb.infra.models import ModelError, resolve
+
+    try:
+        source = Path(resolve(model_name))
+    except ModelError as err:
+        raise ConfigError(f"model.name: {err}") from None
+    return source if source.is_dir() else None
+
+
+def architecture(model_name: str) -> tuple[Architecture, str]:
+    """(architecture, where it came from): config.json of the embedded or a local model, else the known table."""
+    folder = local_model(model_name)
+    if folder is not None and (folder / "config.json").is_file():
+        c = json.loads((folder / "config.json").read_text())
+        arch = Architecture(c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                            c.get("num_key_value_heads") or c["num_attention_heads"], c["intermediate_size"],
+                            c["vocab_size"], bool(c.get("tie_word_embeddings", False)), c.get("head_dim") or 0)
+        return arch, f"config.json of {model_name}"
+    key = known_model(model_name)
+    if key is None:
+        raise ConfigError(f"model.name {model_name!r}: not at hand and not in the table of known models "
+                          f"({', '.join(KNOWN_MODELS)}); point model.name at a local folder with its config.json")
+    return KNOWN_MODELS[key], f"table of known models ({key}, its published config.json)"
+
+
+# -- token counts -------------------------------------------------------------------------------
+# Table 2 of the paper (v1), mean characters of instruction and output.
+PAPER_CHARS = {"seed": (148, 1072), "A5": (115, 1663), "A4": (206, 1985), "augmented": (352, 1722)}
+PAPER_SHARES = {"A5": 41_821 / 502_133, "A4": 195_043 / 502_133}  # Table 2: |A5|, |A4| over all candidates
+SAMPLE = 200  # records per data source whose tokens are counted
+SCAN_DOCUMENTS = 5000  # documents read per corpus to sample and count segments (a plan takes seconds)
+NF4_BYTES = 4.127 / 8  # NF4 with double quantization: 4 + 0.127 bits a weight (Dettmers et al. 2023, section 3)
+
+
+@dataclass
+class Lengths:
+    """Mean tokens of each kind of text, the prompts' own tokens, and where each number came from."""
+
+    chars_per_token: float
+    seed: list[tuple[float, float]]  # (instruction, output) of each sampled pair, or the paper's means
+    segments: list[float]  # each sampled unlabelled segment (a candidate's output), or the paper's mean
+    instruction: float  # an instruction M_yx writes
+    curated: dict[str, list[tuple[float, float]]]  # A_k and the scaling pools: (instruction, output)
+    eval_prompt: float
+    eval_prompts: int  # how many evaluation prompts each answering model gets
+    backward_overhead: int
+    rubric: int
+    forward_overhead: dict[str, int]  # by tag
+    judge_overhead: int
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def seed_mean(self) -> tuple[float, float]:
+        return (sum(i for i, _ in self.seed) / len(self.seed), sum(o for _, o in self.seed) / len(self.seed))
+
+    @property
+    def segment(self) -> float:
+        return sum(self.segments) / len(self.segments)
+
+
+def _tokenizer(config: HumpbackConfig) -> tuple[Any, str]:
+    """(tokenizer, what it is): the model's own when it is at hand (embedded or a local folder), else the embedded
+    one in the kit's format for base models (the format a LLaMA base model gets: it has no chat template)."""
+    from humpback_nb.infra.models import load_tokenizer
+    from humpback_nb.method.prompts import BASE_TEMPLATE
+
+    if local_model(config.model.name) is not None:
+        return load_tokenizer(config.model), f"{config.model.name}'s own tokenizer"
+    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer.chat_template = BASE_TEMPLATE
+    return tokenizer, (f"stand-in: the embedded smollm2-135m tokenizer in the base-model format "
+                       f"({config.model.name} is not at hand)")
+
+
+def _count(tokenizer, texts: list[str]) -> float:
+    return sum(_tokens(tokenizer, texts)) / max(1, len(texts))
+
+
+def _tokens(tokenizer, texts: list[str]) -> list[float]:
+    return [float(len(tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts]
+
+
+def _local_seed(config: HumpbackConfig) -> list[dict] | None:
+    from humpback_nb.infra.sources import SOURCES
+    from humpback_nb.method.data.seed import load_seed
+
+    source = config.data.seed_source
+    if source not in SOURCES and not Path(source).expanduser().is_file():
+        return None
+    return load_seed(config.data)[0][:SAMPLE]
+
+
+def _local_segments(config: HumpbackConfig) -> tuple[list[str], int | None] | None:
+    """(a sample of segment texts, how many segments of the right length the corpora hold, or None when a corpus
+    is longer than the documents read here) when every corpus is at hand."""
+    from itertools import islice
+
+    from humpback_nb.infra.sources import SOURCES
+    from humpback_nb.method.data.segments import read_documents, segment_documents
+
+    data = config.data
+    if not data.corpus_sources or any(s not in SOURCES and not Path(s).expanduser().exists()
+                                      for s in data.corpus_sources):
+        return None
+    sample, count, whole = [], 0, True
+    for source in data.corpus_sources:
+        taken, documents = 0, 0
+
+        def counted(source=source):
+            nonlocal documents
+            for document in islice(read_documents(source), SCAN_DOCUMENTS):
+                documents += 1
+                yield document
+
+        for segment in segment_documents(counted(), data.max_chars):
+            if data.min_chars <= len(segment["text"]) <= data.max_chars:
+                count += 1
+                if taken < SAMPLE:
+                    sample.append(segment["text"])
+                    taken += 1
+        whole = whole and documents < SCAN_DOCUMENTS
+    return sample, count if whole else None
+
+
+def measure_lengths(config: HumpbackConfig) -> tuple[Lengths, int]:
+    """Token counts for `config`, and how many segments the run has (num_segments, or fewer when the local corpora
+    hold fewer of the right length; the other filters drop more, so this is an upper bound)."""
+    from humpback_nb.infra.sources import fetch
+    from humpback_nb.method.evaluate import eval_prompts
+    from humpback_nb.method.judges import ANSWER_PREFIX, JUDGE_PROMPT
+    from humpback_nb.method.prompts import TAGS, backward_messages, curation_messages, forward_messages, prompt_ids
+
+    tokenizer, which = _tokenizer(config)
+    reference = [r["output"] for r in json.loads(fetch("alpaca_en_demo").read_text()) if r["output"]][:500]
+    cpt = sum(map(len, reference)) / sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in reference)
+    sources = {"tokenizer": which,
+               "chars_per_token": f"{cpt:.2f}, the tokenizer on 500 outputs of the embedded alpaca_en_demo"}
+
+    def paper(kind: str) -> tuple[float, float]:
+        return PAPER_CHARS[kind][0] / cpt, PAPER_CHARS[kind][1] / cpt
+
+    seed = _local_seed(config)
+    if seed:
+        seed_lengths = list(zip(_tokens(tokenizer, [r["instruction"] for r in seed]),
+                                _tokens(tokenizer, [r["output"] for r in seed]), strict=True))
+        sources["seed"] = f"measured: {len(seed)} pairs of {config.data.seed_source}"
+    else:
+        seed_lengths = [paper("seed")]
+        sources["seed"] = "paper: Table 2 seed means (148, 1,072 characters) over chars_per_token"
+    local = _local_segments(config)
+    segments = config.data.num_segments
+    instruction = min(paper("augmented")[0], config.generate.instruction_max_new_tokens)
+    sources["instruction"] = ("paper: Table 2 augmented instruction mean (352 characters) over chars_per_token, "
+                              "at most generate.instruction_max_new_tokens")
+    if local:
+        sample, available = local
+        segment = _tokens(tokenizer, sample)
+        segments = min(segments, available) if available is not None else segments
+        pairs = [(instruction, tokens) for tokens in segment]
+        curated = {kind: pairs for kind in ("A", "top A5 share", "top A4 share", "no curation")}
+        sources["segments"] = (f"measured: {len(sample)} segments of {', '.join(config.data.corpus_sources)} "
+                               f"(the first {SAMPLE} of each of {config.data.min_chars}-{config.data.max_chars} "
+                               "characters); the curated sets alike")
+    else:
+        segment = [paper("augmented")[1]]
+        curated = {"A": [paper("A5")], "top A5 share": [paper("A5")], "top A4 share": [paper("A4")],
+                   "no curation": [paper("augmented")]}
+        sources["segments"] = ("paper: Table 2 means over chars_per_token: candidates 1,722 characters, A_k and the "
+                               "top 8.3% as A5 (115, 1,663), the top 38.8% as A4 (206, 1,985)")
+    prompts = eval_prompts(config.evaluate)
+    sources["eval_prompt"] = f"measured: the {len(prompts)} evaluation prompts of the config"
+    sources["prompt overheads"] = "measured: the kit's own prompts through the chat template"
+    judge_text = JUDGE_PROMPT.format(instruction="", a="", b="")
+    judge = len(prompt_ids(tokenizer, [{"role": "user", "content": judge_text}])) + len(
+        tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"])
+    lengths = Lengths(
+        chars_per_token=cpt, seed=seed_lengths, segments=segment, instruction=instruction, curated=curated,
+        eval_prompt=_count(tokenizer, [p["instruction"] for p in prompts]), eval_prompts=len(prompts),
+        backward_overhead=len(prompt_ids(tokenizer, backward_messages(""))),
+        rubric=len(prompt_ids(tokenizer, curation_messages("", "", config.curate.rater_tag))),
+        forward_overhead={tag: len(prompt_ids(tokenizer, forward_messages("", tag))) for tag in TAGS},
+        judge_overhead=judge, sources=sources,
+    )
+    return lengths, segments
+
+
+# -- the schedule -------------------------------------------------------------------------------------
+# train.PAPER_STEPS, the paper's data-scaling runs (section 4.1): N -> (batch, steps). Kept here as well because
+# train.py imports the trainer, peft and bitsandbytes; tests/test_plan.py checks that both give the same schedule.
+PAPER_STEPS = {100: (8, 30), 800: (8, 300), 1600: (8, 600), 3200: (32, 500), 6400: (32, 600),
+               12800: (32, 600), 25600: (32, 1200), 51200: (32, 1600)}
+
+
+def paper_schedule(n: int) -> tuple[int, int]:
+    """train.paper_schedule: batch 8 below 3,000 examples, else 32; steps interpolated in log N, held at the ends."""
+    batch = 8 if n < 3000 else 32
+    points = sorted(PAPER_STEPS.items())
+    if n <= points[0][0]:
+        return batch, points[0][1][1]
+    for (n0, (_, s0)), (n1, (_, s1)) in zip(points, points[1:], strict=False):
+        if n <= n1:
+            t = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
+            return batch, round(s0 + t * (s1 - s0))
+    return batch, points[-1][1][1]
+
+
+def training_schedule(n: int, train, max_steps: int | None = None) -> tuple[int, int]:
+    """(batch, steps) of a model trained on n examples, as train.training_plan fills them in; `max_steps` (the
+    scaling analysis' evaluate.scaling_steps) takes the place of train.max_steps when set."""
+    batch, steps = paper_schedule(n)
+    return train.batch_size or batch, max_steps or train.max_steps or steps
+
+
+# -- the plan -------------------------------------------------------------------------------------
+@dataclass
+class StagePlan:
+    """One stage's work: models it trains, passes it makes, tokens, FLOPs, time, judge calls and disk."""
+
+    stage: str
+    models: list[str] = field(default_factory=list)  # models trained
+    model_runs: int = 0  # models trained, plus models loaded to generate, rate or judge
+    examples: int = 0  # training examples seen (steps x batch), plus items generated, rated or judged
+    steps: int = 0  # optimizer steps
+    tokens_read: float = 0.0  # prompt and training tokens
+    tokens_written: float = 0.0  # generated tokens
+    flops: float = 0.0
+    compute_seconds: float = 0.0  # training, prefill, scoring: FLOPs at MFU
+    decode_seconds: float = 0.0  # decoding: bytes over bandwidth (or FLOPs at MFU if longer)
+    judge_calls: int = 0
+    judge_prompt_tokens: float = 0.0
+    judge_reply_tokens: float = 0.0
+    disk_bytes: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def gpu_hours(self) -> float:
+        return (self.compute_seconds + self.decode_seconds) / 3600
+
+
+@dataclass
+class MemoryCheck:
+    """Whether training fits one GPU: per-GPU bytes of weights and optimizer state, and of activations."""
+
+    method: str
+    state_bytes: float
+    activation_bytes_mean: float  # a micro-batch of mean-length examples
+    activation_bytes_worst: float  # a micro-batch of max_seq_length examples
+    gpu_bytes: float
+    verdict: str  # fits (even the worst case), tight (the mean case only), no
+    how: str
+    generation_bytes: float = 0.0  # per process: the whole model and a full KV cache of the largest batch
+    generation_verdict: str = ""  # fits or no
+
+
+@dataclass
+class Plan:
+    """The cost of a run: one row per stage, totals, and what every number rests on."""
+
+    preset: str
+    model: str
+    gpu: str
+    gpus: int
+    stages: list[StagePlan]
+    memory: MemoryCheck
+    assumptions: dict[str, str]
+
+    @property
+    def totals(self) -> dict[str, float]:
+        keys = ("model_runs", "examples", "steps", "tokens_read", "tokens_written", "flops", "judge_calls",
+                "judge_prompt_tokens", "judge_reply_tokens", "disk_bytes")
+        totals = {k: sum(getattr(s, k) for s in self.stages) for k in keys}
+        totals["models_trained"] = sum(len(s.models) for s in self.stages)
+        totals["gpu_hours"] = sum(s.gpu_hours for s in self.stages)
+        totals["wall_hours"] = totals["gpu_hours"] / self.gpus
+        return totals
+
+    def to_dict(self) -> dict[str, Any]:
+        stages = [asdict(s) | {"gpu_hours": s.gpu_hours, "wall_hours": s.gpu_hours / self.gpus} for s in self.stages]
+        return {"preset": self.preset, "model": self.model, "gpu": self.gpu, "gpus": self.gpus, "stages": stages,
+                "totals": self.totals, "memory": asdict(self.memory), "assumptions": self.assumptions}
+
+
+class _Costing:
+    """Adds work to a stage row: training, generation, forward-only scoring, judging."""
+
+    def __init__(self, config: HumpbackConfig, arch: Architecture, lengths: Lengths, gpu: Gpu):
+        self.config, self.arch, self.lengths, self.gpu = config, arch, lengths, gpu
+        self.full = config.train.method == "full"
+        self.lora = 0 if self.full else arch.lora_weights(config.train.lora_r)
+        self.weight_bytes = weight_bytes(config, arch)
+        value = 4 if config.model.dtype == "float32" else 2
+        self.model_bytes = arch.weights * value if self.full else self.lora * 4  # saved: bf16 model, fp32 adapter
+
+    def train(self, row: StagePlan, name: str, groups: list[tuple[list[tuple[float, float]], int]], overhead: int,
+              backward: bool = False, max_steps: int | None = None) -> None:
+        """Model `name` trained on examples of each group (token counts of (instruction, output) pairs, and how many
+        such examples there are), each with a prompt of `overhead` tokens besides its texts."""
+        n = sum(count for _, count in groups)
+        batch, steps = training_schedule(n, self.config.train, max_steps)
+        length, learned = example_lengths(groups, overhead, self.config.train.max_seq_length, backward)
+        examples = batch * steps
+        flops = self.arch.training_flops(examples, length, learned, self.full, self.lora)
+        row.models.append(name)
+        row.model_runs += 1
+        row.examples += examples
+        row.steps += steps
+        row.tokens_read += examples * length
+        row.flops += flops
+        row.compute_seconds += flops / (self.gpu.flops * MFU)
+        row.disk_bytes += self.model_bytes
+
+    def generate(self, row: StagePlan, items: int, prompts: list[float], written: float, cap: int,
+                 batch: int) -> None:
+        """`items` prompts, each as long as one of `prompts` (token counts of a sample) but cut to leave `cap` tokens
+        of the context free; `written` tokens written each; a batch decodes `cap` steps at most."""
+        prompt = capped_mean(prompts, self.config.model.context_length - cap)
+        prefill = self.arch.forward_flops(items * prompt, prompt, items)
+        decode = self.arch.forward_flops(items * written, prompt + written / 2, items * written)
+        steps = math.ceil(items / batch) * cap  # a batch runs until its longest row is done: at most `cap` steps
+        step_bytes = self.weight_bytes + batch * (prompt + cap / 2) * self.arch.kv_bytes_per_token()
+        row.examples += items
+        row.tokens_read += items * prompt
+        row.tokens_written += items * written
+        row.flops += prefill + decode
+        row.compute_seconds += prefill / (self.gpu.flops * MFU)
+        row.decode_seconds += max(steps * step_bytes / self.gpu.bandwidth, decode / (self.gpu.flops * MFU))
+
+    def score(self, row: StagePlan, items: int, tokens: float, context: float) -> None:
+        """One forward pass over `tokens` tokens per item, each attending over `context`, logits at every one."""
+        flops = self.arch.forward_flops(items * tokens, context, items * tokens)
+        row.examples += items
+        row.tokens_read += items * tokens
+        row.flops += flops
+        row.compute_seconds += flops / (self.gpu.flops * MFU)
+
+    def judge(self, row: StagePlan, comparisons: int, prompts: int) -> None:
+        """`comparisons` x `prompts` x 2 orders: forward passes of the base model, or calls to the endpoint."""
+        settings, lengths = self.config.evaluate, self.lengths
+        calls = comparisons * prompts * 2
+        answer = self.config.generate.max_new_tokens
+        if settings.judge_url:
+            tokens = lengths.judge_overhead + lengths.eval_prompt + 2 * answer
+            row.judge_calls += calls
+            row.judge_prompt_tokens += calls * tokens
+            row.judge_reply_tokens += calls * 4  # max_tokens of EndpointJudge
+        else:
+            answer = min(answer, 2000 / lengths.chars_per_token)  # LocalJudge cuts each answer at 2,000 characters
+            tokens = lengths.judge_overhead + lengths.eval_prompt + 2 * answer
+            self.score(row, calls, tokens, tokens)
+            row.judge_calls += calls
+            row.judge_prompt_tokens += calls * tokens
+            row.model_runs += row.stage != "eval"  # tags and scaling load the base model to judge; eval has it
+        row.disk_bytes += comparisons * prompts * JSON_BYTES["judgment"]
+
+    def answers(self, row: StagePlan, models: int, prompts: int) -> None:
+        """`models` models answer the evaluation prompts (up to generate.max_new_tokens each)."""
+        settings, lengths = self.config.generate, self.lengths
+        prompt = lengths.forward_overhead[self.config.evaluate.inference_tags] + lengths.eval_prompt
+        for _ in range(models):
+            self.generate(row, prompts, [prompt], settings.max_new_tokens, settings.max_new_tokens, settings.batch_size)
+        row.model_runs += models
+        chars = (settings.max_new_tokens + lengths.eval_prompt) * lengths.chars_per_token
+        row.disk_bytes += models * prompts * (2 * chars + JSON_BYTES["answer"])
+
+
+def capped_mean(values: list[float], cap: float) -> float:
+    """Mean of `values`, each cut to `cap` (as prompts are cut to fit the context)."""
+    return sum(min(v, cap) for v in values) / len(values)
+
+
+def example_lengths(groups: list[tuple[list[tuple[float, float]], int]], overhead: int, max_length: int,
+                    backward: bool = False) -> tuple[float, float]:
+    """Mean (tokens, learned tokens) of training examples cut to `max_length` as train.encode cuts them: a forward
+    example learns the output and its end of turn; a backward one learns the instruction after an output cut to
+    leave it room (train.backward_example)."""
+    total = length = learned = 0.0
+    for pairs, count in groups:
+        for instruction, output in pairs:
+            if backward:
+                output = min(output, max_length - overhead - max(16, max_length // 8))
+                prompt, answer = overhead + output, instruction + 1
+            else:
+                prompt, answer = overhead + instruction, output + 1
+            length += count / len(pairs) * min(prompt + answer, max_length)
+            learned += count / len(pairs) * max(0.0, min(answer, max_length - prompt))
+        total += count
+    return length / total, learned / total
+
+
+# Bytes of one JSONL record besides its texts, measured on a demo run's files (mean bytes of a line less the
+# characters of its texts, rounded up to 5); an answer counts twice: its JSONL line and AlpacaEval's copy. A score
+# of the generate rater holds its reasoning and `finished` in place of the logprob rater's distribution.
+JSON_BYTES = {"seed": 115, "segment": 120, "candidate": 285, "score": 185, "score_generate": 120, "curated": 295,
+              "answer": 235, "judgment": 105}
+
+
+def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1) -> Plan:
+    """The cost of every stage of a run of `config` on `gpus` GPUs of kind `gpu` (a key of GPUS)."""
+    if gpu not in GPUS:
+        raise ConfigError(f"unknown GPU {gpu!r}; GPUs: {', '.join(GPUS)}")
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {gpus}")
+    arch, arch_source = architecture(config.model.name)
+    lengths, segments = measure_lengths(config)
+    cost = _Costing(config, arch, lengths, GPUS[gpu])
+    rows = {name: StagePlan(name) for name in STAGE_ORDER}
+    _data_stages(config, lengths, segments, cost, rows)
+    _evaluation_stages(config, lengths, segments, cost, rows)
+    cpt = lengths.chars_per_token
+    seed = lengths.seed_mean
+    tokens = (f"seed instruction {seed[0]:.0f}, output {seed[1]:.0f}; segment {lengths.segment:.0f}; "
+              f"written instruction {lengths.instruction:.0f}; evaluation prompt {lengths.eval_prompt:.0f}; prompts "
+              f"without their texts: backward {lengths.backward_overhead}, rating rubric {lengths.rubric}, forward "
+              f"{lengths.forward_overhead['S_a']} (with S_a), judge {lengths.judge_overhead}")
+    assumptions = {
+        "architecture": arch_source,
+        **lengths.sources,
+        "mean tokens": tokens,
+        "candidates": f"{segments:,}: every segment kept (an upper bound: degenerate instructions are dropped)",
+        "A_k": _a_k_rule(config),
+        "utilization": (f"training, prompt reading and scoring at {MFU:.0%} of the dense bf16 peak (an assumption, "
+                        "below PaLM's 46.2%); decoding memory-bound: weights + KV cache bytes per step over the "
+                        "datasheet bandwidth at the configured batch size (a floor), or FLOPs at that MFU if longer"),
+        "decoding steps": "a batch decodes until its longest row is done: max_new_tokens steps (an upper bound)",
+        "answers": "generate.max_new_tokens tokens each (an upper bound)",
+        "wall clock": f"GPU-hours over {gpus} GPU(s): every stage splits its batches or micro-batches evenly; "
+                      "models load and save, and processes wait for the slowest, on top",
+        "disk": (f"models as saved ({'bf16 weights' if cost.full else 'fp32 LoRA adapters'}), JSONL at {cpt:.2f} "
+                 "characters a token; not counted: the segments the filters drop (their number depends on your "
+                 "corpus) and a training checkpoint (weights and AdamW state), which lives only while its model "
+                 "trains"),
+    }
+    seed_n, a_k = config.data.seed_size, a_k_size(config, segments)
+    batch, _ = training_schedule(seed_n + a_k, config.train)
+    length, _ = example_lengths([(lengths.seed, seed_n), (lengths.curated["A"], a_k)],
+                                lengths.forward_overhead["S_a"], config.train.max_seq_length)
+    return Plan(config.preset, config.model.name, gpu, gpus, [rows[name] for name in STAGE_ORDER],
+                memory_check(config, arch, length, GPUS[gpu], gpus, batch), assumptions)
+
+
+STAGE_ORDER = ("seed", "segments", "backward", "candidates", "m0", "rate_m0", "A1", "m1", "rate_m1", "A2", "m2",
+               "eval", "tags", "selectors", "scaling", "summary")
+
+
+def _a_k_rule(config: HumpbackConfig) -> str:
+    if config.curate.top_share is not None:
+        return f"the best {config.curate.top_share:.1%} of the candidates (curate.top_share; ties aside)"
+    return (f"score >= {config.curate.threshold:g}: the share the paper's A5 (>= 4.5) or A4 (>= 3.5) had of its "
+            "candidates (Table 2), or every candidate below 3.5")
+
+
+def a_k_size(config: HumpbackConfig, candidates: int) -> int:
+    """Expected |A_k|: top_share of the candidates, or the paper's share for the threshold."""
+    curate = config.curate
+    if curate.top_share is not None:
+        return max(1, math.ceil(curate.top_share * candidates))
+    if curate.threshold >= 4.5:
+        return round(PAPER_SHARES["A5"] * candidates)
+    if curate.threshold >= 3.5:
+        return round(PAPER_SHARES["A4"] * candidates)
+    return candidates
+
+
+def _data_stages(config: HumpbackConfig, lengths: Lengths, segments: int, cost: _Costing,
+                 rows: dict[str, StagePlan]) -> None:
+    """seed, segments, backward, candidates, m0, rate_m0, A1, m1, rate_m1, A2, m2."""
+    cpt, seed_n = lengths.chars_per_token, config.data.seed_size
+    rows["seed"].disk_bytes = (seed_n + config.data.heldout_size) * (sum(lengths.seed_mean) * cpt + JSON_BYTES["seed"])
+    rows["segments"].disk_bytes = segments * (lengths.segment * cpt + JSON_BYTES["segment"])
+    cost.train(rows["backward"], "backward", [(lengths.seed, seed_n)], lengths.backward_overhead, backward=True)
+    generate = config.generate
+    cost.generate(rows["candidates"], segments, [lengths.backward_overhead + t for t in lengths.segments],
+                  lengths.instruction,
+                  generate.instruction_max_new_tokens, generate.batch_size)
+    rows["candidates"].model_runs = 1
+    rows["candidates"].disk_bytes = segments * ((lengths.instruction + lengths.segment) * cpt
+                                                + JSON_BYTES["candidate"])
+    cost.train(rows["m0"], "m0", [(lengths.seed, seed_n)], lengths.forward_overhead["S_a"])
+    a_k = a_k_size(config, segments)
+    curated = lengths.curated["A"]
+    for rate, subset, trained in (("rate_m0", "A1", "m1"), ("rate_m1", "A2", "m2")):
+        _rate(config, lengths, segments, cost, rows[rate])
+        chars = sum(i + o for i, o in curated) / len(curated) * cpt
+        rows[subset].disk_bytes = a_k * (chars + JSON_BYTES["curated"])
+        rows[subset].notes.append(f"|A_k| ~ {a_k:,} of {segments:,} candidates")
+        cost.train(rows[trained], trained, [(lengths.seed, seed_n), (curated, a_k)], lengths.forward_overhead["S_a"])
+
+
+def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Costing, row: StagePlan) -> None:
+    """A model rates every candidate: the paper's rater writes reasoning, the logprob rater makes one pass."""
+    settings, cpt = config.curate, lengths.chars_per_token
+    pairs = [lengths.instruction + t for t in lengths.segments]
+    row.model_runs = 1
+    if settings.rater == "generate":
+        cost.generate(row, candidates, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
+                      settings.max_new_tokens, settings.batch_size)
+        row.disk_bytes = candidates * (settings.max_new_tokens * cpt + JSON_BYTES["score_generate"])
+        row.notes.append(f"generate rater: up to {settings.max_new_tokens} tokens of reasoning per candidate")
+    else:
+        pair = capped_mean(pairs, config.model.context_length - lengths.rubric - 8)  # rate_logprob's reserve
+        cost.score(row, candidates, pair, lengths.rubric + pair)
+        row.disk_bytes = candidates * JSON_BYTES["score"]
+        row.notes.append("logprob rater: one forward pass per candidate after the rubric's cached keys and values")
+
+
+def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Costing,
+                       rows: dict[str, StagePlan]) -> None:
+    """eval, tags, selectors, scaling (summary is a file of numbers)."""
+    settings = config.evaluate
+    prompts = lengths.eval_prompts
+    seed_n, a_k = config.data.seed_size, a_k_size(config, candidates)
+    # eval: the base model, M0, M1, M2 answer; 4 comparisons (stages.COMPARISONS) judged in both orders
+    cost.answers(rows["eval"], 4, prompts)
+    cost.judge(rows["eval"], 4, prompts)
+    # tags: a model like M2 without tags, then M2 with each inference tag and that model answer (Table 8)
+    untagged = [(lengths.seed, seed_n), (lengths.curated["A"], a_k)]
+    cost.train(rows["tags"], "m2_untagged", untagged, lengths.forward_overhead["none"])
+    cost.answers(rows["tags"], 4, prompts)
+    cost.judge(rows["tags"], 4, prompts)
+    # selectors: M0 and M1 rate a labelled set (held-out seed pairs and 4x as many mismatched candidates) by logprob
+    positives = min(settings.selection_positives, config.data.heldout_size)
+    pairs = positives + min(4 * positives, max(0, candidates - 1))
+    pair = sum(lengths.seed_mean) * positives / max(1, pairs) + (lengths.instruction + lengths.segment) * (
+        pairs - positives) / max(1, pairs)
+    for _ in range(2):
+        cost.score(rows["selectors"], pairs, pair, lengths.rubric + pair)
+    rows["selectors"].model_runs += 2
+    # scaling: a model per quality and size N that the quality has N pairs for (Figure 3)
+    pools = {f"top {PAPER_SHARES['A5']:.1%}": ("top A5 share", math.ceil(PAPER_SHARES["A5"] * candidates)),
+             f"top {PAPER_SHARES['A4']:.1%}": ("top A4 share", math.ceil(PAPER_SHARES["A4"] * candidates)),
+             "no curation": ("no curation", candidates)}
+    for source, (kind, available) in pools.items():
+        for n in settings.scaling_sizes:
+            if n > available:
+                rows["scaling"].notes.append(f"{source}: no model for N={n:,} (at most {available:,} pairs)")
+                continue
+            if n > 0.9 * available:  # the pool shrinks with every degenerate instruction dropped
+                rows["scaling"].notes.append(f"{source}: N={n:,} needs {n:,} of at most {available:,} pairs: no "
+                                             f"model if over {1 - n / available:.0%} of the instructions are dropped")
+            name = f"scaling_{re.sub(r'[^a-z0-9]+', '_', source).strip('_')}_{n}"
+            cost.train(rows["scaling"], name, [(lengths.curated[kind], n)], lengths.forward_overhead["S_w"],
+                       max_steps=settings.scaling_steps)
+            cost.answers(rows["scaling"], 1, prompts)
+    if rows["scaling"].models:  # each scaling model against the base model's answers
+        cost.judge(rows["scaling"], len(rows["scaling"].models), prompts)
+
+
+# -- memory -------------------------------------------------------------------------------------
+def memory_check(config: HumpbackConfig, arch: Architecture, length: float, gpu: Gpu, gpus: int,
+                 batch: int) -> MemoryCheck:
+    """Per-GPU bytes of training M2 (the run's largest training set) and whether they fit `gpu`'s memory."""
+    train = config.train
+    micro = max(1, min(train.micro_batch_size, batch // gpus))
+    if train.method == "full":
+        sharded = gpus if gpus > 1 else 1
+        state = 16 * arch.weights / sharded
+        how = ("AdamW in mixed precision holds 16 bytes a weight (Rajbhandari et al. 2019, arXiv 1910.02054, section "
+               "3.1: bf16 weights and gradients, fp32 master weights and two moments; fp32 weights and gradients "
+               "sharded by FSDP come to the same)"
+               + (f", sharded over {gpus} GPUs with FSDP" if gpus > 1 else ", on one GPU"))
+    else:
+        if config.model.quantization == "4bit":
+            # prepare_model_for_kbit_training casts what is not quantized (embeddings, head, norms) to fp32
+            base = arch.layers * arch.layer_weights * NF4_BYTES + arch.embedding_weights * 4
+            kind = "NF4 base (4.127 bits a weight; embeddings and head in fp32)"
+        else:
+            base = arch.weights * (4 if config.model.dtype == "float32" else 2)
+            kind = "bf16 base"
+        state = base + 16 * arch.lora_weights(train.lora_r)
+        how = (f"{kind} plus LoRA r={train.lora_r} at 16 bytes a weight (fp32 weights, gradients, two AdamW moments); "
+               "every GPU holds the whole model (DDP)")
+
+    def activations(tokens: float) -> float:
+        # 34 x tokens x width bytes per layer (Korthikanti et al. 2022, arXiv 2205.05198, section 4.1, less the
+        # attention scores fused kernels do not keep), and the logits in bf16 plus the loss's fp32 copy
+        return micro * tokens * (34 * arch.hidden * arch.layers + 6 * arch.vocab)
+
+    mean, worst = activations(length), activations(train.max_seq_length)
+    verdict = "fits" if state + worst <= gpu.memory else "tight" if state + mean <= gpu.memory else "no"
+    rows = max(config.generate.batch_size, config.curate.batch_size)
+    generation = weight_bytes(config, arch) + rows * config.model.context_length * arch.kv_bytes_per_token()
+    how += (f"; activations of a micro-batch of {micro} without recomputation, at the mean length ({length:.0f} "
+            f"tokens) and at train.max_seq_length ({train.max_seq_length}); CUDA context aside. fits: even the "
+            "longest micro-batch; tight: the mean one only; no: not even that")
+    return MemoryCheck(train.method, state, mean, worst, gpu.memory, verdict, how, generation,
+                       "fits" if generation <= gpu.memory else "no")
+
+
+def weight_bytes(config: HumpbackConfig, arch: Architecture) -> float:
+    """Bytes of the model's weights as loaded for generation: NF4 blocks (bitsandbytes' kernels read them packed)
+    and bf16 embeddings and head, or every weight in the model's dtype."""
+    if config.model.quantization == "4bit":
+        return arch.layers * arch.layer_weights * NF4_BYTES + arch.embedding_weights * 2
+    return arch.weights * (4 if config.model.dtype == "float32" else 2)
+
+
+# -- output -------------------------------------------------------------------------------------
+def _number(x: float) -> str:
+    """12, 3.4k, 5.6M, 7.8B, 9.0e18: short and exact enough for a plan."""
+    if abs(x) >= 1e12:
+        return f"{x:.2e}"
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= size:
+            return f"{x / size:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _bytes(x: float) -> str:
+    for size, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if x >= size:
+            return f"{x / size:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def _hours(x: float) -> str:
+    return "0" if x == 0 else f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
+def table_rows(plan: Plan) -> list[list[str]]:
+    """Header, one row per stage and the totals, as text cells (the same for the terminal and Markdown)."""
+    header = ["stage", "models trained", "model runs", "examples", "steps", "tokens read", "tokens written",
+              "FLOPs", "GPU-hours"] + (["wall hours"] if plan.gpus > 1 else []) + ["judge calls", "disk"]
+
+    def cells(name: str, models: str, v: dict[str, float]) -> list[str]:
+        return ([name, models, f"{v['model_runs']:.0f}", _number(v["examples"]), f"{v['steps']:,.0f}",
+                 _number(v["tokens_read"]), _number(v["tokens_written"]), f"{v['flops']:.2e}",
+                 _hours(v["gpu_hours"])] + ([_hours(v["gpu_hours"] / plan.gpus)] if plan.gpus > 1 else [])
+                + [f"{v['judge_calls']:,.0f}", _bytes(v["disk_bytes"])])
+
+    rows = [header]
+    for s in plan.stages:
+        models = ", ".join(s.models) if len(s.models) <= 2 else f"{len(s.models)} models"
+        rows.append(cells(s.stage, models, asdict(s) | {"gpu_hours": s.gpu_hours}))
+    totals = plan.totals
+    rows.append(cells("total", f"{totals['models_trained']:.0f} models", totals))
+    return rows
+
+
+def _footer(plan: Plan) -> list[str]:
+    t, m = plan.totals, plan.memory
+    gpu = GPUS[plan.gpu]
+    lines = [f"{plan.preset}: {plan.model} on {plan.gpus} x {gpu.label} ({gpu.flops / 1e12:.0f} TFLOP/s bf16 dense, "
+             f"{gpu.bandwidth / 1e12:.2f} TB/s): {t['gpu_hours']:.1f} GPU-hours, {t['wall_hours']:.1f} hours of wall "
+             f"clock, {t['judge_calls']:,.0f} judge calls ({_number(t['judge_prompt_tokens'])} prompt tokens, "
+             f"{_number(t['judge_reply_tokens'])} reply tokens), {_bytes(t['disk_bytes'])} on disk.",
+             f"Training memory per GPU: {m.verdict} ({_bytes(m.state_bytes)} weights and optimizer state + "
+             f"{_bytes(m.activation_bytes_mean)}-{_bytes(m.activation_bytes_worst)} activations of "
+             f"{_bytes(m.gpu_bytes)}): {m.how}.",
+             f"Generation memory per GPU: {m.generation_verdict} ({_bytes(m.generation_bytes)}: every process holds "
+             "the whole model and a KV cache of its largest batch at model.context_length)."]
+    return lines + [f"{key}: {value}." for key, value in plan.assumptions.items()]
+
+
+def render_text(plan: Plan) -> str:
+    """The plan as an aligned table and its assumptions, for a terminal."""
+    rows = table_rows(plan)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    notes = [f"  {s.stage}: {note}" for s in plan.stages for note in s.notes]
+    return "\n".join(lines + ([""] + notes if notes else []) + [""] + _footer(plan)) + "\n"
+
+
+def render_markdown(plan: Plan) -> str:
+    """The plan as a Markdown table, then its totals and assumptions as a list."""
+    rows = table_rows(plan)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:-1]]
+    lines.append("| " + " | ".join(f"**{c}**" for c in rows[-1]) + " |")
+    return "\n".join(lines + [""] + [f"- {line}" for line in _footer(plan)]) + "\n"
