@@ -11,7 +11,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export MALLOC_TOP_PAD_ ?= 536870912
 
-.PHONY: install fetch demo test browser lint lab bench clean
+.PHONY: install fetch demo test browser lint lab bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "humpback-nb needs Python 3.11: make PYTHON=python3.11 ...")'
@@ -50,6 +50,9 @@ bench: fetch  ## the three loops against their naive baselines, and what paper-7
 	@for name in augment curate train; do \
 	  $(BIN)/python benchmarks/bench_$$name.py | tee runs/bench/$$name.json || exit 1; done
 	$(BIN)/humpback plan --preset paper-7b --json | tee runs/bench/plan.json
+
+gpu-check: fetch  ## before a paid run: the paper's preset shrunk to minutes on this GPU (MODEL=... for another base model)
+	$(BIN)/humpback gpu-check $(if $(MODEL),--model $(MODEL))
 
 clean:  ## remove the environment and run folders (the download cache stays)
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache humpback_nb.egg-info

@@ -5,6 +5,8 @@
     humpback status --run-dir runs/demo
     humpback clear --run-dir runs/demo STAGE
     humpback config --preset paper-7b          # print a preset as YAML
+    humpback plan --preset paper-7b-full --gpu h100 --gpus 8 [--json | --markdown]   # what a run costs
+    humpback gpu-check [--model NAME]          # the paper's preset shrunk to minutes: verdicts before a paid run
     humpback fetch                             # fetch and check every embedded default
     humpback notebooks --preset demo --run-dir runs/demo   # execute the notebooks with papermill
 """
@@ -46,6 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     show = commands.add_parser("config", help="print a config as YAML")
     _add_config_args(show)
 
+    plan = commands.add_parser("plan", help="what a run costs, stage by stage, before it runs (no model is loaded)")
+    _add_config_args(plan)
+    plan.add_argument("--gpu", default="h100", help="the GPU to price the run on (a wrong name lists the known ones)")
+    plan.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs the run splits over (wall clock)")
+    output = plan.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the plan as JSON")
+    output.add_argument("--markdown", action="store_true", help="print the plan as a Markdown table")
+
+    check = commands.add_parser("gpu-check", help="the paper's preset shrunk to minutes on your GPU and base model: "
+                                "EOS stop rates, the rater's parse rate, tokens/s, peak memory, a verdict per check")
+    check.add_argument("--model", help="the base model (default: paper-7b's; without CUDA the embedded one)")
+    check.add_argument("--run-dir", type=Path, default=Path("runs/gpu-check"))
+    check.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one setting")
+
     commands.add_parser("fetch", help="fetch and check every embedded model and data set")
 
     notebooks = commands.add_parser("notebooks", help="execute the notebooks with papermill into RUN_DIR/notebooks")
@@ -71,8 +87,14 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> HumpbackConfig:
     config = load_config(args.config) if args.config else load_preset(args.preset or "demo")
+    overrides = _overrides(args.set)
+    return with_overrides(config, overrides) if overrides else config
+
+
+def _overrides(items: list[str]) -> dict:
+    """--set KEY=VALUE items as {key: value}, each value parsed as YAML."""
     overrides = {}
-    for item in args.set:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
@@ -80,7 +102,7 @@ def _config(args: argparse.Namespace) -> HumpbackConfig:
         if isinstance(parsed, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", parsed.strip()):
             parsed = float(parsed)  # YAML 1.1 reads 3e-4 (no dot) as a string
         overrides[key.strip()] = parsed
-    return with_overrides(config, overrides) if overrides else config
+    return overrides
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -124,6 +146,25 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from humpback_nb.plan import build_plan, render_markdown, render_text
+
+    plan = build_plan(_config(args), gpu=args.gpu, gpus=args.gpus)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(render_markdown(plan) if args.markdown else render_text(plan), end="")
+    return 0
+
+
+def _gpu_check(args: argparse.Namespace) -> int:
+    from humpback_nb.gpucheck import main as gpu_check
+
+    return gpu_check(args.run_dir, model=args.model, overrides=_overrides(args.set))
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from humpback_nb.infra.models import EMBEDDED_MODELS, embedded_checkpoint
     from humpback_nb.infra.sources import fetch_all
@@ -157,7 +198,8 @@ def _notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "status": _status, "clear": _clear, "config": _show, "fetch": _fetch,
+_COMMANDS = {"run": _run, "status": _status, "clear": _clear, "config": _show, "plan": _plan, "gpu-check": _gpu_check,
+             "fetch": _fetch,
              "notebooks": _notebooks}
 
 if __name__ == "__main__":

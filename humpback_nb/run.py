@@ -147,6 +147,9 @@ class RunFiles:
     def summary_file(self) -> Path:
         return self.root / "summary.json"
 
+    def gpu_check_file(self) -> Path:  # `humpback gpu-check`'s report
+        return self.root / "gpu_check.json"
+
     def notebooks_dir(self) -> Path:
         """Where `humpback notebooks` writes the executed notebooks."""
         return self.root / "notebooks"
