@@ -84,3 +84,42 @@ def test_a_rating_in_base_format_parses_cleanly(base_tokenizer):
     assert parse_score(text) == 5
     assert parse_score("Clear and complete.\nScore: 5<|im_end|>") is None  # what ChatML text on LLaMA would give
 
+
+
+def llama_like_tokenizer(tmp_path, chat_template: str | None = None):
+    """A small tokenizer built here that behaves as LLaMA-2's: adds <s> at the start, EOS </s>, unknown <unk>,
+    no pad token, and (unless given one) no chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from humpback_nb.infra.models import load_tokenizer
+
+    words = ["<unk>", "<s>", "</s>", "###", "System:", "User:", "Assistant:", "Say", "hi.", "Hi.", "Answer", "in",
+             "the", "style", "of", "an", "AI", "Assistant."]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # the kit loads folders with safetensors only
+    return load_tokenizer(str(tmp_path))
+
+
+def test_a_llama_like_tokenizer_gets_one_bos_labels_ending_with_eos_and_pads_with_unk(tmp_path):
+    tokenizer = llama_like_tokenizer(tmp_path)
+    example = forward_example(tokenizer, "Say hi.", "Hi.", "S_a", 64)
+    assert example["input_ids"].count(tokenizer.bos_token_id) == 1 and example["input_ids"][0] == 1
+    assert example["labels"][-1] == tokenizer.eos_token_id == 2 and turn_end_ids(tokenizer) == [2]
+    assert tokenizer.pad_token == "<unk>"  # a pad id apart from the EOS where the tokenizer has one
+
+
+def test_a_chat_template_that_writes_the_bos_itself_does_not_get_a_second_one(tmp_path):
+    from humpback_nb.method.prompts import prompt_ids
+
+    template = "{{ bos_token }}" + BASE_TEMPLATE
+    tokenizer = llama_like_tokenizer(tmp_path, chat_template=template)
+    ids = prompt_ids(tokenizer, forward_messages("Say hi.", "S_a"))
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    example = forward_example(tokenizer, "Say hi.", "Hi.", "S_a", 64)  # training reads the same prompt ids
+    assert example["input_ids"][: len(ids)] == ids and example["labels"][-1] == tokenizer.eos_token_id

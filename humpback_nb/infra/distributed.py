@@ -8,7 +8,9 @@ b mod N, is generated with the seed it has in a one-process run, and is appended
 part file (`<output>.<hash>.rank<r>.partial`). When every process is done, each reads what the others
 wrote, so all of them hold every record in input order, and the main process alone writes the stage's
 files. A rerun, with any number of processes, reads all part files and redoes only the missing batches:
-the result is the same records a one-process run writes. Training runs under DDP through the Trainer.
+the result is the same records a one-process run writes. Training runs through the Trainer under DDP, or
+under FSDP2 for full fine-tuning when the launch config asks for it (presets/accelerate/fsdp-8gpu.yaml;
+accelerate shards on GPUs only, and keeps a CPU launch DDP).
 
 The run folder must be visible to every process (one machine, or a shared file system on a cluster).
 Without a launcher, `processes()` is simply (rank 0 of 1) and nothing here touches torch.distributed.

@@ -24,7 +24,7 @@ import torch
 from humpback_nb.config import CurateConfig, GenerateConfig
 from humpback_nb.infra.batches import in_batches
 from humpback_nb.infra.decode import generate_records
-from humpback_nb.method.prompts import curation_messages, fit_text, prompt_ids
+from humpback_nb.method.prompts import curation_messages, fit_text, prompt_ids, rendered_ids
 
 SCORES = (1, 2, 3, 4, 5)
 _SCORE_LINE = re.compile(r"score\s*:\s*(\S+?)\.?", re.IGNORECASE)
@@ -94,7 +94,7 @@ def _rubric_split(tokenizer, tag: str, answer_prefix: str) -> tuple[list[int], s
     text = tokenizer.apply_chat_template(curation_messages(_PAIR, "", tag), add_generation_prompt=True,
                                          tokenize=False) + answer_prefix
     head, tail = text.split(_PAIR)
-    return tokenizer(head, add_special_tokens=True)["input_ids"], _PAIR + tail
+    return rendered_ids(tokenizer, head), _PAIR + tail
 
 
 def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,

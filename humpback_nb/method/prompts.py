@@ -63,7 +63,14 @@ def fit_text(tokenizer, text: str, max_tokens: int) -> str:
 def prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
     """Token ids of a prompt, ending where the assistant's answer begins: the same in training and generation."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    return rendered_ids(tokenizer, text)
+
+
+def rendered_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of the start of a rendered conversation: with the tokenizer's BOS (LLaMA's `<s>`) added, unless
+    the chat template wrote it already (LLaMA-2-chat's does): one BOS either way."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
 def turn_end_ids(tokenizer) -> list[int]:

@@ -6,6 +6,11 @@ model learns to answer, not to repeat instructions (paper section 2.3). Training
 `Trainer` with LoRA adapters (QLoRA on a 4-bit base) or all weights, and the paper's schedule: the
 learning rate decays linearly from `learning_rate` to `final_learning_rate`, which is the learning rate
 of the last step itself (1e-5 -> 9e-6 in the paper), with weight decay 0.1 and dropout 0.1.
+
+Launched by accelerate with several processes, training is DDP (every process holds the model), or FSDP2 when
+the launch config asks for it (full fine-tuning only: weights, gradients and optimizer state are sharded over
+the processes, as the paper's 7B and 65B runs need). The code is the same; under FSDP the full weights are
+gathered once at the end and the main process saves them, and checkpoints are the sharded ones accelerate writes.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
 from humpback_nb.infra.files import atomic_dir
 from humpback_nb.infra.models import TRAIN_LOG, attach_lora, load_model, runtime
-from humpback_nb.method.prompts import Message, backward_messages, fit_text, forward_messages, prompt_ids
+from humpback_nb.method.prompts import Message, backward_messages, fit_text, forward_messages, prompt_ids, rendered_ids
 
 # peft asks transformers a question transformers renamed; the answer is the same.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -63,7 +68,7 @@ def encode(tokenizer, messages: list[Message], completion: str, max_length: int)
                                               tokenize=False)
     if not full_text.startswith(prompt_text):
         raise ValueError("the chat template renders the prompt differently inside a full conversation")
-    prompt = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    prompt = rendered_ids(tokenizer, prompt_text)  # as prompt_ids reads it when generating
     answer = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     input_ids = (prompt + answer)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
@@ -217,6 +222,7 @@ class _LossLog(TrainerCallback):
 
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
+        self.counted = 0  # the first `counted` steps hold every process's tokens already (read from a checkpoint)
         self.trainer: _PaperScheduleTrainer | None = None
         self._lr = None
         self._start = 0.0
@@ -232,10 +238,22 @@ class _LossLog(TrainerCallback):
         self._timing = {"seconds": round(time.perf_counter() - self._start, 4),
                         "tokens": self.trainer.tokens_seen - self._tokens}
 
+    def all_steps(self) -> list[dict[str, float]]:
+        """The steps so far, each with the tokens of every process (each trained on its share of a step's tokens).
+        Under a launch, every process calls this at the same point."""
+        own = self.steps[self.counted:]
+        shares = gather([step["tokens"] for step in own])
+        return self.steps[:self.counted] + [dict(step, tokens=sum(share[i] for share in shares))
+                                            for i, step in enumerate(own)]
+
     def on_save(self, args, state, control, **kwargs):
+        # Every process writes its own part of a checkpoint (its random generators; under FSDP its shards of the
+        # weights and optimizer state): the steps file, which marks the checkpoint complete, comes after all of them.
+        steps = self.all_steps()
+        wait_for_everyone()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            (folder / STEPS_FILE).write_text(json.dumps(self.steps))
+            (folder / STEPS_FILE).write_text(json.dumps(steps))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -266,20 +284,16 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
     plan = training_plan(len(examples), train)
     if plan.method == "full" and base.quantization == "4bit":
         raise ValueError("full fine-tuning needs model.quantization: none (4-bit weights cannot be trained)")
+    check_launch(plan.method)
     model, tokenizer = load_model(base)
     set_seed(plan.random_seed)  # LoRA's initial weights come from the random generator: the same seed, the same start
     if plan.method == "lora":
         model = attach_lora(model, plan)
     else:
-        model.config.attention_dropout = plan.lora_dropout  # the paper's dropout 0.1 on full fine-tuning
+        model.config.attention_dropout = plan.dropout  # the paper's dropout 0.1 on full fine-tuning
         model.requires_grad_(True)
-    sharded = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower()
-               in ("1", "true")]
-    if sharded:
-        raise ValueError(f"training under {sharded[0]} is not supported by this version of the kit: launch with "
-                         "--multi_gpu (DDP; a 4-bit 7B model and its LoRA fit on every GPU)")
     where = runtime(base.device, base.dtype)
-    world = processes().world  # under a launch of N processes (DDP), each accumulates 1/N of the batch
+    world = processes().world  # under a launch of N processes (DDP or FSDP), each accumulates 1/N of the batch
     micro = min(plan.micro_batch_size, plan.batch_size // world)
     if micro < 1 or plan.batch_size % (micro * world):
         raise ValueError(f"train.batch_size {plan.batch_size} is not a multiple of train.micro_batch_size {micro} "
@@ -315,6 +329,8 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
         callbacks=[losses], train_config=plan,
     )
     losses.trainer = trainer
+    if _env_flag("ACCELERATE_USE_FSDP") and not trainer.is_fsdp_enabled:
+        log("accelerate runs FSDP on GPUs only: this launch trains under DDP, every process holding the whole model")
     # Under mixed precision, LoRA's matrices multiply in the compute dtype (autocast casts them once per step);
     # peft would otherwise cast every activation to float32 first, as its 4-bit layers already do not.
     mixed = args.bf16 or args.fp16
@@ -322,15 +338,16 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
     resume = _last_checkpoint(checkpoints) if saving else None
     if resume is not None:
         losses.steps = json.loads((resume / STEPS_FILE).read_text())
+        losses.counted = len(losses.steps)
         log(f"resuming training from {resume.name}")
     with disable_input_dtype_casting(model, active=mixed and plan.method == "lora"):
         trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     seconds = time.time() - started
+    # Under FSDP every process holds a shard of each weight: all take part in gathering the full weights, which
+    # only the main process receives (the others get an empty dict).
+    full_weights = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     model.eval()
-    if world > 1:  # every process trained on its share of each step's tokens
-        for other in gather([step.get("tokens", 0) for step in losses.steps])[1:]:
-            for step, tokens in zip(losses.steps, other, strict=True):
-                step["tokens"] = step.get("tokens", 0) + tokens
+    losses.steps = losses.all_steps()
     train_log = {
         "examples": len(examples),
         "batch_size": plan.batch_size,
@@ -341,20 +358,52 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
         "final_learning_rate": plan.final_learning_rate,
         "seconds": round(seconds, 2),
         "processes": world,
+        "parallel": "fsdp2" if trainer.is_fsdp_enabled else "ddp" if world > 1 else "none",
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "tokens_per_step": plan.batch_size * sum(len(e["input_ids"]) for e in examples) / len(examples),
         "tokens": sum(step.get("tokens", 0) for step in losses.steps),
         "steps": losses.steps,
     }
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if plan.method == "full":
-            tokenizer.save_pretrained(tmp)
-        (tmp / TRAIN_LOG).write_text(json.dumps(train_log, indent=2) + "\n")
+    if processes().is_main:
+        with atomic_dir(out_dir) as tmp:
+            save_weights(model, tmp, full_weights, where.dtype)
+            if plan.method == "full":
+                tokenizer.save_pretrained(tmp)
+            (tmp / TRAIN_LOG).write_text(json.dumps(train_log, indent=2) + "\n")
     wait_for_everyone()  # in a launch, the main process has saved the model before anyone reads it
     log(f"trained {plan.method} ({base.quantization}) on {len(examples)} examples: {plan.max_steps} steps "
         f"of {plan.batch_size} in {seconds:.0f}s, loss {losses.steps[0]['loss']:.3f} -> {losses.steps[-1]['loss']:.3f}")
     return train_log
+
+
+def check_launch(method: str) -> None:
+    """Refuse, in one line, a launch the kit cannot train under: DeepSpeed, FSDP but version 2, LoRA under FSDP."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ValueError("training under DeepSpeed is not supported by this kit: launch with --multi_gpu (DDP) for "
+                         "LoRA, or with an FSDP config (presets/accelerate/fsdp-8gpu.yaml) for train.method: full")
+    if not _env_flag("ACCELERATE_USE_FSDP"):
+        return
+    if method != "full":
+        raise ValueError("LoRA under FSDP is not supported: launch with --multi_gpu (DDP; a 4-bit 7B model and its "
+                         "LoRA fit on every GPU); FSDP is for train.method: full")
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError("the kit trains under FSDP version 2 only: set fsdp_version: 2 in the accelerate config")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true")
+
+
+def save_weights(model, folder: Path, full_weights: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> None:
+    """Save the trained model (adapter or full) as safetensors into `folder`; `full_weights` are the weights
+    gathered from FSDP's shards, saved in the model's dtype (FSDP trains in float32 master weights)."""
+    if full_weights is None:
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full_weights.items()}
+    model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+    model.config.dtype = dtype  # save_pretrained wrote the dtype of the float32 master weights
+    model.config.save_pretrained(folder)
 
 
 def _last_checkpoint(folder: str | Path) -> Path | None:
