@@ -17,10 +17,10 @@ from humpback_nb.config import (
 
 
 def test_presets_are_shipped():
-    assert {"tiny", "demo", "paper-7b"} <= set(presets())
+    assert {"tiny", "demo", "paper-7b", "paper-7b-full"} <= set(presets())
 
 
-@pytest.mark.parametrize("name", ["tiny", "demo", "paper-7b"])
+@pytest.mark.parametrize("name", ["tiny", "demo", "paper-7b", "paper-7b-full"])
 def test_yaml_round_trip(name, tmp_path):
     config = load_preset(name)
     path = save_config(config, tmp_path / "config.yaml")
@@ -29,14 +29,24 @@ def test_yaml_round_trip(name, tmp_path):
     assert again.hash() == config.hash()
 
 
-def test_paper_preset_carries_the_papers_hyperparameters():
-    config = load_preset("paper-7b")
-    assert config.model.quantization == "4bit"
+def test_the_full_fine_tuning_preset_carries_the_papers_hyperparameters():
+    config = load_preset("paper-7b-full")
+    assert config.train.method == "full" and config.model.quantization == "none"
     assert (config.train.learning_rate, config.train.final_learning_rate) == (1e-5, 9e-6)
     assert config.train.weight_decay == 0.1 and config.train.dropout == 0.1
     assert (config.generate.temperature, config.generate.top_p) == (0.7, 0.9)
-    assert config.curate.threshold == 4.5
+    assert config.curate.threshold == 4.5 and config.curate.rater == "generate"
     assert config.data.seed_size == 3200 and (config.data.min_chars, config.data.max_chars) == (600, 3000)
+
+
+def test_the_qlora_preset_differs_from_the_paper_only_in_how_it_trains():
+    lora, full = load_preset("paper-7b"), load_preset("paper-7b-full")
+    assert lora.train.method == "lora" and lora.model.quantization == "4bit"
+    assert lora.train.learning_rate == 2e-4  # QLoRA's 7B rate (Dettmers et al. 2023)
+    assert lora.train.final_learning_rate / lora.train.learning_rate == pytest.approx(0.9)  # the paper's decay
+    for section in ("data", "generate", "curate", "evaluate"):
+        assert lora.section(section) == full.section(section), section
+    assert lora.model.name == full.model.name
 
 
 def test_hash_is_stable_across_processes_and_key_order():
