@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from humpback_nb.config import ConfigError, HumpbackConfig
+from humpback_nb.method.schedule import paper_schedule
 
 
 # -- the hardware ---------------------------------------------------------------------------------
@@ -322,25 +323,6 @@ def measure_lengths(config: HumpbackConfig) -> tuple[Lengths, int]:
 
 
 # -- the schedule -------------------------------------------------------------------------------------
-# train.PAPER_STEPS, the paper's data-scaling runs (section 4.1): N -> (batch, steps). Kept here as well because
-# train.py imports the trainer, peft and bitsandbytes; tests/test_plan.py checks that both give the same schedule.
-PAPER_STEPS = {100: (8, 30), 800: (8, 300), 1600: (8, 600), 3200: (32, 500), 6400: (32, 600),
-               12800: (32, 600), 25600: (32, 1200), 51200: (32, 1600)}
-
-
-def paper_schedule(n: int) -> tuple[int, int]:
-    """train.paper_schedule: batch 8 below 3,000 examples, else 32; steps interpolated in log N, held at the ends."""
-    batch = 8 if n < 3000 else 32
-    points = sorted(PAPER_STEPS.items())
-    if n <= points[0][0]:
-        return batch, points[0][1][1]
-    for (n0, (_, s0)), (n1, (_, s1)) in zip(points, points[1:], strict=False):
-        if n <= n1:
-            t = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
-            return batch, round(s0 + t * (s1 - s0))
-    return batch, points[-1][1][1]
-
-
 def training_schedule(n: int, train, max_steps: int | None = None) -> tuple[int, int]:
     """(batch, steps) of a model trained on n examples, as train.training_plan fills them in; `max_steps` (the
     scaling analysis' evaluate.scaling_steps) takes the place of train.max_steps when set."""

@@ -5,14 +5,13 @@ from safetensors.torch import load_file
 from humpback_nb.config import load_preset, with_overrides
 from humpback_nb.infra.models import load_tokenizer, read_train_log
 from humpback_nb.method.prompts import BACKWARD_PROMPT, S_A, S_W, prompt_ids
+from humpback_nb.method.schedule import linear_to_final, paper_schedule
 from humpback_nb.method.train import (
     IGNORE_INDEX,
     backward_example,
     encode,
     forward_examples,
-    linear_to_final,
     mean_loss,
-    paper_schedule,
     train_model,
 )
 

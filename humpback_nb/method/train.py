@@ -16,7 +16,6 @@ gathered once at the end and the main process saves them, and checkpoints are th
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -34,31 +33,13 @@ from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
 from humpback_nb.infra.files import atomic_dir
 from humpback_nb.infra.models import TRAIN_LOG, attach_lora, load_model, runtime
 from humpback_nb.method.prompts import Message, backward_messages, fit_text, forward_messages, prompt_ids, rendered_ids
+from humpback_nb.method.schedule import linear_to_final, paper_schedule
 
 # peft asks transformers a question transformers renamed; the answer is the same.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss
 STEPS_FILE = "humpback_steps.json"  # in a checkpoint: the steps logged before it
-
-# The paper's data-scaling runs (section 4.1): examples N -> (batch size, steps).
-PAPER_STEPS = {100: (8, 30), 800: (8, 300), 1600: (8, 600), 3200: (32, 500), 6400: (32, 600),
-               12800: (32, 600), 25600: (32, 1200), 51200: (32, 1600)}
-
-
-def paper_schedule(n: int) -> tuple[int, int]:
-    """(batch size, steps) for n examples by the paper's rule: batch 8 below 3,000 examples, else 32;
-    steps interpolated in log N between the paper's runs, held at the ends."""
-    batch = 8 if n < 3000 else 32
-    points = sorted(PAPER_STEPS.items())
-    if n <= points[0][0]:
-        return batch, points[0][1][1]
-    for (n0, (_, s0)), (n1, (_, s1)) in zip(points, points[1:], strict=False):
-        if n <= n1:
-            t = (math.log(n) - math.log(n0)) / (math.log(n1) - math.log(n0))
-            return batch, round(s0 + t * (s1 - s0))
-    return batch, points[-1][1][1]
-
 
 # -- examples ------------------------------------------------------------------------------------
 def encode(tokenizer, messages: list[Message], completion: str, max_length: int) -> dict[str, list[int]]:
@@ -170,17 +151,6 @@ def training_flops(model_config, examples: list[dict[str, list[int]]], lora_para
 
 
 # -- the schedule --------------------------------------------------------------------------------
-def linear_to_final(total_steps: int, learning_rate: float, final_learning_rate: float):
-    """Multiplier of the learning rate at each step: 1 at the first, final/initial at the last."""
-    ratio = final_learning_rate / learning_rate
-    last = max(1, total_steps - 1)
-
-    def factor(step: int) -> float:
-        return 1.0 - (1.0 - ratio) * min(step, last) / last
-
-    return factor
-
-
 class _PaperScheduleTrainer(Trainer):
     def __init__(self, *args, train_config: TrainConfig, **kwargs):
         super().__init__(*args, **kwargs)
