@@ -267,7 +267,8 @@ def scaling(run: StageRun) -> dict:
                                   desc=f"judging {name}")["overall"]
                 del model
                 points.append({**overall, "prompts": overall["n"], "n": n, "model": name})
-            fit = fit_alpha([p["n"] for p in points], [p["win_rate"] for p in points]) if len(points) > 1 else None
+            rated = [p for p in points if p["win_rate"] is not None]  # None: every judge reply was unparsed
+            fit = fit_alpha([p["n"] for p in rated], [p["win_rate"] for p in rated]) if len(rated) > 1 else None
             results["sources"][source] = {"available": len(pool), "points": points,
                                           "alpha": fit[0] if fit else None, "C": fit[1] if fit else None}
     atomic_write_json(run.files.analysis_file("figure3_scaling"), results)

@@ -33,12 +33,13 @@ def table2(rows: list[dict[str, Any]]) -> str:
 
 
 def win_rates(rows: dict[str, dict[str, Any]], paper: dict[str, float] | None = None) -> str:
-    """Win rates (label, win rate, standard error, wins/ties/losses, n[, the paper's number])."""
-    head = "| | win rate % | ± se | wins | ties | losses | n |" + (" paper % |" if paper else "")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if paper else "")]
+    """Win rates (label, win rate, standard error, wins/ties/losses, n, pairs whose judge reply was unparsed and
+    left out[, the paper's number])."""
+    head = "| | win rate % | ± se | wins | ties | losses | n | unparsed |" + (" paper % |" if paper else "")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if paper else "")]
     for label, r in rows.items():
         line = (f"| {label} | {_number(r['win_rate'])} | {_number(r['se'])} | {r['wins']} | {r['ties']} "
-                f"| {r['losses']} | {r['n']} |")
+                f"| {r['losses']} | {r['n']} | {r.get('unparsed', 0)} |")
         lines.append(line + (f" {paper.get(label, '-')} |" if paper else ""))
     return "\n".join(lines)
 
