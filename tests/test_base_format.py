@@ -123,3 +123,11 @@ def test_a_chat_template_that_writes_the_bos_itself_does_not_get_a_second_one(tm
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
     example = forward_example(tokenizer, "Say hi.", "Hi.", "S_a", 64)  # training reads the same prompt ids
     assert example["input_ids"][: len(ids)] == ids and example["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_an_eos_written_inside_an_output_is_text_and_not_an_end_of_turn(base_tokenizer):
+    eos = base_tokenizer.eos_token_id
+    example = forward_example(base_tokenizer, "Quote the tag.", "The page ends with <|endoftext|> here.", "S_w", 128)
+    learned = [t for t in example["labels"] if t != IGNORE_INDEX]
+    assert learned.count(eos) == 1 and learned[-1] == eos  # only the template's own end of turn
+    assert "<|endoftext|>" in base_tokenizer.decode(learned[:-1])  # the quoted tag is still in the text

@@ -50,7 +50,14 @@ def encode(tokenizer, messages: list[Message], completion: str, max_length: int)
     if not full_text.startswith(prompt_text):
         raise ValueError("the chat template renders the prompt differently inside a full conversation")
     prompt = rendered_ids(tokenizer, prompt_text)  # as prompt_ids reads it when generating
-    answer = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    answer_text = full_text[len(prompt_text):]
+    if completion and answer_text.startswith(completion):
+        # The completion is data: a special token's text inside it (a web page quoting "</s>") stays text, so that
+        # the only end of turn the model learns is the one the template writes after it.
+        answer = (tokenizer(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                  + tokenizer(answer_text[len(completion):], add_special_tokens=False)["input_ids"])
+    else:  # a template that rewrites the text (strips it, say): read it as rendered
+        answer = tokenizer(answer_text, add_special_tokens=False)["input_ids"]
     input_ids = (prompt + answer)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
