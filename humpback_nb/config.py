@@ -105,6 +105,9 @@ class GenerateConfig:
     random_seed: int = 42  # batch b samples with random_seed + b
     instruction_max_new_tokens: int = 128  # instructions written by M_yx (the paper's average 352 characters)
     max_instruction_chars: int = 1000  # longer generated instructions are degenerate
+    # An instruction still being written when instruction_max_new_tokens ran out is cut off, not an instruction:
+    # its candidate is dropped and counted with the other degenerate ones.
+    drop_capped: bool = True
 
 
 @dataclass

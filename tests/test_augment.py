@@ -36,3 +36,14 @@ def test_split_counts_and_keeps_order():
                   for i, text in enumerate(["Explain whale migration.", "", "Why do whales sing?"])]
     kept, dropped = split_degenerate(candidates, max_chars=1000)
     assert [c["id"] for c in kept] == ["0", "2"] and dropped[0]["reason"] == "empty"
+
+
+def test_an_instruction_cut_off_at_the_token_cap_is_dropped_and_counted():
+    candidates = [{"id": "ended", "instruction": "Why do whales sing?", "output": SEGMENT, "finished": True,
+                   "new_tokens": 6},
+                  {"id": "cut", "instruction": "Why do whales sing so long and so", "output": SEGMENT,
+                   "finished": False, "new_tokens": 16}]
+    kept, dropped = split_degenerate(candidates, max_chars=1000)
+    assert [c["id"] for c in kept] == ["ended"] and dropped[0]["reason"] == "hit the token cap (16 tokens)"
+    kept, dropped = split_degenerate(candidates, max_chars=1000, drop_capped=False)  # the tiny preset's choice
+    assert len(kept) == 2 and not dropped

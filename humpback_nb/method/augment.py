@@ -2,8 +2,9 @@
 
 Each unlabelled segment y becomes a candidate pair (x, y), x being what M_yx thinks y answers. A
 backward model can fail in ways that no rating should have to catch, and public reimplementations
-show them: it writes nothing, rambles, echoes the start of the segment, or writes about the task itself
-("Write the most likely question..."). Those candidates are dropped here, each with its reason.
+show them: it writes nothing, rambles on until the token limit cuts it off, echoes the start of the segment, or
+writes about the task itself ("Write the most likely question..."). Those candidates are dropped here, each
+with its reason.
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ def degeneracy(instruction: str, output: str, max_chars: int) -> str | None:
     return None
 
 
-def split_degenerate(candidates: list[dict[str, Any]], max_chars: int) -> tuple[list[dict], list[dict]]:
-    """(kept, dropped); a dropped candidate carries its `reason`."""
+def split_degenerate(candidates: list[dict[str, Any]], max_chars: int,
+                     drop_capped: bool = True) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped); a dropped candidate carries its `reason`. With `drop_capped`, an instruction that did not
+    end before the token limit (`finished` false: cut off, most often rambling) is dropped first of all."""
     kept, dropped = [], []
     for candidate in candidates:
-        reason = degeneracy(candidate["instruction"], candidate["output"], max_chars)
+        capped = drop_capped and not candidate.get("finished", True)
+        reason = (f"hit the token cap ({candidate.get('new_tokens')} tokens)" if capped
+                  else degeneracy(candidate["instruction"], candidate["output"], max_chars))
         (dropped if reason else kept).append({**candidate, "reason": reason} if reason else candidate)
     return kept, dropped
 
@@ -87,7 +92,7 @@ def self_augment(model, tokenizer, segments: list[dict[str, Any]], settings: Gen
          "finished": g["finished"], "new_tokens": g["new_tokens"], "generation": used}
         for segment, g in zip(segments, generated, strict=True)
     ]
-    kept, dropped = split_degenerate(candidates, settings.max_instruction_chars)
+    kept, dropped = split_degenerate(candidates, settings.max_instruction_chars, settings.drop_capped)
     report = {
         "segments": len(segments),
         "kept": len(kept),
