@@ -91,3 +91,46 @@ def tags(results: dict[str, Any]) -> str:
     """Table 8: win rate of each training/inference tag setting, ours beside the paper's."""
     rows = {label: r for label, r in results.items() if isinstance(r, dict) and "win_rate" in r}
     return win_rates(rows, paper={label: r["paper"] for label, r in rows.items()})
+
+
+# -- what differs from the paper ---------------------------------------------------------------------------------
+PAPER_SETTING = {
+    "model": "LLaMA 7B (65B in Table 4)",
+    "judge": "GPT-4 with AlpacaEval 1.0's annotator",
+    "reference": "text-davinci-003's answers",
+    "prompts": "the 805 AlpacaEval prompts",
+    "seed": "3,200 Open Assistant pairs",
+    "segments": "502,133 ClueWeb segments",
+    "labels": "250 candidates labelled by people, 20% positive",
+}
+
+
+def differences(config, table: str) -> str:
+    """One line, for a table of notebook 07, on what this run does differently from the paper: its model, data,
+    judge, reference and labels, read from the run's config. Empty parts mean: as the paper."""
+    e, paper = config.evaluate, PAPER_SETTING
+    reference = getattr(e, "reference", "base")
+    judge = f"{e.judge} at an endpoint" if e.judge_url else "the base model as a local judge (reads P(A), P(B))"
+    parts = {
+        "model": f"model {config.model.name} ({config.model.quantization}, train.method {config.train.method}); "
+                 f"the paper: {paper['model']}",
+        "judge": f"judge: {judge}; the paper: {paper['judge']}",
+        "reference": ("reference: the base model's answers" if reference == "base" else f"reference: {reference}")
+                     + f"; the paper: {paper['reference']}",
+        "prompts": f"{e.alpaca_eval_prompts} AlpacaEval prompts and {e.mt_bench_prompts} MT-bench first turns; "
+                   f"the paper: {paper['prompts']}",
+        "data": f"{config.data.seed_size:,} seed pairs of {config.data.seed_source}, {config.data.num_segments:,} "
+                f"segments of {', '.join(config.data.corpus_sources) or 'no corpus'}; the paper: {paper['seed']}, "
+                f"{paper['segments']}",
+        "sizes": f"N in {e.scaling_sizes}, at most {e.scaling_steps or 'the paper schedule of'} steps each; the "
+                 "paper: N from 100 to 51,200 with its schedule",
+        "labels": (f"labels from {e.selection_labels}" if getattr(e, "selection_labels", None) else
+                   "labels by construction (held-out seed pairs positive, swapped outputs negative)")
+                  + f", rater {config.curate.rater}; the paper: {paper['labels']}, the generate rater",
+    }
+    wanted = {"table2": ("data", "model"), "table4": ("reference", "judge", "prompts", "model"),
+              "figure3": ("sizes", "reference", "judge", "model"), "table7": ("labels", "model"),
+              "table8": ("reference", "judge", "prompts", "model")}
+    if table not in wanted:
+        raise ValueError(f"unknown table {table!r}; tables: {', '.join(wanted)}")
+    return "*What differs from the paper:* " + "; ".join(parts[p] for p in wanted[table]) + "."
