@@ -58,7 +58,8 @@ class DataConfig:
 
     seed_source: str = "alpaca_en_demo"  # embedded name, "oasst1" (hub), or a JSON / JSONL / parquet file
     seed_size: int = 3200  # pairs used for training; the paper's 3,200
-    heldout_size: int = 20  # further seed pairs kept out of training, to see M_yx on unseen outputs
+    # further seed pairs kept out of training: M_yx on unseen outputs, and Table 7's positives (50 in the paper)
+    heldout_size: int = 50
     seed_lang: str = "en"  # oasst1: language of the first turn
     seed_min_quality: float = 0.5  # oasst1: the reply's human `quality` label at least this
     corpus_sources: list[str] = field(default_factory=lambda: ["c4_demo", "wiki_demo", "enwiki_sample"])
@@ -136,12 +137,25 @@ class EvaluateConfig:
     judge: str = "local"  # "local" (the base model), or the model name at `judge_url`
     judge_url: str | None = None  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     judge_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the endpoint's key
+    # Who judges, against what. "kit": our one-letter judging prompt (the local base model, or `judge_url`)
+    # against the base model's answers: not the paper's protocol. "alpaca_eval_gpt4": AlpacaEval 1.0 as the paper
+    # ran it (Table 4): that annotator's prompt and parser, sent to `judge_url` (model `judge`, e.g. gpt-4), against
+    # `reference`, which is then an AlpacaEval model-outputs JSON file or "tatsu-lab/alpaca_eval" (text-davinci-003).
+    annotator: Literal["kit", "alpaca_eval_gpt4"] = "kit"
+    reference: str = "base"  # "base": the base model's answers (annotator "kit" only)
     inference_tags: Literal["S_a+S_w", "S_a", "S_w", "none"] = "S_a+S_w"
     random_seed: int = 42  # which evaluation prompts are sampled
     # Figure 3 / Table 3: models trained on N augmented pairs of each quality (the paper's sizes); [] skips it.
     scaling_sizes: list[int] = field(default_factory=lambda: [100, 800, 1600, 3200, 6400, 12800, 25600, 51200])
     scaling_steps: int | None = None  # None: the paper's rule for N; a number caps the cost of each model
-    selection_positives: int = 50  # Table 7: labelled positives (the paper: 50 of 250 candidates)
+    # Table 7: labelled positives, held-out seed pairs, beside 4 negatives each (the paper: 50 of 250 candidates);
+    # data.heldout_size must be at least this.
+    selection_positives: int = 50
+    # Table 7 with people's labels: a JSONL file of {"instruction", "output", "label"} (label 1 good, 0 not), in
+    # place of the labels by construction (None).
+    selection_labels: str | None = None
+    # Table 7's win rates: a model trained on this many of the pairs each selector picks (the paper: 100).
+    selection_train_size: int = 100
 
 
 @dataclass

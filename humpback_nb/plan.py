@@ -636,14 +636,28 @@ def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int
     cost.train(rows["tags"], "m2_untagged", untagged, lengths.forward_overhead["none"])
     cost.answers(rows["tags"], 4, prompts)
     cost.judge(rows["tags"], 4, prompts)
-    # selectors: M0 and M1 rate a labelled set (held-out seed pairs and 4x as many mismatched candidates) by logprob
-    positives = min(settings.selection_positives, config.data.heldout_size)
-    pairs = positives + min(4 * positives, max(0, candidates - 1))
-    pair = sum(lengths.seed_mean) * positives / max(1, pairs) + (lengths.instruction + lengths.segment) * (
-        pairs - positives) / max(1, pairs)
+    # selectors (Table 7): M0 and M1 rate a labelled set of 5 x selection_positives pairs (held-out seed pairs and
+    # 4 mismatched candidates each) with the run's rater; a model trained on selection_train_size of each one's
+    # picks answers, judged against the base model's answers
+    positives = settings.selection_positives
+    pairs = 5 * positives
+    pair = (sum(lengths.seed_mean) + 4 * (lengths.instruction + lengths.segment)) / 5
+    curate = config.curate
     for _ in range(2):
-        cost.score(rows["selectors"], pairs, pair, lengths.rubric + pair)
+        if curate.rater == "generate":
+            cost.generate(rows["selectors"], pairs, [lengths.rubric + pair], curate.max_new_tokens,
+                          curate.max_new_tokens, curate.batch_size)
+        else:
+            cost.score(rows["selectors"], pairs, pair, lengths.rubric + pair)
     rows["selectors"].model_runs += 2
+    for name in ("selected_m0", "selected_m1"):
+        cost.train(rows["selectors"], name, [(lengths.curated["A"], settings.selection_train_size)],
+                   lengths.forward_overhead["S_w"], max_steps=settings.scaling_steps)
+        cost.answers(rows["selectors"], 1, prompts)
+    cost.judge(rows["selectors"], 2, prompts)
+    if settings.judge_url:
+        rows["selectors"].notes.append("the endpoint's own row (rating calls for the labelled set, and candidates "
+                                       "until it has picked its share) is not counted")
     # scaling: a model per quality and size N that the quality has N pairs for (Figure 3)
     pools = {f"top {PAPER_SHARES['A5']:.1%}": ("top A5 share", math.ceil(PAPER_SHARES["A5"] * candidates)),
              f"top {PAPER_SHARES['A4']:.1%}": ("top A4 share", math.ceil(PAPER_SHARES["A4"] * candidates)),

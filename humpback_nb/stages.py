@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from humpback_nb.infra.files import atomic_dir, atomic_write_json, write_jsonl
+from humpback_nb.method.alpaca_eval import protocol
 from humpback_nb.run import ALL_SECTIONS, Stage, StageRun
 
 STAGES: list[Stage] = []
@@ -146,12 +147,17 @@ COMPARISONS = (("m2", "m0"), ("m1", "m0"), ("m0", "base"), ("m2", "base"))
 
 @stage("eval", outputs=("eval_dir",), after=("m0", "m1", "m2"), sections=("model", "generate", "evaluate"))
 def evaluate(run: StageRun) -> dict:
-    """evaluation: answers of the base model, M0, M1 and M2, judged in both orders; win rates."""
+    """evaluation: answers of the base model, M0, M1 and M2, judged in both orders; win rates. With annotator
+    alpaca_eval_gpt4, each model's AlpacaEval 1.0 win rate against the reference, and MT-bench on its own."""
+    from humpback_nb.method import alpaca_eval
     from humpback_nb.method.evaluate import eval_prompts, write_model_outputs
-    from humpback_nb.method.judges import judge_name, make_judge
+    from humpback_nb.method.judges import EndpointJudge, judge_name, make_judge
     from humpback_nb.method.winrates import compare
 
     settings = run.config.evaluate
+    protocol = alpaca_eval.protocol(settings)  # mixed settings, or a missing reference, fail before any answer
+    if settings.annotator == alpaca_eval.ANNOTATOR:
+        annotator, reference = alpaca_eval.load_annotator(), alpaca_eval.load_reference(settings.reference)
     prompts = eval_prompts(settings)
     answers, judge = {}, None
     for name in GENERATORS:
@@ -161,11 +167,21 @@ def evaluate(run: StageRun) -> dict:
         if name == "base":
             judge = make_judge(settings, model, tokenizer)  # the local judge is the base model: load it once
         del model
-    results = {}
-    for x, y in COMPARISONS:  # each pair's judgment is kept as it comes: a rerun asks only for the missing ones
-        key = f"{x}_vs_{y}"
+    results, pool, prefix = {}, answers, ""
+    if settings.annotator == alpaca_eval.ANNOTATOR:  # AlpacaEval's prompts only; MT-bench is judged on its own
+        ask = alpaca_eval.endpoint_ask(EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env),
+                                       annotator)
+        for name in GENERATORS:
+            judged = run.partial(run.files.eval_dir(), part=f"judge_{name}_vs_reference")
+            results[f"{name}_vs_reference"] = alpaca_eval.evaluate(
+                ask, annotator, [r for r in answers[name] if r["id"].startswith("alpaca_eval-")], reference,
+                partial=judged, progress=True, desc=f"AlpacaEval 1.0 {name}")
+        pool = {n: [r for r in rows if r["id"].startswith("mt_bench-")] for n, rows in answers.items()}
+        prefix = "mt_bench_"
+    for x, y in COMPARISONS if pool["base"] else ():  # each judgment is kept as it comes: a rerun asks the rest
+        key = f"{prefix}{x}_vs_{y}"
         judged = run.partial(run.files.eval_dir(), part=f"judge_{key}")
-        results[key] = compare(judge, answers[x], answers[y], partial=judged, progress=True, desc=f"judging {key}")
+        results[key] = compare(judge, pool[x], pool[y], partial=judged, progress=True, desc=f"judging {key}")
     with atomic_dir(run.files.eval_dir()) as tmp:
         for name, rows in answers.items():
             # AlpacaEval's file holds its own prompts only; every answer, with its prompt id, is in the JSONL
@@ -173,106 +189,169 @@ def evaluate(run: StageRun) -> dict:
                                 [r for r in rows if r["id"].startswith("alpaca_eval-")])
             write_jsonl(run.files.answers_file(name, tmp), rows)
         for key, result in results.items():
-            write_jsonl(run.files.judgments_file(key, tmp), result.pop("judgments"))
-        atomic_write_json(run.files.win_rates_file(tmp), {"judge": judge_name(settings), "prompts": len(prompts),
+            records = result.pop("judgments" if "judgments" in result else "annotations")
+            write_jsonl(run.files.judgments_file(key, tmp), records)
+        atomic_write_json(run.files.win_rates_file(tmp), {"protocol": protocol, "judge": judge_name(settings),
+                                                          "prompts": len(prompts),
                                                           "inference_tags": settings.inference_tags, **results})
-    return {key: result["overall"] for key, result in results.items()}
+    return {key: result.get("overall", result) for key, result in results.items()}
 
 
 # -- 7. The paper's analyses ------------------------------------------------------------------------------------
 @stage("tags", outputs=("analysis_file:table8_tags",), after=("seed", "A2", "m2", "eval"),
        sections=("model", "train", "generate", "evaluate"))
 def tags(run: StageRun) -> dict:
-    """Table 8: M2 answered with each inference tag, and a model trained like M2 without tags."""
+    """Table 8: M2 answered with each inference tag, and a model trained like M2 without tags, each against the
+    run's reference (AlpacaEval 1.0's when the run uses it, else the base model's answers)."""
+    from humpback_nb.method import alpaca_eval
     from humpback_nb.method.analysis import PAPER_TABLE8, TABLE8_VARIANTS
     from humpback_nb.method.evaluate import eval_prompts
-    from humpback_nb.method.winrates import compare
 
     untagged = train_forward(run, "m2_untagged", augmented=2, train_settings=replace(run.config.train, tags=False))
-    prompts, reference, judge = eval_prompts(run.config.evaluate), run.files.answers("base"), base_judge(run)
+    prompts, judge, output = eval_prompts(run.config.evaluate), base_judge(run), run.files.analysis_file("table8_tags")
     results = {}
     for label, (which, tag) in TABLE8_VARIANTS.items():
         model, tokenizer = load(run, "m2" if which == "tagged" else "m2_untagged")
         key = f"{which}_{tag.replace('+', '')}"
-        partial = run.partial(run.files.analysis_file("table8_tags"), part=key)
-        answers = answer(run, model, tokenizer, prompts, key, tag, partial)
+        answers = answer(run, model, tokenizer, prompts, key, tag, run.partial(output, part=key))
         del model
-        judged = run.partial(run.files.analysis_file("table8_tags"), part=f"judge_{key}")
-        overall = compare(judge, answers, reference, partial=judged, progress=True, desc=f"judging {key}")["overall"]
-        results[label] = overall | {"paper": PAPER_TABLE8[label]}
-    atomic_write_json(run.files.analysis_file("table8_tags"), {"reference": "base", "untagged_model":
-                                                               untagged["model"], **results})
+        results[label] = versus_reference(run, judge, answers, output, key) | {"paper": PAPER_TABLE8[label]}
+    atomic_write_json(output, {"protocol": alpaca_eval.protocol(run.config.evaluate), "untagged_model":
+                               untagged["model"], **results})
     return {label: r["win_rate"] for label, r in results.items()}
 
 
-@stage("selectors", outputs=("analysis_file:table7_selectors",), after=("seed", "candidates", "m0", "m1"),
-       sections=("model", "curate", "evaluate", "random_seed"))
+@stage("selectors", outputs=("analysis_file:table7_selectors",),
+       after=("seed", "candidates", "m0", "m1", "A1", "A2", "eval"),
+       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"))
 def selectors(run: StageRun) -> dict:
-    """Table 7: precision and recall of M0 and M1 as selectors on a labelled set with 20% positives."""
-    from humpback_nb.method.analysis import PAPER_TABLE7, labelled_set, selector_quality
-    from humpback_nb.method.curate import rate_logprob
+    """Table 7: M0, M1 (and an endpoint) as selectors: precision, recall, win rate of a model trained on their picks.
 
-    pairs = labelled_set(run.files.seed_pairs("heldout"), run.files.candidates(),
-                         run.config.evaluate.selection_positives, run.config.random_seed)
-    results = {}
-    for name in ("m0", "m1"):
-        model, tokenizer = load(run, name)
-        scores = rate_logprob(model, tokenizer, pairs, run.config.curate, run.config.model.context_length,
-                              progress=False)
-        results[name.upper()] = selector_quality(pairs, scores) | {"paper": PAPER_TABLE7[name.upper()]}
+    Each selects by the rule the run curates with, on a labelled set with 20% positives (or people's labels)."""
+    from humpback_nb.method.analysis import PAPER_TABLE7, labelled_set, labels_note, read_labels
+
+    settings = run.config.evaluate
+    pairs = (read_labels(settings.selection_labels) if settings.selection_labels else
+             labelled_set(run.files.seed_pairs("heldout"), run.files.candidates(), settings.selection_positives,
+                          run.config.random_seed))
+    judge, results = base_judge(run), {}
+    for iteration, name in ((1, "m0"), (2, "m1")):
+        results[name.upper()] = selector_row(run, judge, pairs, name, iteration) | {"paper": PAPER_TABLE7[name.upper()]}
+    if settings.judge_url:  # the paper's GPT-4 row: an endpoint rates with the same prompt
+        results["endpoint"] = endpoint_selector_row(run, judge, pairs) | {"paper": PAPER_TABLE7["GPT-4"]}
     positives = sum(p["label"] for p in pairs)
-    report = {"labels": "positives: held-out seed pairs; negatives: candidates with another candidate's output",
-              "rater": "logprob", "pairs": len(pairs), "positives": positives,
-              "selected_share": positives / max(1, len(pairs)), **results}
+    report = {"labels": labels_note(settings.selection_labels), "labels_file": settings.selection_labels,
+              "rater": run.config.curate.rater, "pairs": len(pairs), "positives": positives,
+              "negatives": len(pairs) - positives, "positive_share": positives / max(1, len(pairs)),
+              "selectors": list(results), "train_size": settings.selection_train_size,
+              "training": "a random sample of each selection, alone (tag S_w), with the run's training settings "
+                          "capped at evaluate.scaling_steps", "protocol": protocol(settings), **results}
     atomic_write_json(run.files.analysis_file("table7_selectors"), report)
-    return {name: {"precision": r["precision"], "recall": r["recall"]} for name, r in results.items()}
+    return {name: {k: r[k] for k in ("precision", "recall", "win_rate")} for name, r in results.items()}
 
 
 @stage("scaling", outputs=("analysis_file:figure3_scaling",), after=("candidates", "rate_m1", "eval"),
        sections=("model", "train", "generate", "evaluate", "random_seed"))
 def scaling(run: StageRun) -> dict:
     """Figure 3 / Table 3: win rate of models trained on N augmented pairs of each quality, against N."""
-    from humpback_nb.infra.models import load_tokenizer
-    from humpback_nb.method.analysis import scaling_sources
-    from humpback_nb.method.evaluate import eval_prompts
-    from humpback_nb.method.train import forward_examples
-    from humpback_nb.method.winrates import compare, fit_alpha
+    from humpback_nb.method.analysis import LOG_BASE, SCALING_DRAW, SCALING_TRAINING, scaling_fit, scaling_sources
 
     settings = run.config.evaluate
-    results: dict[str, Any] = {"sizes": settings.scaling_sizes, "reference": "base", "sources": {}}
+    results: dict[str, Any] = {"sizes": settings.scaling_sizes, "protocol": protocol(settings),
+                               "training": SCALING_TRAINING,
+                               "draw": SCALING_DRAW, "log_base": LOG_BASE, "sources": {}}
     if settings.scaling_sizes:
-        prompts, reference, judge = eval_prompts(settings), run.files.answers("base"), base_judge(run)
+        judge = base_judge(run)
         sources = scaling_sources(run.files.candidates(), run.files.scores("m1"), run.config.random_seed)
-        # steps of each model: the paper's rule for N (or the preset's steps), capped by scaling_steps
-        small = replace(run.config.train, max_steps=settings.scaling_steps or run.config.train.max_steps)
         data = {"candidates": run.upstream["candidates"], "rate_m1": run.upstream["rate_m1"],
-                "random_seed": run.config.random_seed}
+                "random_seed": run.config.random_seed, "draw": "random, nested"}
         for source, pool in sources.items():
             points = []
             for n in settings.scaling_sizes:
                 if n > len(pool):
                     continue  # this quality has fewer pairs than N at this scale
                 name = f"scaling_{re.sub(r'[^a-z0-9]+', '_', source).strip('_')}_{n}"  # scaling_top_8_3_100
-
-                def examples(pool=pool, n=n) -> list[dict]:
-                    tokenizer = load_tokenizer(run.config.model)
-                    return forward_examples(tokenizer, [], pool[:n], small.max_seq_length, small.tags)
-
-                train(run, name, examples, small, data=data | {"source": source, "n": n})
-                model, tokenizer = load(run, name)
-                partial = run.partial(run.files.analysis_file("figure3_scaling"), part=name)
-                judged = run.partial(run.files.analysis_file("figure3_scaling"), part=f"judge_{name}")
-                answers = answer(run, model, tokenizer, prompts, name, settings.inference_tags, partial)
-                overall = compare(judge, answers, reference, partial=judged, progress=True,
-                                  desc=f"judging {name}")["overall"]
-                del model
-                points.append({**overall, "prompts": overall["n"], "n": n, "model": name})
-            rated = [p for p in points if p["win_rate"] is not None]  # None: every judge reply was unparsed
-            fit = fit_alpha([p["n"] for p in rated], [p["win_rate"] for p in rated]) if len(rated) > 1 else None
-            results["sources"][source] = {"available": len(pool), "points": points,
-                                          "alpha": fit[0] if fit else None, "C": fit[1] if fit else None}
+                points.append(trained_win_rate(run, judge, name, pool[:n], data | {"source": source, "n": n},
+                                               run.files.analysis_file("figure3_scaling")) | {"n": n})
+            results["sources"][source] = {"available": len(pool), "points": points} | scaling_fit(points)
     atomic_write_json(run.files.analysis_file("figure3_scaling"), results)
     return {source: r["alpha"] for source, r in results["sources"].items()}
+
+
+def selector_row(run: StageRun, judge, pairs: list[dict], name: str, iteration: int) -> dict:
+    """Table 7's row of `name` (M0 or M1): it rates the labelled pairs with the run's rater and keeps those >= the
+    k of A(iteration)_k, which it selected; a model trained on a sample of A(iteration)_k gives the win rate."""
+    from humpback_nb.method.analysis import selector_quality, training_sample
+    from humpback_nb.method.curate import rate
+
+    output, curated = run.files.analysis_file("table7_selectors"), run.files.curated(iteration)
+    model, tokenizer = load(run, name)
+    scores = rate(model, tokenizer, pairs, run.config.curate, run.config.model.context_length,
+                  partial=run.partial(output, part=f"rate_{name}"))
+    del model
+    size, seed = run.config.evaluate.selection_train_size, f"{run.config.random_seed}:{name}"
+    chosen = training_sample(curated.records, size, seed)
+    data = {f"A{iteration}": run.upstream[f"A{iteration}"], "draw": seed, "size": size}
+    return (selector_quality(pairs, scores, curated.k)
+            | {"rule": curated.rule, "selection": f"A({iteration})_k", "selection_size": len(curated.records)}
+            | selection_win_rate(run, judge, f"selected_{name}", chosen, data))
+
+
+def endpoint_selector_row(run: StageRun, judge, pairs: list[dict]) -> dict:
+    """Table 7's endpoint row (the paper's GPT-4): the endpoint rates the labelled pairs with the paper's prompt and
+    no system prompt, keeping scores >= curate.threshold; it then rates candidates in a random order until it has
+    picked evaluate.selection_train_size, and a model trained on those gives the win rate."""
+    from humpback_nb.method.analysis import pick_by_rating, rate_at_endpoint, selector_quality
+    from humpback_nb.method.judges import EndpointJudge
+
+    settings, output, k = run.config.evaluate, run.files.analysis_file("table7_selectors"), run.config.curate.threshold
+    endpoint = EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env)
+    tokens = run.config.curate.max_new_tokens  # room for the reasoning before "Score: N"
+    scores = rate_at_endpoint(endpoint, pairs, tokens, partial=run.partial(output, part="rate_endpoint"))
+    picked, rated = pick_by_rating(
+        lambda chunk: rate_at_endpoint(endpoint, chunk, tokens, partial=run.partial(output, part="pick_endpoint")),
+        run.files.candidates(), k, settings.selection_train_size, f"{run.config.random_seed}:endpoint")
+    data = {"candidates": run.upstream["candidates"], "rater": f"{settings.judge} at {settings.judge_url}", "k": k,
+            "size": settings.selection_train_size}
+    return (selector_quality(pairs, scores, k)
+            | {"model": settings.judge, "rule": f"score >= {k:g} (curate.threshold)", "candidates_rated": rated}
+            | selection_win_rate(run, judge, "selected_endpoint", picked, data))
+
+
+def selection_win_rate(run: StageRun, judge, name: str, chosen: list[dict], data: dict[str, Any]) -> dict:
+    """A Table 7 win rate: of a model trained on `chosen` (fewer than evaluate.selection_train_size when the
+    selector picked fewer, said in `note`; none when it picked nothing)."""
+    size = run.config.evaluate.selection_train_size
+    note = f"picked {len(chosen)} pairs, fewer than {size}: trained on them all" if len(chosen) < size else None
+    if not chosen:
+        return {"win_rate": None, "se": None, "trained_on": 0, "note": "picked no pairs: no model trained"}
+    overall = trained_win_rate(run, judge, name, chosen, data, run.files.analysis_file("table7_selectors"))
+    return {"win_rate": overall["win_rate"], "se": overall["se"], "trained_on": len(chosen), "note": note,
+            "win": overall}
+
+
+def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: dict[str, Any], output: Path) -> dict:
+    """Win rate against the run's reference (`versus_reference`) of model `name`, trained on the augmented `pairs`
+    alone (tag S_w) with the run's training settings, its steps capped by evaluate.scaling_steps (the paper's
+    rule for N otherwise); answers and judgments are kept in parts of `output` as they come."""
+    from humpback_nb.infra.models import load_tokenizer
+    from humpback_nb.method.evaluate import eval_prompts
+    from humpback_nb.method.train import forward_examples
+
+    settings = run.config.evaluate
+    small = replace(run.config.train, max_steps=settings.scaling_steps or run.config.train.max_steps)
+
+    def examples() -> list[dict]:
+        tokenizer = load_tokenizer(run.config.model)
+        return forward_examples(tokenizer, [], pairs, small.max_seq_length, small.tags)
+
+    train(run, name, examples, small, data=data)
+    model, tokenizer = load(run, name)
+    answers = answer(run, model, tokenizer, eval_prompts(settings), name, settings.inference_tags,
+                     run.partial(output, part=name))
+    del model
+    overall = versus_reference(run, judge, answers, output, name)
+    return {**overall, "prompts": overall["n"], "model": name}
 
 
 # -- 8. Every number in one file --------------------------------------------------------------------------------
@@ -303,6 +382,7 @@ def summarize(files, config) -> dict[str, Any]:
         "win_rates": {key: {"overall": value["overall"], "per_dataset": value["per_dataset"]}
                       for key, value in win_rates.items() if isinstance(value, dict) and "overall" in value},
         "judge": win_rates.get("judge"),
+        "protocol": win_rates.get("protocol"),
         "table8_tags": files.analysis("table8_tags"),
         "table7_selectors": files.analysis("table7_selectors"),
         "figure3_scaling": files.analysis("figure3_scaling"),
@@ -384,6 +464,25 @@ def answer(run: StageRun, model, tokenizer, prompts: list[dict], name: str, tags
 
     return answers(model, tokenizer, prompts, run.config.generate, generator=f"humpback-nb-{name}", tags=tags,
                    partial=partial)
+
+
+def versus_reference(run: StageRun, judge, answers: list[dict], output: Path, key: str) -> dict:
+    """The overall win rate of `answers` as the run measures it: with AlpacaEval 1.0's annotator against its
+    reference (text-davinci-003's answers) on AlpacaEval's prompts, as the paper does; else with the run's judge
+    against the base model's answers (not the paper's protocol). Judgments are kept in a part of `output`."""
+    from humpback_nb.method import alpaca_eval
+    from humpback_nb.method.judges import EndpointJudge
+    from humpback_nb.method.winrates import compare
+
+    settings, judged = run.config.evaluate, run.partial(output, part=f"judge_{key}")
+    if settings.annotator != alpaca_eval.ANNOTATOR:
+        return compare(judge, answers, run.files.answers("base"), partial=judged, progress=True,
+                       desc=f"judging {key}")["overall"]
+    annotator = alpaca_eval.load_annotator()
+    ask = alpaca_eval.endpoint_ask(EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env), annotator)
+    return alpaca_eval.evaluate(ask, annotator, [a for a in answers if a["id"].startswith("alpaca_eval-")],
+                                alpaca_eval.load_reference(settings.reference), partial=judged, progress=True,
+                                desc=f"AlpacaEval 1.0 {key}")["overall"]
 
 
 def base_judge(run: StageRun):

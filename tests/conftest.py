@@ -1,6 +1,9 @@
 """Shared test set-up: nothing may reach a model or data hub, and models load once per session."""
 
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -16,3 +19,45 @@ def embedded_checkpoint():
     from humpback_nb.infra.models import embedded_checkpoint
 
     return embedded_checkpoint("smollm2-135m")
+
+
+def send_json(handler: BaseHTTPRequestHandler, body, status: int = 200, headers: dict | None = None) -> None:
+    """Answer a request to a loopback endpoint with `body` as JSON."""
+    data = json.dumps(body).encode()
+    handler.send_response(status)
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}
+    for name, value in headers.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def chat_reply(content: str) -> dict:
+    """The body of an OpenAI-compatible chat completion that says `content`."""
+    return {"choices": [{"message": {"role": "assistant", "content": content}}]}
+
+
+@pytest.fixture
+def loopback():
+    """Start local stand-ins for an OpenAI-compatible endpoint: loopback(respond) -> its base URL, where
+    respond(handler) answers every POST. They stop when the test ends."""
+    servers = []
+
+    def start(respond) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                respond(self)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/v1"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -1,9 +1,9 @@
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import socket
 
 import pytest
+from conftest import chat_reply, send_json
 
 from humpback_nb.method.evaluate import alpaca_eval_prompts, mt_bench_prompts, write_model_outputs
 from humpback_nb.method.judges import EndpointJudge, JudgeError, UnparsedReply, judge_both_orders
@@ -80,47 +80,34 @@ def test_model_outputs_are_alpaca_eval_format(tmp_path):
     assert data == [{"instruction": "Say hi", "output": "Hi!", "generator": "humpback-m2", "dataset": "vicuna"}]
 
 
-class _FakeJudge(BaseHTTPRequestHandler):
+def whale_judge(seen: list):
     """An OpenAI-compatible chat endpoint that prefers the response containing the word 'whale'."""
 
-    seen: list = []
+    def respond(handler):
+        body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
+        seen.append((handler.path, handler.headers.get("Authorization"), body["model"]))
+        a = body["messages"][0]["content"].split("Response A:")[1].split("Response B:")[0]
+        send_json(handler, chat_reply("Neither." if "tie" in a else ("A" if "whale" in a else "B")))
 
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _FakeJudge.seen.append((self.path, self.headers.get("Authorization"), body["model"]))
-        prompt = body["messages"][0]["content"]
-        a = prompt.split("Response A:")[1].split("Response B:")[0]
-        content = "Neither." if "tie" in a else ("A" if "whale" in a else "B")
-        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
+    return respond
 
 
-def test_endpoint_judge_against_a_loopback_server(monkeypatch):
-    server = HTTPServer(("127.0.0.1", 0), _FakeJudge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        monkeypatch.setenv("JUDGE_KEY", "secret")
-        judge = EndpointJudge(f"http://127.0.0.1:{server.server_port}/v1", "gpt-4-judge", api_key_env="JUDGE_KEY")
-        assert judge.prefer_a("q", "a whale song", "a bird song") == 1.0
-        assert judge.prefer_a("q", "a bird song", "a whale song") == 0.0
-        with pytest.raises(UnparsedReply):  # "Neither." is no preference, not a tie
-            judge.prefer_a("q", "a tie", "anything")
-        assert judge_both_orders(judge.prefer_a, "q", "whales sing", "birds sing")["outcome"] == 1.0
-        assert _FakeJudge.seen[0] == ("/v1/chat/completions", "Bearer secret", "gpt-4-judge")
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_endpoint_judge_against_a_loopback_server(monkeypatch, loopback):
+    seen = []
+    monkeypatch.setenv("JUDGE_KEY", "secret")
+    judge = EndpointJudge(loopback(whale_judge(seen)), "gpt-4-judge", api_key_env="JUDGE_KEY")
+    assert judge.prefer_a("q", "a whale song", "a bird song") == 1.0
+    assert judge.prefer_a("q", "a bird song", "a whale song") == 0.0
+    with pytest.raises(UnparsedReply):  # "Neither." is no preference, not a tie
+        judge.prefer_a("q", "a tie", "anything")
+    assert judge_both_orders(judge.prefer_a, "q", "whales sing", "birds sing")["outcome"] == 1.0
+    assert seen[0] == ("/v1/chat/completions", "Bearer secret", "gpt-4-judge")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
     waits = []
     with pytest.raises(JudgeError, match="judge endpoint .* failed 2 tries"):
-        EndpointJudge(f"http://127.0.0.1:{server.server_port}/v1", "m", timeout=2, max_tries=2,
+        EndpointJudge(f"http://127.0.0.1:{closed}/v1", "m", timeout=2, max_tries=2,
                       sleep=waits.append).prefer_a("q", "a", "b")
     assert len(waits) == 1  # a refused connection is tried again
 

@@ -5,9 +5,10 @@ import email.utils
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from conftest import chat_reply, send_json
 
 from humpback_nb.infra.batches import read_partial
 from humpback_nb.method.judges import EndpointJudge, JudgeError, parse_choice, retry_after
@@ -40,35 +41,14 @@ class Endpoint:
             shown_first = prompt.split("Response A:")[1].split("Response B:")[0]
             step = (200, "A" if "whale" in shown_first else "B", {})
         status, content, headers = step
-        if status == 200:
-            content = {"choices": [{"message": {"role": "assistant", "content": content}}]}
-        data = json.dumps(content).encode()
-        handler.send_response(status)
-        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(data)
+        send_json(handler, chat_reply(content) if status == 200 else content, status, headers)
 
 
 @pytest.fixture
-def endpoint():
+def endpoint(loopback):
     served = Endpoint()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            served.respond(self)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    served.url = f"http://127.0.0.1:{server.server_port}/v1"
-    yield served
-    server.shutdown()
-    server.server_close()
+    served.url = loopback(served.respond)
+    return served
 
 
 def error(message: str) -> dict:

@@ -43,15 +43,17 @@ def test_the_tiny_plan_trains_exactly_the_models_of_a_tiny_run(tiny):
     # By hand from presets/tiny.yaml and stages.py: backward, m0, m1, m2; the tags analysis trains m2_untagged;
     # the scaling analysis trains one model per quality and N in scaling_sizes [2, 4] that the quality has N
     # pairs for. Its 24 segments give at most 24 candidates: the top 8.3% keeps ceil(1.99) = 2 (N=2 only), the
-    # top 38.8% keeps ceil(9.3) = 10 and "no curation" all 24 (N=2 and N=4). The selectors analysis trains none.
+    # top 38.8% keeps ceil(9.3) = 10 and "no curation" all 24 (N=2 and N=4). The selectors analysis trains one
+    # model on the picks of each of M0 and M1.
     assert tiny.assumptions["seed"].startswith("measured") and tiny.assumptions["segments"].startswith("measured")
     assert tiny.assumptions["architecture"].startswith("config.json of smollm2-135m")
     trained = [name for s in tiny.stages for name in s.models]
-    assert trained == ["backward", "m0", "m1", "m2", "m2_untagged", "scaling_top_8_3_2", "scaling_top_38_8_2",
+    assert trained == ["backward", "m0", "m1", "m2", "m2_untagged", "selected_m0", "selected_m1",
+                       "scaling_top_8_3_2", "scaling_top_38_8_2",
                        "scaling_top_38_8_4", "scaling_no_curation_2", "scaling_no_curation_4"]
     # every model trains train.max_steps = 2 steps, the scaling models evaluate.scaling_steps = 1
     steps = {s.stage: s.steps for s in tiny.stages if s.models}
-    assert steps == {"backward": 2, "m0": 2, "m1": 2, "m2": 2, "tags": 2, "scaling": 5}
+    assert steps == {"backward": 2, "m0": 2, "m1": 2, "m2": 2, "tags": 2, "selectors": 2, "scaling": 5}
 
 
 def test_totals_are_the_sums_of_the_stages(paper):
@@ -59,7 +61,8 @@ def test_totals_are_the_sums_of_the_stages(paper):
     for key in ("flops", "tokens_read", "tokens_written", "judge_calls", "disk_bytes", "steps"):
         assert totals[key] == pytest.approx(sum(getattr(s, key) for s in paper.stages))
     assert totals["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in paper.stages))
-    assert totals["models_trained"] == 28  # 4 of the method, m2_untagged, 3 x 8 scaling less one (A5 < 51,200)
+    # 4 of the method, m2_untagged, 2 trained on the selectors' picks, 3 x 8 scaling less one (A5 < 51,200)
+    assert totals["models_trained"] == 30
 
 
 def test_the_paper_plan_rests_on_the_paper_lengths_and_the_table_of_known_models(paper):
@@ -70,7 +73,8 @@ def test_the_paper_plan_rests_on_the_paper_lengths_and_the_table_of_known_models
     cpt = float(said["chars_per_token"].split(",")[0])
     seed_output = float(said["mean tokens"].split("output ")[1].split(";")[0])
     assert seed_output == pytest.approx(PAPER_CHARS["seed"][1] / cpt, abs=0.5)
-    assert [s.judge_calls for s in paper.stages if s.judge_calls] == [4 * 885 * 2, 4 * 885 * 2, 23 * 885 * 2]
+    assert [s.judge_calls for s in paper.stages if s.judge_calls] == [4 * 885 * 2, 4 * 885 * 2, 2 * 885 * 2,
+                                                                      23 * 885 * 2]
 
 
 def test_full_fine_tuning_costs_about_6_flops_per_weight_and_token_lora_about_4():

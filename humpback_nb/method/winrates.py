@@ -71,15 +71,25 @@ def _summary(judgments: list[dict[str, Any]]) -> dict[str, Any]:
     return win_rate(outcomes) | {"pairs": len(judgments), "unparsed": len(judgments) - len(outcomes)}
 
 
-def fit_alpha(ns: Sequence[float], win_rates: Sequence[float]) -> tuple[float, float]:
-    """(alpha, C) of the least-squares fit w = alpha * log N + C (paper Table 3; natural log)."""
+def fit_alpha(ns: Sequence[float], win_rates: Sequence[float],
+              with_se: bool = False) -> tuple[float, float] | tuple[float, float, float | None]:
+    """(alpha, C) of the least-squares fit w = alpha * ln N + C (paper Table 3), and with `with_se` also alpha's
+    standard error: sqrt(residual variance / Sxx), the residual variance on n - 2 degrees of freedom (None with
+    fewer than three sizes, where a line fits exactly). The paper does not name its log's base; the kit uses the
+    natural log (an alpha for log10 is ln 10 = 2.303 times this one)."""
     if len(ns) < 2:
         raise ValueError("the fit needs at least two data sizes")
     xs = [math.log(n) for n in ns]
     mean_x, mean_w = statistics.fmean(xs), statistics.fmean(win_rates)
     sxx = sum((x - mean_x) ** 2 for x in xs)
     alpha = sum((x - mean_x) * (w - mean_w) for x, w in zip(xs, win_rates, strict=True)) / sxx
-    return alpha, mean_w - alpha * mean_x
+    c = mean_w - alpha * mean_x
+    if not with_se:
+        return alpha, c
+    if len(xs) < 3:
+        return alpha, c, None
+    residuals = sum((w - alpha * x - c) ** 2 for x, w in zip(xs, win_rates, strict=True))
+    return alpha, c, math.sqrt(residuals / (len(xs) - 2) / sxx)
 
 
 def precision_recall(selected: set[str], positives: set[str]) -> dict[str, float]:

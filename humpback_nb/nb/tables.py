@@ -68,23 +68,33 @@ def curated_sets(sets: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def scaling(sources: dict[str, dict[str, Any]], paper: dict[str, float]) -> str:
-    """Table 3: alpha of w = alpha log N + C for each data quality, then the paper's alphas (7B models)."""
-    lines = ["| data | available | alpha (ours) |", "|---|---:|---:|"]
-    lines += [f"| {name} | {r['available']} | {_number(r['alpha'], 2)} |" for name, r in sources.items()]
+def scaling(sources: dict[str, dict[str, Any]], paper: dict[str, float], log_base: str = "e") -> str:
+    """Table 3: alpha of w = alpha log N + C for each data quality, with its standard error (ordinary least
+    squares; none below three sizes), then the paper's alphas (7B models)."""
+    base = "natural log" if log_base == "e" else f"log base {log_base}"
+    lines = [f"| data | available | alpha (ours, {base}) | ± se |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {r['available']} | {_number(r['alpha'], 2)} | {_number(r.get('alpha_se'), 2)} |"
+              for name, r in sources.items()]
     lines += ["", "| paper (7B) | alpha |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in paper.items()]
     return "\n".join(lines)
 
 
 def selectors(results: dict[str, Any]) -> str:
-    """Table 7: precision and recall of each selector, ours beside the paper's."""
-    lines = [f"labels: {results['labels']} ({results['positives']} positives of {results['pairs']})", "",
-             "| selector | precision | recall | paper precision | paper recall |", "|---|---:|---:|---:|---:|"]
-    for name in ("M0", "M1"):
+    """Table 7: precision and recall of each selector by its own rule, and the win rate of a model trained on what
+    it selects, ours beside the paper's."""
+    lines = [f"labels: {results['labels']} ({results['positives']} positives of {results['pairs']}); win rates: "
+             f"{results.get('training', '')}", "",
+             "| selector | rule | precision | recall | win rate % | ± se | paper precision | paper recall "
+             "| paper win rate % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in results.get("selectors", ("M0", "M1")):
         r = results[name]
-        lines.append(f"| {name} | {_number(r['precision'], 2)} | {_number(r['recall'], 2)} "
-                     f"| {r['paper']['precision']} | {r['paper']['recall']} |")
-    return "\n".join(lines)
+        paper = r.get("paper") or {}
+        rule = f"k = {r['k']:.3g}" if isinstance(r.get("k"), (int, float)) else "-"
+        lines.append(f"| {name} | {rule} | {_number(r['precision'], 2)} | {_number(r['recall'], 2)} "
+                     f"| {_number(r.get('win_rate'))} | {_number(r.get('se'))} | {paper.get('precision', '-')} "
+                     f"| {paper.get('recall', '-')} | {paper.get('win_rate', '-')} |")
+    notes = [f"{name}: {results[name]['note']}" for name in results.get("selectors", ()) if results[name].get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def tags(results: dict[str, Any]) -> str:
@@ -109,8 +119,12 @@ def differences(config, table: str) -> str:
     """One line, for a table of notebook 07, on what this run does differently from the paper: its model, data,
     judge, reference and labels, read from the run's config. Empty parts mean: as the paper."""
     e, paper = config.evaluate, PAPER_SETTING
-    reference = getattr(e, "reference", "base")
-    judge = f"{e.judge} at an endpoint" if e.judge_url else "the base model as a local judge (reads P(A), P(B))"
+    reference = e.reference
+    if e.annotator == "alpaca_eval_gpt4":
+        judge = f"AlpacaEval 1.0's annotator with {e.judge}"
+    else:
+        judge = (f"{e.judge} at an endpoint with the kit's one-letter prompt" if e.judge_url
+                 else "the base model as a local judge (reads P(A), P(B))")
     parts = {
         "model": f"model {config.model.name} ({config.model.quantization}, train.method {config.train.method}); "
                  f"the paper: {paper['model']}",
@@ -124,9 +138,11 @@ def differences(config, table: str) -> str:
                 f"{paper['segments']}",
         "sizes": f"N in {e.scaling_sizes}, at most {e.scaling_steps or 'the paper schedule of'} steps each; the "
                  "paper: N from 100 to 51,200 with its schedule",
-        "labels": (f"labels from {e.selection_labels}" if getattr(e, "selection_labels", None) else
+        "labels": (f"labels from {e.selection_labels}" if e.selection_labels else
                    "labels by construction (held-out seed pairs positive, swapped outputs negative)")
-                  + f", rater {config.curate.rater}; the paper: {paper['labels']}, the generate rater",
+                  + f" ({e.selection_positives} positives of {5 * e.selection_positives}), rater "
+                    f"{config.curate.rater}, win rates of models trained on {e.selection_train_size} pairs; the "
+                    f"paper: {paper['labels']}, the generate rater, 100 pairs",
     }
     wanted = {"table2": ("data", "model"), "table4": ("reference", "judge", "prompts", "model"),
               "figure3": ("sizes", "reference", "judge", "model"), "table7": ("labels", "model"),
