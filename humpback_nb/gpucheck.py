@@ -30,6 +30,8 @@ GPU_SCALE = {
     "data.seed_size": 240, "data.heldout_size": 20, "data.num_segments": 300,
     "train.batch_size": 8, "train.max_steps": 40, "train.save_steps": 0,
     "generate.max_new_tokens": 256, "generate.instruction_max_new_tokens": 128,
+    # keep cut-off instructions: their share is a check of its own, and the rater is checked on every candidate
+    "generate.drop_capped": False,
     "evaluate.alpaca_eval_prompts": 32, "evaluate.mt_bench_prompts": 8,
 }
 # Without CUDA: the embedded model as a base model, small enough for a few minutes on two cores.
