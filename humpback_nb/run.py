@@ -13,6 +13,9 @@
                                    judgments_<x>_vs_<y>.jsonl, win_rates.json
       analyses/<name>.json         the paper's analyses: table8_tags, table7_selectors, figure3_scaling
       summary.json                 every number of the run
+      figures/                     the run's figures, written by the notebooks
+      notebooks/                   the notebooks as executed on this run (`humpback notebooks`)
+      report.html                  one page with every table and figure (`humpback report`)
       stages/<stage>.yaml          a stage's manifest: its hash, its inputs' hashes, the config, time, report
       stages/models/<model>.yaml   a model's manifest: its own hash and the settings that made it
 
@@ -153,6 +156,14 @@ class RunFiles:
     def notebooks_dir(self) -> Path:
         """Where `humpback notebooks` writes the executed notebooks."""
         return self.root / "notebooks"
+
+    def figures_dir(self) -> Path:
+        """The run's figures (PNG), written by the notebooks; each run has its own."""
+        return self.root / "figures"
+
+    def report_file(self) -> Path:
+        """`humpback report`'s page: one self-contained HTML file with every table and figure of the run."""
+        return self.root / "report.html"
 
     def manifest_file(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.yaml"
