@@ -93,6 +93,8 @@ class TrainConfig:
     tags: bool = True  # seed examples get S_a and augmented ones S_w (False: the paper's "no tags" ablation)
     random_seed: int = 42
     save_steps: int = 50  # a checkpoint every this many steps, from which an interrupted stage resumes (0: none)
+    # experiment trackers the Trainer reports to, e.g. ["tensorboard"] (logs in the model's folder), ["wandb"]
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -61,3 +61,15 @@ def loopback():
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tmp_path_factory, embedded_checkpoint):
+    """A run folder with every stage of the `tiny` preset done, made once per session (about 2-3 minutes).
+    Shared: a test that changes a run copies it first (shutil.copytree)."""
+    from humpback_nb.config import load_preset
+    from humpback_nb.run import run
+
+    path = tmp_path_factory.mktemp("finished") / "run"
+    run(load_preset("tiny"), path)
+    return path
