@@ -17,6 +17,7 @@ import torch
 
 from humpback_nb.config import GenerateConfig
 from humpback_nb.infra.batches import in_batches
+from humpback_nb.infra.guard import refuse_compute
 from humpback_nb.method.prompts import prompt_ids, turn_end_ids
 
 
@@ -88,6 +89,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     Greedy decoding picks the argmax, as `model.generate(do_sample=False)` does; sampling keeps the nucleus
     of `sample_top_p`.
     """
+    refuse_compute("generation")
     rows, width = input_ids.shape
     device = input_ids.device
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,19 @@
+"""A switch that proves a finished run is only read: with HUMPBACK_NO_COMPUTE=1 in the environment, training a
+model and generating from one raise instead of running. The workshop test executes every notebook on a finished
+run this way; a teacher can set it too, to be sure a class computes nothing."""
+
+from __future__ import annotations
+
+import os
+
+NO_COMPUTE = "HUMPBACK_NO_COMPUTE"
+
+
+class ComputeRefused(RuntimeError):
+    """Training or generation was asked for while HUMPBACK_NO_COMPUTE=1."""
+
+
+def refuse_compute(what: str) -> None:
+    """Raise ComputeRefused if HUMPBACK_NO_COMPUTE=1; `what` names the work ("training m2", "generation")."""
+    if os.environ.get(NO_COMPUTE, "") == "1":
+        raise ComputeRefused(f"{what} asked for while {NO_COMPUTE}=1: this run should only be read")
