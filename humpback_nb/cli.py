@@ -1,14 +1,16 @@
 """`humpback`: the pipeline from a shell. The notebooks call the same functions.
 
     humpback run --preset demo --run-dir runs/demo [--until STAGE] [--redo STAGE] [--set train.max_steps=10]
+    humpback run --config mine.yaml --run-dir runs/mine   # mine.yaml: `base: demo` and what it changes
     accelerate launch --multi_gpu --num_processes N -m humpback_nb.cli run ...   # N processes, one run
     humpback status --run-dir runs/demo
     humpback clear --run-dir runs/demo STAGE
-    humpback config --preset paper-7b          # print a preset as YAML
+    humpback config --preset demo --config mine.yaml --set train.max_steps=5   # the result, each value's source
     humpback plan --preset paper-7b-full --gpu h100 --gpus 8 [--json | --markdown]   # what a run costs
     humpback gpu-check [--model NAME]          # the paper's preset shrunk to minutes: verdicts before a paid run
     humpback fetch                             # fetch and check every embedded default
     humpback notebooks --preset demo --run-dir runs/demo   # execute the notebooks with papermill
+    humpback notebooks --run-dir runs/mine                 # ... on an existing run, with the run's own config
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from humpback_nb.config import ConfigError, HumpbackConfig, load_config, load_preset, presets, with_overrides
+from humpback_nb.config import ConfigError, HumpbackConfig, explain_config, presets, render_config
 from humpback_nb.infra.files import RecordError
 from humpback_nb.infra.sources import SourceError
 from humpback_nb.run import PipelineError, RunFiles, RunFolder
@@ -45,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     clear.add_argument("--run-dir", required=True, type=Path)
     clear.add_argument("stage")
 
-    show = commands.add_parser("config", help="print a config as YAML")
+    show = commands.add_parser("config", help="print a config as YAML, each value with the layer it came from")
     _add_config_args(show)
+    show.add_argument("--plain", action="store_true", help="plain YAML, without the comments")
 
     plan = commands.add_parser("plan", help="what a run costs, stage by stage, before it runs (no model is loaded)")
     _add_config_args(plan)
@@ -64,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("fetch", help="fetch and check every embedded model and data set")
 
-    notebooks = commands.add_parser("notebooks", help="execute the notebooks with papermill into RUN_DIR/notebooks")
-    notebooks.add_argument("--preset", choices=presets(), default="demo")
+    notebooks = commands.add_parser("notebooks", help="execute the notebooks with papermill into RUN_DIR/notebooks "
+                                    "(without --preset/--config/--set: the run's own config, else the demo preset)")
+    _add_config_args(notebooks)
     notebooks.add_argument("--run-dir", required=True, type=Path)
+    notebooks.add_argument("--quiet", action="store_true", help="do not show the cells' output as they run")
     notebooks.add_argument("--only", metavar="NN", action="append", help="only notebooks starting with NN")
 
     args = parser.parse_args(argv)
@@ -78,17 +83,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--preset", choices=presets(), help="a preset shipped with the kit (default: demo)")
-    group.add_argument("--config", type=Path, help="a config YAML file")
+    """--preset, then --config, then --set: each layer over the one before (config.resolve_config)."""
+    parser.add_argument("--preset", choices=presets(), help="a preset shipped with the kit (default: the one the "
+                        "config file names with `base:`, else demo)")
+    parser.add_argument("--config", type=Path, help="a config YAML laid over the preset: what it changes, and "
+                        "optionally `base: PRESET`")
     parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                         help="override one setting, e.g. --set train.max_steps=10 (value parsed as YAML)")
 
 
 def _config(args: argparse.Namespace) -> HumpbackConfig:
-    config = load_config(args.config) if args.config else load_preset(args.preset or "demo")
-    overrides = _overrides(args.set)
-    return with_overrides(config, overrides) if overrides else config
+    return explain_config(args.preset, args.config, _overrides(args.set))[0]
 
 
 def _overrides(items: list[str]) -> dict:
@@ -142,7 +147,8 @@ def _clear(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+    config, sources = explain_config(args.preset, args.config, _overrides(args.set))
+    print(render_config(config, None if args.plain else sources), end="")
     return 0
 
 
@@ -183,7 +189,8 @@ def _notebooks(args: argparse.Namespace) -> int:
     from humpback_nb.nb.notebooks import execute_all
 
     started = time.time()
-    executed = execute_all(args.preset, args.run_dir, names=args.only)
+    executed = execute_all(args.preset, args.run_dir, names=args.only, config_file=args.config,
+                           overrides=_overrides(args.set), verbose=not args.quiet)
     minutes = (time.time() - started) / 60
     print(f"executed {len(executed)} notebook(s) in {minutes:.1f} min: {RunFiles(args.run_dir).notebooks_dir()}")
     summary = RunFiles(args.run_dir).summary_file()
@@ -194,7 +201,7 @@ def _notebooks(args: argparse.Namespace) -> int:
         if main_result:
             print(f"M2 against M0: win rate {main_result['win_rate']:.1f}% ± {main_result['se']:.1f} "
                   f"over {main_result['n']} prompts")
-    print("figures: figures/")
+    print(f"figures: {RunFiles(args.run_dir).figures_dir()}")
     return 0
 
 

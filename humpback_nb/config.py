@@ -1,7 +1,9 @@
 """Settings of a Humpback run: small dataclasses, presets kept as YAML data, a stable hash.
 
-A run is described by one `HumpbackConfig`. Presets (`tiny`, `demo`, `paper-7b`) are YAML files in
-`humpback_nb/presets/` that override the defaults below; a user's own YAML works the same way.
+A run is described by one `HumpbackConfig`, built in layers (`resolve_config`): the defaults below, then a
+preset (`tiny`, `demo`, `paper-7b`, ...: YAML files in `humpback_nb/presets/`), then a user's YAML file, then
+dotted overrides. A user's file names its base preset with a top-level `base:` key (default: demo), so a
+file with one change is that preset with one change. Every value is checked for its type and range here.
 Every number of the method lives here, never in a notebook.
 """
 
@@ -192,6 +194,9 @@ def config_hash(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+DEFAULT_PRESET = "demo"  # the base of a user's config file that names none, and of the CLI without --preset
+
+
 def presets() -> list[str]:
     """Names of the presets shipped with the kit."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -208,15 +213,127 @@ def load_preset(name: str) -> HumpbackConfig:
 
 
 def load_config(path: str | Path) -> HumpbackConfig:
-    """Read a config YAML (a full dump or a partial override of the defaults)."""
-    path = Path(path)
+    """Read a config YAML over the code's defaults: a full dump (a run's config.yaml) reads back as it was.
+    A user's partial file is better read with `resolve_config(config_file=path)`, which lays it over its base."""
+    raw = _read_yaml(Path(path))
+    raw.pop("base", None)
+    return from_dict(raw, source=str(path))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: no permission to read it") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return from_dict(raw or {}, source=str(path))
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"{path}: not valid YAML: {detail}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> HumpbackConfig:
+    """The config of layers, each over the one before: defaults, preset, the user's file, dotted overrides.
+
+    The preset is `preset`, else the one the file names with `base:`, else `demo`; the file and `preset` may not
+    name two different ones. The result's `preset` label is that preset's name."""
+    return _layers(preset, config_file, overrides)[0]
+
+
+def explain_config(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> tuple[HumpbackConfig, dict[str, str]]:
+    """`resolve_config`, and for every dotted key the layer its value came from: "default", "preset demo",
+    the file's path, or "--set"."""
+    return _layers(preset, config_file, overrides)
+
+
+def _layers(preset: str | None, config_file: str | Path | None,
+            overrides: dict[str, Any] | None) -> tuple[HumpbackConfig, dict[str, str]]:
+    raw_file: dict[str, Any] = {}
+    if config_file is not None:
+        raw_file = _read_yaml(Path(config_file))
+        base = raw_file.pop("base", None)
+        raw_file.pop("preset", None)  # a run's config.yaml records its preset as a label: the file's values count
+        if base is not None and not isinstance(base, str):
+            raise ConfigError(f"{config_file}: base must be a preset name ({', '.join(presets())}), got {base!r}")
+        if base and preset and base != preset:
+            raise ConfigError(f"{config_file}: names base preset {base!r}, but preset {preset!r} was given; "
+                              "give one of them")
+        preset = preset or base
+    preset = preset or DEFAULT_PRESET
+    config = load_preset(preset)
+    defaults = _flatten(HumpbackConfig().to_dict())
+    layer = _flatten(config.to_dict())
+    sources = {key: "default" if layer[key] == defaults.get(key) else f"preset {preset}" for key in layer}
+    if config_file is not None:
+        config = _merge(config, raw_file, str(config_file))
+        sources.update({key: str(config_file) for key in _flatten(raw_file, leaves_only=True)})
+    if overrides:
+        config = with_overrides(config, overrides)
+        sources.update({key: "--set" for key in overrides})
+    config.preset = preset
+    sources.pop("preset", None)
+    return config, sources
+
+
+def _merge(config: HumpbackConfig, raw: dict[str, Any], source: str) -> HumpbackConfig:
+    """`config` with the sections and keys of `raw` laid over it (a section lists only what it changes)."""
+    data = config.to_dict()
+    for name, value in raw.items():
+        if isinstance(value, dict) and isinstance(data.get(name), dict):
+            data[name] = {**data[name], **value}
+        else:
+            data[name] = value
+    return from_dict(data, source=source)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "", leaves_only: bool = False) -> dict[str, Any]:
+    """{"train": {"max_steps": 2}} -> {"train.max_steps": 2}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}.", leaves_only))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(old: HumpbackConfig, new: HumpbackConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs; the `preset` label does not count."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return [(key, a.get(key), b.get(key)) for key in a | b if key != "preset" and a.get(key) != b.get(key)]
+
+
+def render_config(config: HumpbackConfig, sources: dict[str, str] | None = None) -> str:
+    """The config as YAML; with `sources`, each value followed by a comment naming the layer it came from.
+    The text reads back with `load_config` as the same config."""
+    if not sources:
+        return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+    lines = [f"preset: {config.preset}"]
+    for name, value in config.to_dict().items():
+        if name == "preset":
+            continue
+        if not isinstance(value, dict):
+            lines.append(f"{name}: {_scalar(value)}  # {sources.get(name, 'default')}")
+            continue
+        lines.append(f"{name}:")
+        for key, item in value.items():
+            text = f"  {key}: {_scalar(item)}"
+            lines.append(f"{text:<44}  # {sources.get(f'{name}.{key}', 'default')}")
+    return "\n".join(lines) + "\n"
+
+
+def _scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, allow_unicode=True).strip().removesuffix(
+        "\n...").removesuffix("...").strip()
 
 
 def save_config(config: HumpbackConfig, path: str | Path) -> Path:
@@ -225,9 +342,57 @@ def save_config(config: HumpbackConfig, path: str | Path) -> Path:
     return atomic_write_text(Path(path), text)
 
 
+# The range of every number that has one: (lowest, highest, whether the ends are allowed). None: unbounded.
+_POSITIVE = (0, None, False)
+_AT_LEAST_1 = (1, None, True)
+_NOT_NEGATIVE = (0, None, True)
+_SHARE = (0, 1, True)  # 0 to 1, ends included
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "model.context_length": _AT_LEAST_1,
+    "data.seed_size": _AT_LEAST_1, "data.heldout_size": _NOT_NEGATIVE, "data.seed_min_quality": _SHARE,
+    "data.num_segments": _AT_LEAST_1, "data.min_chars": _NOT_NEGATIVE, "data.max_chars": _AT_LEAST_1,
+    "data.repeated_sentence_jaccard": (0, 1, True), "data.repeated_sentence_ngram": _AT_LEAST_1,
+    "data.near_duplicate_jaccard": (0, 1, True), "data.near_duplicate_ngram": _AT_LEAST_1,
+    "data.minhash_permutations": _AT_LEAST_1,
+    "train.lora_r": _AT_LEAST_1, "train.lora_alpha": _POSITIVE, "train.dropout": (0, 1, True),
+    "train.learning_rate": _POSITIVE, "train.final_learning_rate": _NOT_NEGATIVE, "train.weight_decay": _NOT_NEGATIVE,
+    "train.batch_size": _AT_LEAST_1, "train.max_steps": _AT_LEAST_1, "train.micro_batch_size": _AT_LEAST_1,
+    "train.max_seq_length": _AT_LEAST_1, "train.save_steps": _NOT_NEGATIVE,
+    "generate.temperature": _NOT_NEGATIVE, "generate.top_p": (0, 1, True), "generate.max_new_tokens": _AT_LEAST_1,
+    "generate.batch_size": _AT_LEAST_1, "generate.instruction_max_new_tokens": _AT_LEAST_1,
+    "generate.max_instruction_chars": _AT_LEAST_1,
+    "curate.threshold": (1, 5, True), "curate.top_share": (0, 1, True), "curate.max_new_tokens": _AT_LEAST_1,
+    "curate.batch_size": _AT_LEAST_1, "curate.compare_size": _NOT_NEGATIVE, "curate.sanity_size": _NOT_NEGATIVE,
+    "evaluate.alpaca_eval_prompts": _AT_LEAST_1, "evaluate.mt_bench_prompts": _NOT_NEGATIVE,
+    "evaluate.scaling_sizes": _AT_LEAST_1, "evaluate.scaling_steps": _AT_LEAST_1,
+    "evaluate.selection_positives": _AT_LEAST_1, "evaluate.selection_train_size": _AT_LEAST_1,
+}
+
+
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> HumpbackConfig:
-    """Build a config from nested dicts, checking every key and type against the dataclasses."""
-    return _build(HumpbackConfig, raw, source, prefix="")
+    """Build a config from nested dicts, checking every key, type and range against the dataclasses."""
+    config = _build(HumpbackConfig, raw, source, prefix="")
+    _check_ranges(config, source)
+    return config
+
+
+def _check_ranges(config: HumpbackConfig, source: str) -> None:
+    flat = _flatten(config.to_dict())
+    for key, (low, high, closed) in RANGES.items():
+        values = flat[key] if isinstance(flat[key], list) else [flat[key]]
+        for value in values:
+            if value is None:
+                continue
+            below = low is not None and (value < low if closed else value <= low)
+            above = high is not None and (value > high if closed else value >= high)
+            if below or above:
+                ends = ("[" if closed else "(") + f"{'-inf' if low is None else low}, " \
+                       f"{'inf' if high is None else high}" + ("]" if closed else ")")
+                raise ConfigError(f"{source}: {key} must be in {ends}, got {value!r}")
+    # settings that must agree with each other
+    if flat["data.min_chars"] > flat["data.max_chars"]:
+        raise ConfigError(f"{source}: data.min_chars ({flat['data.min_chars']}) is above data.max_chars "
+                          f"({flat['data.max_chars']})")
 
 
 def with_overrides(config: HumpbackConfig, overrides: dict[str, Any]) -> HumpbackConfig:

@@ -29,12 +29,41 @@ def project_path(path: str | Path) -> Path:
     return path if path.is_absolute() else project_root() / path
 
 
-def open_run(preset: str, run_dir: str | Path):
-    """(config, run folder) for a notebook: the preset's config and the run folder it fills."""
-    from humpback_nb.config import load_preset
+def open_run(preset: str | None = None, run_dir: str | Path = "runs/demo", config_file: str | Path | None = None,
+             overrides: dict[str, Any] | None = None):
+    """(config, run folder) for a notebook.
+
+    With no preset, config file or overrides, a folder that holds a run gives that run's own config.yaml (and an
+    empty folder the demo preset). Otherwise the config is the layers given (config.resolve_config); on a folder
+    that holds a run made with other settings, the notebook stops with the differences and the ways on, and the
+    run is left as it is."""
+    from humpback_nb.config import ConfigError, config_differences, load_preset, resolve_config
     from humpback_nb.run import RunFolder
 
-    return load_preset(preset), RunFolder(project_path(run_dir))
+    folder = RunFolder(project_path(run_dir))
+    existing = folder.config() if folder.files.config_file().is_file() else None
+    if preset is None and config_file is None and not overrides:
+        return existing or load_preset("demo"), folder
+    if config_file is not None:
+        config_file = project_path(config_file)
+    config = resolve_config(preset, config_file, overrides)
+    differences = config_differences(existing, config) if existing is not None else []
+    if differences:
+        shown = "\n".join(f"  {key}: {old!r} in the run, {new!r} here" for key, old, new in differences[:12])
+        more = f"\n  ... and {len(differences) - 12} more" if len(differences) > 12 else ""
+        raise ConfigError(
+            f"{folder.path} holds a run made with other settings ({len(differences)} differ):\n{shown}{more}\n"
+            "Nothing was changed. Set preset = None, config_file = None and overrides = {} to continue with the "
+            "run's own settings; or choose another run_dir for these settings; or, to redo this run with them, "
+            f"run `humpback run --run-dir {folder.path} ...` with these settings (the stages they touch run again).")
+    return config, folder
+
+
+def figures_folder(folder, figures_dir: str | Path | None = None) -> Path:
+    """Where a notebook saves its figures: `figures_dir`, else the run's own figures/ folder."""
+    path = project_path(figures_dir) if figures_dir is not None else folder.files.figures_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def notebook_paths() -> list[Path]:
@@ -42,30 +71,43 @@ def notebook_paths() -> list[Path]:
     return sorted((PACKAGE_DIR.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def execute(notebook: str | Path, output: str | Path, parameters: dict[str, Any]) -> Path:
-    """Run one notebook top to bottom with papermill, writing the executed copy to `output`."""
+def execute(notebook: str | Path, output: str | Path, parameters: dict[str, Any], verbose: bool = False) -> Path:
+    """Run one notebook top to bottom with papermill, writing the executed copy to `output`. Verbose: a bar over
+    the cells and each cell's output as it comes (what `make demo` shows)."""
+    import logging
+
     import papermill
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if verbose and not logging.getLogger("papermill").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("papermill").addHandler(handler)
+        logging.getLogger("papermill").setLevel(logging.INFO)
     papermill.execute_notebook(
         str(notebook), str(output), parameters=parameters, cwd=str(project_root(notebook)),
-        progress_bar=False, kernel_name="python3",
+        progress_bar=verbose, log_output=verbose, kernel_name="python3",
     )
     return output
 
 
-def execute_all(preset: str, run_dir: str | Path, names: Sequence[str] | None = None,
-                extra: dict[str, Any] | None = None) -> list[Path]:
-    """Execute every notebook (or those whose file names start with `names`) on `preset`."""
+def execute_all(preset: str | None, run_dir: str | Path, names: Sequence[str] | None = None,
+                extra: dict[str, Any] | None = None, config_file: str | Path | None = None,
+                overrides: dict[str, Any] | None = None, verbose: bool = False) -> list[Path]:
+    """Execute every notebook (or those whose file names start with `names`) on one run folder, with the config
+    of `preset`, `config_file` and `overrides` (all None: the run's own config, else the demo preset)."""
     from humpback_nb.run import RunFiles
 
     run_dir = project_path(run_dir)
+    config_file = str(project_path(config_file)) if config_file is not None else None
+    open_run(preset, run_dir, config_file, overrides)  # settings that differ from the run's stop here, not midway
     executed = []
     for notebook in notebook_paths():
         if names and not notebook.name.startswith(tuple(names)):
             continue
-        parameters = {"preset": preset, "run_dir": str(run_dir), **(extra or {})}
-        print(f"executing {notebook.name} (preset {preset})", flush=True)
-        executed.append(execute(notebook, RunFiles(run_dir).notebooks_dir() / notebook.name, parameters))
+        parameters = {"preset": preset, "config_file": config_file, "overrides": overrides or {},
+                      "run_dir": str(run_dir), **(extra or {})}
+        print(f"executing {notebook.name}", flush=True)
+        executed.append(execute(notebook, RunFiles(run_dir).notebooks_dir() / notebook.name, parameters, verbose))
     return executed
