@@ -103,7 +103,7 @@ class TrainConfig:
 class GenerateConfig:
     """Sampling for self-augmentation and for answers (paper section 3.1: T=0.7, p=0.9)."""
 
-    temperature: float = 0.7
+    temperature: float = 0.7  # 0: greedy decoding
     top_p: float = 0.9
     max_new_tokens: int = 512  # answers
     batch_size: int = 16
@@ -342,26 +342,27 @@ def save_config(config: HumpbackConfig, path: str | Path) -> Path:
     return atomic_write_text(Path(path), text)
 
 
-# The range of every number that has one: (lowest, highest, whether the ends are allowed). None: unbounded.
-_POSITIVE = (0, None, False)
-_AT_LEAST_1 = (1, None, True)
-_NOT_NEGATIVE = (0, None, True)
-_SHARE = (0, 1, True)  # 0 to 1, ends included
-RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+# The range of every number that has one: (lowest, highest, ends), ends "[]" both allowed, "(]" the lowest not.
+# None: unbounded.
+_POSITIVE = (0, None, "()")
+_AT_LEAST_1 = (1, None, "[]")
+_NOT_NEGATIVE = (0, None, "[]")
+_SHARE = (0, 1, "[]")
+RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "model.context_length": _AT_LEAST_1,
     "data.seed_size": _AT_LEAST_1, "data.heldout_size": _NOT_NEGATIVE, "data.seed_min_quality": _SHARE,
     "data.num_segments": _AT_LEAST_1, "data.min_chars": _NOT_NEGATIVE, "data.max_chars": _AT_LEAST_1,
-    "data.repeated_sentence_jaccard": (0, 1, True), "data.repeated_sentence_ngram": _AT_LEAST_1,
-    "data.near_duplicate_jaccard": (0, 1, True), "data.near_duplicate_ngram": _AT_LEAST_1,
+    "data.repeated_sentence_jaccard": (0, 1, "(]"), "data.repeated_sentence_ngram": _AT_LEAST_1,
+    "data.near_duplicate_jaccard": (0, 1, "(]"), "data.near_duplicate_ngram": _AT_LEAST_1,
     "data.minhash_permutations": _AT_LEAST_1,
-    "train.lora_r": _AT_LEAST_1, "train.lora_alpha": _POSITIVE, "train.dropout": (0, 1, True),
+    "train.lora_r": _AT_LEAST_1, "train.lora_alpha": _POSITIVE, "train.dropout": (0, 1, "[)"),
     "train.learning_rate": _POSITIVE, "train.final_learning_rate": _NOT_NEGATIVE, "train.weight_decay": _NOT_NEGATIVE,
     "train.batch_size": _AT_LEAST_1, "train.max_steps": _AT_LEAST_1, "train.micro_batch_size": _AT_LEAST_1,
     "train.max_seq_length": _AT_LEAST_1, "train.save_steps": _NOT_NEGATIVE,
-    "generate.temperature": _NOT_NEGATIVE, "generate.top_p": (0, 1, True), "generate.max_new_tokens": _AT_LEAST_1,
+    "generate.temperature": _NOT_NEGATIVE, "generate.top_p": (0, 1, "(]"), "generate.max_new_tokens": _AT_LEAST_1,
     "generate.batch_size": _AT_LEAST_1, "generate.instruction_max_new_tokens": _AT_LEAST_1,
     "generate.max_instruction_chars": _AT_LEAST_1,
-    "curate.threshold": (1, 5, True), "curate.top_share": (0, 1, True), "curate.max_new_tokens": _AT_LEAST_1,
+    "curate.threshold": (1, 5, "[]"), "curate.top_share": (0, 1, "(]"), "curate.max_new_tokens": _AT_LEAST_1,
     "curate.batch_size": _AT_LEAST_1, "curate.compare_size": _NOT_NEGATIVE, "curate.sanity_size": _NOT_NEGATIVE,
     "evaluate.alpaca_eval_prompts": _AT_LEAST_1, "evaluate.mt_bench_prompts": _NOT_NEGATIVE,
     "evaluate.scaling_sizes": _AT_LEAST_1, "evaluate.scaling_steps": _AT_LEAST_1,
@@ -378,17 +379,16 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> HumpbackConfig:
 
 def _check_ranges(config: HumpbackConfig, source: str) -> None:
     flat = _flatten(config.to_dict())
-    for key, (low, high, closed) in RANGES.items():
+    for key, (low, high, ends) in RANGES.items():
         values = flat[key] if isinstance(flat[key], list) else [flat[key]]
         for value in values:
             if value is None:
                 continue
-            below = low is not None and (value < low if closed else value <= low)
-            above = high is not None and (value > high if closed else value >= high)
+            below = low is not None and (value < low if ends[0] == "[" else value <= low)
+            above = high is not None and (value > high if ends[1] == "]" else value >= high)
             if below or above:
-                ends = ("[" if closed else "(") + f"{'-inf' if low is None else low}, " \
-                       f"{'inf' if high is None else high}" + ("]" if closed else ")")
-                raise ConfigError(f"{source}: {key} must be in {ends}, got {value!r}")
+                shown = f"{ends[0]}{low}, {'inf' if high is None else high}{ends[1]}"
+                raise ConfigError(f"{source}: {key} must be in {shown}, got {value!r}")
     # settings that must agree with each other
     if flat["data.min_chars"] > flat["data.max_chars"]:
         raise ConfigError(f"{source}: data.min_chars ({flat['data.min_chars']}) is above data.max_chars "

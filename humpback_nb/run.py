@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from humpback_nb.config import HumpbackConfig, config_hash, load_config, save_config
+from humpback_nb.config import HumpbackConfig, config_differences, config_hash, load_config, save_config
 from humpback_nb.infra.distributed import processes, wait_for_everyone
 from humpback_nb.infra.files import atomic_write_text, clean_temporaries, discard_writes, read_jsonl
 
@@ -352,6 +352,8 @@ class RunFolder:
         if stages is None:
             from humpback_nb.stages import STAGES as stages
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise PipelineError(f"{self.path}: is a file, not a run folder; give a folder (new or holding a run)")
         self.files = RunFiles(self.path)
         self.stages = {stage.name: stage for stage in stages}
         for stage in stages:
@@ -494,6 +496,9 @@ class RunFolder:
         results = {}
         with self.lock() if main else contextlib.nullcontext():
             if main:
+                if self.files.config_file().is_file():
+                    for key, old, new in config_differences(self.config(), config):
+                        log(f"changed     {key}: {old!r} -> {new!r}")
                 self.set_config(config)
             for name in names[: names.index(until) + 1] if until else names:
                 results[name] = self.run_stage(name, config, redo=name in redo)

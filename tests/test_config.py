@@ -102,3 +102,111 @@ def test_partial_config_overrides_defaults_and_ints_count_as_floats(tmp_path):
 def test_overrides_refuse_unknown_keys():
     with pytest.raises(ConfigError, match="unknown key 'nope'"):
         with_overrides(HumpbackConfig(), {"train.nope": 1})
+
+
+# -- layers: preset, then the user's file, then overrides ---------------------------------------------------
+def test_a_file_with_one_change_is_its_base_preset_with_that_change(tmp_path):
+    from humpback_nb.config import resolve_config
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train: {max_steps: 100}\n")
+    config = resolve_config(config_file=mine)  # no base named: the demo preset, not the code's defaults
+    demo = load_preset("demo")
+    assert config.train.max_steps == 100 and config.preset == "demo"
+    assert config.data == demo.data and config.model == demo.model
+    mine.write_text("base: tiny\ntrain: {max_steps: 100}\n")
+    assert resolve_config(config_file=mine).data == load_preset("tiny").data
+    # --preset, then --config, then --set, in that order
+    both = resolve_config("tiny", mine, {"train.max_steps": 7, "generate.temperature": 0.5})
+    assert (both.train.max_steps, both.generate.temperature, both.data.seed_size) == (7, 0.5, 24)
+    with pytest.raises(ConfigError, match="names base preset 'tiny', but preset 'demo' was given"):
+        resolve_config("demo", mine)
+
+
+def test_a_runs_own_config_file_reads_back_as_it_was(tmp_path):
+    from humpback_nb.config import resolve_config
+
+    tiny = with_overrides(load_preset("tiny"), {"train.max_steps": 3})
+    path = save_config(tiny, tmp_path / "config.yaml")
+    again = resolve_config(config_file=path)
+    assert again.hash() == tiny.hash()
+
+
+def test_config_shows_where_each_value_came_from_and_reads_back(tmp_path, capsys):
+    from humpback_nb.cli import main
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: demo\ntrain:\n  max_steps: 100\n")
+    assert main(["config", "--config", str(mine), "--set", "generate.temperature=0.5"]) == 0
+    text = capsys.readouterr().out
+    lines = {line.split(":")[0].strip(): line for line in text.splitlines()}
+    assert lines["max_steps"].endswith(f"# {mine}")
+    assert lines["temperature"].endswith("# --set")
+    assert lines["quantization"].endswith("# preset demo")
+    assert lines["random_seed"].endswith("# default")
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(text)
+    config = load_config(printed)
+    assert (config.train.max_steps, config.generate.temperature, config.model.quantization) == (100, 0.5, "4bit")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.max_steps=-5", "train.max_steps must be in [1, inf]"),
+    ("data.seed_size=0", "data.seed_size must be in [1, inf]"),
+    ("curate.threshold=6", "curate.threshold must be in [1, 5]"),
+    ("generate.temperature=-0.1", "generate.temperature must be in [0, inf]"),
+    ("generate.top_p=0", "generate.top_p must be in (0, 1]"),
+    ("evaluate.scaling_sizes=[4, -16]", "evaluate.scaling_sizes must be in [1, inf]"),
+    ("data.min_chars=4000", "data.min_chars (4000) is above data.max_chars (3000)"),
+])
+def test_values_out_of_range_stop_in_one_line_naming_the_key(setting, message, capsys):
+    from humpback_nb.cli import main
+
+    assert main(["config", "--preset", "demo", "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_top_p_zero_is_refused_but_one_is_allowed():
+    with pytest.raises(ConfigError, match=r"generate.top_p must be in \(0, 1\]"):
+        with_overrides(HumpbackConfig(), {"generate.top_p": 0.0})
+    assert with_overrides(HumpbackConfig(), {"generate.top_p": 1.0}).generate.top_p == 1.0
+
+
+def test_a_run_folder_that_is_a_file_stops_in_one_line(tmp_path, capsys):
+    from humpback_nb.cli import main
+
+    path = tmp_path / "run"
+    path.write_text("not a folder")
+    assert main(["run", "--preset", "tiny", "--run-dir", str(path)]) == 2
+    assert "is a file, not a run folder" in capsys.readouterr().err
+    assert path.read_text() == "not a folder"
+
+
+# -- notebooks on a run folder: its own settings, or a stop that lists the differences ----------------------
+def test_a_notebook_on_a_run_uses_its_settings_and_stops_when_its_own_differ(tmp_path):
+    from humpback_nb.nb.notebooks import open_run
+    from humpback_nb.run import RunFolder
+
+    folder = RunFolder(tmp_path / "run", stages=())
+    assert open_run(None, folder.path)[0] == load_preset("demo")  # an empty folder: the demo preset
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: tiny\ntrain: {max_steps: 5}\n")
+    logged = []
+    made = open_run(None, folder.path, mine)[0]
+    folder.run(made, log=logged.append)
+    before = folder.files.config_file().read_text()
+
+    config, run = open_run(None, folder.path)  # nothing given: the run's own config, whatever made it
+    assert config == made and run.path == folder.path
+    assert open_run(None, folder.path, mine)[0] == made  # the same settings again: fine
+    with pytest.raises(ConfigError) as stop:
+        open_run("tiny", folder.path, overrides={"generate.temperature": 0.9})
+    message = str(stop.value)
+    assert "train.max_steps: 5 in the run, 2 here" in message
+    assert "generate.temperature: 0.7 in the run, 0.9 here" in message
+    assert "Nothing was changed" in message and "another run_dir" in message
+    assert folder.files.config_file().read_text() == before
+
+    folder.run(with_overrides(made, {"train.max_steps": 6}), log=logged.append)  # `humpback run` says what changed
+    assert "changed     train.max_steps: 5 -> 6" in logged

@@ -90,6 +90,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     of `sample_top_p`.
     """
     refuse_compute("generation")
+    greedy = greedy or temperature == 0  # temperature 0 is the limit of sampling: the most likely token
     rows, width = input_ids.shape
     device = input_ids.device
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
