@@ -9,6 +9,7 @@
     humpback plan --preset paper-7b-full --gpu h100 --gpus 8 [--json | --markdown]   # what a run costs
     humpback gpu-check [--model NAME]          # the paper's preset shrunk to minutes: verdicts before a paid run
     humpback fetch                             # fetch and check every embedded default
+    humpback report --run-dir runs/demo        # one HTML page with every table and figure: runs/demo/report.html
     humpback notebooks --preset demo --run-dir runs/demo   # execute the notebooks with papermill
     humpback notebooks --run-dir runs/mine                 # ... on an existing run, with the run's own config
 """
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one setting")
 
     commands.add_parser("fetch", help="fetch and check every embedded model and data set")
+
+    report = commands.add_parser("report", help="write RUN_DIR/report.html: every table beside the paper's, every "
+                                 "figure, the config, stage times and examples, in one self-contained page")
+    report.add_argument("--run-dir", required=True, type=Path)
 
     notebooks = commands.add_parser("notebooks", help="execute the notebooks with papermill into RUN_DIR/notebooks "
                                     "(without --preset/--config/--set: the run's own config, else the demo preset)")
@@ -171,6 +176,13 @@ def _gpu_check(args: argparse.Namespace) -> int:
     return gpu_check(args.run_dir, model=args.model, overrides=_overrides(args.set))
 
 
+def _report(args: argparse.Namespace) -> int:
+    from humpback_nb.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from humpback_nb.infra.models import EMBEDDED_MODELS, embedded_checkpoint
     from humpback_nb.infra.sources import fetch_all
@@ -206,7 +218,7 @@ def _notebooks(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": _run, "status": _status, "clear": _clear, "config": _show, "plan": _plan, "gpu-check": _gpu_check,
-             "fetch": _fetch,
+             "fetch": _fetch, "report": _report,
              "notebooks": _notebooks}
 
 if __name__ == "__main__":
