@@ -9,6 +9,8 @@
     humpback plan --preset paper-7b-full --gpu h100 --gpus 8 [--json | --markdown]   # what a run costs
     humpback gpu-check [--model NAME]          # the paper's preset shrunk to minutes: verdicts before a paid run
     humpback fetch                             # fetch and check every embedded default
+    humpback export --run-dir runs/demo --model m2 --to m2-merged   # one merged model plain transformers loads
+    humpback chat --run-dir runs/demo --model m2   # answers each line of stdin, as the evaluation answers
     humpback report --run-dir runs/demo        # one HTML page with every table and figure: runs/demo/report.html
     humpback notebooks --preset demo --run-dir runs/demo   # execute the notebooks with papermill
     humpback notebooks --run-dir runs/mine                 # ... on an existing run, with the run's own config
@@ -78,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     notebooks.add_argument("--run-dir", required=True, type=Path)
     notebooks.add_argument("--quiet", action="store_true", help="do not show the cells' output as they run")
     notebooks.add_argument("--only", metavar="NN", action="append", help="only notebooks starting with NN")
+
+    export = commands.add_parser("export", help="write a model of a run as one merged safetensors model that plain "
+                                 "transformers loads (with the tokenizer and chat template it was trained with)")
+    export.add_argument("--run-dir", required=True, type=Path)
+    export.add_argument("--model", required=True, help="a model of the run: m2 (Humpback), m1, m0, backward, ...")
+    export.add_argument("--to", required=True, type=Path, metavar="DIR", help="a new (or empty) folder")
+
+    chat = commands.add_parser("chat", help="answer questions from stdin, one per line, with a model of a run")
+    chat.add_argument("--run-dir", required=True, type=Path)
+    chat.add_argument("--model", default="m2", help="a model of the run, or base (default: m2)")
+    chat.add_argument("--tags", help="the system prompt: S_a, S_w, S_a+S_w or none (default: the run's "
+                      "evaluate.inference_tags)")
+    chat.add_argument("--max-new-tokens", type=int, metavar="N", help="default: the run's generate.max_new_tokens")
 
     args = parser.parse_args(argv)
     try:
@@ -217,9 +232,23 @@ def _notebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from humpback_nb.export import export
+
+    export(args.run_dir, args.model, args.to)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from humpback_nb.export import chat
+
+    chat(args.run_dir, args.model, tags=args.tags, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
 _COMMANDS = {"run": _run, "status": _status, "clear": _clear, "config": _show, "plan": _plan, "gpu-check": _gpu_check,
              "fetch": _fetch, "report": _report,
-             "notebooks": _notebooks}
+             "notebooks": _notebooks, "export": _export, "chat": _chat}
 
 if __name__ == "__main__":
     sys.exit(main())
