@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from humpback_nb.config import ConfigError, CurateConfig
-from humpback_nb.infra.files import RecordError, decode_text, parse_jsonl
+from humpback_nb.infra.files import RecordError, parse_jsonl
 from humpback_nb.method.curate import select, selection_threshold
+from humpback_nb.method.data.inputs import read_input_text
 
 # Li et al. 2023, Table 8 (v1; Table 5 in v3): win rate % of 7B models, by training and inference tags.
 PAPER_TABLE8 = {"S_a/S_w, infer S_a+S_w": 66.47, "no tags": 59.96, "S_a/S_w, infer S_a": 62.69,
@@ -59,12 +60,11 @@ def labelled_set(seed_heldout: list[dict], candidates: list[dict], positives: in
 
 def read_labels(path: str | Path) -> list[dict]:
     """People's labels for Table 7 (`evaluate.selection_labels`): a JSONL file of {"instruction", "output",
-    "label"}, label 1 (a good example) or 0; a bad line raises RecordError naming the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecordError(f"{path}: no such file (evaluate.selection_labels)")
+    "label"}, label 1 (a good example) or 0 (.gz, .bz2, .xz allowed); a file that cannot be read or a bad line
+    raises RecordError naming the file, the line and the problem."""
+    path = Path(path).expanduser()
     pairs = []
-    for line, record in parse_jsonl(decode_text(path.read_bytes(), path), path):
+    for line, record in parse_jsonl(read_input_text(path, "evaluate.selection_labels"), path):
         for key in ("instruction", "output"):
             if not isinstance(record.get(key), str) or not record[key].strip():
                 raise RecordError(f"{path}, line {line}: {key!r} must be a non-empty string")
@@ -109,7 +109,8 @@ def pick_by_rating(rate_pairs: Callable[[list[dict]], list[dict]], candidates: l
     return picked[:size], rated
 
 
-def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path | None = None) -> list[dict]:
+def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path | None = None,
+                     desc: str = "Table 7 rating (endpoint)") -> list[dict]:
     """Scores of an OpenAI-compatible endpoint (a `judges.EndpointJudge`, the paper's GPT-4 row): the paper's rating
     prompt without a system prompt, the reply's reasoning and "Score: N" parsed as strictly as a local model's
     (None otherwise). With `partial`, each rating is kept as it comes and a rerun asks only for the missing ones."""
@@ -123,7 +124,7 @@ def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path
         return [{"id": pair["id"], "rater": "endpoint", "score": parse_score(reply), "reasoning": reply.strip()}]
 
     return in_batches([p["id"] for p in pairs], [[i] for i in range(len(pairs))], compute, partial=partial,
-                      progress=False, unit="pair")
+                      progress=bool(pairs), desc=desc, unit="pair")
 
 
 def labels_note(labels_file: str | None) -> str:

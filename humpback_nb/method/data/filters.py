@@ -13,17 +13,34 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sized
 from itertools import combinations
-from typing import Any
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
 
 from humpback_nb.config import DataConfig
+from humpback_nb.infra.distributed import processes
 
 Record = dict[str, Any]
 FilterResult = tuple[list[Record], list[Record]]
+T = TypeVar("T")
+
+# The settings that decide what each filter drops: what to change when a filter drops too much.
+FILTER_KEYS = {"header": "data.navigation_headers", "length": "data.min_chars, data.max_chars",
+               "repeated": "data.repeated_sentence_jaccard", "exact": None, "near": "data.near_duplicate_jaccard"}
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _WORD = re.compile(r"\w+")
+
+
+def progress_bar(items: Iterable[T], desc: str, unit: str = "segment", show: bool = True) -> Iterable[T]:
+    """`items` with a progress bar (tqdm.auto: stderr, or a widget in a notebook) on the main process; no bar
+    for an empty list. tqdm redraws at most ten times a second, so a loop of many small steps stays as fast."""
+    total = len(items) if isinstance(items, Sized) else None
+    if not show or total == 0 or not processes().is_main:
+        return items
+    return tqdm(items, desc=desc, unit=unit, total=total)
 
 
 def _dropped(record: Record, name: str, reason: str) -> Record:
@@ -87,10 +104,10 @@ def sentences(text: str) -> list[str]:
 
 
 def repeated_sentence_filter(segments: list[Record], threshold: float, n: int = 3,
-                             min_words: int = 4) -> FilterResult:
+                             min_words: int = 4, progress: bool = False) -> FilterResult:
     """Drop segments in which two sentences (of at least `min_words` words) have n-gram Jaccard >= threshold."""
     kept, dropped = [], []
-    for segment in segments:
+    for segment in progress_bar(segments, "filter: repeated sentences", show=progress):
         grams = [(s, ngrams(w, n)) for s in sentences(segment["text"]) if len(w := words(s)) >= min_words]
         repeat = next(((a, b, j) for (a, ga), (b, gb) in combinations(grams, 2)
                        if (j := jaccard(ga, gb)) >= threshold), None)
@@ -122,14 +139,14 @@ def exact_duplicate_filter(segments: list[Record]) -> FilterResult:
 
 
 def near_duplicate_filter(segments: list[Record], threshold: float, n: int = 5, num_perm: int = 128,
-                          seed: int = 1) -> FilterResult:
+                          seed: int = 1, progress: bool = False) -> FilterResult:
     """Drop segments that nearly copy an earlier one: MinHash LSH finds candidates, exact Jaccard decides."""
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     shingles: dict[str, set] = {}
     kept, dropped = [], []
-    for segment in segments:
+    for segment in progress_bar(segments, "filter: near duplicates (MinHash)", show=progress):
         grams = ngrams(words(segment["text"]), n)
         signature = MinHash(num_perm=num_perm, seed=seed)
         signature.update_batch([" ".join(g).encode() for g in grams])
@@ -152,24 +169,26 @@ def _clip(text: str, size: int = 60) -> str:
 
 
 # -- all of them, in order -----------------------------------------------------------------------
-def filters(data: DataConfig) -> list[tuple[str, Callable[[list[Record]], FilterResult]]]:
-    """The filters with the thresholds of `data`, in the order they run."""
+def filters(data: DataConfig, progress: bool = False) -> list[tuple[str, Callable[[list[Record]], FilterResult]]]:
+    """The filters with the thresholds of `data`, in the order they run; with `progress`, the two slow ones
+    (repeated sentences, near duplicates) show a bar."""
     return [
         ("header", lambda s: header_filter(s, data.navigation_headers)),
         ("length", lambda s: length_filter(s, data.min_chars, data.max_chars)),
         ("repeated", lambda s: repeated_sentence_filter(s, data.repeated_sentence_jaccard,
-                                                         data.repeated_sentence_ngram)),
+                                                         data.repeated_sentence_ngram, progress=progress)),
         ("exact", exact_duplicate_filter),
         ("near", lambda s: near_duplicate_filter(s, data.near_duplicate_jaccard, data.near_duplicate_ngram,
-                                                 data.minhash_permutations)),
+                                                 data.minhash_permutations, progress=progress)),
     ]
 
 
-def apply_filters(segments: list[Record], data: DataConfig) -> tuple[list[Record], list[Record], list[dict]]:
+def apply_filters(segments: list[Record], data: DataConfig,
+                  progress: bool = False) -> tuple[list[Record], list[Record], list[dict]]:
     """(kept, dropped with reasons, funnel): the funnel counts the segments left after each filter."""
     funnel = [{"step": "segments", "count": len(segments), "removed": 0}]
     dropped_all: list[Record] = []
-    for name, keep in filters(data):
+    for name, keep in filters(data, progress):
         segments, dropped = keep(segments)
         dropped_all.extend(dropped)
         funnel.append({"step": name, "count": len(segments), "removed": len(dropped)})

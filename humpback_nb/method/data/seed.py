@@ -9,7 +9,6 @@ model-written Alpaca-style data, unlike the paper's human-written seed.
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from collections import defaultdict
@@ -18,35 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from humpback_nb.config import DataConfig
-from humpback_nb.infra.files import RecordError, decode_text, parse_jsonl
+from humpback_nb.infra.files import parse_jsonl
 from humpback_nb.infra.sources import SOURCES, fetch
+from humpback_nb.method.data.inputs import DataError, checked_file, inner_name, read_input_text
+
+__all__ = ["DataError", "build_seed", "drop_duplicates", "iter_json_records", "load_seed", "select_oasst1"]
 
 OASST1_HUB_ID = "OpenAssistant/oasst1"
 OASST1_FIELDS = ("message_id", "parent_id", "role", "text")
-
-
-class DataError(RecordError):
-    """Input data that cannot be used; the message names the file, the line and the problem."""
+SEED_KEY = "data.seed_source"
 
 
 # -- reading files with line numbers -------------------------------------------------------------
-def _decode(raw: bytes, path: Path) -> str:
-    return decode_text(raw, path, DataError)
-
-
-def _open_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    raw = path.read_bytes()
-    return gzip.decompress(raw) if path.suffix == ".gz" else raw
-
-
-def iter_json_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each object of a JSON array file or a JSON Lines file (.gz allowed)."""
-    path = Path(path)
-    text = _decode(_open_bytes(path), path)
-    stem_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
-    if stem_suffix == ".json" or text.lstrip().startswith("["):
+def iter_json_records(path: str | Path, key: str = SEED_KEY) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each object of a JSON array file or a JSON Lines file (.gz, .bz2, .xz allowed);
+    `key` is the config key that named the file, for the error messages."""
+    path = Path(path).expanduser()
+    text = read_input_text(path, key)
+    if inner_name(path).endswith(".json") or text.lstrip().startswith("["):
         yield from _iter_json_array(text, path)
     else:
         yield from parse_jsonl(text, path, DataError)
@@ -158,6 +146,7 @@ def select_oasst1(rows: Iterable[dict[str, Any]], n: int, lang: str = "en", min_
         pairs.append({"instruction": root["text"].strip(), "output": reply["text"].strip(),
                       "source": f"oasst1:{reply['message_id']}", "quality": quality})
     pairs.sort(key=lambda p: (-p["quality"], p["source"]))
+    pairs, counts["duplicates_dropped"] = drop_duplicates(pairs)
     counts["kept"] = min(n, len(pairs))
     counts["beyond the top N"] = max(0, len(pairs) - n)
     return pairs, dict(counts)
@@ -170,11 +159,15 @@ def load_oasst1_rows(source: str) -> tuple[list[dict[str, Any]], str]:
 
         table = datasets.load_dataset(OASST1_HUB_ID, split="train")
         return table.to_list(), OASST1_HUB_ID
-    path = Path(source)
+    path = checked_file(source, SEED_KEY)
     if path.suffix == ".parquet":
-        import datasets
+        import pyarrow
+        import pyarrow.parquet
 
-        return datasets.load_dataset("parquet", data_files=str(path), split="train").to_list(), str(path)
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist(), str(path)
+        except pyarrow.ArrowException as err:
+            raise DataError(f"{path}: not a readable parquet file ({err}) ({SEED_KEY})") from None
     return [record for _, record in iter_json_records(path)], str(path)
 
 
@@ -207,8 +200,10 @@ def build_seed(data: DataConfig, random_seed: int) -> tuple[list[dict[str, Any]]
     next best; other sources are shuffled with `random_seed` first.
     """
     pairs, counts = load_seed(data)
-    if not pairs:
-        raise DataError(f"{data.seed_source}: no usable seed pairs")
+    pairs, duplicates = drop_duplicates(pairs)
+    counts = {**counts, "duplicates_dropped": counts.get("duplicates_dropped", 0) + duplicates}
+    if len(pairs) < data.seed_size + data.heldout_size:
+        raise DataError(_too_few(data, len(pairs), counts))
     if "quality" not in pairs[0]:
         random.Random(random_seed).shuffle(pairs)
     train = pairs[: data.seed_size]
@@ -219,3 +214,28 @@ def build_seed(data: DataConfig, random_seed: int) -> tuple[list[dict[str, Any]]
             records.append({"id": f"seed-{len(records):05d}", "split": split, **pair})
     counts = {**counts, "train": len(train), "heldout": len(heldout), "available": len(pairs)}
     return records, counts
+
+
+def drop_duplicates(pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """(the pairs without repeats, how many were dropped): a pair whose instruction and output equal an earlier
+    pair's, whitespace aside, is a repeat; the first one stays."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for pair in pairs:
+        key = (" ".join(pair["instruction"].split()), " ".join(pair["output"].split()))
+        if key not in seen:
+            seen.add(key)
+            kept.append(pair)
+    return kept, len(pairs) - len(kept)
+
+
+def _too_few(data: DataConfig, usable: int, counts: dict[str, int]) -> str:
+    """The error of a seed source with fewer usable pairs than the run asks for, with both counts."""
+    dropped = {("duplicates" if k == "duplicates_dropped" else k): v for k, v in counts.items()
+               if v and k not in ("kept", "first turns", "beyond the top N")}
+    why = f" (dropped: {', '.join(f'{k} {v:,}' for k, v in dropped.items())})" if dropped else ""
+    oasst1 = ", lower data.seed_min_quality" if "first turns" in counts else ""
+    wanted = data.seed_size + data.heldout_size
+    return (f"{data.seed_source}: {usable:,} usable seed pairs{why}, fewer than the {wanted:,} that data.seed_size"
+            f" ({data.seed_size:,}) + data.heldout_size ({data.heldout_size:,}) ask for: lower "
+            f"data.seed_size or data.heldout_size{oasst1}, or name a larger data.seed_source")

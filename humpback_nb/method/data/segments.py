@@ -8,7 +8,6 @@ are cut into runs of whole paragraphs no longer than `max_chars`; their segments
 
 from __future__ import annotations
 
-import bz2
 import hashlib
 import html
 import re
@@ -20,8 +19,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from humpback_nb.infra.sources import SOURCES, fetch
-from humpback_nb.method.data.filters import apply_filters
-from humpback_nb.method.data.seed import DataError, _decode, iter_json_records
+from humpback_nb.method.data.filters import FILTER_KEYS, apply_filters, progress_bar
+from humpback_nb.method.data.inputs import DataError, inner_name, open_input, read_input_text
+from humpback_nb.method.data.seed import iter_json_records
+
+CORPUS_KEY = "data.corpus_sources"
+CORPUS_FILES = (".html", ".htm", ".jsonl", ".txt", ".xml")  # each may end in .gz, .bz2 or .xz too
 
 
 @dataclass
@@ -146,9 +149,8 @@ def wiki_blocks(markup: str) -> list[Block]:
 
 
 def iter_mediawiki_dump(path: Path) -> Iterator[tuple[str, str]]:
-    """(title, markup) for each article (namespace 0, not a redirect) of a MediaWiki XML dump."""
-    opener = bz2.open if path.suffix == ".bz2" else open
-    with opener(path, "rb") as handle:
+    """(title, markup) for each article (namespace 0, not a redirect) of a MediaWiki XML dump (read as a stream)."""
+    with open_input(path, CORPUS_KEY) as handle:
         try:
             for _, element in ET.iterparse(handle, events=("end",)):
                 if element.tag.rsplit("}", 1)[-1] != "page":
@@ -181,15 +183,16 @@ def read_documents(source: str) -> Iterator[Document]:
     """Documents of an embedded corpus (c4_demo, wiki_demo, enwiki_sample) or of a file or folder.
 
     Files: .html/.htm pages, .jsonl (a `text` field per line), .txt (paragraphs separated by blank
-    lines), MediaWiki dumps (.xml, .xml.bz2).
+    lines), MediaWiki dumps (.xml), each of them also compressed (.gz, .bz2, .xz). In a folder, files of
+    other kinds are skipped; a file of another kind named on its own is an error.
     """
     if source == "c4_demo":
         path = fetch(source)
-        for line, record in iter_json_records(path):
+        for line, record in iter_json_records(path, CORPUS_KEY):
             yield Document(f"c4_demo:{line}", text_blocks(_text_of(record, path, line)), False)
     elif source == "wiki_demo":
         path = fetch(source)
-        for number, line in enumerate(_decode(path.read_bytes(), path).splitlines(), start=1):
+        for number, line in enumerate(read_input_text(path, CORPUS_KEY).splitlines(), start=1):
             if line.strip():
                 yield Document(f"wiki_demo:{number}", text_blocks(line, glued=True), False)
     elif source == "enwiki_sample":
@@ -202,10 +205,13 @@ def read_documents(source: str) -> Iterator[Document]:
         if path.is_dir():
             for child in sorted(p for p in path.rglob("*") if p.is_file()):
                 yield from _file_documents(child)
-        elif path.is_file():
+        elif path.exists():
+            if not inner_name(path).endswith(CORPUS_FILES):
+                raise DataError(f"{path}: not a corpus file the kit reads (one of {', '.join(CORPUS_FILES)}, also "
+                                f"as .gz, .bz2, .xz) ({CORPUS_KEY})")
             yield from _file_documents(path)
         else:
-            raise DataError(f"{path}: no such corpus file or folder")
+            raise DataError(f"{path}: no such corpus file or folder ({CORPUS_KEY})")
 
 
 def _text_of(record: dict, path: Path, line: int) -> str:
@@ -216,17 +222,17 @@ def _text_of(record: dict, path: Path, line: int) -> str:
 
 
 def _file_documents(path: Path) -> Iterator[Document]:
-    name = path.name.lower()
+    name = inner_name(path)
     if name.endswith((".html", ".htm")):
-        yield Document(str(path), html_blocks(_decode(path.read_bytes(), path), str(path)), True)
-    elif name.endswith((".xml", ".xml.bz2")):
+        yield Document(str(path), html_blocks(read_input_text(path, CORPUS_KEY), str(path)), True)
+    elif name.endswith(".xml"):
         for title, markup in iter_mediawiki_dump(path):
             yield Document(f"{path}:{title}", [Block(1, title), *wiki_blocks(markup)], True)
-    elif name.endswith((".jsonl", ".jsonl.gz")):
-        for line, record in iter_json_records(path):
+    elif name.endswith(".jsonl"):
+        for line, record in iter_json_records(path, CORPUS_KEY):
             yield Document(f"{path}:{line}", text_blocks(_text_of(record, path, line)), False)
     elif name.endswith(".txt"):
-        text = _decode(path.read_bytes(), path)
+        text = read_input_text(path, CORPUS_KEY)
         paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
         yield Document(str(path), [Block(0, p) for p in paragraphs], False)
     # other files (images, stylesheets, ...) in a corpus folder are not text documents: skipped
@@ -277,17 +283,24 @@ def _sample_key(random_seed: int, segment_id: str) -> str:
     return hashlib.sha256(f"{random_seed}:{segment_id}".encode()).hexdigest()
 
 
-def build_segments(data, random_seed: int) -> tuple[list[dict], list[dict], dict]:
+def build_segments(data, random_seed: int, progress: bool = True) -> tuple[list[dict], list[dict], dict]:
     """(segments, dropped, report) of `data` (a DataConfig): every corpus cut into segments, the paper's filters
-    applied (each dropped segment with its filter and reason), `num_segments` of the rest sampled."""
+    applied (each dropped segment with its filter and reason), `num_segments` of the rest sampled. With
+    `progress`, bars show the documents segmented and the slow filters.
+
+    No segment left after the filters is a DataError with the counts of the funnel and the keys to change."""
     if not data.corpus_sources:
         raise DataError("data.corpus_sources is empty: name the corpora (files, folders, embedded names) to segment")
     documents = Counter()
     segments = []
     for source in data.corpus_sources:
-        for segment in segment_documents(_counted(read_documents(source), documents, source), data.max_chars):
+        read = _counted(read_documents(source), documents, source)
+        shown = progress_bar(read, f"segmenting {Path(source).name}", unit="doc", show=progress)
+        for segment in segment_documents(shown, data.max_chars):
             segments.append({"id": f"seg-{len(segments):06d}", **segment})
-    kept, dropped, funnel = apply_filters(segments, data)
+    kept, dropped, funnel = apply_filters(segments, data, progress=progress)
+    if not kept:
+        raise DataError(_nothing_kept(data, sum(documents.values()), funnel))
     # The paper samples its 502k segments from what passed the filters; sampling by a seeded hash of
     # the id keeps the choice stable when the corpus grows, and the output stays in corpus order.
     ranked = sorted((s["id"] for s in kept), key=lambda i: _sample_key(random_seed, i))
@@ -306,3 +319,17 @@ def _counted(documents, counter: Counter, source: str):
     for document in documents:
         counter[source] += 1
         yield document
+
+
+def _nothing_kept(data, documents: int, funnel: list[dict]) -> str:
+    """The error of a run whose filters keep no segment: how many were read, each filter's drops, what to change."""
+    read = funnel[0]["count"]
+    if not read:
+        return (f"{CORPUS_KEY}: no segments in {documents:,} documents of {', '.join(data.corpus_sources)}: no text the"
+                f" kit reads (in a folder, only {', '.join(CORPUS_FILES)} files, also compressed, are read)")
+    drops = sorted((step for step in funnel[1:] if step["removed"]), key=lambda step: -step["removed"])
+    counts = ", ".join(f"{step['step']} {step['removed']:,}" for step in drops)
+    keys = "; ".join(key for step in drops if (key := FILTER_KEYS.get(step["step"])))
+    change = f"change {keys}, or add corpora to {CORPUS_KEY}" if keys else f"add other corpora to {CORPUS_KEY}"
+    return (f"{CORPUS_KEY}: no segment passed the filters: {read:,} segments read from {documents:,} documents, "
+            f"dropped by filter: {counts}; {change}")
