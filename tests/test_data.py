@@ -12,7 +12,14 @@ from humpback_nb.method.data.filters import (
     repeated_sentence_filter,
 )
 from humpback_nb.method.data.seed import DataError, build_seed, iter_json_records, select_oasst1
-from humpback_nb.method.data.segments import header_segments, html_blocks, paragraph_segments, text_blocks, wiki_blocks
+from humpback_nb.method.data.segments import (
+    build_segments,
+    header_segments,
+    html_blocks,
+    paragraph_segments,
+    text_blocks,
+    wiki_blocks,
+)
 from humpback_nb.method.data.stats import length_stats, table2
 from humpback_nb.nb import tables
 from humpback_nb.run import RunFolder
@@ -129,6 +136,27 @@ def test_plain_text_packs_whole_paragraphs():
     assert [len(s) for s in paragraph_segments(blocks, 1000)] == [801, 400]
     glued = text_blocks("First paragraph ends here.Second one starts. It goes on.", glued=True)
     assert [b.text for b in glued] == ["First paragraph ends here.", "Second one starts. It goes on."]
+
+
+# -- progress ----------------------------------------------------------------------------------------
+def test_segmenting_and_the_slow_filters_show_bars(tmp_path, capsys):
+    corpus = tmp_path / "whales.txt"
+    corpus.write_text("\n\n".join([article(12), article(12), article(14)]))  # a copy, and a near copy for MinHash
+    data = DataConfig(corpus_sources=[str(corpus)], num_segments=10, max_chars=1000)
+    kept, dropped, _ = build_segments(data, random_seed=0)
+    assert len(kept) == 1 and [d["filter"] for d in dropped] == ["exact", "near"]
+    bars = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("segmenting whales.txt: 1doc") for line in bars), bars
+    for name in ("filter: repeated sentences", "filter: near duplicates (MinHash)"):
+        assert any(line.startswith(f"{name}: 100%") for line in bars), bars
+    build_segments(data, random_seed=0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_filter_with_nothing_to_do_shows_no_bar(capsys):
+    assert near_duplicate_filter([], 0.8, progress=True) == ([], [])
+    assert repeated_sentence_filter([], 0.8, progress=True) == ([], [])
+    assert capsys.readouterr().err == ""
 
 
 # -- seed data -------------------------------------------------------------------------------------
