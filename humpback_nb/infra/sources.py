@@ -22,7 +22,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from humpback_nb.infra.distributed import processes
 from humpback_nb.infra.files import atomic_path, atomic_write_text
 
 
@@ -190,7 +189,7 @@ def _pip_download(command: list[str], folder: Path, archive: Archive) -> tuple[i
     scratch.mkdir()
     env = {**os.environ, "TMPDIR": str(scratch)}
     bar = tqdm(total=archive.size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"downloading {archive.filename}",
-               disable=not processes().is_main)
+               disable=not _first_process())
     with open(log, "w+") as output, bar:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
         try:
@@ -206,6 +205,12 @@ def _pip_download(command: list[str], folder: Path, archive: Archive) -> tuple[i
         bar.update(_bytes_of(archive.filename, scratch, folder) - bar.n)
         output.seek(0)
         return process.returncode, output.read()
+
+
+def _first_process() -> bool:
+    """True but in the other processes of a launch: the launcher's RANK, read without setting up a process
+    group (a fetch may come before one exists, and only some processes may find the cache empty)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _bytes_of(filename: str, *folders: Path) -> int:
@@ -278,7 +283,7 @@ def _extract(archive_path: Path, source: Source, dest: Path) -> None:
 
 def _copy(src, out, size: int, name: str) -> None:
     """Copy `size` bytes in blocks of 1 MiB, with a bar for the members large enough to take a while."""
-    shown = size >= 1 << 24 and processes().is_main  # 16 MiB: the GGUF model; the data files take no time
+    shown = size >= 1 << 24 and _first_process()  # 16 MiB: the GGUF model; the data files take no time
     with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"unpacking {name}",
               disable=not shown) as bar:
         for block in iter(lambda: src.read(1 << 20), b""):

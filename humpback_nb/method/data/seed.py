@@ -197,7 +197,9 @@ def build_seed(data: DataConfig, random_seed: int) -> tuple[list[dict[str, Any]]
     (split "heldout"), with ids.
 
     oasst1 pairs come best-quality first, so the training pairs are the top N and the held-out ones the
-    next best; other sources are shuffled with `random_seed` first.
+    next best; other sources are shuffled with `random_seed` first. A pair that repeats an earlier one
+    (whitespace aside) is dropped and counted (`duplicates_dropped`); fewer usable pairs than the two sizes
+    ask for is a DataError with both counts.
     """
     pairs, counts = load_seed(data)
     pairs, duplicates = drop_duplicates(pairs)
