@@ -42,7 +42,7 @@ def seed(run: StageRun) -> dict:
     from humpback_nb.method.data.seed import build_seed
 
     records, counts = build_seed(run.config.data, run.config.random_seed)
-    write_jsonl(run.files.seed_file(), records)
+    write_jsonl(run.files.seed_file(), [dict(r, **conversation(r, "S_a")) for r in records])
     return counts
 
 
@@ -71,7 +71,8 @@ def backward(run: StageRun) -> dict:
         return [backward_example(tokenizer, r["instruction"], r["output"], run.config.train.max_seq_length)
                 for r in run.files.seed_pairs("train")]
 
-    return train(run, "backward", examples, run.config.train, data={"seed": run.upstream["seed"]})
+    return train(run, "backward", examples, run.config.train, data={"seed": run.upstream["seed"]},
+                 about=lambda: f"the {len(run.files.seed_pairs('train'))} seed pairs reversed (output -> instruction)")
 
 
 # -- 3. Self-augmentation (section 2.2) -------------------------------------------------------------------------
@@ -207,7 +208,8 @@ def tags(run: StageRun) -> dict:
     from humpback_nb.method.analysis import PAPER_TABLE8, TABLE8_VARIANTS
     from humpback_nb.method.evaluate import eval_prompts
 
-    untagged = train_forward(run, "m2_untagged", augmented=2, train_settings=replace(run.config.train, tags=False))
+    untagged = train_forward(run, "m2_untagged", augmented=2, train_settings=replace(run.config.train, tags=False),
+                             label="Table 8: model 1 of 1 (trained like M2, without tags)")
     prompts, judge, output = eval_prompts(run.config.evaluate), base_judge(run), run.files.analysis_file("table8_tags")
     results = {}
     for label, (which, tag) in TABLE8_VARIANTS.items():
@@ -234,11 +236,14 @@ def selectors(run: StageRun) -> dict:
     pairs = (read_labels(settings.selection_labels) if settings.selection_labels else
              labelled_set(run.files.seed_pairs("heldout"), run.files.candidates(), settings.selection_positives,
                           run.config.random_seed))
-    judge, results = base_judge(run), {}
-    for iteration, name in ((1, "m0"), (2, "m1")):
-        results[name.upper()] = selector_row(run, judge, pairs, name, iteration) | {"paper": PAPER_TABLE7[name.upper()]}
+    judge, results, models = base_judge(run), {}, 3 if settings.judge_url else 2
+    for number, (iteration, name) in enumerate(((1, "m0"), (2, "m1")), 1):
+        label = f"Table 7: model {number} of {models} (trained on {name.upper()}'s selection)"
+        results[name.upper()] = (selector_row(run, judge, pairs, name, iteration, label)
+                                 | {"paper": PAPER_TABLE7[name.upper()]})
     if settings.judge_url:  # the paper's GPT-4 row: an endpoint rates with the same prompt
-        results["endpoint"] = endpoint_selector_row(run, judge, pairs) | {"paper": PAPER_TABLE7["GPT-4"]}
+        label = f"Table 7: model 3 of 3 (trained on {settings.judge}'s selection)"
+        results["endpoint"] = endpoint_selector_row(run, judge, pairs, label) | {"paper": PAPER_TABLE7["GPT-4"]}
     positives = sum(p["label"] for p in pairs)
     report = {"labels": labels_note(settings.selection_labels), "labels_file": settings.selection_labels,
               "rater": run.config.curate.rater, "pairs": len(pairs), "positives": positives,
@@ -265,20 +270,24 @@ def scaling(run: StageRun) -> dict:
         sources = scaling_sources(run.files.candidates(), run.files.scores("m1"), run.config.random_seed)
         data = {"candidates": run.upstream["candidates"], "rate_m1": run.upstream["rate_m1"],
                 "random_seed": run.config.random_seed, "draw": "random, nested"}
+        models = sum(n <= len(pool) for pool in sources.values() for n in settings.scaling_sizes)
+        number = 0
         for source, pool in sources.items():
             points = []
             for n in settings.scaling_sizes:
                 if n > len(pool):
                     continue  # this quality has fewer pairs than N at this scale
+                number += 1
                 name = f"scaling_{re.sub(r'[^a-z0-9]+', '_', source).strip('_')}_{n}"  # scaling_top_8_3_100
                 points.append(trained_win_rate(run, judge, name, pool[:n], data | {"source": source, "n": n},
-                                               run.files.analysis_file("figure3_scaling")) | {"n": n})
+                                               run.files.analysis_file("figure3_scaling"),
+                                               f"Figure 3: model {number} of {models} ({source}, N={n})") | {"n": n})
             results["sources"][source] = {"available": len(pool), "points": points} | scaling_fit(points)
     atomic_write_json(run.files.analysis_file("figure3_scaling"), results)
     return {source: r["alpha"] for source, r in results["sources"].items()}
 
 
-def selector_row(run: StageRun, judge, pairs: list[dict], name: str, iteration: int) -> dict:
+def selector_row(run: StageRun, judge, pairs: list[dict], name: str, iteration: int, label: str) -> dict:
     """Table 7's row of `name` (M0 or M1): it rates the labelled pairs with the run's rater and keeps those >= the
     k of A(iteration)_k, which it selected; a model trained on a sample of A(iteration)_k gives the win rate."""
     from humpback_nb.method.analysis import selector_quality, training_sample
@@ -294,10 +303,10 @@ def selector_row(run: StageRun, judge, pairs: list[dict], name: str, iteration: 
     data = {f"A{iteration}": run.upstream[f"A{iteration}"], "draw": seed, "size": size}
     return (selector_quality(pairs, scores, curated.k)
             | {"rule": curated.rule, "selection": f"A({iteration})_k", "selection_size": len(curated.records)}
-            | selection_win_rate(run, judge, f"selected_{name}", chosen, data))
+            | selection_win_rate(run, judge, f"selected_{name}", chosen, data, label))
 
 
-def endpoint_selector_row(run: StageRun, judge, pairs: list[dict]) -> dict:
+def endpoint_selector_row(run: StageRun, judge, pairs: list[dict], label: str) -> dict:
     """Table 7's endpoint row (the paper's GPT-4): the endpoint rates the labelled pairs with the paper's prompt and
     no system prompt, keeping scores >= curate.threshold; it then rates candidates in a random order until it has
     picked evaluate.selection_train_size, and a model trained on those gives the win rate."""
@@ -315,22 +324,24 @@ def endpoint_selector_row(run: StageRun, judge, pairs: list[dict]) -> dict:
             "size": settings.selection_train_size}
     return (selector_quality(pairs, scores, k)
             | {"model": settings.judge, "rule": f"score >= {k:g} (curate.threshold)", "candidates_rated": rated}
-            | selection_win_rate(run, judge, "selected_endpoint", picked, data))
+            | selection_win_rate(run, judge, "selected_endpoint", picked, data, label))
 
 
-def selection_win_rate(run: StageRun, judge, name: str, chosen: list[dict], data: dict[str, Any]) -> dict:
+def selection_win_rate(run: StageRun, judge, name: str, chosen: list[dict], data: dict[str, Any],
+                       label: str | None = None) -> dict:
     """A Table 7 win rate: of a model trained on `chosen` (fewer than evaluate.selection_train_size when the
     selector picked fewer, said in `note`; none when it picked nothing)."""
     size = run.config.evaluate.selection_train_size
     note = f"picked {len(chosen)} pairs, fewer than {size}: trained on them all" if len(chosen) < size else None
     if not chosen:
         return {"win_rate": None, "se": None, "trained_on": 0, "note": "picked no pairs: no model trained"}
-    overall = trained_win_rate(run, judge, name, chosen, data, run.files.analysis_file("table7_selectors"))
+    overall = trained_win_rate(run, judge, name, chosen, data, run.files.analysis_file("table7_selectors"), label)
     return {"win_rate": overall["win_rate"], "se": overall["se"], "trained_on": len(chosen), "note": note,
             "win": overall}
 
 
-def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: dict[str, Any], output: Path) -> dict:
+def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: dict[str, Any], output: Path,
+                     label: str | None = None) -> dict:
     """Win rate against the run's reference (`versus_reference`) of model `name`, trained on the augmented `pairs`
     alone (tag S_w) with the run's training settings, its steps capped by evaluate.scaling_steps (the paper's
     rule for N otherwise); answers and judgments are kept in parts of `output` as they come."""
@@ -345,7 +356,8 @@ def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: d
         tokenizer = load_tokenizer(run.config.model)
         return forward_examples(tokenizer, [], pairs, small.max_seq_length, small.tags)
 
-    train(run, name, examples, small, data=data)
+    train(run, name, examples, small, data=data, label=label,
+          about=lambda: f"{len(pairs)} augmented pairs alone{' (tag S_w)' if small.tags else ''}, drawn by {data}")
     model, tokenizer = load(run, name)
     answers = answer(run, model, tokenizer, eval_prompts(settings), name, settings.inference_tags,
                      run.partial(output, part=name))
@@ -394,19 +406,38 @@ def summarize(files, config) -> dict[str, Any]:
 
 
 # -- what several stages do ---------------------------------------------------------------------------------------
-def train(run: StageRun, name: str, examples, settings, data: dict[str, Any]) -> dict:
+# Training settings that do not change the weights, so not a model's hash: where the Trainer reports its numbers.
+NOT_IN_MODEL_HASH = ("report_to",)
+
+
+def train(run: StageRun, name: str, examples, settings, data: dict[str, Any], label: str | None = None,
+          about=None) -> dict:
     """Train model `name` on `examples()` with `settings` (a TrainConfig) unless a model made with the same base
-    model, settings and data (`data`: the hashes or choices that fix its examples) is there; its training log."""
-    from humpback_nb.method.train import train_model
+    model, settings and data (`data`: the hashes or choices that fix its examples) is there; its training log.
+    `label` is the line said before it trains, in an analysis that trains several ("Figure 3: model 3 of 8 ...");
+    `about()` says what the examples are, in the model card (README.md) written beside the weights."""
+    from humpback_nb.infra.distributed import processes
+    from humpback_nb.infra.files import atomic_write_text
+    from humpback_nb.method.train import model_card, train_model
 
     def fit(folder: Path, checkpoints: Path) -> None:
-        train_model(examples(), run.config.model, settings, folder, checkpoints=checkpoints)
+        main = processes().is_main
+        if label and main:
+            print(label, flush=True)
+        log = train_model(examples(), run.config.model, settings, folder, checkpoints=checkpoints,
+                          desc=f"training {name}")
+        if main:
+            card = model_card(name, label or run.stage.doc, run.config.model, settings, log,
+                              about() if about else f"data: {data}", run.files.root, forward=name != "backward")
+            atomic_write_text(folder / "README.md", card)
 
-    run.trained(name, {"model": asdict(run.config.model), "train": asdict(settings), "data": data}, fit)
+    weights = {k: v for k, v in asdict(settings).items() if k not in NOT_IN_MODEL_HASH}
+    run.trained(name, {"model": asdict(run.config.model), "train": weights, "data": data}, fit)
     return {"model": name, **{k: v for k, v in run.files.train_log(name).items() if k != "steps"}}
 
 
-def train_forward(run: StageRun, name: str, augmented: int | None, train_settings=None) -> dict:
+def train_forward(run: StageRun, name: str, augmented: int | None, train_settings=None,
+                  label: str | None = None) -> dict:
     """A forward model (instruction -> output): the seed pairs tagged S_a, plus A^(augmented)_k tagged S_w."""
     from humpback_nb.infra.models import load_tokenizer
     from humpback_nb.method.train import forward_examples
@@ -419,8 +450,16 @@ def train_forward(run: StageRun, name: str, augmented: int | None, train_setting
         return forward_examples(tokenizer, run.files.seed_pairs("train"), extra, settings.max_seq_length,
                                 tags=settings.tags)
 
+    def about() -> str:
+        seed = f"the {len(run.files.seed_pairs('train'))} seed pairs" + (" (tag S_a)" if settings.tags else "")
+        if not augmented:
+            return seed
+        curated = run.files.curated(augmented)
+        return (f"{seed} and the {len(curated.records)} pairs of {curated.label(augmented)}"
+                + (" (tag S_w)" if settings.tags else ""))
+
     data = {"seed": run.upstream["seed"]} | ({f"A{augmented}": run.upstream[f"A{augmented}"]} if augmented else {})
-    return train(run, name, examples, settings, data)
+    return train(run, name, examples, settings, data, label, about)
 
 
 def rate_candidates(run: StageRun, model_name: str) -> dict:
@@ -445,8 +484,25 @@ def curate(run: StageRun, scored_by: str, iteration: int) -> dict:
     chosen, info = curated_set(run.files.candidates(), run.files.scores(scored_by), run.config.curate)
     info["scored_by"] = scored_by
     atomic_write_json(run.files.curated_info_file(iteration), info)
-    write_jsonl(run.files.curated_file(iteration), chosen)
+    # A row as a seed row: its generation details and score stay in candidates.jsonl and scores_<model>.jsonl
+    write_jsonl(run.files.curated_file(iteration),
+                [{key: c.get(key) for key in ROW_FIELDS} | conversation(c, "S_w") for c in chosen])
     return info
+
+
+# The fields of a row of seed.jsonl and A<i>.jsonl: the same in both files, so that `datasets` loads them together in
+# one call (it reads the first file's types: a field all null there refuses values in the next), and TRL's
+# conversational `prompt` (the tag's system message and the instruction) and `completion` (the output), so that
+# its SFTTrainer trains on them as they are. Seed rows keep any other field their source gave them.
+ROW_FIELDS = ("id", "split", "instruction", "output", "source", "tag", "prompt", "completion")
+
+
+def conversation(record: dict[str, Any], tag: str) -> dict[str, Any]:
+    """The tag, and the pair as TRL's conversational prompt and completion, with the system prompt of `tag`."""
+    from humpback_nb.method.prompts import forward_messages
+
+    return {"split": record.get("split"), "tag": tag, "prompt": forward_messages(record["instruction"], tag),
+            "completion": [{"role": "assistant", "content": record["output"]}]}
 
 
 def load(run: StageRun, name: str):

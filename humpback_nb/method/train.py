@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import replace
@@ -26,9 +27,10 @@ from typing import Any
 import torch
 from peft.helpers import disable_input_dtype_casting
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from humpback_nb.config import ModelConfig, TrainConfig
+from humpback_nb.config import ConfigError, ModelConfig, TrainConfig
 from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
 from humpback_nb.infra.files import atomic_dir
 from humpback_nb.infra.models import TRAIN_LOG, attach_lora, load_model, runtime
@@ -40,6 +42,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss
 STEPS_FILE = "humpback_steps.json"  # in a checkpoint: the steps logged before it
+TRACKING_DIR = "tracking"  # in a model's folder: what the experiment trackers of train.report_to wrote there
 
 # -- examples ------------------------------------------------------------------------------------
 def encode(tokenizer, messages: list[Message], completion: str, max_length: int) -> dict[str, list[int]]:
@@ -238,6 +241,60 @@ class _LossLog(TrainerCallback):
                                **self._timing})
 
 
+class _StepBar(TrainerCallback):
+    """One progress bar over the optimizer steps, with the latest loss beside it, on the main process only: the
+    Trainer's own callbacks would print every step's logs as a dict (the numbers are kept in train_log.json)."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# -- experiment tracking -------------------------------------------------------------------------
+# The trackers whose availability check in transformers is not named is_<tracker>_available
+_AVAILABILITY = {"azure_ml": "azureml", "comet_ml": "comet", "flyte": "flytekit"}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Refuse, in one line naming train.report_to, a tracker transformers does not know or whose package is
+    missing, before any model is loaded."""
+    from transformers.integrations import integration_utils
+
+    known = integration_utils.INTEGRATION_TO_CALLBACK
+    for name in report_to:
+        if name not in known:
+            raise ConfigError(f"train.report_to: unknown tracker {name!r}; transformers reports to: "
+                              f"{', '.join(sorted(known))}")
+        available = getattr(integration_utils, f"is_{_AVAILABILITY.get(name, name)}_available", None)
+        if available is not None and not available():
+            raise ConfigError(f"train.report_to: {name!r} needs its package, which is not installed "
+                              f"(pip install {name.replace('_', '-')}), or remove it from train.report_to")
+
+
+def _track_into(trainer: Trainer, folder: Path) -> None:
+    """Point the trackers that write files (TensorBoard) at `folder`; it moves into the model's folder at the end."""
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback":
+            callback.logging_dir = str(folder)
+
+
 # -- training ------------------------------------------------------------------------------------
 def training_plan(n_examples: int, train: TrainConfig) -> TrainConfig:
     """`train` with batch size and steps filled in by the paper's rule where the config leaves them open."""
@@ -246,13 +303,15 @@ def training_plan(n_examples: int, train: TrainConfig) -> TrainConfig:
 
 
 def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: TrainConfig, out_dir: str | Path,
-                log=print, checkpoints: str | Path | None = None) -> dict[str, Any]:
+                log=print, checkpoints: str | Path | None = None, desc: str | None = None) -> dict[str, Any]:
     """Fine-tune the base model `base` on encoded examples with `train`; save it (adapter or full) to `out_dir`.
 
     Returns the training log (also saved as train_log.json beside the weights): the loss and learning
     rate of every step, the plan, and the time it took. With `checkpoints`, a folder, the state of training
     (adapter, optimizer, schedule, random generators, position in the data) is saved there every
     `train.save_steps` steps, and a run that finds a checkpoint there goes on from it to the same result.
+    Training shows one progress bar (`desc`, by default the model's folder name) and then one line saying what
+    it did; the experiment trackers of `train.report_to` (TensorBoard) write into the model's folder.
     """
     from datasets import Dataset
 
@@ -262,6 +321,7 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
     if plan.method == "full" and base.quantization == "4bit":
         raise ValueError("full fine-tuning needs model.quantization: none (4-bit weights cannot be trained)")
     check_launch(plan.method)
+    check_trackers(plan.report_to)
     model, tokenizer = load_model(base)
     set_seed(plan.random_seed)  # LoRA's initial weights come from the random generator: the same seed, the same start
     if plan.method == "lora":
@@ -288,7 +348,7 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
         save_strategy="steps" if saving else "no",
         save_steps=max(1, plan.save_steps),
         save_total_limit=1,
-        report_to=[],
+        report_to=list(plan.report_to),
         seed=plan.random_seed,
         data_seed=plan.random_seed,
         bf16=where.dtype == torch.bfloat16,
@@ -297,14 +357,17 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
         train_sampling_strategy="group_by_length",
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=True,  # the Trainer's bar would print each step's logs: _StepBar shows them instead
     )
     losses = _LossLog()
     trainer = _PaperScheduleTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(examples),
         data_collator=_collate(tokenizer.pad_token_id), compute_loss_func=output_loss,
-        callbacks=[losses], train_config=plan,
+        callbacks=[losses, _StepBar(desc or f"training {Path(out_dir).name}")], train_config=plan,
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every step's logs as a dict
+    tracking = Path(args.output_dir) / TRACKING_DIR
+    _track_into(trainer, tracking)
     losses.trainer = trainer
     if _env_flag("ACCELERATE_USE_FSDP") and not trainer.is_fsdp_enabled:
         log("accelerate runs FSDP on GPUs only: this launch trains under DDP, every process holding the whole model")
@@ -343,13 +406,17 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
     }
     if processes().is_main:
         with atomic_dir(out_dir) as tmp:
-            save_weights(model, tmp, full_weights, where.dtype)
+            save_weights(model, tmp, full_weights, where.dtype, base_name=base.name)
+            if tracking.is_dir():
+                shutil.move(tracking, tmp / TRACKING_DIR)
             if plan.method == "full":
                 tokenizer.save_pretrained(tmp)
             (tmp / TRAIN_LOG).write_text(json.dumps(train_log, indent=2) + "\n")
     wait_for_everyone()  # in a launch, the main process has saved the model before anyone reads it
-    log(f"trained {plan.method} ({base.quantization}) on {len(examples)} examples: {plan.max_steps} steps "
-        f"of {plan.batch_size} in {seconds:.0f}s, loss {losses.steps[0]['loss']:.3f} -> {losses.steps[-1]['loss']:.3f}")
+    if processes().is_main:
+        log(f"trained {plan.method} ({base.quantization}) on {len(examples)} examples: {plan.max_steps} steps "
+            f"of {plan.batch_size} in {seconds:.0f}s, loss {losses.steps[0]['loss']:.3f} -> "
+            f"{losses.steps[-1]['loss']:.3f}")
     return train_log
 
 
@@ -371,11 +438,19 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true")
 
 
-def save_weights(model, folder: Path, full_weights: dict[str, torch.Tensor] | None, dtype: torch.dtype) -> None:
+def save_weights(model, folder: Path, full_weights: dict[str, torch.Tensor] | None, dtype: torch.dtype,
+                 base_name: str | None = None) -> None:
     """Save the trained model (adapter or full) as safetensors into `folder`; `full_weights` are the weights
-    gathered from FSDP's shards, saved in the model's dtype (FSDP trains in float32 master weights)."""
+    gathered from FSDP's shards, saved in the model's dtype (FSDP trains in float32 master weights). An adapter
+    names its base model `base_name` (model.name as configured: an embedded name, a hub id or the user's folder),
+    not the cache folder it was loaded from, so that its adapter_config.json means the same on another machine."""
     if full_weights is None:
         model.save_pretrained(folder, safe_serialization=True)
+        adapter = folder / "adapter_config.json"
+        if base_name is not None and adapter.is_file():  # after saving: peft reads the base's files from where it was
+            settings = json.loads(adapter.read_text(encoding="utf-8"))
+            adapter.write_text(json.dumps(settings | {"base_model_name_or_path": base_name}, indent=2) + "\n",
+                               encoding="utf-8")
         return
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full_weights.items()}
     model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
@@ -387,3 +462,56 @@ def _last_checkpoint(folder: str | Path) -> Path | None:
     """The newest complete checkpoint in `folder` (one killed while saving lacks its steps file)."""
     found = [p for p in Path(folder).glob("checkpoint-*") if (p / STEPS_FILE).is_file()]
     return max(found, key=lambda p: int(p.name.split("-")[1])) if found else None
+
+
+# -- the model card -------------------------------------------------------------------------------
+def model_card(name: str, role: str, base: ModelConfig, train: TrainConfig, train_log: dict[str, Any], data: str,
+               run_dir: str | Path, forward: bool = True) -> str:
+    """README.md of a trained model: what it is, its base model, the data and settings it was trained with, and
+    how to load it (with peft, or merged by `humpback export`). `forward`: a model that answers instructions (the
+    backward model writes them)."""
+    from humpback_nb.method.prompts import TAGS
+
+    adapter = train_log["method"] == "lora"
+    hub_id = base.name.count("/") == 1 and not Path(base.name).expanduser().exists()
+    steps = train_log["steps"]
+    header = ["---", "library_name: " + ("peft" if adapter else "transformers"), "pipeline_tag: text-generation",
+              "tags: [humpback, instruction-backtranslation" + (", lora" if adapter else "") + "]"]
+    header += [f"base_model: {base.name}"] if hub_id else []
+    settings = {"method": train_log["method"] + (" (QLoRA: LoRA on the 4-bit base)" if adapter and
+                                                 train_log["quantization"] == "4bit" else ""),
+                **({"LoRA": f"r {train.lora_r}, alpha {train.lora_alpha}, dropout {train.dropout:g}, "
+                            f"on {train.lora_target}"} if adapter else {"dropout": f"{train.dropout:g}"}),
+                "learning rate": f"{train_log['learning_rate']:g} -> {train_log['final_learning_rate']:g}, linear",
+                "weight decay": f"{train.weight_decay:g}", "max sequence length": train.max_seq_length,
+                "tags": "S_a on seed pairs, S_w on augmented ones" if train.tags else "none (no system prompts)",
+                "random seed": train.random_seed,
+                "batch size": train_log["batch_size"], "steps": train_log["max_steps"],
+                "examples": train_log["examples"], "trainable parameters": f"{train_log['trainable_parameters']:,}",
+                "loss": f"{steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}" if steps else "n/a",
+                "time": f"{train_log['seconds']:.0f}s on {train_log['processes']} process(es)"}
+    use = (["With peft (the base model, then the adapter in this folder; the tokenizer with the chat template the kit "
+            "trained with):", "", "```python",
+            "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+            "from humpback_nb.infra.models import load_tokenizer, resolve", "",
+            f"base = AutoModelForCausalLM.from_pretrained(resolve(\"{base.name}\"))",
+            f"model = PeftModel.from_pretrained(base, \"{Path(run_dir) / 'models' / name}\")",
+            f"tokenizer = load_tokenizer(\"{base.name}\")", "```", ""]
+           if adapter else [])
+    return "\n".join([
+        *header, "---", "", f"# {name}", "",
+        f"{role} Trained by humpback-nb, a notebook kit for Humpback (Li et al. 2023, \"Self-Alignment with "
+        "Instruction Backtranslation\", arXiv 2308.06259), " + ("as a LoRA adapter on" if adapter else "from") +
+        f" the base model `{base.name}`.", "",
+        "## Data", "", f"{data[:1].upper()}{data[1:]}; {train_log['examples']} examples, the loss on the output tokens "
+        "only.", "",
+        "## Training", "", "| setting | value |", "|---|---|",
+        *[f"| {key} | {value} |" for key, value in settings.items()], "",
+        "Every step's loss and learning rate are in train_log.json beside the weights.", "",
+        "## Use", "",
+        *([f"Prompt: a system prompt, then the instruction. The paper answers with both tags, S_a + S_w: "
+           f"\"{TAGS['S_a+S_w']}\" (the kit's evaluation: evaluate.inference_tags).", ""] if forward else []),
+        *use,
+        "As one merged model that plain transformers loads (the chat template the kit trained with included):", "",
+        "```", f"humpback export --run-dir {run_dir} --model {name} --to {name}-merged", "```", "",
+        f"or answer in a terminal: `humpback chat --run-dir {run_dir} --model {name}`.", ""])
