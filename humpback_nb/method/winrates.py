@@ -48,7 +48,8 @@ def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[di
     # one pair a batch: a crash while a paid judge runs loses at most the pair being judged
     records = in_batches(keys, [[i] for i in range(len(keys))], judge, partial=partial, progress=progress,
                          desc=desc, unit="pair")
-    judgments = [record | {"id": ax["id"]} for ax, record in zip(answers_x, records, strict=True)]
+    judgments = [record | {"id": ax["id"], "preference": preference(record["outcome"])}
+                 for ax, record in zip(answers_x, records, strict=True)]
     datasets = sorted({j["dataset"] for j in judgments})
     return {
         "x": answers_x[0]["generator"] if answers_x else None,
@@ -57,6 +58,13 @@ def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[di
         "per_dataset": {d: _summary([j for j in judgments if j["dataset"] == d]) for d in datasets},
         "judgments": judgments,
     }
+
+
+def preference(outcome: float | None) -> float | None:
+    """AlpacaEval's `preference` of a judgment whose `outcome` is x's (1 x wins, 0 y wins, 0.5 tie): 1 + outcome,
+    that is 1 when y (AlpacaEval's reference, output_1) wins, 2 when x (the model, output_2) wins, 1.5 a tie; so that
+    `alpaca_eval.metrics.get_winrate` reads a judgments file as it is. None where the reply was not parsed."""
+    return None if outcome is None else round(1.0 + outcome, 4)
 
 
 def _pair_key(ax: dict[str, Any], ay: dict[str, Any]) -> str:
