@@ -28,6 +28,7 @@ fetch: install  ## fetch and check the embedded model and data (cached in $$HUMP
 
 demo: fetch  ## every notebook on the demo preset, executed into runs/demo/notebooks/
 	$(BIN)/humpback notebooks --preset $(PRESET) --run-dir $(RUN)
+	$(BIN)/humpback report --run-dir $(RUN)
 
 test: install browser  ## unit tests and every notebook on the tiny preset
 	$(BIN)/python -m pytest -q

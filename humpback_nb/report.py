@@ -72,7 +72,6 @@ def markdown_html(text: str) -> str:
 # -- figures -------------------------------------------------------------------------------------------------------
 def figure_png(figure) -> bytes:
     """A matplotlib Figure drawn by Agg as PNG; the figure is closed."""
-
     FigureCanvasAgg(figure)  # draws with Agg whatever backend pyplot uses (a notebook's inline one)
     buffer = io.BytesIO()
     try:
@@ -308,7 +307,7 @@ nav ol { columns: 2; } table { border-collapse: collapse; margin: .6em 0; font-s
 th, td { border: 1px solid #cbd5e1; padding: .25em .6em; vertical-align: top; } th { background: #f1f5f9; }
 .right { text-align: right; } .left { text-align: left; } tr.model td { color: #475569; font-size: 92%; }
 tr.model td:first-child { padding-left: 1.6em; }
-.figure { margin: 1.2em 0; } .figure img { max-width: 100%; border: 1px solid #e2e8f0; }
+.figure { margin: 1.2em 0; } .figure img { max-width: min(100%, 860px); border: 1px solid #e2e8f0; }
 .note { color: #92400e; background: #fffbeb; border-left: 4px solid #f59e0b; padding: .3em .8em; }
 .pair { border: 1px solid #e2e8f0; border-radius: 6px; padding: .5em .8em; margin: .6em 0; }
 .pair .label { font-size: 80%; text-transform: uppercase; color: #64748b; margin-top: .3em; }
@@ -331,7 +330,7 @@ def build_report(run_dir: str | Path) -> str:
     result = main_result(summary)
     sections = [
         ("tables", "Tables beside the paper's (notebook 07)",
-         "\n".join(f'<section id="{key}"><h3>{html.escape(title)}</h3>{body}</section>'
+         "\n".join(f'<article id="{key}"><h3>{html.escape(title)}</h3>{body}</article>'
                    for key, title, body in tables_html(summary, config))),
         ("figures", "Figures (notebooks 00-07)", "\n".join(figure_html(spec, files, summary) for spec in FIGURES)),
         ("curation", "Curated sets and thresholds (notebooks 04, 05)", curation_html(files)),
