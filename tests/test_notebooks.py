@@ -47,6 +47,56 @@ def test_notebook_runs_on_the_tiny_preset(path, tmp_path, run_dir):
         assert (tmp_path / "figures" / "method_overview.png").stat().st_size > 10_000
 
 
+def finished(run_dir):
+    """The module's run folder with every stage done: the notebooks above finished it; run alone, this makes it."""
+    from humpback_nb.config import load_preset
+    from humpback_nb.run import run
+
+    if not RunFiles(run_dir).summary_file().is_file():
+        run(load_preset("tiny"), run_dir)
+    return run_dir
+
+
+def stage_records(run_dir) -> dict[str, str]:
+    """Every manifest of the run folder (stages and models), by path: what a stage or a training rewrites."""
+    return {str(p.relative_to(run_dir)): p.read_text() for p in sorted((run_dir / "stages").rglob("*.yaml"))}
+
+
+@pytest.mark.slow
+def test_on_a_finished_run_every_notebook_only_reads(run_dir, tmp_path, monkeypatch):
+    """The workshop path: on a finished run, opened with its own settings, every notebook executes while training
+    and generation refuse to run (HUMPBACK_NO_COMPUTE=1, inherited by the kernel), and leaves the run as it was."""
+    import time
+
+    from humpback_nb.infra.guard import NO_COMPUTE
+
+    run_dir = finished(run_dir)
+    before = stage_records(run_dir)
+    monkeypatch.setenv(NO_COMPUTE, "1")
+    seconds = {}
+    for path in NOTEBOOKS:
+        started = time.time()
+        output = execute(path, tmp_path / path.name, {"run_dir": str(run_dir), "figures_dir": str(tmp_path / "fig")})
+        seconds[path.stem] = round(time.time() - started, 1)
+        executed = nbformat.read(output, as_version=4)
+        assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert stage_records(run_dir) == before
+    print(f"\nnotebooks on a finished tiny run, seconds each: {seconds}, {sum(seconds.values()):.0f} in all")
+
+
+@pytest.mark.slow
+def test_the_switch_reaches_the_notebook_kernel(run_dir, tmp_path, monkeypatch):
+    """The check above can fail: asked to answer live on the finished run, notebook 00 stops at the generation."""
+    from papermill.exceptions import PapermillExecutionError
+
+    from humpback_nb.infra.guard import NO_COMPUTE
+
+    monkeypatch.setenv(NO_COMPUTE, "1")
+    with pytest.raises(PapermillExecutionError, match="ComputeRefused"):
+        execute(NOTEBOOKS[0], tmp_path / NOTEBOOKS[0].name, {"run_dir": str(finished(run_dir)), "live": True,
+                                                           "figures_dir": str(tmp_path / "fig")})
+
+
 @pytest.mark.slow
 def test_after_a_change_of_learning_rate_every_model_is_trained_again(run_dir, tmp_path):
     """Stale models must not reach the tables: the models the analyses train (Table 8's untagged M2, Figure 3's
@@ -73,3 +123,29 @@ def test_after_a_change_of_learning_rate_every_model_is_trained_again(run_dir, t
     rows = RunFolder(copy).status()
     assert all(row["state"] == "done" for row in rows)
     assert all(model["state"] == "done" for row in rows for model in row["models"])
+
+
+QUIET_CHECK = """
+import warnings
+from transformers.utils import logging
+from humpback_nb.nb.quiet import quiet_libraries
+
+quiet_libraries()
+logging.get_logger("transformers.modeling_utils").warning("library notice")
+logging.get_logger("transformers.modeling_utils").error("library error")
+for text, category, module in [("library deprecation", FutureWarning, "transformers.modeling_utils"),
+                               ("`past_key_values` is deprecated", FutureWarning, "torch.nn.modules.module"),
+                               ("kit warning", UserWarning, "humpback_nb.method.curate")]:
+    warnings.warn_explicit(text, category, module.replace(".", "/") + ".py", 1, module=module)
+"""
+
+
+def test_quiet_libraries_hides_their_notices_and_keeps_errors_and_the_kits_warnings():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", QUIET_CHECK], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "library error" in done.stderr and "kit warning" in done.stderr
+    assert "library notice" not in done.stderr and "deprecation" not in done.stderr
+    assert "past_key_values" not in done.stderr
