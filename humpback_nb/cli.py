@@ -27,6 +27,8 @@ import yaml
 
 from humpback_nb.config import ConfigError, HumpbackConfig, explain_config, presets, render_config
 from humpback_nb.infra.files import RecordError
+from humpback_nb.infra.guard import ComputeRefused
+from humpback_nb.infra.models import ModelError
 from humpback_nb.infra.sources import SourceError
 from humpback_nb.run import PipelineError, RunFiles, RunFolder
 
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, PipelineError, SourceError, RecordError) as err:
+    except (ConfigError, PipelineError, SourceError, RecordError, ModelError, ComputeRefused) as err:
         print(f"humpback: error: {err}", file=sys.stderr)
         return 2
 

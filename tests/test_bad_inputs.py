@@ -287,3 +287,17 @@ def test_duplicate_seed_pairs_are_dropped_and_counted_in_the_report(tmp_path, ca
     assert len({(p["instruction"], p["output"]) for p in pairs}) == len(pairs) == 28
     assert all("  " not in p["instruction"] for p in pairs)  # the first of each repeated pair is the one kept
     assert files.manifest("seed")["report"]["duplicates_dropped"] == 5
+
+
+@pytest.mark.parametrize("setting, stage, named", [
+    ("data.seed_source=oasst1", "seed", "OpenAssistant/oasst1: could not be loaded from the Hugging Face hub"),
+    ("model.name=nobody/no-such-model", "backward", "nobody/no-such-model: could not be loaded from the Hugging Face"),
+])
+def test_a_hub_resource_out_of_reach_is_one_line_naming_it_and_the_key(setting, stage, named, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", "--preset", "tiny", "--set", setting, "--run-dir", str(run_dir), "--until", stage]) == 2
+    err = capsys.readouterr().err
+    line = [line for line in err.splitlines() if line.startswith("humpback: error:")]
+    assert len(line) == 1 and named in line[0] and setting.split("=")[0] in line[0]
+    assert "Traceback" not in err
+    assert not (run_dir / "stages" / f"{stage}.yaml").exists()

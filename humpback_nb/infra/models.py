@@ -7,6 +7,7 @@ safetensors only and never run code shipped with a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -146,6 +147,15 @@ def as_base_model(checkpoint: str | Path, out_dir: str | Path, eos_token: str) -
             shutil.copyfile(weights, out_dir / weights.name)
 
 
+def _hub(name: str, source: str):
+    """Loading from a hub id: a failure is one line (infra.sources.from_hub); from a local folder, as it is."""
+    from humpback_nb.infra.sources import from_hub
+
+    if Path(source).is_dir():
+        return contextlib.nullcontext()
+    return from_hub(name, "model.name", "an embedded name or a local folder with safetensors")
+
+
 def resolve(name: str) -> str:
     """Where `name` loads from: the embedded checkpoint, a local folder, or a hub id."""
     if name in embedded_names():
@@ -191,7 +201,8 @@ def load_model(
         kwargs["device_map"] = {"": where.device if where.device == "cpu" else torch.device(where.device).index or 0}
     elif quantization != "none":
         raise ModelError(f"quantization must be 'none' or '4bit', got {quantization!r}")
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with _hub(config.name, source):
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if quantization == "none":
         model.to(where.device)
     elif where.device == "cpu" and config.dequantize_on_cpu:
@@ -215,7 +226,8 @@ def load_tokenizer(spec: ModelConfig | str = "smollm2-135m"):
     """
     config = ModelConfig(name=spec) if isinstance(spec, str) else spec
     source = resolve(config.name)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    with _hub(config.name, source):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     tokenizer.padding_side = "left"
     if not tokenizer.chat_template:
         if tokenizer.eos_token is None:

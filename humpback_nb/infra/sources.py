@@ -26,7 +26,20 @@ from humpback_nb.infra.files import atomic_path, atomic_write_text
 
 
 class SourceError(RuntimeError):
-    """An embedded default could not be fetched, checked or unpacked."""
+    """An embedded default could not be fetched, checked or unpacked, or a hub resource could not be loaded."""
+
+
+@contextlib.contextmanager
+def from_hub(what: str, key: str, instead: str):
+    """Around a load from the Hugging Face hub: no internet, an unknown id or a gated repository becomes one
+    SourceError line naming `what`, the config `key` that asked for it, and what to give `instead`."""
+    try:
+        yield
+    except OSError as err:  # connection errors, missing entries and repositories: all OSError subclasses
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise SourceError(f"{what}: could not be loaded from the Hugging Face hub ({type(err).__name__}: "
+                          f"{reason}); it needs internet (and, for gated models, a login), or set {key} to "
+                          f"{instead}") from None
 
 
 @dataclass(frozen=True)

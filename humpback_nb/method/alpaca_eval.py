@@ -329,7 +329,11 @@ def _hub_reference() -> Path:
     """text-davinci-003's outputs on the 805 prompts: the file behind the hub dataset's "alpaca_eval" config."""
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(REFERENCE_HUB, REFERENCE_HUB_FILE, repo_type="dataset"))
+    from humpback_nb.infra.sources import from_hub
+
+    with from_hub(f"{REFERENCE_HUB} ({REFERENCE_HUB_FILE})", "evaluate.reference",
+                  "a local AlpacaEval model-outputs JSON file of the reference's answers"):
+        return Path(hf_hub_download(REFERENCE_HUB, REFERENCE_HUB_FILE, repo_type="dataset"))
 
 
 def match_reference(answers: list[dict[str, Any]], reference: list[dict[str, Any]]

@@ -157,7 +157,10 @@ def load_oasst1_rows(source: str) -> tuple[list[dict[str, Any]], str]:
     if source == "oasst1":
         import datasets
 
-        table = datasets.load_dataset(OASST1_HUB_ID, split="train")
+        from humpback_nb.infra.sources import from_hub
+
+        with from_hub(OASST1_HUB_ID, SEED_KEY, "a local file of oasst1 message rows (JSONL or parquet)"):
+            table = datasets.load_dataset(OASST1_HUB_ID, split="train")
         return table.to_list(), OASST1_HUB_ID
     path = checked_file(source, SEED_KEY)
     if path.suffix == ".parquet":
