@@ -315,6 +315,9 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
     """
     from datasets import Dataset
 
+    from humpback_nb.infra.guard import refuse_compute
+
+    refuse_compute(f"training {Path(out_dir).name}")
     if not examples:
         raise ValueError("no training examples")
     plan = training_plan(len(examples), train)
