@@ -113,14 +113,16 @@ def _dtype_of(folder: Path) -> str | None:
 
 
 def chat(run_dir: str | Path, model: str, tags: str | None = None, max_new_tokens: int | None = None,
-         questions: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+         questions: TextIO | None = None, out: TextIO | None = None) -> int:
     """Answer each line of `questions` with model `model` of the run (or "base"), decoding as the evaluation
     does (the run's generate settings, the system prompt of `tags`, by default evaluate.inference_tags); each
-    answer is followed by a blank line. Returns the number of questions answered."""
+    answer is followed by a blank line. `questions` and `out` default to stdin and stdout. Returns the number of
+    questions answered."""
     from humpback_nb.infra.decode import generate_records
     from humpback_nb.infra.models import load_model, load_trained
     from humpback_nb.method.prompts import TAGS, forward_messages
 
+    questions, out = questions or sys.stdin, out or sys.stdout  # read when called: a test or a pipe may swap them
     config, folder = run_model(run_dir, model, allow_base=True)
     tags = tags or config.evaluate.inference_tags
     if tags not in TAGS:

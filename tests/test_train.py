@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -149,3 +151,57 @@ def attach_lora_for_test(model):
     from humpback_nb.infra.models import attach_lora
 
     return attach_lora(model, TrainConfig(dropout=0.0))
+
+
+@pytest.mark.slow
+def test_training_shows_one_bar_and_one_line_and_keeps_every_step_in_its_log(tokenizer, tmp_path, capsys):
+    config = with_overrides(load_preset("tiny"), {"train.max_steps": 2, "train.batch_size": 2,
+                                                  "train.micro_batch_size": 2})
+    examples = forward_examples(tokenizer, PAIRS, [], max_length=128)
+    log = train_model(examples, config.model, config.train, tmp_path / "m", desc="training m")
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("trained lora (none) on 4 examples: 2 steps of 2")
+    assert "{'loss'" not in out + err and "train_runtime" not in out + err  # the Trainer's dicts are gone
+    assert err.count("training m") >= 1 and "2/2" in err and "loss=" in err  # one bar, the loss beside it
+    assert [s["step"] for s in log["steps"]] == [1, 2] and read_train_log(tmp_path / "m") == log
+    # the adapter names its base model as configured, not the cache folder it loaded from
+    adapter = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == config.model.name
+
+
+def test_a_tracker_whose_package_is_missing_stops_before_any_model_loads(tmp_path):
+    from transformers.integrations import is_tensorboard_available
+
+    from humpback_nb.config import ConfigError
+    from humpback_nb.method.train import check_trackers
+
+    config = with_overrides(load_preset("tiny"), {"train.report_to": ["no_such_tracker"]})
+    with pytest.raises(ConfigError, match=r"^train\.report_to: unknown tracker 'no_such_tracker'; .*tensorboard"):
+        train_model([{"input_ids": [1, 2], "labels": [1, 2]}], config.model, config.train, tmp_path / "m")
+    if is_tensorboard_available():
+        check_trackers(["tensorboard"])  # installed: accepted
+    else:
+        with pytest.raises(ConfigError, match=r"^train\.report_to: 'tensorboard' needs its package"):
+            check_trackers(["tensorboard"])
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_go_in_the_models_folder(tokenizer, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (it is optional: train.report_to)")
+    config = with_overrides(load_preset("tiny"), {"train.max_steps": 2, "train.batch_size": 2,
+                                                  "train.micro_batch_size": 2, "train.report_to": ["tensorboard"]})
+    train_model(forward_examples(tokenizer, PAIRS, [], max_length=128), config.model, config.train, tmp_path / "m")
+    assert list((tmp_path / "m" / "tracking").rglob("events.out.tfevents.*"))
+
+
+def test_a_models_hash_leaves_out_where_training_is_reported(finished_tiny_run):
+    import yaml
+
+    from humpback_nb.config import config_hash
+    from humpback_nb.run import RunFiles
+
+    manifest = yaml.safe_load(RunFiles(finished_tiny_run).model_manifest_file("m2").read_text())
+    assert "report_to" not in manifest["settings"]["train"] and "lora_r" in manifest["settings"]["train"]
+    assert manifest["hash"] == config_hash({"model": "m2", "settings": manifest["settings"]})
