@@ -56,8 +56,12 @@ def lab(tmp_path_factory, embedded_checkpoint):
     source = json.loads((ROOT / "notebooks" / "04_self_curation.ipynb").read_text())
     for cell in source["cells"]:
         if "parameters" in cell.get("metadata", {}).get("tags", []):
-            cell["source"] = (f'preset = "tiny"\nrun_dir = {str(run_dir)!r}\nfigures_dir = {str(root / "figures")!r}\n'
-                              "examples_to_show = 2\n")
+            values = {"preset": '"tiny"', "run_dir": repr(str(run_dir)), "figures_dir": repr(str(root / "figures")),
+                      "examples_to_show": "2"}  # the rest of the cell as committed
+            lines = "".join(cell["source"]).splitlines()
+            cell["source"] = "\n".join(
+                f"{line.split('=')[0].strip()} = {values[line.split('=')[0].strip()]}"
+                if line.split("=")[0].strip() in values else line for line in lines) + "\n"
     (root / "curation.ipynb").write_text(json.dumps(source))
 
     # A person's JupyterLab settings, written here so that neither a kernel chooser nor a news prompt
