@@ -248,15 +248,17 @@ def pair_html(record: dict[str, Any], note: str) -> str:
 
 
 def kept_html(files: RunFiles) -> str:
-    """The best-scored pairs of A(1)_k and A(2)_k."""
+    """The best-scored pairs of A(1)_k and A(2)_k, with the score of the model that rated them (M0, M1)."""
     parts = []
-    for i in (1, 2):
+    for i, rater in ((1, "m0"), (2, "m1")):
         if not files.curated_info_file(i).is_file():
             continue
         curated = files.curated(i)
-        best = sorted(curated.records, key=lambda r: -(r.get("score") or 0))[:EXAMPLES]
-        parts.append(f"<h3>{html.escape(curated.label(i))}: {len(curated.records)} pairs, the best scored</h3>"
-                     + "".join(pair_html(r, f"{r['id']}, score {r.get('score')}") for r in best))
+        scores = ({s["id"]: s["score"] for s in files.scores(rater)} if files.scores_file(rater).is_file() else {})
+        best = sorted(curated.records, key=lambda r: -(scores.get(r["id"]) or 0))[:EXAMPLES]
+        parts.append(f"<h3>{html.escape(curated.label(i))}: {len(curated.records)} pairs, the best scored by "
+                     f"{rater.upper()}</h3>"
+                     + "".join(pair_html(r, f"{r['id']}, score {scores.get(r['id'])}") for r in best))
     return "\n".join(parts) or '<p class="note">No curated set yet (stages A1, A2).</p>'
 
 
