@@ -27,8 +27,7 @@ import yaml
 
 from humpback_nb.config import ConfigError, HumpbackConfig, explain_config, presets, render_config
 from humpback_nb.infra.files import RecordError
-from humpback_nb.infra.guard import ComputeRefused
-from humpback_nb.infra.models import ModelError
+from humpback_nb.infra.guard import ComputeRefused, ModelError
 from humpback_nb.infra.sources import SourceError
 from humpback_nb.run import PipelineError, RunFiles, RunFolder
 

@@ -183,9 +183,21 @@ class HumpbackConfig:
         value = getattr(self, name)
         return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
+    def hashed_section(self, name: str) -> Any:
+        """`section(name)` without the settings that change no output (NOT_HASHED): what a stage's hash covers."""
+        value = self.section(name)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in NOT_HASHED.get(name, ())}
+        return value
+
     def hash(self) -> str:
-        """A stable short hash of the settings (the `preset` label does not count)."""
-        return config_hash({k: v for k, v in self.to_dict().items() if k != "preset"})
+        """A stable short hash of the settings (the `preset` label and NOT_HASHED settings do not count)."""
+        return config_hash({name: self.hashed_section(name) for name in self.to_dict() if name != "preset"})
+
+
+# Settings that change no output of the method, only where its numbers are reported: left out of every hash, so
+# that turning on TensorBoard does not make a finished run stale.
+NOT_HASHED: dict[str, tuple[str, ...]] = {"train": ("report_to",)}
 
 
 def config_hash(value: Any) -> str:
@@ -213,7 +225,7 @@ def load_preset(name: str) -> HumpbackConfig:
 
 
 def load_config(path: str | Path) -> HumpbackConfig:
-    """Read a config YAML over the code's defaults: a full dump (a run's config.yaml) reads back as it was.
+    """Read a config YAML over the code's defaults: a full dump (a run's own config file) reads back as it was.
     A user's partial file is better read with `resolve_config(config_file=path)`, which lays it over its base."""
     raw = _read_yaml(Path(path))
     raw.pop("base", None)
@@ -261,7 +273,7 @@ def _layers(preset: str | None, config_file: str | Path | None,
     if config_file is not None:
         raw_file = _read_yaml(Path(config_file))
         base = raw_file.pop("base", None)
-        raw_file.pop("preset", None)  # a run's config.yaml records its preset as a label: the file's values count
+        raw_file.pop("preset", None)  # a run's own config file records its preset as a label: the file's values count
         if base is not None and not isinstance(base, str):
             raise ConfigError(f"{config_file}: base must be a preset name ({', '.join(presets())}), got {base!r}")
         if base and preset and base != preset:

@@ -383,7 +383,7 @@ class RunFolder:
         """Hash of what determines a stage's outputs: its config sections and its inputs' hashes."""
         stage = self.stages[name]
         sections = SECTIONS if stage.sections == ALL_SECTIONS else stage.sections
-        return config_hash({"stage": name, "sections": {s: config.section(s) for s in sections},
+        return config_hash({"stage": name, "sections": {s: config.hashed_section(s) for s in sections},
                             "after": {up: self.stage_hash(up, config) for up in stage.after}})
 
     def manifest(self, name: str) -> dict[str, Any] | None:

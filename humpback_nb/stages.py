@@ -484,13 +484,13 @@ def curate(run: StageRun, scored_by: str, iteration: int) -> dict:
     chosen, info = curated_set(run.files.candidates(), run.files.scores(scored_by), run.config.curate)
     info["scored_by"] = scored_by
     atomic_write_json(run.files.curated_info_file(iteration), info)
-    # A row as a seed row: its generation details and score stay in candidates.jsonl and scores_<model>.jsonl
+    # A row as a seed row: its generation details and score stay in the candidates file and the rater's scores file
     write_jsonl(run.files.curated_file(iteration),
                 [{key: c.get(key) for key in ROW_FIELDS} | conversation(c, "S_w") for c in chosen])
     return info
 
 
-# The fields of a row of seed.jsonl and A<i>.jsonl: the same in both files, so that `datasets` loads them together in
+# The fields of a seed row and of an A_k row: the same in both files, so that `datasets` loads them together in
 # one call (it reads the first file's types: a field all null there refuses values in the next), and TRL's
 # conversational `prompt` (the tag's system message and the instruction) and `completion` (the output), so that
 # its SFTTrainer trains on them as they are. Seed rows keep any other field their source gave them.

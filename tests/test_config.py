@@ -210,3 +210,14 @@ def test_a_notebook_on_a_run_uses_its_settings_and_stops_when_its_own_differ(tmp
 
     folder.run(with_overrides(made, {"train.max_steps": 6}), log=logged.append)  # `humpback run` says what changed
     assert "changed     train.max_steps: 5 -> 6" in logged
+
+
+def test_where_numbers_are_reported_changes_no_hash(tmp_path):
+    from humpback_nb.run import RunFolder
+
+    config = load_preset("tiny")
+    tracked = with_overrides(config, {"train.report_to": ["tensorboard"]})
+    assert tracked.hash() == config.hash()
+    folder = RunFolder(tmp_path / "run")
+    assert all(folder.stage_hash(name, tracked) == folder.stage_hash(name, config) for name in folder.stages)
+    assert with_overrides(config, {"train.lora_r": 8}).hash() != config.hash()

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.files import atomic_dir
+from humpback_nb.infra.guard import ModelError  # noqa: F401  (defined without torch; raised here)
 from humpback_nb.infra.sources import cache_dir, fetch
 from humpback_nb.method.prompts import BASE_TEMPLATE
 
@@ -36,8 +37,6 @@ ADAPTER_FILE = "adapter_model.safetensors"
 TRAIN_LOG = "train_log.json"  # beside the weights of every model the kit trains
 
 
-class ModelError(RuntimeError):
-    """A model or adapter that cannot be loaded; the message says which and why."""
 
 
 @dataclass(frozen=True)

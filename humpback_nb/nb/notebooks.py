@@ -33,7 +33,7 @@ def open_run(preset: str | None = None, run_dir: str | Path = "runs/demo", confi
              overrides: dict[str, Any] | None = None):
     """(config, run folder) for a notebook.
 
-    With no preset, config file or overrides, a folder that holds a run gives that run's own config.yaml (and an
+    With no preset, config file or overrides, a folder that holds a run gives that run's own config (and an
     empty folder the demo preset). Otherwise the config is the layers given (config.resolve_config); on a folder
     that holds a run made with other settings, the notebook stops with the differences and the ways on, and the
     run is left as it is."""

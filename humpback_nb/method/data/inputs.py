@@ -36,7 +36,7 @@ _DECOMPRESS_ERRORS = (EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 def inner_name(path: str | Path) -> str:
-    """The file's name in lower case without its compression suffix: "Seed.JSONL.gz" -> "seed.jsonl"."""
+    """The file's name in lower case without its compression suffix: "Pairs.JSONL.gz" -> "pairs.jsonl"."""
     name = Path(path).name.lower()
     for suffix in (*COMPRESSED, ".zst"):
         if name.endswith(suffix):
