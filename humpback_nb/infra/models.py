@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.files import atomic_dir
-from humpback_nb.infra.guard import ModelError  # noqa: F401  (defined without torch; raised here)
+from humpback_nb.infra.guard import ModelError  # defined without torch, so that the CLI catches it cheaply
 from humpback_nb.infra.sources import cache_dir, fetch
 from humpback_nb.method.prompts import BASE_TEMPLATE
 
