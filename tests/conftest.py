@@ -64,12 +64,31 @@ def loopback():
 
 
 @pytest.fixture(scope="session")
-def finished_tiny_run(tmp_path_factory, embedded_checkpoint):
-    """A run folder with every stage of the `tiny` preset done, made once per session (about 2-3 minutes).
-    Shared: a test that changes a run copies it first (shutil.copytree)."""
-    from humpback_nb.config import load_preset
-    from humpback_nb.run import run
+def executed_notebooks(tmp_path_factory, embedded_checkpoint):
+    """Every notebook executed by papermill, in order, on one new run folder with the `tiny` preset, as `make demo`
+    runs them: each finds the stages of the notebooks before it done and runs only its own. Made once per session:
+    (run folder, {notebook stem: the executed notebook, or the error papermill raised})."""
+    from humpback_nb.nb.notebooks import execute, notebook_paths
 
-    path = tmp_path_factory.mktemp("finished") / "run"
-    run(load_preset("tiny"), path)
+    root = tmp_path_factory.mktemp("notebooks")
+    run_dir, executed = root / "run", {}
+    for path in notebook_paths():
+        try:
+            executed[path.stem] = execute(path, root / "executed" / path.name, {
+                "preset": "tiny", "run_dir": str(run_dir), "figures_dir": str(root / "figures")})
+        except Exception as err:  # a cell failed: that notebook's test reports it, the next ones still run
+            executed[path.stem] = err
+    return run_dir, executed
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(executed_notebooks):
+    """A run folder with every stage of the `tiny` preset done: the one the notebooks filled (finished here if a
+    notebook failed midway). Shared: a test that changes a run copies it first (shutil.copytree)."""
+    from humpback_nb.config import load_preset
+    from humpback_nb.run import RunFiles, run
+
+    path = executed_notebooks[0]
+    if not RunFiles(path).summary_file().is_file():
+        run(load_preset("tiny"), path)
     return path

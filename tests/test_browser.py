@@ -33,18 +33,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory, embedded_checkpoint):
+def lab(tmp_path_factory, finished_tiny_run):
     if CHROMIUM is None:
         pytest.skip("no Chromium on this machine (make test installs Debian's chromium where apt-get can)")
     pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
 
-    from humpback_nb.config import load_preset
     from humpback_nb.infra.files import write_jsonl
-    from humpback_nb.run import RunFiles, run
+    from humpback_nb.run import RunFiles
 
     root = tmp_path_factory.mktemp("lab")
     run_dir = root / "run"
-    run(load_preset("tiny"), run_dir, until="A1")
+    shutil.copytree(finished_tiny_run, run_dir)  # a finished run, as a class opens it
     # A web segment with markup in it, rated just under the k of A(1)_k, first among the candidates.
     files = RunFiles(run_dir)
     candidates = files.candidates()

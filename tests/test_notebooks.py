@@ -1,8 +1,9 @@
 """Every notebook runs top to bottom under papermill on the `tiny` preset, and is committed clean.
 
 The notebooks run in order on one run folder, as `make demo` runs them: each finds the stages of the
-notebooks before it done and runs only its own. Run alone (`pytest -k 05_iteration`), a notebook runs the
-stages it needs first, as it does for a reader who opens it first."""
+notebooks before it done and runs only its own (the session fixture `executed_notebooks` in conftest.py runs
+them once; its run folder is the finished run the other tests read). On that finished run, every notebook
+then executes again, reading only."""
 
 import json
 
@@ -29,32 +30,18 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(path):
     assert notebook["cells"][0]["cell_type"] == "markdown", "a notebook opens with prose"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, embedded_checkpoint):
-    """One run folder for all the notebooks of this module."""
-    return tmp_path_factory.mktemp("notebooks") / "run"
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_on_the_tiny_preset(path, tmp_path, run_dir):
-    output = execute(path, tmp_path / path.name,
-                     {"preset": "tiny", "run_dir": str(run_dir), "figures_dir": str(tmp_path / "figures")})
+def test_notebook_runs_on_the_tiny_preset(path, executed_notebooks):
+    run_dir, executed = executed_notebooks  # executed in order on one new run folder (conftest.py)
+    output = executed[path.stem]
+    if isinstance(output, Exception):
+        pytest.fail(f"{path.name}: {output}")
     executed = nbformat.read(output, as_version=4)
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     if path.name == "00_overview.ipynb":
-        assert (tmp_path / "figures" / "method_overview.png").stat().st_size > 10_000
-
-
-def finished(run_dir):
-    """The module's run folder with every stage done: the notebooks above finished it; run alone, this makes it."""
-    from humpback_nb.config import load_preset
-    from humpback_nb.run import run
-
-    if not RunFiles(run_dir).summary_file().is_file():
-        run(load_preset("tiny"), run_dir)
-    return run_dir
+        assert (run_dir.parent / "figures" / "method_overview.png").stat().st_size > 10_000
 
 
 def stage_records(run_dir) -> dict[str, str]:
@@ -63,14 +50,14 @@ def stage_records(run_dir) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_on_a_finished_run_every_notebook_only_reads(run_dir, tmp_path, monkeypatch):
+def test_on_a_finished_run_every_notebook_only_reads(finished_tiny_run, tmp_path, monkeypatch):
     """The workshop path: on a finished run, opened with its own settings, every notebook executes while training
     and generation refuse to run (HUMPBACK_NO_COMPUTE=1, inherited by the kernel), and leaves the run as it was."""
     import time
 
     from humpback_nb.infra.guard import NO_COMPUTE
 
-    run_dir = finished(run_dir)
+    run_dir = finished_tiny_run
     before = stage_records(run_dir)
     monkeypatch.setenv(NO_COMPUTE, "1")
     seconds = {}
@@ -85,7 +72,7 @@ def test_on_a_finished_run_every_notebook_only_reads(run_dir, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_the_switch_reaches_the_notebook_kernel(run_dir, tmp_path, monkeypatch):
+def test_the_switch_reaches_the_notebook_kernel(finished_tiny_run, tmp_path, monkeypatch):
     """The check above can fail: asked to answer live on the finished run, notebook 00 stops at the generation."""
     from papermill.exceptions import PapermillExecutionError
 
@@ -93,12 +80,12 @@ def test_the_switch_reaches_the_notebook_kernel(run_dir, tmp_path, monkeypatch):
 
     monkeypatch.setenv(NO_COMPUTE, "1")
     with pytest.raises(PapermillExecutionError, match="ComputeRefused"):
-        execute(NOTEBOOKS[0], tmp_path / NOTEBOOKS[0].name, {"run_dir": str(finished(run_dir)), "live": True,
+        execute(NOTEBOOKS[0], tmp_path / NOTEBOOKS[0].name, {"run_dir": str(finished_tiny_run), "live": True,
                                                            "figures_dir": str(tmp_path / "fig")})
 
 
 @pytest.mark.slow
-def test_after_a_change_of_learning_rate_every_model_is_trained_again(run_dir, tmp_path):
+def test_after_a_change_of_learning_rate_every_model_is_trained_again(finished_tiny_run, tmp_path):
     """Stale models must not reach the tables: the models the analyses train (Table 8's untagged M2, Figure 3's
     models) are retrained with the main ones. Runs after the notebooks, on a copy of their run folder."""
     import shutil
@@ -108,10 +95,8 @@ def test_after_a_change_of_learning_rate_every_model_is_trained_again(run_dir, t
     from humpback_nb.run import RunFolder
 
     command = [sys.executable, "-m", "humpback_nb.cli", "run", "--preset", "tiny"]
-    if not RunFiles(run_dir).summary_file().is_file():  # run alone: the finished run first
-        subprocess.run([*command, "--run-dir", str(run_dir)], check=True, capture_output=True, timeout=900)
     copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("notebooks"))
+    shutil.copytree(finished_tiny_run, copy, ignore=shutil.ignore_patterns("notebooks"))
     before = sorted(p.name for p in RunFiles(copy).models_dir().iterdir())
     assert {"backward", "m0", "m1", "m2", "m2_untagged"} <= set(before) and any("scaling_" in m for m in before)
 

@@ -37,8 +37,10 @@ def report(finished_tiny_run, tmp_path_factory):
     candidates, scores, kept = files.candidates(), files.scores("m0"), files.curated(1)
     hostile = dict(candidates[0], id="cand-hostile", instruction=HOSTILE + " Why?", output=HOSTILE + " Because.")
     write_jsonl(files.candidates_file(), [hostile, *candidates])
-    write_jsonl(files.scores_file("m0"), [dict(scores[0], id="cand-hostile", score=round(kept.k - 0.01, 4)), *scores])
-    write_jsonl(files.curated_file(1), [dict(hostile, id="cand-hostile-kept", score=5.0), *kept.records])
+    write_jsonl(files.scores_file("m0"), [dict(scores[0], id="cand-hostile", score=round(kept.k - 0.01, 4)),
+                                          dict(scores[0], id="cand-hostile-kept", score=5.0), *scores])
+    write_jsonl(files.curated_file(1), [dict(kept.records[0], id="cand-hostile-kept", instruction=HOSTILE + " Why?",
+                                             output=HOSTILE + " Because."), *kept.records])
     write_jsonl(files.candidates_dropped_file(), [dict(hostile, id="cand-hostile-dropped", reason=HOSTILE),
                                                   *files.candidates_dropped()])
     out = io.StringIO()
