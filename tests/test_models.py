@@ -74,6 +74,30 @@ def test_4bit_unpacked_once_on_cpu_computes_what_bitsandbytes_computes(embedded_
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
+def test_the_unpacked_base_model_is_quantized_once_and_copied_after(embedded_checkpoint, tmp_path):
+    from humpback_nb.infra import models
+
+    models._UNPACKED.clear()
+    first, tokenizer = load_model(ModelConfig(quantization="4bit"))
+    assert len(models._UNPACKED) == 1
+    second, _ = load_model(ModelConfig(quantization="4bit"))
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    assert second.lm_head.weight is second.model.embed_tokens.weight  # tied weights stay tied in the copy
+    # a model merged with an adapter leaves the kept base model as it was
+    lora = attach_lora(second, TrainConfig(lora_r=4))
+    with torch.no_grad():
+        for name, weight in lora.named_parameters():
+            if "lora_B" in name:
+                weight.fill_(0.05)  # a fresh adapter changes nothing: this one does
+    adapter = save_adapter(lora, tmp_path / "adapter")
+    merged, _ = load_model(ModelConfig(quantization="4bit"), adapter=adapter)
+    third, _ = load_model(ModelConfig(quantization="4bit"))
+    q = first.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, q)
+    assert torch.equal(third.model.layers[0].self_attn.q_proj.weight, q)
+
+
 @pytest.mark.parametrize("quantization", ["4bit", "none"])
 def test_lora_trains_saves_and_reloads_identically(embedded_checkpoint, tmp_path, quantization):
     train = TrainConfig(lora_r=8, lora_alpha=16, dropout=0.0)

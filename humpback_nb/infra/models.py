@@ -8,6 +8,7 @@ safetensors only and never run code shipped with a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -200,12 +201,20 @@ def load_model(
         kwargs["device_map"] = {"": where.device if where.device == "cpu" else torch.device(where.device).index or 0}
     elif quantization != "none":
         raise ModelError(f"quantization must be 'none' or '4bit', got {quantization!r}")
-    with _hub(config.name, source):
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if quantization == "none":
-        model.to(where.device)
-    elif where.device == "cpu" and config.dequantize_on_cpu:
-        model = model.dequantize()  # NF4 values kept, unpacked once (see ModelConfig.dequantize_on_cpu)
+    unpacked = quantization == "4bit" and where.device == "cpu" and config.dequantize_on_cpu
+    key = _unpacked_key(source, where.dtype) if unpacked else None
+    if key is not None and key in _UNPACKED:
+        model = copy.deepcopy(_UNPACKED[key])
+    else:
+        with _hub(config.name, source):
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if quantization == "none":
+            model.to(where.device)
+        elif unpacked:
+            model = model.dequantize()  # NF4 values kept, unpacked once (see ModelConfig.dequantize_on_cpu)
+            if key is not None and model.get_memory_footprint() <= UNPACKED_CACHE_BYTES:
+                _UNPACKED.clear()  # one base model at a time
+                _UNPACKED[key] = copy.deepcopy(model)
     tokenizer = load_tokenizer(config)
     if adapter is not None:
         model = load_adapter(model, adapter)
@@ -213,6 +222,23 @@ def load_model(
             model = model.merge_and_unload()
     model.eval()
     return model, tokenizer
+
+
+# A base model quantized to NF4 and unpacked on the CPU, kept once per process: quantizing takes ten times as long as
+# loading, and the method loads its base model some thirty times (every training, every model that answers or
+# rates). A copy of the kept model is what quantizing again would give, value for value.
+_UNPACKED: dict[tuple, PreTrainedModel] = {}
+UNPACKED_CACHE_BYTES = 2 * 2**30
+
+
+def _unpacked_key(source: str, dtype: torch.dtype) -> tuple | None:
+    """What identifies an unpacked base model: its folder, dtype and weight files (name, size, time); None for a hub
+    id, whose files the kit does not see."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    files = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.glob("*.safetensors")))
+    return str(folder.resolve()), str(dtype), files
 
 
 def load_tokenizer(spec: ModelConfig | str = "smollm2-135m"):
