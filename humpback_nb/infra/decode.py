@@ -74,6 +74,98 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], settings: Generate
     return results
 
 
+# -- one forward pass: the next token's logits ---------------------------------------------------
+def next_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, cache=None) -> torch.Tensor:
+    """Logits of the token after each row of ids, for all rows in one forward pass (after `cache`, the keys
+    and values of a prefix every row shares, when given).
+
+    Rows are padded on the right and need no attention mask: attention is causal, so no real token sees the
+    pads after it. The vocabulary head, a fifth of a small model's work per token, runs at the rows' last
+    positions only.
+    """
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], device=model.device)
+    last = torch.tensor([len(r) - 1 for r in rows], device=model.device)
+    keep, where = torch.unique(last, return_inverse=True)  # each distinct last position once
+    with torch.inference_mode():
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
+                       logits_to_keep=keep).logits
+    return logits[torch.arange(len(rows), device=model.device), where]
+
+
+# -- many prompts after one shared prefix ---------------------------------------------------------
+_SHARED_PREFIX = "humpback_shared_prefix"  # the attention that reads the prefix's keys and values once for every row
+_prefix_layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (keys, values) of each layer while it runs
+
+
+def prefix_cache(model, prefix_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values of a prefix, layer by layer, as `shared_prefix_logits` reads them."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([list(prefix_ids)], device=model.device), past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def shared_prefix_logits(model, prefix: list[tuple[torch.Tensor, torch.Tensor]], rests: Sequence[Sequence[int]],
+                         pad_id: int) -> torch.Tensor:
+    """`next_token_logits` of each prompt prefix + rest, where `prefix` (`prefix_cache`) is the same for every row.
+
+    Attention is cut in two and put back together exactly (by the log-sum-exp of each part): every row's queries
+    against the prefix's keys, all rows in one product with no mask and no copy of the prefix per row, and each
+    rest causally against itself. A cache copied for every row and a mask over prefix and rest, the usual way,
+    spend more time in attention on a CPU than the whole model spends in its matrix products.
+    """
+    _register_shared_prefix()
+    width = max(len(r) for r in rests)
+    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rests], device=model.device)
+    start = prefix[0][0].shape[2]
+    position = torch.arange(start, start + width, device=model.device).expand(len(rests), width)
+    last = torch.tensor([len(r) - 1 for r in rests], device=model.device)
+    keep, where = torch.unique(last, return_inverse=True)
+    before = model.config._attn_implementation
+    _prefix_layers[:] = prefix
+    try:
+        model.set_attn_implementation(_SHARED_PREFIX)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, position_ids=position, use_cache=False, logits_to_keep=keep).logits
+    finally:
+        model.set_attn_implementation(before)
+        _prefix_layers.clear()
+    return logits[torch.arange(len(rests), device=model.device), where]
+
+
+def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of right-padded rows (batch, heads, length, head size) after the prefix in `_prefix_layers`."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    rows, heads, length, size = query.shape
+    prefix_keys, prefix_values = _prefix_layers[module.layer_idx]
+    groups = heads // prefix_keys.shape[1]  # query heads per key/value head (grouped-query attention)
+    # every row's queries of a key/value head against that head's prefix keys, as one long sequence of queries
+    packed = query.view(rows, -1, groups, length, size).permute(1, 0, 2, 3, 4).reshape(1, -1, rows * groups * length,
+                                                                                     size)
+    out_prefix, lse_prefix = flash(packed, prefix_keys, prefix_values, scale=scaling)
+    out_prefix = out_prefix.view(-1, rows, groups, length, size).permute(1, 0, 2, 3, 4).reshape(query.shape)
+    lse_prefix = lse_prefix.view(-1, rows, groups, length).permute(1, 0, 2, 3).reshape(rows, heads, length)
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    out_rest, lse_rest = flash(query, repeat_kv(key, groups), repeat_kv(value, groups), is_causal=True, scale=scaling)
+    weight = torch.sigmoid(lse_prefix - lse_rest)[..., None]  # the prefix's share of each query's attention
+    out = out_prefix.float() * weight + out_rest.float() * (1 - weight)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _register_shared_prefix() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if _SHARED_PREFIX not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(_SHARED_PREFIX, _shared_prefix_attention)
+        AttentionMaskInterface.register(_SHARED_PREFIX, lambda *args, **kwargs: None)  # causal by construction
+
+
 # -- the decoding loop ---------------------------------------------------------------------------
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            stop_ids: int | Sequence[int],
@@ -97,7 +189,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     written: list[list[int]] = [[] for _ in range(rows)]
     stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=device)
     with torch.inference_mode():
-        cache, logits = _prefill(model, input_ids, attention_mask, position, prefill_rows, width + max_new_tokens)
+        cache, logits = _prefill(model, input_ids, attention_mask, prefill_rows, width + max_new_tokens)
         mask = torch.cat([attention_mask, attention_mask.new_zeros(rows, max_new_tokens)], dim=1)
         position = position[:, -1:]
         alive = torch.arange(rows, device=device)  # row of `written` for each row of the batch
@@ -124,26 +216,35 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     return written
 
 
-def _prefill(model, input_ids, attention_mask, position, prefill_rows: int, max_cache_len: int):
-    """(a static cache of `max_cache_len` slots holding every prompt, the logits after each prompt)."""
+def _prefill(model, input_ids, attention_mask, prefill_rows: int, max_cache_len: int):
+    """(a static cache of `max_cache_len` slots holding every prompt, the logits after each prompt).
+
+    Each group of rows is read padded on the right, without an attention mask (causal attention: no real token
+    sees the pads after it), which runs attention's fast path on a CPU; the keys and values then go into the
+    cache left-padded, where decoding reads them."""
     from transformers import DynamicCache, StaticCache
 
     rows, width = input_ids.shape
+    lengths = attention_mask.sum(-1).tolist()
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     logits = []
     for start in range(0, rows, prefill_rows):
-        group = slice(start, start + prefill_rows)
-        cut = int((attention_mask[group].sum(0) == 0).sum())  # columns that are padding in every row
+        group = range(start, min(start + prefill_rows, rows))
+        longest = max(lengths[i] for i in group)
+        ids = torch.stack([torch.cat([input_ids[i, width - lengths[i]:],
+                                      input_ids.new_zeros(longest - lengths[i])]) for i in group])
+        last = torch.tensor([lengths[i] - 1 for i in group], device=ids.device)
+        keep, where = torch.unique(last, return_inverse=True)
         part = DynamicCache(config=model.config)
-        logits.append(model(input_ids=input_ids[group, cut:], attention_mask=attention_mask[group, cut:],
-                            position_ids=position[group, cut:], past_key_values=part, use_cache=True,
-                            logits_to_keep=1).logits[:, -1])
+        out = model(input_ids=ids, past_key_values=part, use_cache=True, logits_to_keep=keep).logits
+        logits.append(out[torch.arange(len(group), device=ids.device), where])
         for layer, filled in zip(cache.layers, part.layers, strict=True):
             if not layer.is_initialized:  # it reads batch, heads and head size from these; the length is its own
                 shape = (rows, filled.keys.shape[1], 0, filled.keys.shape[3])
                 layer.lazy_initialization(filled.keys.new_empty(shape), filled.values.new_empty(shape))
-            layer.keys[group, :, cut:width] = filled.keys
-            layer.values[group, :, cut:width] = filled.values
+            for j, i in enumerate(group):
+                layer.keys[i, :, width - lengths[i]:width] = filled.keys[j, :, :lengths[i]]
+                layer.values[i, :, width - lengths[i]:width] = filled.values[j, :, :lengths[i]]
     for layer in cache.layers:
         layer.cumulative_length.fill_(width)
     return cache, torch.cat(logits)

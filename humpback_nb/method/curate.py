@@ -23,7 +23,7 @@ import torch
 
 from humpback_nb.config import CurateConfig, GenerateConfig
 from humpback_nb.infra.batches import in_batches
-from humpback_nb.infra.decode import generate_records
+from humpback_nb.infra.decode import generate_records, next_token_logits, prefix_cache, shared_prefix_logits
 from humpback_nb.method.prompts import curation_messages, fit_text, prompt_ids, rendered_ids
 
 SCORES = (1, 2, 3, 4, 5)
@@ -111,10 +111,10 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: Curate
             for p in pairs]
     order = sorted(range(len(pairs)), key=lambda i: (-len(rest[i]), i))
     batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-    prefix_cache = _prefix_cache(model, prefix_ids) if reuse_prefix else None
+    rubric = _prefix_cache(model, prefix_ids) if reuse_prefix else None
 
     def compute(number: int, batch: list[int]) -> list[dict[str, Any]]:
-        logits = _last_logits(model, prefix_ids, [rest[i] for i in batch], prefix_cache, tokenizer.pad_token_id)
+        logits = _last_logits(model, prefix_ids, [rest[i] for i in batch], rubric, tokenizer.pad_token_id)
         records = []
         for row, i in zip(torch.softmax(logits.float(), dim=-1), batch, strict=True):
             mass = row[digit_ids]
@@ -131,30 +131,23 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: Curate
 
 
 def _prefix_cache(model, prefix_ids: list[int]):
+    """The rubric's keys and values: layer by layer for the CPU's shared-prefix attention, else a transformers cache
+    that each batch copies for its rows."""
+    if model.device.type == "cpu":
+        return prefix_cache(model, prefix_ids)
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([prefix_ids], device=model.device), use_cache=True)
-    return out.past_key_values
+        return model(input_ids=torch.tensor([prefix_ids], device=model.device), use_cache=True).past_key_values
 
 
-def _last_logits(model, prefix_ids: list[int], rests: list[list[int]], prefix_cache, pad_id: int) -> torch.Tensor:
-    """Logits of the next token after each prompt (prefix + rest), right-padded in one batch."""
-    width = max(len(r) for r in rests)
-    tails = torch.tensor([r + [pad_id] * (width - len(r)) for r in rests], device=model.device)
-    tail_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rests], device=model.device)
-    prefix_mask = torch.ones(len(rests), len(prefix_ids), dtype=tail_mask.dtype, device=model.device)
-    with torch.inference_mode():
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(rests))
-            out = model(input_ids=tails, attention_mask=torch.cat([prefix_mask, tail_mask], dim=1),
-                        past_key_values=cache, use_cache=True)
-            last = torch.tensor([len(r) - 1 for r in rests], device=model.device)
-        else:
-            prefix = torch.tensor([prefix_ids] * len(rests), device=model.device)
-            out = model(input_ids=torch.cat([prefix, tails], dim=1),
-                        attention_mask=torch.cat([prefix_mask, tail_mask], dim=1), use_cache=False)
-            last = torch.tensor([len(prefix_ids) + len(r) - 1 for r in rests], device=model.device)
-    return out.logits[torch.arange(len(rests), device=model.device), last]
+def _last_logits(model, prefix_ids: list[int], rests: list[list[int]], rubric, pad_id: int) -> torch.Tensor:
+    """Logits of the next token after each prompt (prefix + rest), in one batch."""
+    if rubric is None:
+        return next_token_logits(model, [prefix_ids + r for r in rests], pad_id)
+    if isinstance(rubric, list):
+        return shared_prefix_logits(model, rubric, rests, pad_id)
+    cache = copy.deepcopy(rubric)
+    cache.batch_repeat_interleave(len(rests))
+    return next_token_logits(model, rests, pad_id, cache=cache)
 
 
 RATERS = {"logprob": rate_logprob, "generate": rate_generate}

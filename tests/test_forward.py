@@ -1,0 +1,66 @@
+"""One forward pass for many prompts: the next token's logits of right-padded rows, after a shared prefix, and the
+local judge that reads many pairs at once. In float32, so that a batch and a row alone agree to rounding."""
+
+import pytest
+import torch
+
+from humpback_nb.config import ModelConfig
+from humpback_nb.infra.decode import next_token_logits
+from humpback_nb.infra.models import load_model
+from humpback_nb.method.judges import LocalJudge, judge_both_orders
+from humpback_nb.method.winrates import compare
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fp32(embedded_checkpoint):
+    return load_model(ModelConfig(dtype="float32"))
+
+
+def alone(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def test_next_token_logits_of_padded_rows_equal_each_row_alone(fp32):
+    model, tokenizer = fp32
+    rows = [tokenizer(text)["input_ids"] for text in ("Whales sing", "The song of the humpback whale carries far",
+                                                     "Krill", "Songs change from year to year")]
+    batched = next_token_logits(model, rows, tokenizer.pad_token_id)
+    assert batched.shape == (4, model.config.vocab_size)
+    for row, logits in zip(rows, batched, strict=True):
+        torch.testing.assert_close(logits, alone(model, row), atol=1e-4, rtol=1e-4)
+
+
+def test_next_token_logits_after_a_shared_prefix(fp32):
+    model, tokenizer = fp32
+    prefix = tokenizer("Rate the answer below from 1 to 5.\n")["input_ids"]
+    rests = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Answer: krill.", "Answer: a long song.")]
+    with torch.inference_mode():
+        cache = model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(rests))
+    batched = next_token_logits(model, rests, tokenizer.pad_token_id, cache=cache)
+    for rest, logits in zip(rests, batched, strict=True):
+        torch.testing.assert_close(logits, alone(model, prefix + rest), atol=1e-4, rtol=1e-4)
+
+
+def answers(texts: list[str], generator: str) -> list[dict]:
+    questions = ["Why do whales sing?", "Name an ocean.", "What do krill eat?"]
+    return [{"id": f"p{i}", "instruction": questions[i], "output": text, "generator": generator, "dataset": "d"}
+            for i, text in enumerate(texts)]
+
+
+def test_the_local_judge_reads_many_pairs_as_it_reads_one(fp32):
+    model, tokenizer = fp32
+    judge = LocalJudge(model, tokenizer, batch_size=4)
+    xs = answers(["To find each other across the ocean.", "The Pacific.", "Phytoplankton."], "m2")
+    ys = answers(["Because.", "A lake, probably, or maybe the sky.", "Fish and chips on Fridays."], "m0")
+    result = compare(judge, xs, ys)  # three pairs: batches of two pairs (four prompts), then one
+    for x, y, judged in zip(xs, ys, result["judgments"], strict=True):
+        one = judge_both_orders(lambda *q: LocalJudge(model, tokenizer, batch_size=1).prefer_a(*q),
+                                x["instruction"], x["output"], y["output"])
+        assert judged["x_as_a"] == pytest.approx(one["x_as_a"], abs=2e-4)
+        assert judged["x_as_b"] == pytest.approx(one["x_as_b"], abs=2e-4)
+        assert 0 <= judged["outcome"] <= 1
+    assert result["overall"]["pairs"] == 3
