@@ -67,10 +67,13 @@ def parse_choice(reply: str) -> str | None:
 
 # -- judges --------------------------------------------------------------------------------------
 class LocalJudge:
-    """A judge from a local model: P("A") against P("B") after the judging prompt (always a preference)."""
+    """A judge from a local model: P("A") against P("B") after the judging prompt (always a preference).
 
-    def __init__(self, model, tokenizer, max_chars: int = 2000):
-        self.model, self.tokenizer, self.max_chars = model, tokenizer, max_chars
+    Called as `judge(instruction, a, b)` like any judge; `prefer_a_batch` reads many prompts in batches of
+    `batch_size`, which `winrates.compare` uses."""
+
+    def __init__(self, model, tokenizer, max_chars: int = 2000, batch_size: int = 8):
+        self.model, self.tokenizer, self.max_chars, self.batch_size = model, tokenizer, max_chars, batch_size
         self.letters = [self._letter_id(letter) for letter in ("A", "B")]
 
     def _letter_id(self, letter: str) -> int:
@@ -80,17 +83,27 @@ class LocalJudge:
             raise ValueError(f"no single token for ' {letter}' after {ANSWER_PREFIX!r}")
         return full[-1]
 
+    def __call__(self, instruction: str, a: str, b: str) -> float:
+        return self.prefer_a(instruction, a, b)
+
     def prefer_a(self, instruction: str, a: str, b: str) -> float:
         """Probability that response A is the better one (the two letters renormalised)."""
+        return self.prefer_a_batch([(instruction, a, b)])[0]
+
+    def prefer_a_batch(self, questions: list[tuple[str, str, str]]) -> list[float]:
+        """`prefer_a` of each (instruction, a, b), `batch_size` prompts a forward pass."""
+        from humpback_nb.infra.decode import next_token_logits
         from humpback_nb.method.prompts import prompt_ids
 
-        text = JUDGE_PROMPT.format(instruction=instruction, a=a[: self.max_chars], b=b[: self.max_chars])
-        ids = prompt_ids(self.tokenizer, [{"role": "user", "content": text}])
-        ids += self.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, -1].float()
-        pair = torch.softmax(logits[self.letters], dim=-1)
-        return float(pair[0])
+        answer = self.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+        rows = [prompt_ids(self.tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(
+            instruction=instruction, a=a[: self.max_chars], b=b[: self.max_chars])}]) + answer
+            for instruction, a, b in questions]
+        preferences: list[float] = []
+        for start in range(0, len(rows), self.batch_size):
+            logits = next_token_logits(self.model, rows[start : start + self.batch_size], self.tokenizer.pad_token_id)
+            preferences += torch.softmax(logits[:, self.letters].float(), dim=-1)[:, 0].tolist()
+        return preferences
 
 
 class _Transient(Exception):
@@ -214,14 +227,24 @@ def judge_both_orders(prefer_a: Judge, instruction: str, x: str, y: str) -> dict
     picks the first answer ties everything). With a judge that gives probabilities, the average is AlpacaEval
     2.0's "weighted" preference; with one that names a letter it is 0, 0.5 or 1. When a reply names no letter,
     the outcome is None and `unparsed` holds that reply's text by order."""
-    first, first_reply = _ask(prefer_a, instruction, x, y)  # x is A
-    second, second_reply = _ask(prefer_a, instruction, y, x)  # x is B
-    record = {"x_as_a": None if first is None else round(first, 4),
-              "x_as_b": None if second is None else round(1.0 - second, 4)}
-    if first is None or second is None:
-        replies = {"x_as_a": first_reply, "x_as_b": second_reply}
+    return _both_orders(_ask(prefer_a, instruction, x, y), _ask(prefer_a, instruction, y, x))
+
+
+def judge_many_both_orders(judge: LocalJudge, pairs: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """`judge_both_orders` of each (instruction, x, y), the 2 x len(pairs) prompts read in batches."""
+    questions = [q for instruction, x, y in pairs for q in ((instruction, x, y), (instruction, y, x))]
+    p = judge.prefer_a_batch(questions)
+    return [_both_orders((p[2 * i], None), (p[2 * i + 1], None)) for i in range(len(pairs))]
+
+
+def _both_orders(first: tuple[float | None, str | None], second: tuple[float | None, str | None]) -> dict[str, Any]:
+    """The record of one pair from (preference for A, unparsed reply) with x as A, then with x as B."""
+    (a, a_reply), (b, b_reply) = first, second
+    record = {"x_as_a": None if a is None else round(a, 4), "x_as_b": None if b is None else round(1.0 - b, 4)}
+    if a is None or b is None:
+        replies = {"x_as_a": a_reply, "x_as_b": b_reply}
         return record | {"outcome": None, "unparsed": {k: r for k, r in replies.items() if r is not None}}
-    return record | {"outcome": round((first + 1.0 - second) / 2, 4)}
+    return record | {"outcome": round((a + 1.0 - b) / 2, 4)}
 
 
 def _ask(prefer_a: Judge, instruction: str, a: str, b: str) -> tuple[float | None, str | None]:
@@ -236,7 +259,7 @@ def make_judge(settings: EvaluateConfig, base_model=None, tokenizer=None) -> Jud
     """The judge of `settings`: the local base model, or an OpenAI-compatible endpoint when `judge_url` is set."""
     if settings.judge_url:
         return EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env).prefer_a
-    return LocalJudge(base_model, tokenizer).prefer_a
+    return LocalJudge(base_model, tokenizer)
 
 
 def judge_name(settings: EvaluateConfig) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from humpback_nb.method.judges import Judge, judge_both_orders
+from humpback_nb.method.judges import Judge, LocalJudge, judge_both_orders, judge_many_both_orders
 
 
 def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
@@ -40,14 +40,22 @@ def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[di
     by_id = {a["id"]: a for a in answers_y}
     keys = [_pair_key(ax, by_id[ax["id"]]) for ax in answers_x]
 
-    def judge(number: int, batch: list[int]) -> list[dict[str, Any]]:
-        ax = answers_x[batch[0]]
-        return [{"id": keys[batch[0]], "dataset": ax["dataset"],
-                 **judge_both_orders(prefer_a, ax["instruction"], ax["output"], by_id[ax["id"]]["output"])}]
+    triples = [(ax["instruction"], ax["output"], by_id[ax["id"]]["output"]) for ax in answers_x]
 
-    # one pair a batch: a crash while a paid judge runs loses at most the pair being judged
-    records = in_batches(keys, [[i] for i in range(len(keys))], judge, partial=partial, progress=progress,
-                         desc=desc, unit="pair")
+    def judge(number: int, batch: list[int]) -> list[dict[str, Any]]:
+        if isinstance(prefer_a, LocalJudge):
+            judged = judge_many_both_orders(prefer_a, [triples[i] for i in batch])
+        else:
+            judged = [judge_both_orders(prefer_a, *triples[i]) for i in batch]
+        return [{"id": keys[i], "dataset": answers_x[i]["dataset"], **record}
+                for i, record in zip(batch, judged, strict=True)]
+
+    # A local judge reads a batch of pairs in one pass, pairs of like length together; any other judge takes one
+    # pair a batch, so that a crash while a paid judge runs loses at most the pair being judged.
+    size = max(1, prefer_a.batch_size // 2) if isinstance(prefer_a, LocalJudge) else 1
+    order = sorted(range(len(keys)), key=lambda i: -sum(map(len, triples[i])) if size > 1 else 0)
+    records = in_batches(keys, [order[i : i + size] for i in range(0, len(order), size)], judge, partial=partial,
+                         progress=progress, desc=desc, unit="pair")
     judgments = [record | {"id": ax["id"], "preference": preference(record["outcome"])}
                  for ax, record in zip(answers_x, records, strict=True)]
     datasets = sorted({j["dataset"] for j in judgments})
