@@ -213,6 +213,11 @@ def tags(run: StageRun) -> dict:
     prompts, judge, output = eval_prompts(run.config.evaluate), base_judge(run), run.files.analysis_file("table8_tags")
     results = {}
     for label, (which, tag) in TABLE8_VARIANTS.items():
+        if (which, tag) == ("tagged", run.config.evaluate.inference_tags):
+            # M2 with the tags the evaluation answers with: eval answered and judged these very prompts already
+            key = "m2_vs_reference" if run.config.evaluate.annotator == alpaca_eval.ANNOTATOR else "m2_vs_base"
+            results[label] = run.files.win_rates()[key]["overall"] | {"paper": PAPER_TABLE8[label], "from": "eval"}
+            continue
         model, tokenizer = load(run, "m2" if which == "tagged" else "m2_untagged")
         key = f"{which}_{tag.replace('+', '')}"
         answers = answer(run, model, tokenizer, prompts, key, tag, run.partial(output, part=key))
