@@ -64,3 +64,35 @@ def test_the_local_judge_reads_many_pairs_as_it_reads_one(fp32):
         assert judged["x_as_b"] == pytest.approx(one["x_as_b"], abs=2e-4)
         assert 0 <= judged["outcome"] <= 1
     assert result["overall"]["pairs"] == 3
+
+
+def test_cpu_attention_computes_what_sdpa_computes_forward_and_backward():
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from humpback_nb.infra.attention import causal_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=3, training=False)
+    q = torch.randn(2, 9, 37, 16, requires_grad=True)  # 9 query heads over 3 key/value heads, as smollm2
+    k = torch.randn(2, 3, 37, 16, requires_grad=True)
+    v = torch.randn(2, 3, 37, 16, requires_grad=True)
+    ours, _ = causal_attention(module, q, k, v, None, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    gradients = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in (ours, theirs)]
+    for a, b in zip(*gradients, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_models_on_the_cpu_use_it_and_give_sdpas_logits(fp32):
+    model, tokenizer = fp32
+    assert model.config._attn_implementation == "humpback_cpu"
+    ids = torch.tensor([tokenizer("Humpback whales sing in the winter, and the songs change")["input_ids"]])
+    with torch.inference_mode():
+        ours = model(input_ids=ids).logits
+        model.set_attn_implementation("sdpa")
+        theirs = model(input_ids=ids).logits
+        model.set_attn_implementation("humpback_cpu")
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -252,15 +252,20 @@ def _prefill(model, input_ids, attention_mask, prefill_rows: int, max_cache_len:
 
 def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, token ids) of each row's nucleus: the fewest most likely tokens whose probability reaches
-    `top_p`, as transformers' top-p sampling keeps it; the other weights are 0.
+    `top_p`, as transformers' top-p sampling keeps it; the other weights are 0, and columns past the widest
+    nucleus are dropped.
 
-    Only the `candidates` most likely tokens are sorted; where they hold less than `top_p` of a row's mass,
-    the whole vocabulary is sorted, so the nucleus is exact either way.
+    Only the `candidates` most likely tokens are sorted; where they hold less than `top_p` of a row's mass, 16
+    times as many, and then the whole vocabulary, so the nucleus is exact either way.
     """
-    top, index = probs.topk(min(candidates, probs.shape[-1]), dim=-1)
-    if bool((top.sum(-1) < top_p).any()):
-        top, index = probs.sort(dim=-1, descending=True)
-    return top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0), index  # drop tokens once likelier ones reach top_p
+    vocabulary = probs.shape[-1]
+    for k in (candidates, 16 * candidates, vocabulary):
+        top, index = probs.topk(min(k, vocabulary), dim=-1)
+        if k >= vocabulary or not bool((top.sum(-1) < top_p).any()):
+            break
+    weights = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)  # drop tokens once likelier ones reach top_p
+    width = max(1, int((weights > 0).sum(-1).max()))  # sorted: each row's nucleus is a prefix of its columns
+    return weights[:, :width], index[:, :width]
 
 
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float,

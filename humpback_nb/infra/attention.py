@@ -1,0 +1,57 @@
+"""Causal attention on a CPU as two matrix products, for the kit's models there (`load_model` sets it).
+
+torch's fused attention kernel for the CPU runs a 135M model's attention (64-wide heads, a few hundred tokens) at
+some 20-70 GFLOP/s, where its matrix products run at 500+: attention took a quarter of a training step and a
+third of a prompt's reading for a twentieth of the FLOPs. Written as QK^T, softmax and PV in bf16, as transformers'
+own eager attention computes them (scores in the model's dtype, softmax accumulated in float32), with the query
+heads of a key/value head stacked so that keys and values are never copied per head, forward and backward take a
+third of the time. Only causal attention without a mask, dropout or cache takes this path (training, and prompts
+read padded on the right); everything else goes to SDPA as before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "humpback_cpu"
+MAX_LENGTH = 2048  # longer sequences go to SDPA's kernel: the scores would take length^2 memory per head
+_masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+
+def causal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: (output (batch, length, heads, head size), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows, heads, length, size = query.shape
+    if (attention_mask is not None or dropout > 0 or key.shape[2] != length or length > MAX_LENGTH
+            or not getattr(module, "is_causal", True) or query.device.type != "cpu"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    groups = heads // key.shape[1]  # query heads per key/value head
+    scale = scaling if scaling is not None else size**-0.5
+    stacked = query.reshape(rows, key.shape[1], groups * length, size)  # a group's heads one after another
+    scores = torch.matmul(stacked, key.transpose(-1, -2)).view(rows, key.shape[1], groups, length, length) * scale
+    weights = torch.softmax(scores + _causal_mask(length, scores.dtype, scores.device), dim=-1)
+    out = torch.matmul(weights.view(rows, key.shape[1], groups * length, length), value)
+    return out.view(rows, heads, length, size).transpose(1, 2).contiguous(), None
+
+
+def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (length, dtype)
+    if key not in _masks:
+        if len(_masks) > 64:
+            _masks.clear()
+        _masks[key] = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu(1)
+    return _masks[key]
+
+
+def use_cpu_attention(model) -> None:
+    """Let `model` (on the CPU, with SDPA attention) compute causal attention as `causal_attention` does."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(NAME, causal_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks SDPA gets: none where causal alone will do
+    if model.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(NAME)
