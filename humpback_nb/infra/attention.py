@@ -29,8 +29,8 @@ def causal_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       **kwargs)
     groups = heads // key.shape[1]  # query heads per key/value head
     scale = scaling if scaling is not None else size**-0.5
-    stacked = query.reshape(rows, key.shape[1], groups * length, size)  # a group's heads one after another
-    scores = torch.matmul(stacked, key.transpose(-1, -2)).view(rows, key.shape[1], groups, length, length) * scale
+    stacked = (query * scale).reshape(rows, key.shape[1], groups * length, size)  # a group's heads one after another
+    scores = torch.matmul(stacked, key.transpose(-1, -2)).view(rows, key.shape[1], groups, length, length)
     weights = torch.softmax(scores + _causal_mask(length, scores.dtype, scores.device), dim=-1)
     out = torch.matmul(weights.view(rows, key.shape[1], groups * length, length), value)
     return out.view(rows, heads, length, size).transpose(1, 2).contiguous(), None

@@ -113,10 +113,9 @@ def shared_prefix_logits(model, prefix: list[tuple[torch.Tensor, torch.Tensor]],
                          pad_id: int) -> torch.Tensor:
     """`next_token_logits` of each prompt prefix + rest, where `prefix` (`prefix_cache`) is the same for every row.
 
-    Attention is cut in two and put back together exactly (by the log-sum-exp of each part): every row's queries
-    against the prefix's keys, all rows in one product with no mask and no copy of the prefix per row, and each
-    rest causally against itself. A cache copied for every row and a mask over prefix and rest, the usual way,
-    spend more time in attention on a CPU than the whole model spends in its matrix products.
+    Each row's queries meet the prefix's keys, held once for all rows, and causally their own; both sets of scores
+    are normalised together. A cache copied for every row and a mask over prefix and rest, the usual way, spent
+    more time in SDPA's kernel on a CPU than the whole model spent in its matrix products.
     """
     _register_shared_prefix()
     width = max(len(r) for r in rests)
@@ -138,23 +137,23 @@ def shared_prefix_logits(model, prefix: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention of right-padded rows (batch, heads, length, head size) after the prefix in `_prefix_layers`."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    """Attention of right-padded rows (batch, heads, length, head size) after the prefix in `_prefix_layers`: the
+    scores against the prefix (one copy of its keys for every row) and the causal scores within each row are
+    normalised together, as two matrix products each in the model's dtype (as `attention.causal_attention`)."""
+    from humpback_nb.infra.attention import _causal_mask
+
     rows, heads, length, size = query.shape
     prefix_keys, prefix_values = _prefix_layers[module.layer_idx]
-    groups = heads // prefix_keys.shape[1]  # query heads per key/value head (grouped-query attention)
-    # every row's queries of a key/value head against that head's prefix keys, as one long sequence of queries
-    packed = query.view(rows, -1, groups, length, size).permute(1, 0, 2, 3, 4).reshape(1, -1, rows * groups * length,
-                                                                                     size)
-    out_prefix, lse_prefix = flash(packed, prefix_keys, prefix_values, scale=scaling)
-    out_prefix = out_prefix.view(-1, rows, groups, length, size).permute(1, 0, 2, 3, 4).reshape(query.shape)
-    lse_prefix = lse_prefix.view(-1, rows, groups, length).permute(1, 0, 2, 3).reshape(rows, heads, length)
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    out_rest, lse_rest = flash(query, repeat_kv(key, groups), repeat_kv(value, groups), is_causal=True, scale=scaling)
-    weight = torch.sigmoid(lse_prefix - lse_rest)[..., None]  # the prefix's share of each query's attention
-    out = out_prefix.float() * weight + out_rest.float() * (1 - weight)
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    kv_heads, start = prefix_keys.shape[1], prefix_keys.shape[2]
+    scale = scaling if scaling is not None else size**-0.5
+    stacked = (query * scale).reshape(rows, kv_heads, -1, size)  # a key/value head's query heads one after another
+    scores = torch.cat([torch.matmul(stacked, prefix_keys.transpose(-1, -2)),
+                        torch.matmul(stacked, key.transpose(-1, -2))], dim=-1).view(rows, kv_heads, -1, length,
+                                                                                      start + length)
+    scores[..., start:] += _causal_mask(length, scores.dtype, scores.device)
+    weights = torch.softmax(scores, dim=-1).view(rows, kv_heads, -1, start + length)
+    out = torch.matmul(weights[..., :start], prefix_values) + torch.matmul(weights[..., start:], value)
+    return out.view(rows, heads, length, size).transpose(1, 2).contiguous(), None
 
 
 def _register_shared_prefix() -> None:
