@@ -1,5 +1,6 @@
-"""Shared by the benchmarks: the inputs (the demo preset's seed pairs and web segments), the machine's measured
-bf16 matmul peak, peak memory, and one JSON object printed per benchmark."""
+"""Shared by the benchmarks: the inputs (the demo preset's seed pairs and web segments), repetitions summed up as
+median and spread, peak memory, the machine's bounds as `make bench` measured them, and one JSON object printed
+per benchmark."""
 
 from __future__ import annotations
 
@@ -7,20 +8,26 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# stdout carries the one JSON object of the benchmark; what the libraries print goes to stderr.
-_STDOUT, sys.stdout = sys.stdout, sys.stderr
+# Run as a benchmark script, stdout carries its one JSON object and what the libraries print goes to stderr
+# (imported elsewhere, by the tests, stdout is left alone).
+_STDOUT = sys.stdout
+if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
+    sys.stdout = sys.stderr
 
 from humpback_nb.config import HumpbackConfig, load_preset  # noqa: E402
 from humpback_nb.run import RunFolder  # noqa: E402
+
+SPREAD = "min-max over the repetitions"  # what every {"median", "min", "max", "n"} of the benchmarks means
 
 
 def demo_inputs(preset: str = "demo") -> tuple[HumpbackConfig, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -34,18 +41,34 @@ def demo_inputs(preset: str = "demo") -> tuple[HumpbackConfig, list[dict[str, An
     return config, seed, segments
 
 
-def matmul_peak(dtype: torch.dtype = torch.bfloat16, sizes=(1024, 2048, 3072), repeats: int = 5) -> float:
-    """The best FLOP/s of square matmuls in `dtype` on this machine, measured now."""
-    best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        for _ in range(2):
-            a @ b
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
-    return best
+def summary(values: list[float], digits: int = 4) -> dict[str, Any]:
+    """{"median", "min", "max", "n", "values"} of repeated measurements of one figure."""
+    if not values:
+        raise ValueError("no measurements")
+    return {"median": _round(statistics.median(values), digits), "min": _round(min(values), digits),
+            "max": _round(max(values), digits), "n": len(values), "values": [_round(v, digits) for v in values]}
+
+
+def repeat(fn: Callable[[], float], n: int, digits: int = 4) -> dict[str, Any]:
+    """Median and spread (min-max) of `fn()`, a measured figure, over `n` calls."""
+    return summary([fn() for _ in range(n)], digits)
+
+
+def rounded(figures: dict[str, Any], digits: int = 4) -> dict[str, Any]:
+    """`figures` with every float kept to `digits` significant digits."""
+    return {k: _round(v, digits) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+def _round(value: float, digits: int) -> float:
+    """`digits` significant digits (figures here range from 1e-3 to 1e12)."""
+    return float(f"{value:.{digits}g}")
+
+
+def load_bounds(path: str | None) -> dict[str, Any] | None:
+    """The bounds bounds.py wrote to `path` (`make bench` measures them moments before the loops), or None."""
+    if path and Path(path).is_file():
+        return json.loads(Path(path).read_text())
+    return None
 
 
 def peak_rss_gib() -> float:

@@ -1,11 +1,14 @@
-"""Training: tokens per second and model-FLOPs utilisation (MFU) of the kit's fine-tuning.
+"""Training: tokens per second and model-FLOPs utilisation (MFU) of the kit's fine-tuning, its share of this
+machine's bound.
 
 MFU is the model FLOPs of the real tokens trained on (`train.training_flops`, padding not counted) per
-second, over the bf16 matmul peak measured on this machine at the start of the run. The baseline is a
-plain float32 transformers Trainer with the same LoRA settings on the same examples: default padding
-collator, logits and loss over every position, dropout as configured.
+second, over the median bf16 matmul peak at a large square shape measured in the same `make bench` run (the
+bound); it is also given against the peak at the model's own shapes. The baseline is a plain float32
+transformers Trainer with the same LoRA settings on the same examples: default padding collator, logits and
+loss over every position, dropout as configured. Every figure is the median of --reps trainings (the baseline,
+slow, of --naive-reps) with its spread, min-max; each training's first step pays for warm-up and is not timed.
 
-    python benchmarks/bench_train.py [--steps 8] [--examples 96]
+    python benchmarks/bench_train.py [--reps 3] [--steps 5] [--examples 96] [--naive-reps 1] [--bounds FILE]
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import tempfile
 import time
 from dataclasses import replace
 
-import torch
-from _common import demo_inputs, emit, machine, matmul_peak, peak_rss_gib
+from _common import SPREAD, demo_inputs, emit, machine, peak_rss_gib, summary
+from bounds import Bounds, ModelShape, bounds_for, training_bound
 
 from humpback_nb.config import with_overrides
 from humpback_nb.infra.models import attach_lora, load_model, load_tokenizer
@@ -62,40 +65,72 @@ def plain_fp32_trainer(config, examples, steps: int, folder: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=3, help="trainings of the kit")
+    parser.add_argument("--steps", type=int, default=5, help="steps of each training, the first not timed")
     parser.add_argument("--examples", type=int, default=96)
+    parser.add_argument("--naive-reps", type=int, default=1, help="trainings of the plain fp32 Trainer (slow)")
+    parser.add_argument("--bounds", help="bounds.json written by bounds.py moments before (else measured here)")
+    parser.add_argument("--bound-reps", type=int, default=3, help="repetitions of the bounds measured here")
     args = parser.parse_args()
 
-    peak = matmul_peak(torch.bfloat16)
     config, seed, _ = demo_inputs()
     config = with_overrides(config, {"train.max_steps": args.steps})
+    model_config = _model_config(config)
+    measured = bounds_for(None, args.bounds, args.bound_reps, ModelShape.from_config(model_config))
+    bounds = Bounds.from_json(measured)
     tokenizer = load_tokenizer(config.model)
     examples = forward_examples(tokenizer, seed[: args.examples], [], config.train.max_seq_length)
 
+    runs = []
     with tempfile.TemporaryDirectory() as folder:
-        log = train_model(examples, config.model, config.train, f"{folder}/kit", log=lambda *_: None)
+        for rep in range(args.reps):
+            log = train_model(examples, config.model, config.train, f"{folder}/kit{rep}", log=lambda *_: None)
+            timed = log["steps"][1:]  # the first step pays for warm-up
+            runs.append((sum(s["seconds"] for s in timed), sum(s["tokens"] for s in timed), log))
         kit_rss = peak_rss_gib()
-        timed = log["steps"][1:]  # the first step pays for warm-up
-        seconds = sum(s["seconds"] for s in timed)
-        tokens = sum(s["tokens"] for s in timed)
-        flops_per_token = (training_flops(_model_config(config), examples, lora_params=log["trainable_parameters"])
-                           / sum(len(e["input_ids"]) for e in examples))
-        kit = {"steps_timed": len(timed), "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-               "model_flops_per_token": round(flops_per_token), "model_tflops": round(tokens * flops_per_token
-                                                                                      / seconds / 1e12, 3),
-               "mfu": round(tokens * flops_per_token / seconds / peak, 4),
-               "micro_batch_size": config.train.micro_batch_size, "peak_rss_gib": kit_rss}
-        baseline = plain_fp32_trainer(config, examples, args.steps, f"{folder}/plain")
+        baselines = [plain_fp32_trainer(config, examples, args.steps, f"{folder}/plain{rep}")
+                     for rep in range(args.naive_reps)]
+    log = runs[0][2]
+    flops_per_token = (training_flops(model_config, examples, lora_params=log["trainable_parameters"])
+                       / sum(len(e["input_ids"]) for e in examples))
+    tokens_per_s = [tokens / seconds for seconds, tokens, _ in runs]
+    mfu = summary([t * flops_per_token / bounds.square_peak for t in tokens_per_s])
+    bound = training_bound(flops_per_token, bounds)  # seconds per token
+    kit = {"steps_timed": len(log["steps"]) - 1, "tokens_timed": runs[0][1],
+           "seconds": summary([s for s, _, _ in runs]), "tokens_per_s": summary(tokens_per_s),
+           "model_flops_per_token": round(flops_per_token),
+           "model_tflops": summary([t * flops_per_token / 1e12 for t in tokens_per_s]), "mfu": mfu,
+           "share_of_model_shape_peak": summary([t * flops_per_token / bounds.peak for t in tokens_per_s]),
+           "micro_batch_size": config.train.micro_batch_size, "peak_rss_gib": kit_rss}
+    baseline = {"steps_timed": baselines[0]["steps_timed"], "lora_params": baselines[0]["lora_params"],
+                "seconds": summary([b["seconds"] for b in baselines]),
+                "tokens_per_s": summary([b["tokens_per_s"] for b in baselines]),
+                "mfu": summary([b["tokens_per_s"] * flops_per_token / bounds.square_peak for b in baselines])}
+    ratio = round(kit["tokens_per_s"]["median"] / baseline["tokens_per_s"]["median"], 2)
     emit({
         "benchmark": "training",
         "model": f"{config.model.name} ({config.model.quantization}), LoRA r={config.train.lora_r}",
         "examples": len(examples),
         "batch_size": config.train.batch_size,
         "mean_tokens_per_example": round(sum(len(e["input_ids"]) for e in examples) / len(examples), 1),
-        "bf16_matmul_peak_tflops": round(peak / 1e12, 3),
+        "bf16_matmul_peak_tflops": measured["bounds"]["square_peak_tflops"],
+        "bf16_model_shape_peak_tflops": measured["bounds"]["model_peak_tflops"],
         "kit": kit,
+        "bound": {"tokens_per_s": round(1 / bound["seconds"], 1),
+                  "tokens_per_s_at_model_shapes": round(1 / bound["seconds_at_model_shapes"], 1)},
+        "share_of_bound": mfu,
         "plain_fp32_trainer": baseline,
-        "ratio_vs_plain_fp32": round(kit["tokens_per_s"] / baseline["tokens_per_s"], 2),
+        "ratio_vs_plain_fp32": ratio,
+        "summary": {"loop": "training (train_model, LoRA; share = MFU)", "unit": "tokens/s", "kit": kit["tokens_per_s"],
+                    "bound": round(1 / bound["seconds"], 1),
+                    "bound_how": "model FLOPs per token (training_flops, no padding) at the large-square bf16 peak",
+                    "share_of_bound": mfu, "naive": baseline["tokens_per_s"],
+                    "naive_name": "plain fp32 transformers Trainer, same LoRA", "ratio_vs_naive": ratio,
+                    "note": f"Against the bf16 peak at the model's shapes: "
+                            f"{kit['share_of_model_shape_peak']['median']:.1%}; the fp32 Trainer's MFU: "
+                            f"{baseline['mfu']['median']:.1%}."},
+        "reps": {"kit": args.reps, "naive": args.naive_reps, "spread": SPREAD},
+        "bounds_used": {"source": measured["source"], "measured_at": measured["measured_at"], **measured["bounds"]},
         "goals": {"mfu": 0.40, "ratio_vs_plain_fp32": 3},
         "peak_rss_gib": peak_rss_gib(),
         "machine": machine(),
