@@ -96,3 +96,21 @@ def test_models_on_the_cpu_use_it_and_give_sdpas_logits(fp32):
         theirs = model(input_ids=ids).logits
         model.set_attn_implementation("humpback_cpu")
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_a_decoding_step_attends_as_sdpa_does_over_a_padded_cache():
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from humpback_nb.infra.attention import causal_attention
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=3, training=False)
+    q, k, v = torch.randn(4, 9, 1, 16), torch.randn(4, 3, 29, 16), torch.randn(4, 3, 29, 16)
+    mask = torch.ones(4, 1, 1, 29, dtype=torch.bool)
+    mask[1, ..., :7] = False  # left padding
+    mask[2, ..., 20:] = False  # cache slots not written yet
+    ours, _ = causal_attention(module, q, k, v, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -5,8 +5,9 @@ some 20-70 GFLOP/s, where its matrix products run at 500+: attention took a quar
 third of a prompt's reading for a twentieth of the FLOPs. Written as QK^T, softmax and PV in bf16, as transformers'
 own eager attention computes them (scores in the model's dtype, softmax accumulated in float32), with the query
 heads of a key/value head stacked so that keys and values are never copied per head, forward and backward take a
-third of the time. Only causal attention without a mask, dropout or cache takes this path (training, and prompts
-read padded on the right); everything else goes to SDPA as before.
+third of the time. Causal attention without a mask, dropout or cache takes this path (training, and prompts
+read padded on the right), and so does a decoding step (one query per row against its cached keys, a padding mask
+at most); everything else goes to SDPA as before.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def causal_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     rows, heads, length, size = query.shape
+    if length == 1 and dropout == 0 and query.device.type == "cpu" and _is_padding_mask(attention_mask, rows):
+        return _one_query(query, key, value, attention_mask, scaling)
     if (attention_mask is not None or dropout > 0 or key.shape[2] != length or length > MAX_LENGTH
             or not getattr(module, "is_causal", True) or query.device.type != "cpu"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
@@ -34,6 +37,24 @@ def causal_attention(module, query, key, value, attention_mask, scaling=None, dr
     weights = torch.softmax(scores + _causal_mask(length, scores.dtype, scores.device), dim=-1)
     out = torch.matmul(weights.view(rows, key.shape[1], groups * length, length), value)
     return out.view(rows, heads, length, size).transpose(1, 2).contiguous(), None
+
+
+def _is_padding_mask(mask: torch.Tensor | None, rows: int) -> bool:
+    """True for no mask or a boolean (rows or 1, 1, 1, keys) mask: which cached keys each row may see."""
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1
+                            and mask.shape[0] in (1, rows))
+
+
+def _one_query(query, key, value, attention_mask, scaling):
+    """A decoding step: one new query per row against its cached keys, a query head group at a time."""
+    rows, heads, _, size = query.shape
+    kv_heads = key.shape[1]
+    scale = scaling if scaling is not None else size**-0.5
+    scores = torch.matmul((query * scale).view(rows, kv_heads, heads // kv_heads, size), key.transpose(-1, -2))
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), value)  # (rows, key/value heads, group, size)
+    return out.view(rows, 1, heads, size), None
 
 
 def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
