@@ -84,3 +84,12 @@ def machine() -> dict[str, Any]:
 
 def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result, indent=None if os.environ.get("BENCH_COMPACT") else 2), file=_STDOUT, flush=True)
+
+
+def run_facts(args: Any, measured: dict[str, Any], goals: dict[str, float]) -> dict[str, Any]:
+    """What every benchmark's JSON ends with: repetitions, the bounds it used, the issue's goals, peak memory and
+    the machine."""
+    return {"reps": {"kit": args.reps, "naive": args.naive_reps, "spread": SPREAD},
+            "bounds_used": {"source": measured["source"], "measured_at": measured["measured_at"],
+                            **measured["bounds"]},
+            "goals": goals, "peak_rss_gib": peak_rss_gib(), "machine": machine()}

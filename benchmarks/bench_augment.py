@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from _common import SPREAD, demo_inputs, emit, machine, peak_rss_gib, rounded, summary
+from _common import demo_inputs, emit, peak_rss_gib, rounded, run_facts, summary
 from bounds import Bounds, ModelShape, bounds_for, generation_bound
 
 from humpback_nb.infra.models import load_model
@@ -137,11 +137,7 @@ def main() -> None:
                             f"{kit_rate / same_model['new_tokens_per_s']['median']:.1f}x. The naive loops' share of "
                             f"their own bound: {naive['share_of_bound']['median']:.1%} (4-bit), "
                             f"{same_model['share_of_bound']['median']:.1%} (bf16)."},
-        "reps": {"kit": args.reps, "naive": args.naive_reps, "spread": SPREAD},
-        "bounds_used": {"source": measured["source"], "measured_at": measured["measured_at"], **measured["bounds"]},
-        "goals": {"ratio_vs_naive": 10, "new_tokens_per_s": 1000},
-        "peak_rss_gib": peak_rss_gib(),
-        "machine": machine(),
+        **run_facts(args, measured, goals={"share_of_bound": 0.5, "ratio_vs_naive": 10}),
     })
 
 

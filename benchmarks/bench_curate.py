@@ -19,7 +19,7 @@ import argparse
 import time
 from typing import Any
 
-from _common import SPREAD, demo_inputs, emit, machine, peak_rss_gib, rounded, summary
+from _common import demo_inputs, emit, peak_rss_gib, rounded, run_facts, summary
 from bench_augment import naive_loop
 from bounds import Bounds, ModelShape, bounds_for, rating_bound
 
@@ -124,11 +124,7 @@ def main() -> None:
                     "note": f"{bound['tokens_read']} tokens read ({bound['prefix_tokens']} of rubric prefix once, "
                             f"{round(bound['tail_tokens'] / len(pairs))} per pair). Against the paper's rater one pair "
                             f"at a time: {one_at_a_time}x."},
-        "reps": {"kit": args.reps, "naive": args.naive_reps, "spread": SPREAD},
-        "bounds_used": {"source": measured["source"], "measured_at": measured["measured_at"], **measured["bounds"]},
-        "goals": {"ratio_vs_generate": 20},
-        "peak_rss_gib": peak_rss_gib(),
-        "machine": machine(),
+        **run_facts(args, measured, goals={"share_of_bound": 0.7, "ratio_vs_generate": 20}),
     })
 
 

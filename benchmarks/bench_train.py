@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import replace
 
-from _common import SPREAD, demo_inputs, emit, machine, peak_rss_gib, summary
+from _common import demo_inputs, emit, peak_rss_gib, run_facts, summary
 from bounds import Bounds, ModelShape, bounds_for, training_bound
 
 from humpback_nb.config import with_overrides
@@ -129,11 +129,7 @@ def main() -> None:
                     "note": f"Against the bf16 peak at the model's shapes: "
                             f"{kit['share_of_model_shape_peak']['median']:.1%}; the fp32 Trainer's MFU: "
                             f"{baseline['mfu']['median']:.1%}."},
-        "reps": {"kit": args.reps, "naive": args.naive_reps, "spread": SPREAD},
-        "bounds_used": {"source": measured["source"], "measured_at": measured["measured_at"], **measured["bounds"]},
-        "goals": {"mfu": 0.40, "ratio_vs_plain_fp32": 3},
-        "peak_rss_gib": peak_rss_gib(),
-        "machine": machine(),
+        **run_facts(args, measured, goals={"mfu": 0.40, "ratio_vs_plain_fp32": 3}),
     })
 
 
