@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 NAME = "humpback_cpu"
+SHARED_PREFIX = "humpback_shared_prefix"  # rows after one prefix whose keys and values are held once for all
+prefix_layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # that prefix's (keys, values) by layer, while it runs
 MAX_LENGTH = 2048  # longer sequences go to SDPA's kernel: the scores would take length^2 memory per head
 _masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
@@ -66,13 +68,44 @@ def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch
     return _masks[key]
 
 
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention of right-padded rows after the prefix in `prefix_layers` (`decode.shared_prefix_logits`): the
+    scores against the prefix (one copy of its keys for every row) and the causal scores within each row are
+    normalised together, each as a matrix product in the model's dtype."""
+    rows, heads, length, size = query.shape
+    prefix_keys, prefix_values = prefix_layers[module.layer_idx]
+    kv_heads, start = prefix_keys.shape[1], prefix_keys.shape[2]
+    scale = scaling if scaling is not None else size**-0.5
+    stacked = (query * scale).reshape(rows, kv_heads, -1, size)  # a key/value head's query heads one after another
+    scores = torch.cat([torch.matmul(stacked, prefix_keys.transpose(-1, -2)),
+                        torch.matmul(stacked, key.transpose(-1, -2))], dim=-1).view(rows, kv_heads, -1, length,
+                                                                                      start + length)
+    scores[..., start:] += _causal_mask(length, scores.dtype, scores.device)
+    weights = torch.softmax(scores, dim=-1).view(rows, kv_heads, -1, start + length)
+    out = torch.matmul(weights[..., :start], prefix_values) + torch.matmul(weights[..., start:], value)
+    return out.view(rows, heads, length, size).transpose(1, 2).contiguous(), None
+
+
+def _register(name: str, attention, mask) -> str:
+    """Make `name` an attention implementation transformers' models can be set to; returns `name`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, mask)
+    return name
+
+
+def register_shared_prefix() -> str:
+    """The name of `shared_prefix_attention`, registered (no mask: causal by construction)."""
+    return _register(SHARED_PREFIX, shared_prefix_attention, lambda *args, **kwargs: None)
+
+
 def use_cpu_attention(model) -> None:
     """Let `model` (on the CPU, with SDPA attention) compute causal attention as `causal_attention` does."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
 
-    if NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(NAME, causal_attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)  # the masks SDPA gets: none where causal alone will do
+    _register(NAME, causal_attention, sdpa_mask)  # the masks SDPA gets: none where causal alone will do
     if model.device.type == "cpu" and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(NAME)

@@ -83,21 +83,23 @@ def next_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, cache=N
     pads after it. The vocabulary head, a fifth of a small model's work per token, runs at the rows' last
     positions only.
     """
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], device=model.device)
-    last = torch.tensor([len(r) - 1 for r in rows], device=model.device)
-    keep, where = torch.unique(last, return_inverse=True)  # each distinct last position once
+    ids, keep, where = _right_padded(rows, pad_id, model.device)
     with torch.inference_mode():
         logits = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
                        logits_to_keep=keep).logits
     return logits[torch.arange(len(rows), device=model.device), where]
 
 
+def _right_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """(ids padded on the right, each distinct last position once, which of them is each row's): a forward pass
+    with `logits_to_keep=keep` then gives row i's next-token logits at [i, where[i]]."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], device=device)
+    keep, where = torch.unique(torch.tensor([len(r) - 1 for r in rows], device=device), return_inverse=True)
+    return ids, keep, where
+
+
 # -- many prompts after one shared prefix ---------------------------------------------------------
-_SHARED_PREFIX = "humpback_shared_prefix"  # the attention that reads the prefix's keys and values once for every row
-_prefix_layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (keys, values) of each layer while it runs
-
-
 def prefix_cache(model, prefix_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The keys and values of a prefix, layer by layer, as `shared_prefix_logits` reads them."""
     from transformers import DynamicCache
@@ -117,52 +119,21 @@ def shared_prefix_logits(model, prefix: list[tuple[torch.Tensor, torch.Tensor]],
     are normalised together. A cache copied for every row and a mask over prefix and rest, the usual way, spent
     more time in SDPA's kernel on a CPU than the whole model spent in its matrix products.
     """
-    _register_shared_prefix()
-    width = max(len(r) for r in rests)
-    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rests], device=model.device)
-    start = prefix[0][0].shape[2]
+    from humpback_nb.infra import attention
+
+    ids, keep, where = _right_padded(rests, pad_id, model.device)
+    start, width = prefix[0][0].shape[2], ids.shape[1]
     position = torch.arange(start, start + width, device=model.device).expand(len(rests), width)
-    last = torch.tensor([len(r) - 1 for r in rests], device=model.device)
-    keep, where = torch.unique(last, return_inverse=True)
     before = model.config._attn_implementation
-    _prefix_layers[:] = prefix
+    attention.prefix_layers[:] = prefix
     try:
-        model.set_attn_implementation(_SHARED_PREFIX)
+        model.set_attn_implementation(attention.register_shared_prefix())
         with torch.inference_mode():
             logits = model(input_ids=ids, position_ids=position, use_cache=False, logits_to_keep=keep).logits
     finally:
         model.set_attn_implementation(before)
-        _prefix_layers.clear()
+        attention.prefix_layers.clear()
     return logits[torch.arange(len(rests), device=model.device), where]
-
-
-def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention of right-padded rows (batch, heads, length, head size) after the prefix in `_prefix_layers`: the
-    scores against the prefix (one copy of its keys for every row) and the causal scores within each row are
-    normalised together, as two matrix products each in the model's dtype (as `attention.causal_attention`)."""
-    from humpback_nb.infra.attention import _causal_mask
-
-    rows, heads, length, size = query.shape
-    prefix_keys, prefix_values = _prefix_layers[module.layer_idx]
-    kv_heads, start = prefix_keys.shape[1], prefix_keys.shape[2]
-    scale = scaling if scaling is not None else size**-0.5
-    stacked = (query * scale).reshape(rows, kv_heads, -1, size)  # a key/value head's query heads one after another
-    scores = torch.cat([torch.matmul(stacked, prefix_keys.transpose(-1, -2)),
-                        torch.matmul(stacked, key.transpose(-1, -2))], dim=-1).view(rows, kv_heads, -1, length,
-                                                                                      start + length)
-    scores[..., start:] += _causal_mask(length, scores.dtype, scores.device)
-    weights = torch.softmax(scores, dim=-1).view(rows, kv_heads, -1, start + length)
-    out = torch.matmul(weights[..., :start], prefix_values) + torch.matmul(weights[..., start:], value)
-    return out.view(rows, heads, length, size).transpose(1, 2).contiguous(), None
-
-
-def _register_shared_prefix() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    if _SHARED_PREFIX not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(_SHARED_PREFIX, _shared_prefix_attention)
-        AttentionMaskInterface.register(_SHARED_PREFIX, lambda *args, **kwargs: None)  # causal by construction
 
 
 # -- the decoding loop ---------------------------------------------------------------------------
