@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from humpback_nb.config import ModelConfig
-from humpback_nb.infra.decode import next_token_logits
+from humpback_nb.infra.decode import next_token_logits, packed_logits, prefix_cache
 from humpback_nb.infra.models import load_model
 from humpback_nb.method.judges import LocalJudge, judge_both_orders
 from humpback_nb.method.winrates import compare
@@ -43,6 +43,20 @@ def test_next_token_logits_after_a_shared_prefix(fp32):
     batched = next_token_logits(model, rests, tokenizer.pad_token_id, cache=cache)
     for rest, logits in zip(rests, batched, strict=True):
         torch.testing.assert_close(logits, alone(model, prefix + rest), atol=1e-4, rtol=1e-4)
+
+
+def test_rows_packed_after_a_prefix_held_once_equal_each_whole_prompt_alone(fp32):
+    # The rater's path on a CPU: the rubric's keys and values computed once, rows of different lengths packed into
+    # one sequence without padding, each attending to the prefix and causally to itself.
+    model, tokenizer = fp32
+    prefix = tokenizer("Rate the answer below from 1 to 5.\n")["input_ids"]
+    rests = [tokenizer(t, add_special_tokens=False)["input_ids"]
+             for t in ("Answer: krill.", "Answer: a long song that carries across the whole ocean basin.", "A")]
+    packed = packed_logits(model, rests, prefix_cache(model, prefix))
+    assert packed.shape == (3, model.config.vocab_size)
+    for rest, logits in zip(rests, packed, strict=True):
+        torch.testing.assert_close(logits, alone(model, prefix + rest), atol=1e-4, rtol=1e-4)
+    assert model.config._attn_implementation != "humpback_packed"  # the model's own attention is back
 
 
 def answers(texts: list[str], generator: str) -> list[dict]:

@@ -7,7 +7,8 @@ own eager attention computes them (scores in the model's dtype, softmax accumula
 heads of a key/value head stacked so that keys and values are never copied per head, forward and backward take a
 third of the time. Causal attention without a mask, dropout or cache takes this path (training, and prompts
 read padded on the right), and so does a decoding step (one query per row against its cached keys, a padding mask
-at most); everything else goes to SDPA as before.
+at most); everything else goes to SDPA as before. `packed_attention` reads rows packed into one sequence, after a
+prefix whose keys and values every row shares (the rater's rubric), a row at a time (`decode.packed_logits`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 NAME = "humpback_cpu"
-SHARED_PREFIX = "humpback_shared_prefix"  # rows after one prefix whose keys and values are held once for all
+PACKED = "humpback_packed"  # rows packed into one sequence, after a prefix whose keys and values are held once
 prefix_layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # that prefix's (keys, values) by layer, while it runs
 MAX_LENGTH = 2048  # longer sequences go to SDPA's kernel: the scores would take length^2 memory per head
 _masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
@@ -68,22 +69,38 @@ def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch
     return _masks[key]
 
 
-def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention of right-padded rows after the prefix in `prefix_layers` (`decode.shared_prefix_logits`): the
-    scores against the prefix (one copy of its keys for every row) and the causal scores within each row are
-    normalised together, each as a matrix product in the model's dtype."""
-    rows, heads, length, size = query.shape
-    prefix_keys, prefix_values = prefix_layers[module.layer_idx]
-    kv_heads, start = prefix_keys.shape[1], prefix_keys.shape[2]
+def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     **kwargs):
+    """Attention of rows packed one after another into one sequence (`decode.packed_logits`), the boundaries in
+    `cu_seq_lens_q` as flash attention reads packed rows: each row's queries meet the keys of the prefix in
+    `prefix_layers`, when there is one (held once for all rows), and causally their own; both sets of scores are
+    normalised together, each as a matrix product in the model's dtype.
+
+    A row at a time: a batch's scores at once (rows x heads x length x prefix + length) are a hundred megabytes
+    after a 500-token rubric, and writing, masking and normalising them from memory took twice as long as a row's
+    scores, which stay in the cache. Packed rows waste nothing on padding."""
+    _, heads, _, size = query.shape
+    kv_heads, groups = key.shape[1], heads // key.shape[1]
+    prefix_keys, prefix_values = prefix_layers[module.layer_idx] if prefix_layers else (None, None)
+    start = prefix_keys.shape[2] if prefix_keys is not None else 0
     scale = scaling if scaling is not None else size**-0.5
-    stacked = (query * scale).reshape(rows, kv_heads, -1, size)  # a key/value head's query heads one after another
-    scores = torch.cat([torch.matmul(stacked, prefix_keys.transpose(-1, -2)),
-                        torch.matmul(stacked, key.transpose(-1, -2))], dim=-1).view(rows, kv_heads, -1, length,
-                                                                                      start + length)
-    scores[..., start:] += _causal_mask(length, scores.dtype, scores.device)
-    weights = torch.softmax(scores, dim=-1).view(rows, kv_heads, -1, start + length)
-    out = torch.matmul(weights[..., :start], prefix_values) + torch.matmul(weights[..., start:], value)
-    return out.view(rows, heads, length, size).transpose(1, 2).contiguous(), None
+    bounds = cu_seq_lens_q.tolist()
+    causal = _causal_mask(max(b - a for a, b in zip(bounds, bounds[1:], strict=False)), query.dtype, query.device)
+    out = torch.empty_like(query[0])  # (heads, length, size)
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        n = b - a
+        stacked = (query[0, :, a:b] * scale).reshape(kv_heads, groups * n, size)  # a key/value head's queries
+        scores = query.new_empty(kv_heads, groups * n, start + n)
+        if start:
+            torch.matmul(stacked, prefix_keys[0].transpose(-1, -2), out=scores[..., :start])
+        torch.matmul(stacked, key[0, :, a:b].transpose(-1, -2), out=scores[..., start:])
+        scores.view(kv_heads, groups, n, start + n)[..., start:] += causal[:n, :n]
+        weights = torch.softmax(scores, dim=-1)
+        row = torch.matmul(weights[..., start:], value[0, :, a:b])
+        if start:
+            row += torch.matmul(weights[..., :start], prefix_values[0])
+        out[:, a:b] = row.view(heads, n, size)
+    return out.transpose(0, 1)[None].contiguous(), None
 
 
 def _register(name: str, attention, mask) -> str:
@@ -97,9 +114,9 @@ def _register(name: str, attention, mask) -> str:
     return name
 
 
-def register_shared_prefix() -> str:
-    """The name of `shared_prefix_attention`, registered (no mask: causal by construction)."""
-    return _register(SHARED_PREFIX, shared_prefix_attention, lambda *args, **kwargs: None)
+def register_packed() -> str:
+    """The name of `packed_attention`, registered (no mask: each row causal by construction)."""
+    return _register(PACKED, packed_attention, lambda *args, **kwargs: None)
 
 
 def use_cpu_attention(model) -> None:

@@ -9,6 +9,7 @@ file the batches are resumable and shared by several processes (batches.py).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,10 +80,12 @@ def next_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, cache=N
     """Logits of the token after each row of ids, for all rows in one forward pass (after `cache`, the keys
     and values of a prefix every row shares, when given).
 
-    Rows are padded on the right and need no attention mask: attention is causal, so no real token sees the
-    pads after it. The vocabulary head, a fifth of a small model's work per token, runs at the rows' last
-    positions only.
+    On a CPU the rows are packed one after another (`packed_logits`). Elsewhere they are padded on the right and
+    need no attention mask: attention is causal, so no real token sees the pads after it. The vocabulary head, a
+    fifth of a small model's work per token, runs at the rows' last positions only.
     """
+    if cache is None and model.device.type == "cpu":
+        return packed_logits(model, rows)
     ids, keep, where = _right_padded(rows, pad_id, model.device)
     with torch.inference_mode():
         logits = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
@@ -99,9 +102,9 @@ def _right_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[t
     return ids, keep, where
 
 
-# -- many prompts after one shared prefix ---------------------------------------------------------
+# -- many prompts packed into one sequence, after one shared prefix -------------------------------
 def prefix_cache(model, prefix_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The keys and values of a prefix, layer by layer, as `shared_prefix_logits` reads them."""
+    """The keys and values of a prefix, layer by layer, as `packed_logits` reads them."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -111,29 +114,36 @@ def prefix_cache(model, prefix_ids: Sequence[int]) -> list[tuple[torch.Tensor, t
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def shared_prefix_logits(model, prefix: list[tuple[torch.Tensor, torch.Tensor]], rests: Sequence[Sequence[int]],
-                         pad_id: int) -> torch.Tensor:
-    """`next_token_logits` of each prompt prefix + rest, where `prefix` (`prefix_cache`) is the same for every row.
+def packed_logits(model, rows: Sequence[Sequence[int]], prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  cache=None) -> torch.Tensor:
+    """`next_token_logits` of each row, read packed: the rows one after another in one sequence, no padding, each
+    attending causally to itself and to `prefix` (`prefix_cache`: keys and values every row sees, held once),
+    the vocabulary head at each row's last token only. With `cache` (a transformers DynamicCache), the packed
+    keys and values are kept there: row i's are at `cu_seq_lens[i]:cu_seq_lens[i + 1]`.
 
-    Each row's queries meet the prefix's keys, held once for all rows, and causally their own; both sets of scores
-    are normalised together. A cache copied for every row and a mask over prefix and rest, the usual way, spent
-    more time in SDPA's kernel on a CPU than the whole model spent in its matrix products.
+    Padding rows to one width cost a third more tokens for the kit's prompts, and a cache copied for every row
+    with a mask over prefix and row, the usual way, spent more time in SDPA's kernel on a CPU than the whole
+    model spent in its matrix products (`attention.packed_attention`).
     """
     from humpback_nb.infra import attention
 
-    ids, keep, where = _right_padded(rests, pad_id, model.device)
-    start, width = prefix[0][0].shape[2], ids.shape[1]
-    position = torch.arange(start, start + width, device=model.device).expand(len(rests), width)
+    start = prefix[0][0].shape[2] if prefix else 0
+    lengths = torch.tensor([len(r) for r in rows])
+    bounds = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    ids = torch.tensor([[token for row in rows for token in row]], device=model.device)
+    position = torch.cat([torch.arange(start, start + n) for n in lengths.tolist()])[None].to(model.device)
     before = model.config._attn_implementation
-    attention.prefix_layers[:] = prefix
+    attention.prefix_layers[:] = prefix or []
     try:
-        model.set_attn_implementation(attention.register_shared_prefix())
+        model.set_attn_implementation(attention.register_packed())
         with torch.inference_mode():
-            logits = model(input_ids=ids, position_ids=position, use_cache=False, logits_to_keep=keep).logits
+            logits = model(input_ids=ids, position_ids=position, past_key_values=cache, use_cache=cache is not None,
+                           logits_to_keep=(bounds[1:] - 1).to(model.device), cu_seq_lens_q=bounds,
+                           cu_seq_lens_k=bounds).logits
     finally:
         model.set_attn_implementation(before)
         attention.prefix_layers.clear()
-    return logits[torch.arange(len(rests), device=model.device), where]
+    return logits[0]
 
 
 # -- the decoding loop ---------------------------------------------------------------------------
@@ -189,8 +199,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
 def _prefill(model, input_ids, attention_mask, prefill_rows: int, max_cache_len: int):
     """(a static cache of `max_cache_len` slots holding every prompt, the logits after each prompt).
 
-    Each group of rows is read padded on the right, without an attention mask (causal attention: no real token
-    sees the pads after it), which runs attention's fast path on a CPU; the keys and values then go into the
+    Each group of rows is read without padding or an attention mask: packed on a CPU (`packed_logits`; batches of
+    long prompts read padded spent a third of their time on attention scores too large for the cache), padded on the
+    right elsewhere (causal attention: no real token sees the pads after it). The keys and values then go into the
     cache left-padded, where decoding reads them."""
     from transformers import DynamicCache, StaticCache
 
@@ -200,21 +211,24 @@ def _prefill(model, input_ids, attention_mask, prefill_rows: int, max_cache_len:
     logits = []
     for start in range(0, rows, prefill_rows):
         group = range(start, min(start + prefill_rows, rows))
-        longest = max(lengths[i] for i in group)
-        ids = torch.stack([torch.cat([input_ids[i, width - lengths[i]:],
-                                      input_ids.new_zeros(longest - lengths[i])]) for i in group])
-        last = torch.tensor([lengths[i] - 1 for i in group], device=ids.device)
-        keep, where = torch.unique(last, return_inverse=True)
+        prompts = [input_ids[i, width - lengths[i]:].tolist() for i in group]
         part = DynamicCache(config=model.config)
-        out = model(input_ids=ids, past_key_values=part, use_cache=True, logits_to_keep=keep).logits
-        logits.append(out[torch.arange(len(group), device=ids.device), where])
+        if model.device.type == "cpu":
+            logits.append(packed_logits(model, prompts, cache=part))
+            ends = list(itertools.accumulate(len(p) for p in prompts))
+            spans = [(0, end - len(p), end) for p, end in zip(prompts, ends, strict=True)]  # (row, from, to) in part
+        else:
+            ids, keep, where = _right_padded(prompts, 0, model.device)
+            out = model(input_ids=ids, past_key_values=part, use_cache=True, logits_to_keep=keep).logits
+            logits.append(out[torch.arange(len(prompts), device=model.device), where])
+            spans = [(j, 0, len(p)) for j, p in enumerate(prompts)]
         for layer, filled in zip(cache.layers, part.layers, strict=True):
             if not layer.is_initialized:  # it reads batch, heads and head size from these; the length is its own
                 shape = (rows, filled.keys.shape[1], 0, filled.keys.shape[3])
                 layer.lazy_initialization(filled.keys.new_empty(shape), filled.values.new_empty(shape))
-            for j, i in enumerate(group):
-                layer.keys[i, :, width - lengths[i]:width] = filled.keys[j, :, :lengths[i]]
-                layer.values[i, :, width - lengths[i]:width] = filled.values[j, :, :lengths[i]]
+            for i, (row, a, b) in zip(group, spans, strict=True):
+                layer.keys[i, :, width - lengths[i]:width] = filled.keys[row, :, a:b]
+                layer.values[i, :, width - lengths[i]:width] = filled.values[row, :, a:b]
     for layer in cache.layers:
         layer.cumulative_length.fill_(width)
     return cache, torch.cat(logits)

@@ -23,7 +23,7 @@ import torch
 
 from humpback_nb.config import CurateConfig, GenerateConfig
 from humpback_nb.infra.batches import in_batches
-from humpback_nb.infra.decode import generate_records, next_token_logits, prefix_cache, shared_prefix_logits
+from humpback_nb.infra.decode import generate_records, next_token_logits, packed_logits, prefix_cache
 from humpback_nb.method.prompts import curation_messages, fit_text, prompt_ids, rendered_ids
 
 SCORES = (1, 2, 3, 4, 5)
@@ -131,7 +131,7 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: Curate
 
 
 def _prefix_cache(model, prefix_ids: list[int]):
-    """The rubric's keys and values: layer by layer for the CPU's shared-prefix attention, else a transformers cache
+    """The rubric's keys and values: layer by layer for the CPU's packed attention, else a transformers cache
     that each batch copies for its rows."""
     if model.device.type == "cpu":
         return prefix_cache(model, prefix_ids)
@@ -144,7 +144,7 @@ def _last_logits(model, prefix_ids: list[int], rests: list[list[int]], rubric, p
     if rubric is None:
         return next_token_logits(model, [prefix_ids + r for r in rests], pad_id)
     if isinstance(rubric, list):
-        return shared_prefix_logits(model, rubric, rests, pad_id)
+        return packed_logits(model, rests, rubric)
     cache = copy.deepcopy(rubric)
     cache.batch_repeat_interleave(len(rests))
     return next_token_logits(model, rests, pad_id, cache=cache)

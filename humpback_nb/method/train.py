@@ -104,8 +104,8 @@ def mean_loss(model, tokenizer, examples: list[dict[str, list[int]]], batch_size
 
 def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch. No attention mask is needed: with causal attention a real token never sees the pads
-    after it, and pads are out of the loss. `logits_to_keep` lists the positions whose next token is learned
-    in some row: only there are the vocabulary logits computed."""
+    after it, and pads are out of the loss. `logits_to_keep` marks the positions whose next token is learned
+    (`loss_mask`): only there are the vocabulary logits computed, one row of logits each."""
     width = max(len(f["input_ids"]) for f in features)
     batch = {"input_ids": [], "labels": []}
     for f in features:
@@ -113,25 +113,32 @@ def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[s
         batch["input_ids"].append(f["input_ids"] + [pad_token_id] * pad)
         batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
     tensors = {key: torch.tensor(value) for key, value in batch.items()}
-    tensors["logits_to_keep"] = loss_positions(tensors["labels"])
+    tensors["logits_to_keep"] = loss_mask(tensors["labels"])
     return tensors
 
 
-def loss_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions p whose logits predict a learned token (labels[:, p + 1] is not IGNORE_INDEX in some row)."""
-    positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-    return positions if len(positions) else torch.tensor([labels.shape[1] - 2])
+def loss_mask(labels: torch.Tensor) -> torch.Tensor:
+    """True at each position p whose logits predict a learned token (labels[:, p + 1] is not IGNORE_INDEX).
+
+    Given as `logits_to_keep`, transformers (5.21 on) computes the vocabulary head on those positions alone and
+    returns their logits as rows (learned tokens, vocabulary), in the order of the mask. Positions shared by the
+    whole batch, the older form, computed the head on prompt tokens of the other rows too, and the gradient of
+    selecting the learned rows then filled a zero tensor of the whole batch's logits: a tenth of a training step."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
 
 
 def output_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Cross-entropy of the learned tokens, from logits computed at `loss_positions(labels)` only; summed and
+    """Cross-entropy of the learned tokens, from the logits computed at `loss_mask(labels)` only; summed and
     divided by the number of learned tokens in the whole (accumulated) batch."""
-    keep = loss_positions(labels).to(labels.device)
-    targets = labels[:, keep + 1].reshape(-1)
-    learned = targets != IGNORE_INDEX
-    logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])[learned]  # rows of learned tokens, contiguous
-    total = torch.nn.functional.cross_entropy(logits.float(), targets[learned], reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else learned.sum()
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
+    logits = outputs.logits
+    if logits.dim() != 2 or len(logits) != len(targets):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(targets)} learned tokens: the model must be "
+                         "called with logits_to_keep=loss_mask(labels) (pad_batch), which needs transformers >= 5.21")
+    total = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else len(targets)
     return total / count
 
 
