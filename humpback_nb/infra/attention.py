@@ -13,6 +13,8 @@ prefix whose keys and values every row shares (the rater's rubric), a row at a t
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 NAME = "humpback_cpu"
@@ -84,10 +86,10 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     prefix_keys, prefix_values = prefix_layers[module.layer_idx] if prefix_layers else (None, None)
     start = prefix_keys.shape[2] if prefix_keys is not None else 0
     scale = scaling if scaling is not None else size**-0.5
-    bounds = cu_seq_lens_q.tolist()
-    causal = _causal_mask(max(b - a for a, b in zip(bounds, bounds[1:], strict=False)), query.dtype, query.device)
+    spans = list(itertools.pairwise(cu_seq_lens_q.tolist()))  # (first, end) of each row
+    causal = _causal_mask(max(b - a for a, b in spans), query.dtype, query.device)
     out = torch.empty_like(query[0])  # (heads, length, size)
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in spans:
         n = b - a
         stacked = (query[0, :, a:b] * scale).reshape(kv_heads, groups * n, size)  # a key/value head's queries
         scores = query.new_empty(kv_heads, groups * n, start + n)

@@ -138,8 +138,7 @@ def packed_logits(model, rows: Sequence[Sequence[int]], prefix: list[tuple[torch
         model.set_attn_implementation(attention.register_packed())
         with torch.inference_mode():
             logits = model(input_ids=ids, position_ids=position, past_key_values=cache, use_cache=cache is not None,
-                           logits_to_keep=(bounds[1:] - 1).to(model.device), cu_seq_lens_q=bounds,
-                           cu_seq_lens_k=bounds).logits
+                           logits_to_keep=(bounds[1:] - 1).to(model.device), cu_seq_lens_q=bounds).logits
     finally:
         model.set_attn_implementation(before)
         attention.prefix_layers.clear()
