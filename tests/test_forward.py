@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from humpback_nb.config import ModelConfig
+from humpback_nb.infra import attention
 from humpback_nb.infra.decode import next_token_logits, packed_logits, prefix_cache
 from humpback_nb.infra.models import load_model
 from humpback_nb.method.judges import LocalJudge, judge_both_orders
@@ -45,9 +46,12 @@ def test_next_token_logits_after_a_shared_prefix(fp32):
         torch.testing.assert_close(logits, alone(model, prefix + rest), atol=1e-4, rtol=1e-4)
 
 
-def test_rows_packed_after_a_prefix_held_once_equal_each_whole_prompt_alone(fp32):
+@pytest.mark.parametrize("block", [256, 3])
+def test_rows_packed_after_a_prefix_held_once_equal_each_whole_prompt_alone(fp32, block, monkeypatch):
     # The rater's path on a CPU: the rubric's keys and values computed once, rows of different lengths packed into
-    # one sequence without padding, each attending to the prefix and causally to itself.
+    # one sequence without padding, each attending to the prefix and causally to itself; long rows (here: longer
+    # than 3 tokens) a block of queries at a time, each block against the keys up to its own end.
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     model, tokenizer = fp32
     prefix = tokenizer("Rate the answer below from 1 to 5.\n")["input_ids"]
     rests = [tokenizer(t, add_special_tokens=False)["input_ids"]
@@ -57,6 +61,18 @@ def test_rows_packed_after_a_prefix_held_once_equal_each_whole_prompt_alone(fp32
     for rest, logits in zip(rests, packed, strict=True):
         torch.testing.assert_close(logits, alone(model, prefix + rest), atol=1e-4, rtol=1e-4)
     assert model.config._attn_implementation != "humpback_packed"  # the model's own attention is back
+
+
+@pytest.mark.parametrize("block", [256, 2])
+def test_rows_packed_without_a_prefix_equal_each_row_alone(fp32, block, monkeypatch):
+    # How prompts are read before decoding on a CPU, and the local judge's prompts: packed, no prefix.
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+    model, tokenizer = fp32
+    rows = [tokenizer(t)["input_ids"] for t in ("Whales sing to each other across whole ocean basins", "Krill",
+                                                "Songs change from year to year")]
+    packed = packed_logits(model, rows)
+    for row, logits in zip(rows, packed, strict=True):
+        torch.testing.assert_close(logits, alone(model, row), atol=1e-4, rtol=1e-4)
 
 
 def answers(texts: list[str], generator: str) -> list[dict]:

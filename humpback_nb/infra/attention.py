@@ -20,6 +20,7 @@ import torch
 NAME = "humpback_cpu"
 PACKED = "humpback_packed"  # rows packed into one sequence, after a prefix whose keys and values are held once
 prefix_layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # that prefix's (keys, values) by layer, while it runs
+QUERY_BLOCK = 256  # packed_attention: a long row's queries this many at a time (256 beat 128 and whole rows)
 MAX_LENGTH = 2048  # longer sequences go to SDPA's kernel: the scores would take length^2 memory per head
 _masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
@@ -80,28 +81,32 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     A row at a time: a batch's scores at once (rows x heads x length x prefix + length) are a hundred megabytes
     after a 500-token rubric, and writing, masking and normalising them from memory took twice as long as a row's
-    scores, which stay in the cache. Packed rows waste nothing on padding."""
+    scores, which stay in the cache. Packed rows waste nothing on padding. A long row's queries go `QUERY_BLOCK` at a
+    time, each block against the keys up to its own end only: the scores above the diagonal, which the causal mask
+    would zero, are never computed (a 700-token prompt's attention in three blocks instead of one square)."""
     _, heads, _, size = query.shape
     kv_heads, groups = key.shape[1], heads // key.shape[1]
     prefix_keys, prefix_values = prefix_layers[module.layer_idx] if prefix_layers else (None, None)
     start = prefix_keys.shape[2] if prefix_keys is not None else 0
     scale = scaling if scaling is not None else size**-0.5
     spans = list(itertools.pairwise(cu_seq_lens_q.tolist()))  # (first, end) of each row
-    causal = _causal_mask(max(b - a for a, b in spans), query.dtype, query.device)
+    causal = _causal_mask(min(QUERY_BLOCK, max(b - a for a, b in spans)), query.dtype, query.device)
     out = torch.empty_like(query[0])  # (heads, length, size)
     for a, b in spans:
-        n = b - a
-        stacked = (query[0, :, a:b] * scale).reshape(kv_heads, groups * n, size)  # a key/value head's queries
-        scores = query.new_empty(kv_heads, groups * n, start + n)
-        if start:
-            torch.matmul(stacked, prefix_keys[0].transpose(-1, -2), out=scores[..., :start])
-        torch.matmul(stacked, key[0, :, a:b].transpose(-1, -2), out=scores[..., start:])
-        scores.view(kv_heads, groups, n, start + n)[..., start:] += causal[:n, :n]
-        weights = torch.softmax(scores, dim=-1)
-        row = torch.matmul(weights[..., start:], value[0, :, a:b])
-        if start:
-            row += torch.matmul(weights[..., :start], prefix_values[0])
-        out[:, a:b] = row.view(heads, n, size)
+        for first in range(a, b, QUERY_BLOCK):  # queries first:end of the row a:b see its keys a:end
+            end = min(b, first + QUERY_BLOCK)
+            n, seen = end - first, end - a
+            stacked = (query[0, :, first:end] * scale).reshape(kv_heads, groups * n, size)  # by key/value head
+            scores = query.new_empty(kv_heads, groups * n, start + seen)
+            if start:
+                torch.matmul(stacked, prefix_keys[0].transpose(-1, -2), out=scores[..., :start])
+            torch.matmul(stacked, key[0, :, a:end].transpose(-1, -2), out=scores[..., start:])
+            scores.view(kv_heads, groups, n, start + seen)[..., start + seen - n:] += causal[:n, :n]  # the diagonal
+            weights = torch.softmax(scores, dim=-1)
+            block = torch.matmul(weights[..., start:], value[0, :, a:end])
+            if start:
+                block += torch.matmul(weights[..., :start], prefix_values[0])
+            out[:, first:end] = block.view(heads, n, size)
     return out.transpose(0, 1)[None].contiguous(), None
 
 
