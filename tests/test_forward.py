@@ -144,3 +144,20 @@ def test_a_decoding_step_attends_as_sdpa_does_over_a_padded_cache():
     ours, _ = causal_attention(module, q, k, v, mask, scaling=0.25)
     theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_the_local_judge_reads_the_opening_all_prompts_share_once_and_equals_each_whole_prompt(fp32):
+    from humpback_nb.method.judges import ANSWER_PREFIX, JUDGE_PROMPT, MIN_SHARED_PREFIX, shared_prefix_length
+    from humpback_nb.method.prompts import prompt_ids
+
+    model, tokenizer = fp32
+    judge = LocalJudge(model, tokenizer, batch_size=2)
+    questions = [("Why do whales sing?", "To find each other.", "Because."),
+                 ("Name an ocean.", "A lake.", "The Pacific."),
+                 ("What do krill eat?", "Phytoplankton, mostly.", "Fish and chips.")]
+    rows = [prompt_ids(tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(instruction=q, a=a, b=b)}])
+            + tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"] for q, a, b in questions]
+    assert shared_prefix_length(rows) >= MIN_SHARED_PREFIX  # the path under test: the opening read once
+    for row, got in zip(rows, judge.prefer_a_batch(questions), strict=True):
+        expected = torch.softmax(alone(model, row)[judge.letters].float(), dim=-1)[0].item()
+        assert got == pytest.approx(expected, abs=1e-4)

@@ -203,3 +203,13 @@ def test_all_unparsed_gives_no_win_rate(endpoint):
     result = compare(EndpointJudge(endpoint.url, "judge").prefer_a, answers(["x"], "m2"), answers(["y"], "m0"))
     assert result["overall"]["win_rate"] is None and result["overall"]["unparsed"] == 1
     assert position_bias(result["judgments"]) is None
+
+
+def test_the_shared_prefix_of_judge_prompts_leaves_a_token_of_each():
+    from humpback_nb.method.judges import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a row that is all prefix keeps its last token
+    assert shared_prefix_length([[1, 2, 3]]) == 2
+    assert shared_prefix_length([[7], [7]]) == 0
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
