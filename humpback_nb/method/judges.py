@@ -100,7 +100,7 @@ class LocalJudge:
             instruction=instruction, a=a[: self.max_chars], b=b[: self.max_chars])}]) + answer
             for instruction, a, b in questions]
         # On a CPU, the tokens every prompt opens with (chat template, system prompt and the judge's opening up to
-        # the instruction: 48 of a demo prompt's ~250) are read once, and each prompt's rest after them, packed.
+        # the instruction: 48 of a demo prompt's ~230) are read once, and each prompt's rest after them, packed.
         shared = shared_prefix_length(rows) if self.model.device.type == "cpu" else 0
         prefix = prefix_cache(self.model, rows[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
         preferences: list[float] = []
