@@ -205,3 +205,22 @@ def test_a_models_hash_leaves_out_where_training_is_reported(finished_tiny_run):
     manifest = yaml.safe_load(RunFiles(finished_tiny_run).model_manifest_file("m2").read_text())
     assert "report_to" not in manifest["settings"]["train"] and "lora_r" in manifest["settings"]["train"]
     assert manifest["hash"] == config_hash({"model": "m2", "settings": manifest["settings"]})
+
+
+@pytest.mark.slow
+def test_mean_loss_is_the_loss_per_output_token_whatever_the_order_and_batches(tokenizer):
+    from humpback_nb.config import ModelConfig
+    from humpback_nb.infra.models import load_model
+
+    model, _ = load_model(ModelConfig(dtype="float32"))
+    examples = forward_examples(tokenizer, PAIRS + [{"instruction": "Hi", "output": "Hello."}], [], max_length=128)
+    per_token = []
+    for e in examples:  # each example alone: its summed loss over its output tokens
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1].float()
+        targets = torch.tensor(e["labels"][1:])
+        per_token += torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX,
+                                                       reduction="none")[targets != IGNORE_INDEX].tolist()
+    expected = sum(per_token) / len(per_token)
+    assert mean_loss(model, tokenizer, examples, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert mean_loss(model, tokenizer, examples[::-1], batch_size=3) == pytest.approx(expected, rel=1e-4)

@@ -19,6 +19,7 @@ import torch
 from humpback_nb.config import GenerateConfig
 from humpback_nb.infra.batches import in_batches
 from humpback_nb.infra.guard import refuse_compute
+from humpback_nb.infra.linear import inference
 from humpback_nb.method.prompts import prompt_ids, turn_end_ids
 
 
@@ -87,7 +88,7 @@ def next_token_logits(model, rows: Sequence[Sequence[int]], pad_id: int, cache=N
     if cache is None and model.device.type == "cpu":
         return packed_logits(model, rows)
     ids, keep, where = _right_padded(rows, pad_id, model.device)
-    with torch.inference_mode():
+    with inference(model):
         logits = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
                        logits_to_keep=keep).logits
     return logits[torch.arange(len(rows), device=model.device), where]
@@ -108,7 +109,7 @@ def prefix_cache(model, prefix_ids: Sequence[int]) -> list[tuple[torch.Tensor, t
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
+    with inference(model):
         model(input_ids=torch.tensor([list(prefix_ids)], device=model.device), past_key_values=cache,
               use_cache=True, logits_to_keep=1)
     return [(layer.keys, layer.values) for layer in cache.layers]
@@ -136,7 +137,7 @@ def packed_logits(model, rows: Sequence[Sequence[int]], prefix: list[tuple[torch
     attention.prefix_layers[:] = prefix or []
     try:
         model.set_attn_implementation(attention.register_packed())
-        with torch.inference_mode():
+        with inference(model):
             logits = model(input_ids=ids, position_ids=position, past_key_values=cache, use_cache=cache is not None,
                            logits_to_keep=(bounds[1:] - 1).to(model.device), cu_seq_lens_q=bounds).logits
     finally:
@@ -167,7 +168,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     written: list[list[int]] = [[] for _ in range(rows)]
     stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=device)
-    with torch.inference_mode():
+    with inference(model):
         cache, logits = _prefill(model, input_ids, attention_mask, prefill_rows, width + max_new_tokens)
         mask = torch.cat([attention_mask, attention_mask.new_zeros(rows, max_new_tokens)], dim=1)
         position = position[:, -1:]

@@ -1,0 +1,119 @@
+"""Linear layers with their bf16 weights packed for oneDNN (infra/linear.py): the same products as nn.Linear, used
+only inside the kit's inference scopes and without gradients, and packed anew when a weight changes."""
+
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from humpback_nb.config import ModelConfig
+from humpback_nb.infra import linear
+from humpback_nb.infra.decode import next_token_logits
+from humpback_nb.infra.linear import PackedLinear, inference, packing, use_packed_linear
+from humpback_nb.infra.models import load_model
+
+pytestmark = pytest.mark.skipif(not linear._supported(), reason="this torch has no oneDNN packed-linear ops")
+
+
+def layer(bias: bool = False, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(96, 160, bias=bias, dtype=torch.bfloat16))
+    use_packed_linear(model)
+    return model
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 96), (5, 96), (3, 70, 96)])
+def test_packed_products_equal_nn_linear(bias, shape):
+    model = layer(bias)
+    assert type(model[0]) is PackedLinear
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        plain = nn.functional.linear(x, model[0].weight, model[0].bias)
+        with packing(model):
+            packed = model(x)
+    assert model[0] in linear._packs
+    assert packed.shape == plain.shape
+    torch.testing.assert_close(packed, plain)
+
+
+def test_the_pack_is_used_inside_the_scope_only_and_never_with_gradients():
+    model = layer()
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    with inference(model):
+        model(x)
+    mark, _ = linear._packs[model[0]]
+    # A pack of zeros in place of the real one shows where it is used.
+    linear._packs[model[0]] = mark, torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(model[0].weight), 64)
+    with torch.inference_mode():
+        with packing(model):
+            assert not model(x).any()  # used in the scope
+        assert model(x).any()  # not outside it
+    with packing(model):
+        out = model(x.requires_grad_())  # gradients wanted: nn.Linear's own forward
+    assert out.any() and out.requires_grad
+    out.float().sum().backward()
+    assert x.grad is not None and x.grad.any()
+
+
+@pytest.mark.parametrize("change", ["merge through .data", "in-place op on inner rows", "new tensor"])
+def test_a_weight_changed_after_packing_is_packed_anew(change):
+    model = layer()
+    weight = model[0].weight
+    x = torch.randn(6, 96, dtype=torch.bfloat16)
+    with inference(model):
+        model(x)
+    if change == "merge through .data":  # how peft merges a LoRA adapter: no version counter sees it
+        weight.data += torch.randn(160, 4, dtype=torch.bfloat16) @ torch.randn(4, 96, dtype=torch.bfloat16)
+    elif change == "in-place op on inner rows":
+        with torch.no_grad():
+            weight[40:50].mul_(3)
+    else:
+        model[0].weight = nn.Parameter(torch.randn(160, 96, dtype=torch.bfloat16))
+    with inference(model):
+        torch.testing.assert_close(model(x), nn.functional.linear(x, model[0].weight))
+
+
+def test_only_plain_bf16_linear_layers_are_packed():
+    model = nn.Sequential(nn.Linear(8, 8, dtype=torch.bfloat16), nn.Linear(8, 8), nn.Embedding(4, 8))
+    use_packed_linear(model)
+    assert [type(m).__name__ for m in model] == ["PackedLinear", "Linear", "Embedding"]
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight"]
+
+
+@pytest.mark.slow
+def test_a_bf16_model_reads_and_merges_as_without_packs(embedded_checkpoint, monkeypatch):
+    # The embedded model in bf16, as the kit runs it on a CPU: next-token logits with the packs equal those without,
+    # and after a LoRA adapter is merged into the weights the packs follow the merged weights.
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_model(ModelConfig(dtype="bfloat16"))
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 7 * model.config.num_hidden_layers + 1
+    rows = [tokenizer(t)["input_ids"] for t in ("Whales sing", "The song of the humpback whale carries far")]
+
+    def without_packs() -> torch.Tensor:
+        with monkeypatch.context() as m:  # no pack is made, so none is found
+            m.setattr(linear, "_packs", weakref.WeakKeyDictionary())
+            m.setattr(linear, "_refresh", lambda module: None)
+            return next_token_logits(model, rows, tokenizer.pad_token_id)
+
+    torch.testing.assert_close(next_token_logits(model, rows, tokenizer.pad_token_id), without_packs())
+    assert linear._packs
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = lora.merge_and_unload()
+    merged = next_token_logits(model, rows, tokenizer.pad_token_id)
+    torch.testing.assert_close(merged, without_packs())
+
+
+def test_a_layer_cast_or_moved_after_loading_runs_as_nn_linear():
+    model = layer()
+    x = torch.randn(3, 96)
+    with inference(model):
+        model(x.bfloat16())
+        assert model[0] in linear._packs
+    model.float()
+    with inference(model):
+        torch.testing.assert_close(model(x), nn.functional.linear(x, model[0].weight))
+    assert model[0] not in linear._packs
