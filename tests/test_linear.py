@@ -75,6 +75,19 @@ def test_a_weight_changed_after_packing_is_packed_anew(change):
         torch.testing.assert_close(model(x), nn.functional.linear(x, model[0].weight))
 
 
+def test_a_scope_packs_its_own_model_only():
+    one, other = layer(seed=1), layer(seed=2)
+    x = torch.randn(2, 96, dtype=torch.bfloat16)
+    with inference(other):
+        other(x)
+    mark, _ = linear._packs[other[0]]
+    linear._packs[other[0]] = mark, torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(other[0].weight), 64)
+    with inference(one):
+        assert other(x).any()  # another model's pack (here a wrong one) is not used in this model's scope
+        with inference(other):
+            assert not other(x).any()
+
+
 def test_only_plain_bf16_linear_layers_are_packed():
     model = nn.Sequential(nn.Linear(8, 8, dtype=torch.bfloat16), nn.Linear(8, 8), nn.Embedding(4, 8))
     use_packed_linear(model)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 _packs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PackedLinear -> (fingerprint, packed weight)
-_active = 0  # depth of `packing` scopes: the packs are used while it is above 0
+_depth: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PackedLinear -> `packing` scopes it is inside
 ROWS_HINT = 64  # oneDNN packs for this many rows; 24, 64 and 512 gave times within 5% at every batch size
 
 
@@ -33,7 +33,7 @@ class PackedLinear(nn.Linear):
     """`nn.Linear` that multiplies by its packed weight inside `packing`, without gradients."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pack = _packs.get(self) if _active else None
+        pack = _packs.get(self) if _depth.get(self) else None
         if pack is None or torch.is_grad_enabled() or x.dtype != torch.bfloat16:
             return super().forward(x)
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), pack[1], self.bias, "none", [], "")
@@ -51,17 +51,18 @@ def use_packed_linear(model: nn.Module) -> None:
 
 @contextmanager
 def packing(model: nn.Module):
-    """Within this, `model`'s `PackedLinear`s multiply by packed weights (packed or packed anew on entering)."""
-    global _active
-    if _active == 0:
-        for module in model.modules():
-            if isinstance(module, PackedLinear):
-                _refresh(module)
-    _active += 1
+    """Within this, `model`'s `PackedLinear`s multiply by packed weights (packed or packed anew on entering), and
+    no other model's."""
+    layers = [module for module in model.modules() if isinstance(module, PackedLinear)]
+    for module in layers:
+        if not _depth.get(module):
+            _refresh(module)
+        _depth[module] = _depth.get(module, 0) + 1
     try:
         yield
     finally:
-        _active -= 1
+        for module in layers:
+            _depth[module] -= 1
 
 
 @contextmanager
