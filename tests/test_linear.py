@@ -102,7 +102,7 @@ def test_a_bf16_model_reads_and_merges_as_without_packs(embedded_checkpoint, mon
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = load_model(ModelConfig(dtype="bfloat16"))
-    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 7 * model.config.num_hidden_layers + 1
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())  # a model that only trains stays as it is
     rows = [tokenizer(t)["input_ids"] for t in ("Whales sing", "The song of the humpback whale carries far")]
 
     def without_packs() -> torch.Tensor:
@@ -112,7 +112,8 @@ def test_a_bf16_model_reads_and_merges_as_without_packs(embedded_checkpoint, mon
             return next_token_logits(model, rows, tokenizer.pad_token_id)
 
     torch.testing.assert_close(next_token_logits(model, rows, tokenizer.pad_token_id), without_packs())
-    assert linear._packs
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 7 * model.config.num_hidden_layers + 1
+    assert all(m in linear._packs for m in model.modules() if isinstance(m, PackedLinear))
     torch.manual_seed(0)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     model = lora.merge_and_unload()

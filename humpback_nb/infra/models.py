@@ -23,7 +23,6 @@ from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.attention import use_cpu_attention
 from humpback_nb.infra.files import atomic_dir
 from humpback_nb.infra.guard import ModelError  # defined without torch, so that the CLI catches it cheaply
-from humpback_nb.infra.linear import use_packed_linear
 from humpback_nb.infra.sources import cache_dir, fetch
 from humpback_nb.method.prompts import BASE_TEMPLATE
 
@@ -219,7 +218,6 @@ def load_model(
                 _UNPACKED[key] = copy.deepcopy(model)
     if where.device == "cpu":
         use_cpu_attention(model)  # causal attention as two matrix products: a third of SDPA's time on a CPU
-        use_packed_linear(model)  # bf16 weights packed once for the inference loops (infra/linear.py)
     tokenizer = load_tokenizer(config)
     if adapter is not None:
         model = load_adapter(model, adapter)
