@@ -9,6 +9,7 @@ file the batches are resumable and shared by several processes (batches.py).
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,6 +145,29 @@ def packed_logits(model, rows: Sequence[Sequence[int]], prefix: list[tuple[torch
         model.set_attn_implementation(before)
         attention.prefix_layers.clear()
     return logits[0]
+
+
+def shared_prefix(model, prefix_ids: Sequence[int]):
+    """The keys and values of a prefix many prompts share (the rater's rubric, the judge's opening), for
+    `logits_after_prefix`: layer by layer for the CPU's packed attention, else a transformers cache that each batch
+    copies for its rows."""
+    if model.device.type == "cpu":
+        return prefix_cache(model, prefix_ids)
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([list(prefix_ids)], device=model.device), use_cache=True).past_key_values
+
+
+def logits_after_prefix(model, prefix_ids: Sequence[int], rests: Sequence[Sequence[int]], prefix, pad_id: int
+                        ) -> torch.Tensor:
+    """Logits of the next token after each prompt `prefix_ids + rest`, in one batch: the rests read after `prefix`
+    (`shared_prefix(model, prefix_ids)`), or each whole prompt when `prefix` is None."""
+    if prefix is None:
+        return next_token_logits(model, [list(prefix_ids) + list(r) for r in rests], pad_id)
+    if isinstance(prefix, list):
+        return packed_logits(model, rests, prefix)
+    cache = copy.deepcopy(prefix)
+    cache.batch_repeat_interleave(len(rests))
+    return next_token_logits(model, rests, pad_id, cache=cache)
 
 
 # -- the decoding loop ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ cannot see.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 
@@ -89,13 +90,13 @@ def _refresh(module: PackedLinear) -> None:
     if type(weight) is not torch.Tensor or weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         _packs.pop(module, None)  # sharded (FSDP's DTensor), moved or cast since: nn.Linear's own forward
         return
-    mark = _fingerprint(module.weight)
+    mark = _fingerprint(module.weight)  # the parameter: `.data` is an alias with a version counter of its own
     pack = _packs.get(module)
     if pack is None or pack[0] != mark:
-        with torch.no_grad():
-            _packs[module] = mark, torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), ROWS_HINT)
+        _packs[module] = mark, torch.ops.mkldnn._reorder_linear_weight(weight, ROWS_HINT)
 
 
+@functools.cache
 def _supported() -> bool:
     """torch has oneDNN with its packed-linear ops (a CPU build with mkldnn, as the kit's pinned torch is)."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")

@@ -13,7 +13,6 @@ Two raters, one interface (`rate`):
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from humpback_nb.config import CurateConfig, GenerateConfig
 from humpback_nb.infra.batches import in_batches
-from humpback_nb.infra.decode import generate_records, next_token_logits, packed_logits, prefix_cache
+from humpback_nb.infra.decode import generate_records, logits_after_prefix, shared_prefix
 from humpback_nb.method.prompts import curation_messages, fit_text, prompt_ids, rendered_ids
 
 SCORES = (1, 2, 3, 4, 5)
@@ -111,10 +110,10 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: Curate
             for p in pairs]
     order = sorted(range(len(pairs)), key=lambda i: (-len(rest[i]), i))
     batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-    rubric = _prefix_cache(model, prefix_ids) if reuse_prefix else None
+    rubric = shared_prefix(model, prefix_ids) if reuse_prefix else None
 
     def compute(number: int, batch: list[int]) -> list[dict[str, Any]]:
-        logits = _last_logits(model, prefix_ids, [rest[i] for i in batch], rubric, tokenizer.pad_token_id)
+        logits = logits_after_prefix(model, prefix_ids, [rest[i] for i in batch], rubric, tokenizer.pad_token_id)
         records = []
         for row, i in zip(torch.softmax(logits.float(), dim=-1), batch, strict=True):
             mass = row[digit_ids]
@@ -128,26 +127,6 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: Curate
     # a batch cut by a crash is rated whole again (the same rows give the same numbers); its missing rows are kept
     return in_batches([p["id"] for p in pairs], batches, compute, partial=partial, progress=progress,
                       desc="rating (logprob)", unit="pair")
-
-
-def _prefix_cache(model, prefix_ids: list[int]):
-    """The rubric's keys and values: layer by layer for the CPU's packed attention, else a transformers cache
-    that each batch copies for its rows."""
-    if model.device.type == "cpu":
-        return prefix_cache(model, prefix_ids)
-    with torch.inference_mode():
-        return model(input_ids=torch.tensor([prefix_ids], device=model.device), use_cache=True).past_key_values
-
-
-def _last_logits(model, prefix_ids: list[int], rests: list[list[int]], rubric, pad_id: int) -> torch.Tensor:
-    """Logits of the next token after each prompt (prefix + rest), in one batch."""
-    if rubric is None:
-        return next_token_logits(model, [prefix_ids + r for r in rests], pad_id)
-    if isinstance(rubric, list):
-        return packed_logits(model, rests, rubric)
-    cache = copy.deepcopy(rubric)
-    cache.batch_repeat_interleave(len(rests))
-    return next_token_logits(model, rests, pad_id, cache=cache)
 
 
 RATERS = {"logprob": rate_logprob, "generate": rate_generate}

@@ -92,7 +92,7 @@ class LocalJudge:
 
     def prefer_a_batch(self, questions: list[tuple[str, str, str]]) -> list[float]:
         """`prefer_a` of each (instruction, a, b), `batch_size` prompts a forward pass."""
-        from humpback_nb.infra.decode import next_token_logits, packed_logits, prefix_cache
+        from humpback_nb.infra.decode import logits_after_prefix, shared_prefix
         from humpback_nb.method.prompts import prompt_ids
 
         answer = self.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
@@ -102,12 +102,12 @@ class LocalJudge:
         # On a CPU, the tokens every prompt opens with (chat template, system prompt and the judge's opening up to
         # the instruction: 48 of a demo prompt's ~230) are read once, and each prompt's rest after them, packed.
         shared = shared_prefix_length(rows) if self.model.device.type == "cpu" else 0
-        prefix = prefix_cache(self.model, rows[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
+        shared = shared if shared >= MIN_SHARED_PREFIX else 0
+        prefix = shared_prefix(self.model, rows[0][:shared]) if shared else None
         preferences: list[float] = []
         for start in range(0, len(rows), self.batch_size):
-            batch = rows[start : start + self.batch_size]
-            logits = (packed_logits(self.model, [row[shared:] for row in batch], prefix) if prefix is not None
-                      else next_token_logits(self.model, batch, self.tokenizer.pad_token_id))
+            rests = [row[shared:] for row in rows[start : start + self.batch_size]]
+            logits = logits_after_prefix(self.model, rows[0][:shared], rests, prefix, self.tokenizer.pad_token_id)
             preferences += torch.softmax(logits[:, self.letters].float(), dim=-1)[:, 0].tolist()
         return preferences
 
