@@ -1,11 +1,13 @@
 """The model out of a run: `humpback export` writes a merged model plain transformers loads and answers with as the
 kit does; `humpback chat` answers piped questions as the evaluation answers."""
 
+import copy
 import io
 import json
 from dataclasses import replace
 
 import pytest
+from numerics import assert_same_greedy_path, logit_tolerance
 
 from humpback_nb.cli import main
 from humpback_nb.config import load_config
@@ -23,37 +25,65 @@ def exported(finished_tiny_run, tmp_path_factory):
     return target
 
 
-def test_plain_transformers_loads_the_export_and_answers_as_the_kit_does(finished_tiny_run, exported):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from humpback_nb.infra.decode import chat
+@pytest.fixture(scope="module")
+def kit_merged(finished_tiny_run):
+    """The kit's own M2 as its answers are written: the run's base in bf16 with the LoRA adapter merged in."""
     from humpback_nb.infra.models import load_trained
-    from humpback_nb.method.prompts import TAGS, forward_messages, prompt_ids, turn_end_ids
+
+    config = load_config(RunFiles(finished_tiny_run).config_file())
+    return load_trained(replace(config.model, dtype="bfloat16"), RunFiles(finished_tiny_run).model_dir("m2"))
+
+
+def test_the_export_holds_the_kits_merged_weights_and_format(exported, kit_merged):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from humpback_nb.method.prompts import forward_messages, prompt_ids, turn_end_ids
 
     assert sorted(p.name for p in exported.glob("*.safetensors")) == ["model.safetensors"]
     assert not (exported / "adapter_config.json").exists() and (exported / "generation_config.json").is_file()
-    config = load_config(RunFiles(finished_tiny_run).config_file())
-    model = AutoModelForCausalLM.from_pretrained(exported)  # no trust_remote_code, no peft
+    kit_model, kit_tokenizer = kit_merged
+    # Like with like: the export and the kit both merge the adapter with peft into the same bf16 base, in this
+    # process on this CPU, so every weight is the same bit for bit.
+    theirs, ours = load_file(exported / "model.safetensors"), kit_model.state_dict()
+    assert set(theirs) <= set(ours) and set(ours) - set(theirs) <= {"lm_head.weight"}  # tied to the embeddings
+    assert all(theirs[name].dtype == torch.bfloat16 and torch.equal(theirs[name], ours[name]) for name in theirs)
+    # The run's prompt format (this base has no chat template: the kit's base-model format) and its turn ends
     tokenizer = AutoTokenizer.from_pretrained(exported)
-    assert model.dtype == torch.bfloat16  # the base's dtype
-    # the run's tokenizer format (this base has no chat template: the kit's base-model format) and its turn ends
-    kit_model, kit_tokenizer = load_trained(replace(config.model, dtype="bfloat16"),
-                                            RunFiles(finished_tiny_run).model_dir("m2"))
     messages = forward_messages(QUESTION, "S_a+S_w")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     assert ids["input_ids"][0].tolist() == prompt_ids(kit_tokenizer, messages)
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == turn_end_ids(kit_tokenizer)
-    # The same answer, greedy, in float32: in bf16 the kit's CPU attention and SDPA round differently, and 16 greedy
-    # tokens can part at a near tie, which says nothing of the export.
-    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
-    kit_model, kit_tokenizer = load_trained(replace(config.model, dtype="float32"),
-                                            RunFiles(finished_tiny_run).model_dir("m2"))
-    generated = model.generate(**ids, do_sample=False, max_new_tokens=16)
-    theirs = tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    settings = replace(config.generate, max_new_tokens=16)
-    ours = chat(kit_model, kit_tokenizer, QUESTION, system=TAGS["S_a+S_w"], settings=settings, greedy=True)
-    assert theirs == ours and ours
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_plain_transformers_answers_with_the_export_as_the_kit_does(exported, kit_merged, dtype):
+    """Plain transformers on the exported folder against the kit's decoding loop on its own merged M2, the same
+    weights in the same dtype (bf16 weights read as float32 are the same numbers): greedy tokens alike wherever the
+    logits decide them on any CPU (numerics.py), the logits within the dtype's tolerance at every step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from humpback_nb.infra.decode import decode, next_token_logits
+    from humpback_nb.method.prompts import forward_messages, prompt_ids, turn_end_ids
+
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=dtype)  # no trust_remote_code, no peft
+    assert AutoModelForCausalLM.from_pretrained(exported).dtype == torch.bfloat16  # the base's dtype by default
+    kit_model, tokenizer = kit_merged
+    kit_model = copy.deepcopy(kit_model).to(getattr(torch, dtype))
+    prompt = prompt_ids(tokenizer, forward_messages(QUESTION, "S_a+S_w"))
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+                             output_logits=True, return_dict_in_generate=True)  # stops at generation_config's EOS
+    theirs, their_logits = out.sequences[0, len(prompt):].tolist(), torch.cat(out.logits)
+    kit_logits = next_token_logits(kit_model, [prompt + theirs[:t] for t in range(len(theirs))],
+                                   tokenizer.pad_token_id)
+    ours = decode(kit_model, ids, torch.ones_like(ids), 16, turn_end_ids(tokenizer), greedy=True)[0]
+    assert ours and theirs
+    assert_same_greedy_path(theirs, their_logits, kit_logits, ours, logit_tolerance(getattr(torch, dtype),
+                                                                                   their_logits))
 
 
 def test_export_refuses_a_model_the_run_lacks_and_a_folder_in_use(finished_tiny_run, exported, tmp_path, capsys):
