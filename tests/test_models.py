@@ -1,5 +1,6 @@
 import pytest
 import torch
+from numerics import logit_tolerance, margins
 
 from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.decode import chat
@@ -71,7 +72,12 @@ def test_4bit_unpacked_once_on_cpu_computes_what_bitsandbytes_computes(embedded_
     batch = tokenizer(["Humpback whales sing long songs in the winter because"], return_tensors="pt")
     with torch.inference_mode():
         a, b = packed(**batch).logits.float(), unpacked(**batch).logits.float()
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    # the same NF4 values through bitsandbytes' kernel and through torch's: within bf16's tolerance (numerics.py),
+    # the same argmax wherever the margin decides it
+    tolerance = logit_tolerance(torch.bfloat16, a)
+    assert float((a - b).abs().max()) <= tolerance
+    decided = margins(a) > 2 * tolerance
+    assert torch.equal(a.argmax(-1)[decided], b.argmax(-1)[decided])
 
 
 def test_the_unpacked_base_model_is_quantized_once_and_copied_after(embedded_checkpoint, tmp_path):
@@ -131,11 +137,14 @@ def test_lora_trains_saves_and_reloads_identically(embedded_checkpoint, tmp_path
     with torch.inference_mode():
         again = resumed(**batch).logits.float()
     assert torch.equal(trained, again)
-    # Reloaded for inference (QLoRA keeps norms and embeddings in bf16 then), it agrees closely.
+    # Reloaded for inference, it agrees within bf16's rounding: the adapter merged into bf16 weights (QLoRA: kept
+    # apart, with norms and embeddings in bf16), so the same argmax wherever the margin decides it (numerics.py).
     reloaded, _ = load_model(spec, adapter=path)
     with torch.inference_mode():
         served = reloaded(**batch).logits.float()
-    assert (served.argmax(-1) == trained.argmax(-1)).float().mean() >= 0.9
+    tolerance = logit_tolerance(torch.bfloat16, trained)
+    decided = margins(trained) > 2 * tolerance
+    assert decided.any() and torch.equal(served.argmax(-1)[decided], trained.argmax(-1)[decided])
     plain, _ = load_model(spec)
     with torch.inference_mode():
         untrained = plain(**batch).logits.float()
