@@ -1,8 +1,10 @@
 """One forward pass for many prompts: the next token's logits of right-padded rows, after a shared prefix, and the
-local judge that reads many pairs at once. In float32, so that a batch and a row alone agree to rounding."""
+local judge that reads many pairs at once. In float32, so that a batch and a row alone agree to float32's rounding
+(numerics.py)."""
 
 import pytest
 import torch
+from numerics import logit_tolerance
 
 from humpback_nb.config import ModelConfig
 from humpback_nb.infra import attention
@@ -19,6 +21,12 @@ def fp32(embedded_checkpoint):
     return load_model(ModelConfig(dtype="float32"))
 
 
+def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """Two paths' float32 logits of the same model within float32's tolerance (numerics.py); a wrong mask, position
+    or block parts them by tenths or more."""
+    torch.testing.assert_close(ours, theirs, atol=logit_tolerance(torch.float32, theirs), rtol=0)
+
+
 def alone(model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         return model(input_ids=torch.tensor([ids])).logits[0, -1]
@@ -31,7 +39,7 @@ def test_next_token_logits_of_padded_rows_equal_each_row_alone(fp32):
     batched = next_token_logits(model, rows, tokenizer.pad_token_id)
     assert batched.shape == (4, model.config.vocab_size)
     for row, logits in zip(rows, batched, strict=True):
-        torch.testing.assert_close(logits, alone(model, row), atol=1e-4, rtol=1e-4)
+        assert_logits_close(logits, alone(model, row))
 
 
 def test_next_token_logits_after_a_shared_prefix(fp32):
@@ -43,7 +51,7 @@ def test_next_token_logits_after_a_shared_prefix(fp32):
     cache.batch_repeat_interleave(len(rests))
     batched = next_token_logits(model, rests, tokenizer.pad_token_id, cache=cache)
     for rest, logits in zip(rests, batched, strict=True):
-        torch.testing.assert_close(logits, alone(model, prefix + rest), atol=1e-4, rtol=1e-4)
+        assert_logits_close(logits, alone(model, prefix + rest))
 
 
 @pytest.mark.parametrize("block", [256, 3])
@@ -59,7 +67,7 @@ def test_rows_packed_after_a_prefix_held_once_equal_each_whole_prompt_alone(fp32
     packed = packed_logits(model, rests, prefix_cache(model, prefix))
     assert packed.shape == (3, model.config.vocab_size)
     for rest, logits in zip(rests, packed, strict=True):
-        torch.testing.assert_close(logits, alone(model, prefix + rest), atol=1e-4, rtol=1e-4)
+        assert_logits_close(logits, alone(model, prefix + rest))
     assert model.config._attn_implementation != "humpback_packed"  # the model's own attention is back
 
 
@@ -72,7 +80,7 @@ def test_rows_packed_without_a_prefix_equal_each_row_alone(fp32, block, monkeypa
                                                 "Songs change from year to year")]
     packed = packed_logits(model, rows)
     for row, logits in zip(rows, packed, strict=True):
-        torch.testing.assert_close(logits, alone(model, row), atol=1e-4, rtol=1e-4)
+        assert_logits_close(logits, alone(model, row))
 
 
 def answers(texts: list[str], generator: str) -> list[dict]:
@@ -125,7 +133,7 @@ def test_models_on_the_cpu_use_it_and_give_sdpas_logits(fp32):
         model.set_attn_implementation("sdpa")
         theirs = model(input_ids=ids).logits
         model.set_attn_implementation("humpback_cpu")
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert_logits_close(ours, theirs)
 
 
 def test_a_decoding_step_attends_as_sdpa_does_over_a_padded_cache():

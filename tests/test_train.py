@@ -133,7 +133,9 @@ def test_training_batches_need_no_attention_mask_and_count_model_flops(embedded_
     with torch.inference_mode():
         plain = output_loss(model(**batch), labels)
         masked = output_loss(model(**batch, attention_mask=mask), labels)
-    assert torch.allclose(plain, masked, atol=1e-5)
+    # two attention paths (the kit's without a mask, SDPA with one) in float32 agree to float32's rounding on a
+    # loss of ~3, whatever the CPU; a wrong mask or position moves it by far more than 1e-4 of it
+    assert torch.allclose(plain, masked, rtol=1e-4, atol=0)
 
     model = attach_lora_for_test(model)
     model.config._attn_implementation = "eager"  # attention as plain matmuls, which torch counts
