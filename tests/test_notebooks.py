@@ -102,10 +102,13 @@ def test_after_a_change_of_learning_rate_every_model_is_trained_again(finished_t
 
     changed = ["--set", "train.learning_rate=3e-4", "--set", "train.final_learning_rate=2.7e-4"]
     subprocess.run([*command, "--run-dir", str(copy), *changed], check=True, capture_output=True, timeout=900)
-    files = RunFiles(copy)
-    assert sorted(p.name for p in files.models_dir().iterdir()) == before
-    assert {model: files.train_log(model)["steps"][0]["lr"] for model in before} == {model: 3e-4 for model in before}
-    rows = RunFolder(copy).status()
+    files, rows = RunFiles(copy), RunFolder(copy).status()
+    # Which Figure 3 models there are depends on how many candidates each quality keeps, which the retrained models
+    # decide anew (and which the CPU's rounding can move): the models are those the finished stages name, no others.
+    after = sorted(model["model"] for row in rows for model in row["models"])
+    assert sorted(p.name for p in files.models_dir().iterdir()) == after
+    assert {"backward", "m0", "m1", "m2", "m2_untagged"} <= set(after) and any("scaling_" in m for m in after)
+    assert {model: files.train_log(model)["steps"][0]["lr"] for model in after} == {model: 3e-4 for model in after}
     assert all(row["state"] == "done" for row in rows)
     assert all(model["state"] == "done" for row in rows for model in row["models"])
 
