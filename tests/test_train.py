@@ -226,3 +226,36 @@ def test_mean_loss_is_the_loss_per_output_token_whatever_the_order_and_batches(t
     expected = sum(per_token) / len(per_token)
     assert mean_loss(model, tokenizer, examples, batch_size=2) == pytest.approx(expected, rel=1e-4)
     assert mean_loss(model, tokenizer, examples[::-1], batch_size=3) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_training_runs_with_the_configured_dropout(embedded_checkpoint, method):
+    # The paper's dropout 0.1. Full fine-tuning: LLaMA's attention dropout, which each attention layer copies when
+    # it is built, so it must be in the config before; LoRA: dropout on the adapters' input.
+    from humpback_nb.config import ModelConfig, TrainConfig
+    from humpback_nb.method.train import model_for_training
+
+    model, tokenizer = model_for_training(ModelConfig(dtype="float32"), TrainConfig(method=method, dropout=0.1))
+    if method == "full":
+        layers = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+        assert len(layers) == model.config.num_hidden_layers and model.config.attention_dropout == 0.1
+        assert all(layer.attention_dropout == 0.1 for layer in layers)
+    else:
+        dropouts = [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
+        assert dropouts and all(d.p == 0.1 for d in dropouts)
+        with torch.no_grad():  # B starts at zero, which hides what reaches A: give the adapters some weight
+            for name, weight in model.named_parameters():
+                if "lora_B" in name:
+                    weight.normal_(std=0.1)
+    batch = tokenizer(["Humpback whales sing long, complex songs in the winter."], return_tensors="pt")
+
+    def forward(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(**batch).logits
+
+    model.train()
+    assert not torch.equal(forward(0), forward(1))  # other masks, other logits
+    model.eval()
+    assert torch.equal(forward(0), forward(1))  # no dropout when answering

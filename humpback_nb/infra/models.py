@@ -180,18 +180,31 @@ def load_model(
     quantization: str | None = None,
     adapter: str | Path | None = None,
     merge: bool = True,
+    attention_dropout: float | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """Load (model, tokenizer) for a model spec, in full precision or 4-bit NF4, with an optional adapter.
 
     `spec` is a `ModelConfig` or a model name; `quantization` ("none" or "4bit") overrides the
     config's. The tokenizer pads on the left, as batched generation needs. An adapter on dense weights is
     merged into them (`merge`), which makes inference cheaper; on packed 4-bit weights it stays apart.
+    `attention_dropout` goes into the model's config before the model is built: LLaMA's attention layers copy
+    it when they are made, so setting it afterwards changes nothing.
     """
     config = ModelConfig(name=spec) if isinstance(spec, str) else spec
     quantization = quantization or config.quantization
     where = runtime(config.device, config.dtype)
     source = resolve(config.name)
     kwargs: dict = {"dtype": where.dtype, "use_safetensors": True, "trust_remote_code": False}
+    if attention_dropout is not None:
+        from transformers import AutoConfig
+
+        with _hub(config.name, source):
+            settings = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        if not hasattr(settings, "attention_dropout"):
+            raise ModelError(f"{config.name}: its config ({settings.model_type}) has no attention_dropout, so "
+                             "train.dropout cannot apply to full fine-tuning; set train.dropout: 0")
+        settings.attention_dropout = attention_dropout
+        kwargs["config"] = settings
     if quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -312,6 +312,19 @@ def training_plan(n_examples: int, train: TrainConfig) -> TrainConfig:
     return replace(train, batch_size=train.batch_size or batch, max_steps=train.max_steps or steps)
 
 
+def model_for_training(base: ModelConfig, plan: TrainConfig):
+    """(model, tokenizer) as training starts: LoRA adapters with dropout `plan.dropout` on the base (QLoRA on a 4-bit
+    base), or for full fine-tuning every weight trainable and the model built with attention dropout `plan.dropout`
+    (LLaMA's one dropout: the paper's 0.1 goes there)."""
+    if plan.method == "lora":
+        model, tokenizer = load_model(base)
+        set_seed(plan.random_seed)  # LoRA's initial weights come from the random generator: same seed, same start
+        return attach_lora(model, plan), tokenizer
+    model, tokenizer = load_model(base, attention_dropout=plan.dropout)
+    set_seed(plan.random_seed)
+    return model.requires_grad_(True), tokenizer
+
+
 def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: TrainConfig, out_dir: str | Path,
                 log=print, checkpoints: str | Path | None = None, desc: str | None = None) -> dict[str, Any]:
     """Fine-tune the base model `base` on encoded examples with `train`; save it (adapter or full) to `out_dir`.
@@ -335,13 +348,7 @@ def train_model(examples: list[dict[str, list[int]]], base: ModelConfig, train: 
         raise ValueError("full fine-tuning needs model.quantization: none (4-bit weights cannot be trained)")
     check_launch(plan.method)
     check_trackers(plan.report_to)
-    model, tokenizer = load_model(base)
-    set_seed(plan.random_seed)  # LoRA's initial weights come from the random generator: the same seed, the same start
-    if plan.method == "lora":
-        model = attach_lora(model, plan)
-    else:
-        model.config.attention_dropout = plan.dropout  # the paper's dropout 0.1 on full fine-tuning
-        model.requires_grad_(True)
+    model, tokenizer = model_for_training(base, plan)
     where = runtime(base.device, base.dtype)
     world = processes().world  # under a launch of N processes (DDP or FSDP), each accumulates 1/N of the batch
     micro = min(plan.micro_batch_size, plan.batch_size // world)
