@@ -303,8 +303,9 @@ def measure_lengths(config: HumpbackConfig) -> tuple[Lengths, int]:
         segment = [paper("augmented")[1]]
         curated = {"A": [paper("A5")], "top A5 share": [paper("A5")], "top A4 share": [paper("A4")],
                    "no curation": [paper("augmented")]}
-        sources["segments"] = ("paper: Table 2 means over chars_per_token: candidates 1,722 characters, A_k and the "
-                               "top 8.3% as A5 (115, 1,663), the top 38.8% as A4 (206, 1,985)")
+        sources["segments"] = ("paper: Table 2 means over chars_per_token: candidates 1,722 characters, A_k and A5 "
+                               "(the logprob rater's top 8.3%) at A5's (115, 1,663), A4 (its top 38.8%) at A4's (206, "
+                               "1,985)")
     prompts = eval_prompts(config.evaluate)
     sources["eval_prompt"] = f"measured: the {len(prompts)} evaluation prompts of the config"
     sources["prompt overheads"] = "measured: the kit's own prompts through the chat template"
@@ -625,6 +626,8 @@ def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Cost
 def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Costing,
                        rows: dict[str, StagePlan]) -> None:
     """eval, tags, selectors, scaling (summary is a file of numbers)."""
+    from humpback_nb.method.analysis import NO_CURATION, quality_names, scaling_model_name
+
     settings = config.evaluate
     prompts = lengths.eval_prompts
     seed_n, a_k = config.data.seed_size, a_k_size(config, candidates)
@@ -659,9 +662,12 @@ def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int
         rows["selectors"].notes.append("the endpoint's own row (rating calls for the labelled set, and candidates "
                                        "until it has picked its share) is not counted")
     # scaling: a model per quality and size N that the quality has N pairs for (Figure 3)
-    pools = {f"top {PAPER_SHARES['A5']:.1%}": ("top A5 share", math.ceil(PAPER_SHARES["A5"] * candidates)),
-             f"top {PAPER_SHARES['A4']:.1%}": ("top A4 share", math.ceil(PAPER_SHARES["A4"] * candidates)),
-             "no curation": ("no curation", candidates)}
+    # The curated sets' sizes: the paper's shares of the candidates (exactly, for the logprob rater's "top" sets;
+    # an estimate for the generate rater's A5 and A4, whose sizes its scores decide)
+    a5, a4 = quality_names(config.curate.rater)
+    pools = {a5: ("top A5 share", math.ceil(PAPER_SHARES["A5"] * candidates)),
+             a4: ("top A4 share", math.ceil(PAPER_SHARES["A4"] * candidates)),
+             NO_CURATION: ("no curation", candidates)}
     for source, (kind, available) in pools.items():
         for n in settings.scaling_sizes:
             if n > available:
@@ -670,7 +676,7 @@ def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int
             if n > 0.9 * available:  # the pool shrinks with every degenerate instruction dropped
                 rows["scaling"].notes.append(f"{source}: N={n:,} needs {n:,} of at most {available:,} pairs: no "
                                              f"model if over {1 - n / available:.0%} of the instructions are dropped")
-            name = f"scaling_{re.sub(r'[^a-z0-9]+', '_', source).strip('_')}_{n}"
+            name = scaling_model_name(source, n)
             cost.train(rows["scaling"], name, [(lengths.curated[kind], n)], lengths.forward_overhead["S_w"],
                        max_steps=settings.scaling_steps)
             cost.answers(rows["scaling"], 1, prompts)

@@ -12,7 +12,6 @@ changed. Heavy modules are imported inside the stages, so that `humpback status`
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -264,7 +263,16 @@ def selectors(run: StageRun) -> dict:
        sections=("model", "train", "generate", "evaluate", "random_seed"))
 def scaling(run: StageRun) -> dict:
     """Figure 3 / Table 3: win rate of models trained on N augmented pairs of each quality, against N."""
-    from humpback_nb.method.analysis import LOG_BASE, SCALING_DRAW, SCALING_TRAINING, scaling_fit, scaling_sources
+    from humpback_nb.method.analysis import (
+        LOG_BASE,
+        NO_CURATION,
+        SCALING_DRAW,
+        SCALING_TRAINING,
+        quality_sets,
+        scaling_fit,
+        scaling_model_name,
+        scaling_sources,
+    )
 
     settings = run.config.evaluate
     results: dict[str, Any] = {"sizes": settings.scaling_sizes, "protocol": protocol(settings),
@@ -272,7 +280,10 @@ def scaling(run: StageRun) -> dict:
                                "draw": SCALING_DRAW, "log_base": LOG_BASE, "sources": {}}
     if settings.scaling_sizes:
         judge = base_judge(run)
-        sources = scaling_sources(run.files.candidates(), run.files.scores("m1"), run.config.random_seed)
+        scores, rater = run.files.scores("m1"), run.config.curate.rater
+        sources = scaling_sources(run.files.candidates(), scores, run.config.random_seed, rater)
+        rules = {name: rule for name, (_, rule) in quality_sets(rater, scores).items()}
+        rules[NO_CURATION] = "every candidate"
         data = {"candidates": run.upstream["candidates"], "rate_m1": run.upstream["rate_m1"],
                 "random_seed": run.config.random_seed, "draw": "random, nested"}
         models = sum(n <= len(pool) for pool in sources.values() for n in settings.scaling_sizes)
@@ -283,11 +294,12 @@ def scaling(run: StageRun) -> dict:
                 if n > len(pool):
                     continue  # this quality has fewer pairs than N at this scale
                 number += 1
-                name = f"scaling_{re.sub(r'[^a-z0-9]+', '_', source).strip('_')}_{n}"  # scaling_top_8_3_100
+                name = scaling_model_name(source, n)
                 points.append(trained_win_rate(run, judge, name, pool[:n], data | {"source": source, "n": n},
                                                run.files.analysis_file("figure3_scaling"),
                                                f"Figure 3: model {number} of {models} ({source}, N={n})") | {"n": n})
-            results["sources"][source] = {"available": len(pool), "points": points} | scaling_fit(points)
+            results["sources"][source] = ({"rule": rules[source], "available": len(pool), "points": points}
+                                          | scaling_fit(points))
     atomic_write_json(run.files.analysis_file("figure3_scaling"), results)
     return {source: r["alpha"] for source, r in results["sources"].items()}
 
@@ -383,19 +395,26 @@ def summary(run: StageRun) -> dict:
 
 def summarize(files, config) -> dict[str, Any]:
     """Sizes, Table 2 (with the k of each A_k), win rates, the analyses, stage times and reports, the config."""
+    from humpback_nb.method.analysis import quality_sets
+    from humpback_nb.method.curate import select
     from humpback_nb.method.data.stats import table2
 
     manifests = {s.name: manifest for s in STAGES if (manifest := files.manifest(s.name)) is not None}
     curated = {i: files.curated(i) for i in (1, 2)}
     sets = {"seed": files.seed_pairs("train"), "candidates": files.candidates(),
             **{c.label(i): c.records for i, c in curated.items()}}
+    # Table 2's A4^(2) beside A5^(2): the candidates M1 scores >= 4 (the generate rater), or its best 38.8%
+    m1_scores = files.scores("m1")
+    a4_name, (a4_k, _) = list(quality_sets(config.curate.rater, m1_scores).items())[1]
+    a4 = {f"{a4_name} by M1's scores": select(files.candidates(), m1_scores, a4_k)}
     win_rates = files.win_rates()
     return {
         "preset": config.preset,
         "config_hash": config.hash(),
         "sizes": {name: len(records) for name, records in sets.items()} | {"segments": len(files.segments())},
         "curated": {f"A{i}": {"k": c.k, "rule": c.rule, "size": len(c.records)} for i, c in curated.items()},
-        "table2": table2(sets, paper_rows={"candidates": "augmented, all", curated[2].label(2): "A5^(2)"}),
+        "table2": table2(sets | a4, paper_rows={"candidates": "augmented, all", curated[2].label(2): "A5^(2)",
+                                                **dict.fromkeys(a4, "A4^(2)")}),
         "win_rates": {key: {"overall": value["overall"], "per_dataset": value["per_dataset"]}
                       for key, value in win_rates.items() if isinstance(value, dict) and "overall" in value},
         "judge": win_rates.get("judge"),

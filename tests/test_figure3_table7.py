@@ -14,6 +14,7 @@ from humpback_nb.infra.files import RecordError
 from humpback_nb.method.analysis import (
     LOG_BASE,
     pick_by_rating,
+    quality_sets,
     rate_at_endpoint,
     read_labels,
     scaling_fit,
@@ -50,6 +51,22 @@ def test_each_sample_lies_within_its_own_quality_set():
         assert len(sources[name]) == math.ceil(share * len(candidates))
         assert all(by_id[c["id"]] >= k for c in sources[name][:50])
     assert len({c["id"] for c in sources["no curation"]}) == len(candidates)
+
+
+def test_whole_number_scores_make_the_papers_a5_and_a4_ties_and_all():
+    # The generate rater's scores are 1-5 as the paper's: 8% at 5 and 45% at 4 or more. "Top 8.3%" and "top 38.8%"
+    # by share would both become the same 45% here (every tie at the cut is kept); the paper's sets are {5} and {>= 4}.
+    candidates, _ = pool(100)
+    whole = [5] * 8 + [4] * 37 + [3] * 30 + [2] * 15 + [1] * 10
+    scores = [{"id": c["id"], "score": s} for c, s in zip(candidates, whole, strict=True)]
+    assert len({c["id"] for c in scaling_sources(candidates, scores, 42)["top 8.3%"]}) == 45  # the old sets: one
+    sources = scaling_sources(candidates, scores, rng_seed=42, rater="generate")
+    assert list(sources) == ["A5", "A4", "no curation"]
+    assert sorted(c["id"] for c in sources["A5"]) == sorted(f"c{i}" for i in range(8))
+    assert sorted(c["id"] for c in sources["A4"]) == sorted(f"c{i}" for i in range(45))
+    rules = {name: rule for name, (k, rule) in quality_sets("generate", scores).items()}
+    assert rules == {"A5": "score 5 (the paper's A5)", "A4": "score >= 4 (the paper's A4)"}
+    assert {name: k for name, (k, _) in quality_sets("generate", scores).items()} == {"A5": 5, "A4": 4}
 
 
 def test_draws_are_nested_seeded_and_not_best_first():

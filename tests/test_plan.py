@@ -63,6 +63,9 @@ def test_totals_are_the_sums_of_the_stages(paper):
     assert totals["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in paper.stages))
     # 4 of the method, m2_untagged, 2 trained on the selectors' picks, 3 x 8 scaling less one (A5 < 51,200)
     assert totals["models_trained"] == 30
+    # the paper's rater scores in whole numbers: Figure 3's sets are its A5 and A4, as the scaling stage names them
+    scaling = next(s for s in paper.stages if s.stage == "scaling").models
+    assert scaling[0] == "scaling_a5_100" and "scaling_a4_51200" in scaling and "scaling_a5_51200" not in scaling
 
 
 def test_the_paper_plan_rests_on_the_paper_lengths_and_the_table_of_known_models(paper):

@@ -8,6 +8,7 @@ model, the same answers, the run's judge, and the base model's answers as the co
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,18 +145,43 @@ SCALING_TRAINING = "the N augmented pairs alone (tag S_w), no seed pairs, as the
 LOG_BASE = "e"  # w = alpha ln N + C: the paper does not name its base; log10 would give alphas 2.303 times larger
 
 
-def scaling_sources(candidates: list[dict], scores: list[dict], rng_seed: int) -> dict[str, list[dict]]:
-    """Augmented data of three qualities, each shuffled with its own seeded generator: "top 8.3%" and "top 38.8%"
-    of the candidates by M1's scores (the shares the paper's A5 and A4 had among its candidates: at another scale
-    a fixed k keeps other shares, so the sets are named by their share, not by a k they were not made with) and
-    "no curation" (every candidate). A model of size N trains on a set's first N pairs: a random sample of the
-    set, nested across N, and drawn apart from the other sets' (the top 8.3% lies inside the top 38.8%, yet their
-    samples at equal N differ), so small N is not always the very best pairs."""
-    sources = {}
-    for share in PAPER_SHARES.values():
-        k = selection_threshold(scores, CurateConfig(top_share=share))
-        sources[f"top {share:.1%}"] = select(candidates, scores, k)
-    sources["no curation"] = list(candidates)
+NO_CURATION = "no curation"
+
+
+def quality_sets(rater: str, scores: list[dict]) -> dict[str, tuple[float, str]]:
+    """Figure 3's curated sets by M1's `scores`: {name: (k, the rule in words)}, a set holding the pairs scored >= k.
+
+    The `generate` rater scores in whole numbers, as the paper's did: its A5 (score 5) and A4 (score >= 4) then
+    mean what the paper's mean, ties included. The `logprob` rater's expected scores are continuous and bunch up
+    where a small model puts its probability, so a fixed k keeps other shares at another scale: its sets are the
+    shares the paper's A5 and A4 had among the candidates (Table 2), named by their share."""
+    a5, a4 = quality_names(rater)
+    if rater == "generate":
+        return {a5: (5, "score 5 (the paper's A5)"), a4: (4, "score >= 4 (the paper's A4)")}
+    return {ours: (selection_threshold(scores, CurateConfig(top_share=share)),
+                   f"the best {share:.1%} of the expected scores (the share of the paper's {paper})")
+            for ours, (paper, share) in zip((a5, a4), PAPER_SHARES.items(), strict=True)}
+
+
+def quality_names(rater: str) -> tuple[str, str]:
+    """The names of Figure 3's two curated sets (`quality_sets`) for a rater: the paper's A5 and A4 first."""
+    return ("A5", "A4") if rater == "generate" else tuple(f"top {share:.1%}" for share in PAPER_SHARES.values())
+
+
+def scaling_model_name(source: str, n: int) -> str:
+    """The model Figure 3 trains on `n` pairs of the set `source`: scaling_a5_100, scaling_top_8_3_100."""
+    return f"scaling_{re.sub(r'[^a-z0-9]+', '_', source.lower()).strip('_')}_{n}"
+
+
+def scaling_sources(candidates: list[dict], scores: list[dict], rng_seed: int,
+                    rater: str = "logprob") -> dict[str, list[dict]]:
+    """Augmented data of three qualities, each shuffled with its own seeded generator: the two curated sets of
+    `quality_sets` by M1's scores ("A5" and "A4" for whole-number scores, "top 8.3%" and "top 38.8%" for expected
+    ones) and "no curation" (every candidate). A model of size N trains on a set's first N pairs: a random sample
+    of the set, nested across N, and drawn apart from the other sets' (the first set lies inside the second, yet
+    their samples at equal N differ), so small N is not always the very best pairs."""
+    sources = {name: select(candidates, scores, k) for name, (k, _) in quality_sets(rater, scores).items()}
+    sources[NO_CURATION] = list(candidates)
     return {name: random.Random(f"{rng_seed}:{name}").sample(pool, len(pool)) for name, pool in sources.items()}
 
 

@@ -69,12 +69,12 @@ def curated_sets(sets: dict[str, Any]) -> str:
 
 
 def scaling(sources: dict[str, dict[str, Any]], paper: dict[str, float], log_base: str = "e") -> str:
-    """Table 3: alpha of w = alpha log N + C for each data quality, with its standard error (ordinary least
-    squares; none below three sizes), then the paper's alphas (7B models)."""
+    """Table 3: alpha of w = alpha log N + C for each data quality (with the rule that chose it), with its standard
+    error (ordinary least squares; none below three sizes), then the paper's alphas (7B models)."""
     base = "natural log" if log_base == "e" else f"log base {log_base}"
-    lines = [f"| data | available | alpha (ours, {base}) | ± se |", "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {r['available']} | {_number(r['alpha'], 2)} | {_number(r.get('alpha_se'), 2)} |"
-              for name, r in sources.items()]
+    lines = [f"| data | chosen by M1's scores | available | alpha (ours, {base}) | ± se |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {name} | {r.get('rule', '-')} | {r['available']} | {_number(r['alpha'], 2)} "
+              f"| {_number(r.get('alpha_se'), 2)} |" for name, r in sources.items()]
     lines += ["", "| paper (7B) | alpha |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in paper.items()]
     return "\n".join(lines)
 
