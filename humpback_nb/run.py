@@ -272,6 +272,9 @@ class Stage:
     sections: tuple[str, ...] = ()
     function: Callable[[StageRun], Any] | None = field(default=None, compare=False)
     doc: str = ""
+    # Raises a one-line error when the config cannot serve this stage (a judge out of reach, say): called for every
+    # stage a run will run, before the first of them starts.
+    check: Callable[[HumpbackConfig], None] | None = field(default=None, compare=False)
 
 
 class StageConfig:
@@ -492,6 +495,11 @@ class RunFolder:
         if unknown:
             raise PipelineError(f"unknown stage(s) to redo {unknown}; stages: {', '.join(names)}")
         main = processes().is_main
+        selected = names[: names.index(until) + 1] if until else names
+        # what the config cannot serve stops the run here, before anything is written, not after hours of work
+        for name in [n for n in selected if n in redo or not self.is_done(n, config)]:
+            if self.stages[name].check is not None:
+                self.stages[name].check(config)
         self.path.mkdir(parents=True, exist_ok=True)
         results = {}
         with self.lock() if main else contextlib.nullcontext():
@@ -500,7 +508,7 @@ class RunFolder:
                     for key, old, new in config_differences(self.config(), config):
                         log(f"changed     {key}: {old!r} -> {new!r}")
                 self.set_config(config)
-            for name in names[: names.index(until) + 1] if until else names:
+            for name in selected:
                 results[name] = self.run_stage(name, config, redo=name in redo)
                 if main:
                     log(f"{name:<11} {results[name]}")

@@ -19,19 +19,45 @@ from typing import Any
 
 from humpback_nb.infra.files import atomic_dir, atomic_write_json, write_jsonl
 from humpback_nb.method.alpaca_eval import protocol
-from humpback_nb.run import ALL_SECTIONS, Stage, StageRun
+from humpback_nb.run import ALL_SECTIONS, PipelineError, Stage, StageRun
 
 STAGES: list[Stage] = []
 
 
-def stage(name: str, *, outputs: tuple[str, ...], after: tuple[str, ...] = (), sections: tuple[str, ...] = ()):
-    """Declare a stage of the method: the function below it makes `outputs` from the stages `after`."""
+def stage(name: str, *, outputs: tuple[str, ...], after: tuple[str, ...] = (), sections: tuple[str, ...] = (),
+          check=None):
+    """Declare a stage of the method: the function below it makes `outputs` from the stages `after`; `check(config)`
+    refuses, before a run starts, a config that cannot serve it."""
     def declare(function):
         doc = (function.__doc__ or "").strip().splitlines()[0]
-        STAGES.append(Stage(name, outputs, after, sections, function, doc))
+        STAGES.append(Stage(name, outputs, after, sections, function, doc, check))
         return function
 
     return declare
+
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+def judge_ready(config) -> None:
+    """The judge of the stages that judge: an endpoint (AlpacaEval's annotator, or `evaluate.judge_url`) needs its
+    URL, and one off this machine its key, before the run spends hours reaching it; the local judge needs nothing."""
+    import os
+    from urllib.parse import urlparse
+
+    from humpback_nb.method.alpaca_eval import ANNOTATOR
+
+    settings = config.evaluate
+    if settings.annotator != ANNOTATOR and not settings.judge_url:
+        return
+    kit = "or judge with the kit's own judge: evaluate.annotator=kit, evaluate.reference=base, evaluate.judge_url=null"
+    if not settings.judge_url:
+        raise PipelineError(f"evaluate.annotator {settings.annotator} judges at an endpoint, but evaluate.judge_url is "
+                            f"not set: set it and the key in ${settings.judge_key_env} (evaluate.judge_key_env), {kit}")
+    host = urlparse(settings.judge_url).hostname or ""
+    if not os.environ.get(settings.judge_key_env) and host not in LOOPBACK and not host.startswith("127."):
+        raise PipelineError(f"evaluate.judge_url {settings.judge_url} needs a key, and ${settings.judge_key_env} "
+                            f"(evaluate.judge_key_env) is not set: set it, {kit}")
 
 
 # -- 1. Data (paper section 2.1, 3.1) ---------------------------------------------------------------------------
@@ -145,7 +171,8 @@ GENERATORS = ("base", "m0", "m1", "m2")
 COMPARISONS = (("m2", "m0"), ("m1", "m0"), ("m0", "base"), ("m2", "base"))
 
 
-@stage("eval", outputs=("eval_dir",), after=("m0", "m1", "m2"), sections=("model", "generate", "evaluate"))
+@stage("eval", outputs=("eval_dir",), after=("m0", "m1", "m2"), sections=("model", "generate", "evaluate"),
+       check=judge_ready)
 def evaluate(run: StageRun) -> dict:
     """evaluation: answers of the base model, M0, M1 and M2, judged in both orders; win rates. With annotator
     alpaca_eval_gpt4, each model's AlpacaEval 1.0 win rate against the reference, and MT-bench on its own."""
@@ -199,7 +226,7 @@ def evaluate(run: StageRun) -> dict:
 
 # -- 7. The paper's analyses ------------------------------------------------------------------------------------
 @stage("tags", outputs=("analysis_file:table8_tags",), after=("seed", "A2", "m2", "eval"),
-       sections=("model", "train", "generate", "evaluate"))
+       sections=("model", "train", "generate", "evaluate"), check=judge_ready)
 def tags(run: StageRun) -> dict:
     """Table 8: M2 answered with each inference tag, and a model trained like M2 without tags, each against the
     run's reference (AlpacaEval 1.0's when the run uses it, else the base model's answers)."""
@@ -229,7 +256,7 @@ def tags(run: StageRun) -> dict:
 
 @stage("selectors", outputs=("analysis_file:table7_selectors",),
        after=("seed", "candidates", "m0", "m1", "A1", "A2", "eval"),
-       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"))
+       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=judge_ready)
 def selectors(run: StageRun) -> dict:
     """Table 7: M0, M1 (and an endpoint) as selectors: precision, recall, win rate of a model trained on their picks.
 
@@ -260,7 +287,7 @@ def selectors(run: StageRun) -> dict:
 
 
 @stage("scaling", outputs=("analysis_file:figure3_scaling",), after=("candidates", "rate_m1", "eval"),
-       sections=("model", "train", "generate", "evaluate", "random_seed"))
+       sections=("model", "train", "generate", "evaluate", "random_seed"), check=judge_ready)
 def scaling(run: StageRun) -> dict:
     """Figure 3 / Table 3: win rate of models trained on N augmented pairs of each quality, against N."""
     from humpback_nb.method.analysis import (

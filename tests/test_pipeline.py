@@ -286,3 +286,32 @@ def test_status_loads_no_torch(tmp_path):
             f"main(['status', '--run-dir', {str(tmp_path)!r}])\nassert 'torch' not in sys.modules, 'torch loaded'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_paper_run_without_its_judge_stops_before_its_first_stage(tmp_path, monkeypatch, capsys):
+    # paper-7b judges with AlpacaEval's GPT-4 annotator at an endpoint: no key, no run (and nothing written)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(["run", "--preset", "paper-7b", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "$OPENAI_API_KEY" in err and "evaluate.annotator=kit" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["run", "--preset", "paper-7b", "--run-dir", str(tmp_path / "run"),
+                 "--set", "evaluate.judge_url=null"]) == 2
+    assert "evaluate.judge_url is not set" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_the_judge_check_asks_only_what_the_run_needs(monkeypatch):
+    from humpback_nb.stages import judge_ready
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    paper = load_preset("paper-7b")
+    judge_ready(with_overrides(paper, {"evaluate.judge_url": "http://127.0.0.1:8000/v1"}))  # a local server: no key
+    judge_ready(with_overrides(paper, {"evaluate.annotator": "kit", "evaluate.reference": "base",
+                                       "evaluate.judge_url": None}))  # the kit's judge on the base model
+    with pytest.raises(PipelineError, match="needs a key"):
+        judge_ready(paper)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    judge_ready(paper)
+    # gpu-check stops at rate_m0, before any stage that judges: the paper preset's judge is not asked for
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert all(s.check is None for s in STAGES[: [s.name for s in STAGES].index("rate_m0") + 1])

@@ -116,11 +116,13 @@ def test_memory_verdicts_follow_the_method_and_the_gpus(paper, paper_full):
 
 
 def test_an_endpoint_judge_is_priced_in_calls_not_gpu_time(paper):
-    config = with_overrides(load_preset("paper-7b"), {"evaluate.judge_url": "http://127.0.0.1:8000/v1"})
-    endpoint = build_plan(config)
-    assert endpoint.totals["judge_calls"] == paper.totals["judge_calls"]
-    assert endpoint.totals["judge_reply_tokens"] == 4 * endpoint.totals["judge_calls"]
-    assert endpoint.totals["gpu_hours"] < paper.totals["gpu_hours"]
+    # the paper preset judges at an endpoint (GPT-4, as the paper); the kit's judge on the base model costs GPU time
+    assert load_preset("paper-7b").evaluate.judge_url
+    kit_judge = {"evaluate.annotator": "kit", "evaluate.reference": "base", "evaluate.judge_url": None}
+    local = build_plan(with_overrides(load_preset("paper-7b"), kit_judge))
+    assert paper.totals["judge_calls"] == local.totals["judge_calls"]
+    assert paper.totals["judge_reply_tokens"] == 4 * paper.totals["judge_calls"]
+    assert local.totals["judge_reply_tokens"] == 0 and paper.totals["gpu_hours"] < local.totals["gpu_hours"]
 
 
 def test_known_models_are_read_from_hub_ids():
