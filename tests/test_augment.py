@@ -47,3 +47,18 @@ def test_an_instruction_cut_off_at_the_token_cap_is_dropped_and_counted():
     assert [c["id"] for c in kept] == ["ended"] and dropped[0]["reason"] == "hit the token cap (16 tokens)"
     kept, dropped = split_degenerate(candidates, max_chars=1000, drop_capped=False)  # the tiny preset's choice
     assert len(kept) == 2 and not dropped
+
+
+def test_the_report_counts_the_instructions_cut_off_at_the_cap_and_says_what_became_of_them(monkeypatch):
+    from humpback_nb.config import GenerateConfig
+    from humpback_nb.method import augment
+
+    segments = [{"id": str(i), "text": SEGMENT, "source": "s", "header": "h"} for i in range(4)]
+    written = [{"text": "Why do whales sing?", "finished": True, "new_tokens": 6}] * 3 + [
+        {"text": "Why do whales sing so long and so", "finished": False, "new_tokens": 16}]
+    monkeypatch.setattr(augment, "write_instructions", lambda *args, **kwargs: written)
+    for drop in (True, False):
+        settings = GenerateConfig(instruction_max_new_tokens=16, drop_capped=drop)
+        kept, dropped, report = augment.self_augment(None, None, segments, settings, 512)
+        assert report["unfinished"] == 1 and report["capped_share"] == 0.25 and report["drop_capped"] is drop
+        assert len(kept) == (3 if drop else 4) and report["generation"]["max_new_tokens"] == 16

@@ -21,6 +21,10 @@ def test_the_line_follows_the_runs_judge_and_data():
     endpoint = with_overrides(demo, {"evaluate.judge": "gpt-4", "evaluate.judge_url": "http://127.0.0.1:1/v1"})
     assert "gpt-4 at an endpoint" in differences(endpoint, "table4")
     assert "120 seed pairs of alpaca_en_demo" in differences(demo, "table2")
+    # the instruction cap and what happens to an instruction cut off there
+    paper = load_preset("paper-7b")
+    assert "instructions written up to 512 new tokens (longer ones dropped)" in differences(paper, "table2")
+    assert "(longer ones kept, cut off)" in differences(load_preset("tiny"), "table2")
     assert "N in [4, 16]" in differences(demo, "figure3")
     assert "labels by construction" in differences(demo, "table7")
     with pytest.raises(ValueError, match="unknown table"):

@@ -98,6 +98,9 @@ def self_augment(model, tokenizer, segments: list[dict[str, Any]], settings: Gen
         "kept": len(kept),
         "dropped": dict(Counter(d["reason"].split(" (")[0] for d in dropped)),
         "unfinished": sum(not c["finished"] for c in candidates),
+        # instructions still being written at generate.instruction_max_new_tokens: their share, and their fate
+        "capped_share": round(sum(not c["finished"] for c in candidates) / max(1, len(segments)), 4),
+        "drop_capped": settings.drop_capped,
         "generation": used,
         "new_tokens": sum(g["new_tokens"] for g in generated),
     }

@@ -134,8 +134,10 @@ def differences(config, table: str) -> str:
         "prompts": f"{e.alpaca_eval_prompts} AlpacaEval prompts and {e.mt_bench_prompts} MT-bench first turns; "
                    f"the paper: {paper['prompts']}",
         "data": f"{config.data.seed_size:,} seed pairs of {config.data.seed_source}, {config.data.num_segments:,} "
-                f"segments of {', '.join(config.data.corpus_sources) or 'no corpus'}; the paper: {paper['seed']}, "
-                f"{paper['segments']}",
+                f"segments of {', '.join(config.data.corpus_sources) or 'no corpus'}, instructions written up to "
+                f"{config.generate.instruction_max_new_tokens} new tokens (longer ones "
+                f"{'dropped' if config.generate.drop_capped else 'kept, cut off'}); the paper: {paper['seed']}, "
+                f"{paper['segments']}, no cap stated",
         "sizes": f"N in {e.scaling_sizes}, at most {e.scaling_steps or 'the paper schedule of'} steps each; the "
                  "paper: N from 100 to 51,200 with its schedule",
         "labels": (f"labels from {e.selection_labels}" if e.selection_labels else
