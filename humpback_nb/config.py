@@ -146,6 +146,10 @@ class EvaluateConfig:
     # ran it (Table 4): that annotator's prompt and parser, sent to `judge_url` (model `judge`, e.g. gpt-4), against
     # `reference`, which is then an AlpacaEval model-outputs JSON file or "tatsu-lab/alpaca_eval" (text-davinci-003).
     annotator: Literal["kit", "alpaca_eval_gpt4"] = "kit"
+    # alpaca_eval_gpt4 only: AlpacaEval shows each pair once, in an order it draws from the instruction. True asks
+    # both orders and averages them (position bias washed out, twice the judge's calls): an addition to AlpacaEval's
+    # protocol, named in the protocol line. The kit's own judge always asks both orders.
+    both_orders: bool = False
     reference: str = "base"  # "base": the base model's answers (annotator "kit" only)
     inference_tags: Literal["S_a+S_w", "S_a", "S_w", "none"] = "S_a+S_w"
     random_seed: int = 42  # which evaluation prompts are sampled

@@ -202,7 +202,7 @@ def evaluate(run: StageRun) -> dict:
             judged = run.partial(run.files.eval_dir(), part=f"judge_{name}_vs_reference")
             results[f"{name}_vs_reference"] = alpaca_eval.evaluate(
                 ask, annotator, [r for r in answers[name] if r["id"].startswith("alpaca_eval-")], reference,
-                partial=judged, progress=True, desc=f"AlpacaEval 1.0 {name}")
+                partial=judged, progress=True, desc=f"AlpacaEval 1.0 {name}", both_orders=settings.both_orders)
         pool = {n: [r for r in rows if r["id"].startswith("mt_bench-")] for n, rows in answers.items()}
         prefix = "mt_bench_"
     for x, y in COMPARISONS if pool["base"] else ():  # each judgment is kept as it comes: a rerun asks the rest
@@ -589,7 +589,7 @@ def versus_reference(run: StageRun, judge, answers: list[dict], output: Path, ke
     ask = alpaca_eval.endpoint_ask(EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env), annotator)
     return alpaca_eval.evaluate(ask, annotator, [a for a in answers if a["id"].startswith("alpaca_eval-")],
                                 alpaca_eval.load_reference(settings.reference), partial=judged, progress=True,
-                                desc=f"AlpacaEval 1.0 {key}")["overall"]
+                                desc=f"AlpacaEval 1.0 {key}", both_orders=settings.both_orders)["overall"]
 
 
 def base_judge(run: StageRun):

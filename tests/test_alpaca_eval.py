@@ -26,6 +26,7 @@ from humpback_nb.method.alpaca_eval import (
     parse_ranking,
     protocol,
     render_prompt,
+    switched,
     to_messages,
     win_rate,
 )
@@ -161,6 +162,7 @@ def test_the_parser_agrees_with_alpaca_evals_wherever_it_reads_a_reply():
 
 # -- both orders and the win rate ---------------------------------------------------------------------------------
 def test_both_orders_map_onto_alpaca_evals_preference_scale():
+    # evaluate.both_orders: the kit's addition to AlpacaEval's protocol
     annotator = load_annotator()
 
     def judge_preferring(text: str, first_shown: bool = False):
@@ -170,17 +172,48 @@ def test_both_orders_map_onto_alpaca_evals_preference_scale():
             return ranking("model_1" if first_shown or text in answer_1 else "model_2")
         return ask
 
-    both = annotate_pair(judge_preferring("whale"), annotator, "q", "a trout", "a whale")
+    both = annotate_pair(judge_preferring("whale"), annotator, "q", "a trout", "a whale", True)
     assert (both["reference_first"], both["output_first"], both["preference"]) == (2, 2, 2.0)
-    lost = annotate_pair(judge_preferring("trout"), annotator, "q", "a trout", "a whale")
+    lost = annotate_pair(judge_preferring("trout"), annotator, "q", "a trout", "a whale", True)
     assert lost["preference"] == 1.0
-    biased = annotate_pair(judge_preferring("x", first_shown=True), annotator, "q", "a trout", "a whale")
+    biased = annotate_pair(judge_preferring("x", first_shown=True), annotator, "q", "a trout", "a whale", True)
     assert (biased["reference_first"], biased["output_first"], biased["preference"]) == (1, 2, 1.5)
     same = annotate_pair(lambda m: pytest.fail("identical outputs are not sent"), annotator, "q", "a", "a")
     assert same["preference"] == 1.5
-    unread = annotate_pair(lambda m: "Model 2.", annotator, "q", "a trout", "a whale")
+    unread = annotate_pair(lambda m: "Model 2.", annotator, "q", "a trout", "a whale", True)
     assert unread["preference"] is None and unread["unparsed"] == {"reference_first": "Model 2.",
                                                                    "output_first": "Model 2."}
+
+
+def test_one_order_per_instruction_drawn_as_alpaca_evals_own_annotator_draws_it():
+    # AlpacaEval 1.0's protocol: each pair shown once, the order drawn from the instruction by alpaca_eval 0.6.6's
+    # RandomSwitchTwoColumnsProcessor, as its PairwiseAnnotator for alpaca_eval_gpt4 builds it (seed 0)
+    pytest.importorskip("alpaca_eval.annotators")
+    import pandas as pd
+    from alpaca_eval.annotators import PairwiseAnnotator
+
+    from humpback_nb.method.evaluate import alpaca_eval_prompts
+
+    instructions = [p["instruction"] for p in alpaca_eval_prompts(805, 0)]
+    assert len(set(instructions)) == 805
+    [single] = PairwiseAnnotator(annotators_config="alpaca_eval_gpt4").annotators.values()
+    [processor] = [p for p in single.processors if type(p).__name__ == "RandomSwitchTwoColumnsProcessor"]
+    frame = pd.DataFrame({"instruction": instructions, "output_1": "reference", "output_2": "model"})
+    theirs = processor.preprocess(frame)["is_switched_outputs"].tolist()
+    assert [switched(i) for i in instructions] == theirs  # 805 of 805
+    assert 300 < sum(theirs) < 505  # both orders drawn
+
+    annotator, asked = load_annotator(), []
+
+    def first_shown(messages):  # a judge that always prefers what it is shown first
+        asked.append(messages)
+        return ranking("model_1")
+
+    for instruction in instructions[:6]:
+        record = annotate_pair(first_shown, annotator, instruction, "a trout", "a whale")
+        assert record["preference"] == (2 if switched(instruction) else 1)  # the model wins where it came first
+        assert list(record["replies"]) == ["output_first" if switched(instruction) else "reference_first"]
+    assert len(asked) == 6  # once each
 
 
 PREFERENCES = [2.0, 2.0, 1.5, 1.0, 2.0, 1.5, 1.0, 2.0, 2.0, 1.0, 1.5]
@@ -303,7 +336,7 @@ def test_alpaca_eval_1_against_a_scripted_gpt4_in_both_orders_resumes_and_matche
                     ("q5 in prose", "a whale"), ("q6", "a whale")])
     ask = endpoint_ask(EndpointJudge(gpt4.url, "gpt-4", sleep=lambda s: None), annotator)
     partial = tmp_path / "eval.judge_m2_vs_reference.abc.partial"
-    result = evaluate(ask, annotator, ours, reference, partial=partial)
+    result = evaluate(ask, annotator, ours, reference, partial=partial, both_orders=True)
 
     # q1 won in both orders (2), q2 lost in both (1), q3 identical outputs (1.5, never sent), q4 the judge picks
     # whatever is shown first (1.5), q5 unparsed, q6 not in the reference
@@ -319,7 +352,7 @@ def test_alpaca_eval_1_against_a_scripted_gpt4_in_both_orders_resumes_and_matche
     assert sent["messages"][1]["content"] == to_messages(render_prompt(annotator.template, "q1", "a fish",
                                                                        "a whale"))[1]["content"]
 
-    again = evaluate(ask, annotator, ours, reference, partial=partial)  # resumed: nothing asked again
+    again = evaluate(ask, annotator, ours, reference, partial=partial, both_orders=True)  # resumed: nothing asked
     assert len(gpt4.requests) == 8 and again["win_rate"] == result["win_rate"]
 
     pytest.importorskip("alpaca_eval.metrics")
@@ -328,6 +361,30 @@ def test_alpaca_eval_1_against_a_scripted_gpt4_in_both_orders_resumes_and_matche
     theirs = pairwise_to_winrate([a["preference"] for a in result["annotations"] if a["preference"] is not None])
     assert round(result["win_rate"], 10) == round(float(theirs["win_rate"]), 10)
     assert round(result["standard_error"], 10) == round(float(theirs["standard_error"]), 10)
+
+
+def test_alpaca_eval_1_against_a_scripted_gpt4_in_its_own_order_matches_alpaca_eval(gpt4, tmp_path):
+    # the default: one judgement a pair, in AlpacaEval's order; q4's judge picks whatever it is shown first
+    annotator = load_annotator()
+    reference = load_reference(reference_file(tmp_path, [("q1", "a fish"), ("q2", "a whale"), ("q3", "a bird"),
+                                                         ("q4", "a cat"), ("q5 in prose", "a dog")]))
+    ours = answers([("q1", "a whale"), ("q2", "a fish"), ("q3", "a bird"), ("q4", "a dog"),
+                    ("q5 in prose", "a whale")])
+    ask = endpoint_ask(EndpointJudge(gpt4.url, "gpt-4", sleep=lambda s: None), annotator)
+    result = evaluate(ask, annotator, ours, reference)
+    q4 = 2.0 if switched("q4") else 1.0
+    assert [a["preference"] for a in result["annotations"]] == [2.0, 1.0, 1.5, q4, None]
+    assert len(gpt4.requests) == 4  # q1, q2, q4, q5 once each; q3's identical outputs are never sent
+    pytest.importorskip("alpaca_eval.metrics")
+    from alpaca_eval.metrics import pairwise_to_winrate
+
+    theirs = pairwise_to_winrate([2.0, 1.0, 1.5, q4])
+    assert round(result["win_rate"], 10) == round(float(theirs["win_rate"]), 10)
+    assert round(result["standard_error"], 10) == round(float(theirs["standard_error"]), 10)
+    assert "both orders" not in protocol(EvaluateConfig(annotator="alpaca_eval_gpt4", judge="gpt-4",
+                                                        judge_url=gpt4.url, reference="tatsu-lab/alpaca_eval"))
+    assert "an addition" in protocol(EvaluateConfig(annotator="alpaca_eval_gpt4", judge="gpt-4", judge_url=gpt4.url,
+                                                    reference="tatsu-lab/alpaca_eval", both_orders=True))
 
 
 def run_eval_stage(tmp_path, monkeypatch, settings: EvaluateConfig):
@@ -362,8 +419,10 @@ def test_the_eval_stage_reports_alpaca_eval_1_with_its_protocol_and_mt_bench_on_
 
     report = json.loads(files.win_rates_file().read_text())
     assert report["protocol"] == "AlpacaEval 1.0 (alpaca_eval_gpt4 annotator, gpt-4 judge, reference.json reference)"
-    assert report["m2_vs_reference"]["win_rate"] == pytest.approx(100.0)  # a whale wins in both orders
-    assert report["m0_vs_reference"]["win_rate"] == pytest.approx(50.0)  # the judge picks the first shown: ties
+    assert report["m2_vs_reference"]["win_rate"] == pytest.approx(100.0)  # a whale wins in either order
+    # no whale either way: the judge picks what it is shown first, m0 where AlpacaEval shows it first
+    first = [100.0 if switched(p["instruction"]) else 0.0 for p in sampled[:2]]
+    assert report["m0_vs_reference"]["win_rate"] == pytest.approx(sum(first) / 2)
     assert report["m2_vs_reference"]["unmatched"] == [sampled[2]["id"]] and report["m2_vs_reference"]["pairs"] == 2
     mt_bench = {k: v for k, v in report.items() if k.startswith("mt_bench_")}
     assert set(mt_bench) == {"mt_bench_m2_vs_m0", "mt_bench_m1_vs_m0", "mt_bench_m0_vs_base", "mt_bench_m2_vs_base"}

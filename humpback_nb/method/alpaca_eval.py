@@ -7,12 +7,12 @@ max_tokens, temperature, `ranking_parser`). AlpacaEval reads the judge's reply w
 never evaluates a reply: `parse_ranking` reads the same Python-literal shapes with a strict parser of its own,
 and a reply it cannot read is kept and counted as unparsed, never read as a preference.
 
-AlpacaEval shows each pair once, in an order drawn per instruction; the kit asks in both orders (position bias)
-and maps the two answers onto AlpacaEval's preference scale (1: the reference wins, 2: the model wins): each
-order's preference in AlpacaEval's frame (the reference as output_1), averaged, so 1 or 2 when both orders
-agree and 1.5 (AlpacaEval's tie) when they disagree. Identical outputs are a tie without asking, as AlpacaEval
-does. The win rate and its standard error are AlpacaEval's: mean(preference - 1) * 100 and the standard error
-of that mean (n - 1 in the variance).
+AlpacaEval shows each pair once, in an order drawn per instruction (`switched`, exactly as alpaca_eval 0.6.6's
+`RandomSwitchTwoColumnsProcessor` draws it), and maps the judge's answer back onto its preference scale (1: the
+reference wins, 2: the model wins); so does the kit. With `evaluate.both_orders` the kit asks in both orders and
+averages them, 1.5 (AlpacaEval's tie) where they disagree: an addition, not AlpacaEval's protocol. Identical
+outputs are a tie without asking, as AlpacaEval does. The win rate and its standard error are AlpacaEval's:
+mean(preference - 1) * 100 and the standard error of that mean (n - 1 in the variance).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
 import statistics
 from collections.abc import Callable, Sequence
@@ -34,6 +35,12 @@ from humpback_nb.config import ConfigError, EvaluateConfig
 ANNOTATOR = "alpaca_eval_gpt4"
 REFERENCE_HUB = "tatsu-lab/alpaca_eval"  # the hub dataset; its "alpaca_eval" config is text-davinci-003's outputs
 REFERENCE_HUB_FILE = "alpaca_eval.json"  # the file that config reads
+
+# How alpaca_eval 0.6.6 orders a pair (annotators/pairwise_evaluator.py, processors.py, utils.py): its
+# PairwiseAnnotator switches output_1 (the reference) and output_2 (the model) where
+# random.Random("is_switched_outputs" + instruction + str(seed)).choices([False, True]) says so, seed being the
+# annotator's (0 as `alpaca_eval evaluate` makes it), and maps a switched preference x back to 3 - x.
+SWITCH_COLUMN, SWITCH_SEED = "is_switched_outputs", 0
 
 Messages = list[dict[str, str]]
 Ask = Callable[[Messages], str]  # a conversation in, the judge's raw reply out
@@ -349,12 +356,26 @@ def match_reference(answers: list[dict[str, Any]], reference: list[dict[str, Any
 
 
 # -- annotation and win rate ---------------------------------------------------------------------
-def annotate_pair(ask: Ask, annotator: Annotator, instruction: str, reference: str, output: str) -> dict[str, Any]:
-    """One pair annotated in both orders, each order's preference in AlpacaEval's frame (1: the reference wins,
-    2: the model wins), and their mean as `preference`; None with the replies in `unparsed` when an order's
-    reply cannot be read. Identical outputs are a tie (1.5) without asking, as in AlpacaEval."""
+def switched(instruction: str) -> bool:
+    """True where AlpacaEval 1.0 shows this instruction's model output first and the reference second."""
+    return random.Random(f"{SWITCH_COLUMN}{instruction}{SWITCH_SEED}").choices([False, True], k=1)[0]
+
+
+def annotate_pair(ask: Ask, annotator: Annotator, instruction: str, reference: str, output: str,
+                  both_orders: bool = False) -> dict[str, Any]:
+    """One pair annotated as AlpacaEval does: once, in the order `switched` draws, the preference in AlpacaEval's
+    frame (1: the reference wins, 2: the model wins); with `both_orders`, in both orders and their mean. None with
+    the replies in `unparsed` when a reply cannot be read. Identical outputs are a tie (1.5) without asking."""
     if reference == output:
         return {"reference_first": 1.5, "output_first": 1.5, "preference": 1.5, "replies": {}}
+    if not both_orders:
+        order = "output_first" if switched(instruction) else "reference_first"
+        shown = (output, reference) if order == "output_first" else (reference, output)
+        reply = ask(to_messages(render_prompt(annotator.template, instruction, *shown)))
+        ranked = parse_ranking(reply)
+        preference = None if ranked is None else 3 - ranked if order == "output_first" else ranked
+        record = {order: preference, "preference": preference, "replies": {order: reply}}
+        return record if ranked is not None else record | {"unparsed": {order: reply}}
     replies = {"reference_first": ask(to_messages(render_prompt(annotator.template, instruction, reference, output))),
                "output_first": ask(to_messages(render_prompt(annotator.template, instruction, output, reference)))}
     first, second = parse_ranking(replies["reference_first"]), parse_ranking(replies["output_first"])
@@ -378,20 +399,21 @@ def win_rate(preferences: Sequence[float]) -> dict[str, Any]:
 
 
 def evaluate(ask: Ask, annotator: Annotator, answers: list[dict[str, Any]], reference: list[dict[str, Any]],
-             partial: Path | None = None, progress: bool = False, desc: str = "AlpacaEval 1.0") -> dict[str, Any]:
+             partial: Path | None = None, progress: bool = False, desc: str = "AlpacaEval 1.0",
+             both_orders: bool = False) -> dict[str, Any]:
     """AlpacaEval 1.0 win rate of `answers` against `reference`, with every annotation. Answers whose instruction
     is not in the reference are listed in `unmatched`; pairs with an unreadable reply are counted in `unparsed`
     and left out of the win rate. With `partial`, each annotated pair is appended there at once and a rerun
-    annotates only the pairs missing there (for the very same texts)."""
+    annotates only the pairs missing there (for the very same texts and orders). `both_orders`: `annotate_pair`."""
     from humpback_nb.infra.batches import in_batches
 
     pairs, unmatched = match_reference(answers, reference)
-    keys = [_pair_key(a, ref, annotator) for a, ref in pairs]
+    keys = [_pair_key(a, ref, annotator, both_orders) for a, ref in pairs]
 
     def annotate(number: int, batch: list[int]) -> list[dict[str, Any]]:
         a, ref = pairs[batch[0]]
         return [{"id": keys[batch[0]], "dataset": a.get("dataset"),
-                 **annotate_pair(ask, annotator, a["instruction"], ref, a["output"])}]
+                 **annotate_pair(ask, annotator, a["instruction"], ref, a["output"], both_orders)}]
 
     records = in_batches(keys, [[i] for i in range(len(keys))], annotate, partial=partial, progress=progress,
                          desc=desc, unit="pair")
@@ -409,9 +431,10 @@ def evaluate(ask: Ask, annotator: Annotator, answers: list[dict[str, Any]], refe
             "unmatched": [a["id"] for a in unmatched], "overall": overall, "annotations": annotations}
 
 
-def _pair_key(answer: dict[str, Any], reference: str, annotator: Annotator) -> str:
+def _pair_key(answer: dict[str, Any], reference: str, annotator: Annotator, both_orders: bool = False) -> str:
     """The answer's id and a digest of what is judged, so a stored annotation is never read for other texts."""
-    texts = json.dumps([answer["instruction"], answer["output"], reference, annotator.name, annotator.model])
+    texts = json.dumps([answer["instruction"], answer["output"], reference, annotator.name, annotator.model]
+                       + (["both orders"] if both_orders else []))
     return f"{answer['id']}#{hashlib.sha256(texts.encode()).hexdigest()[:16]}"
 
 
@@ -434,4 +457,6 @@ def protocol(settings: EvaluateConfig) -> str:
                           f"serving evaluate.judge, gpt-4 in the paper) and evaluate.reference (an AlpacaEval "
                           f"model-outputs file, or {REFERENCE_HUB!r} for text-davinci-003's outputs)")
     reference = "text-davinci-003" if settings.reference == REFERENCE_HUB else Path(settings.reference).name
-    return f"AlpacaEval 1.0 ({ANNOTATOR} annotator, {settings.judge} judge, {reference} reference)"
+    orders = ("; both orders averaged: an addition to AlpacaEval's one order per instruction"
+              if settings.both_orders else "")
+    return f"AlpacaEval 1.0 ({ANNOTATOR} annotator, {settings.judge} judge, {reference} reference{orders})"
