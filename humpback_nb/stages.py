@@ -287,7 +287,7 @@ def selectors(run: StageRun) -> dict:
 
 
 @stage("scaling", outputs=("analysis_file:figure3_scaling",), after=("candidates", "rate_m1", "eval"),
-       sections=("model", "train", "generate", "evaluate", "random_seed"), check=judge_ready)
+       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=judge_ready)
 def scaling(run: StageRun) -> dict:
     """Figure 3 / Table 3: win rate of models trained on N augmented pairs of each quality, against N."""
     from humpback_nb.method.analysis import (
