@@ -433,7 +433,7 @@ def summarize(files, config) -> dict[str, Any]:
     # Table 2's A4^(2) beside A5^(2): the candidates M1 scores >= 4 (the generate rater), or its best 38.8%
     m1_scores = files.scores("m1")
     a4_name, (a4_k, _) = list(quality_sets(config.curate.rater, m1_scores).items())[1]
-    a4 = {f"{a4_name} by M1's scores": select(files.candidates(), m1_scores, a4_k)}
+    a4 = {f"{a4_name} by M1's scores": select(sets["candidates"], m1_scores, a4_k)}
     win_rates = files.win_rates()
     return {
         "preset": config.preset,

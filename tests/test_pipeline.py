@@ -313,5 +313,4 @@ def test_the_judge_check_asks_only_what_the_run_needs(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     judge_ready(paper)
     # gpu-check stops at rate_m0, before any stage that judges: the paper preset's judge is not asked for
-    monkeypatch.delenv("OPENAI_API_KEY")
     assert all(s.check is None for s in STAGES[: [s.name for s in STAGES].index("rate_m0") + 1])
