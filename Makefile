@@ -49,15 +49,17 @@ lint: install
 lab: install  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks
 
-bench: fetch  ## this machine's bounds, the three loops as a share of them and against their naive baselines, a table; what paper-7b costs (humpback plan); JSON in runs/bench/
+bench: fetch  ## this machine's bounds, the three loops as a share of them and against their naive baselines, a table; the host's work in a decoding step; what paper-7b costs (humpback plan); JSON in runs/bench/
 	@mkdir -p runs/bench
-	@rm -f runs/bench/bounds.json runs/bench/augment.json runs/bench/curate.json runs/bench/train.json
+	@rm -f runs/bench/bounds.json runs/bench/augment.json runs/bench/curate.json runs/bench/train.json runs/bench/host_overhead.json
 	@# the bounds first, then each loop reads them (all figures from this one run); a file is kept only if its script succeeded
 	$(BIN)/python benchmarks/bounds.py > runs/bench/bounds.json.tmp && mv runs/bench/bounds.json.tmp runs/bench/bounds.json
 	@cat runs/bench/bounds.json
 	@for name in augment curate train; do \
 	  $(BIN)/python benchmarks/bench_$$name.py --bounds runs/bench/bounds.json > runs/bench/$$name.json.tmp && \
 	  mv runs/bench/$$name.json.tmp runs/bench/$$name.json && cat runs/bench/$$name.json || exit 1; done
+	$(BIN)/python benchmarks/host_overhead.py > runs/bench/host_overhead.json.tmp && \
+	  mv runs/bench/host_overhead.json.tmp runs/bench/host_overhead.json && cat runs/bench/host_overhead.json
 	$(BIN)/humpback plan --preset paper-7b --json | tee runs/bench/plan.json
 	@$(BIN)/python benchmarks/table.py runs/bench | tee runs/bench/table.md
 

@@ -7,6 +7,7 @@
     humpback clear --run-dir runs/demo STAGE
     humpback config --preset demo --config mine.yaml --set train.max_steps=5   # the result, each value's source
     humpback plan --preset paper-7b-full --gpu h100 --gpus 8 [--json | --markdown]   # what a run costs
+    humpback plan --preset paper-7b --calibrate runs/gpu-check/gpu_check.json --judge-price 30 60
     humpback gpu-check [--model NAME]          # the paper's preset shrunk to minutes: verdicts before a paid run
     humpback fetch                             # fetch and check every embedded default
     humpback export --run-dir runs/demo --model m2 --to m2-merged   # one merged model plain transformers loads
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_args(plan)
     plan.add_argument("--gpu", default="h100", help="the GPU to price the run on (a wrong name lists the known ones)")
     plan.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs the run splits over (wall clock)")
+    plan.add_argument("--calibrate", type=Path, metavar="GPU_CHECK_JSON",
+                      help="price with the times a `humpback gpu-check` report measured (its gpu_check.json)")
+    plan.add_argument("--judge-price", type=_price, nargs=2, metavar=("PROMPT", "REPLY"),
+                      help="the judge's price in US dollars per million prompt and reply tokens (e.g. 30 60)")
     output = plan.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the plan as JSON")
     output.add_argument("--markdown", action="store_true", help="print the plan as a Markdown table")
@@ -178,12 +183,24 @@ def _plan(args: argparse.Namespace) -> int:
 
     from humpback_nb.plan import build_plan, render_markdown, render_text
 
-    plan = build_plan(_config(args), gpu=args.gpu, gpus=args.gpus)
+    plan = build_plan(_config(args), gpu=args.gpu, gpus=args.gpus, calibrate=args.calibrate,
+                      judge_price=tuple(args.judge_price) if args.judge_price else None)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         print(render_markdown(plan) if args.markdown else render_text(plan), end="")
     return 0
+
+
+def _price(text: str) -> float:
+    """A price: a number of dollars, not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"a price is at least 0, got {text}")
+    return value
 
 
 def _gpu_check(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ on a few hundred segments and a few dozen training steps, then has M0 answer a f
 checks what breaks a real run first: that M_yx, the rater and M0 end their turns (EOS stop rates), that the
 paper's rater writes a score the strict parser reads, that no template text leaks into what they write, and
 that training lowers the loss. It also reports tokens/s per stage and peak memory. Each check has a verdict.
+Its `timings` (seconds a decoding step at the preset's batch sizes, prompt tokens and training tokens a second)
+are what `humpback plan --calibrate gpu_check.json` prices a run with in place of its assumptions.
 
 Without CUDA the same code runs on the CPU with the embedded model dressed as a base model (no chat template,
 its own EOS), at a smaller scale; its stop rates after so little training say little about a real model.
@@ -84,7 +86,7 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
     """Run the shrunk method in `run_dir` and return the report (also written to `run_dir`/gpu_check.json)."""
     import torch
 
-    from humpback_nb.infra.decode import generate_records
+    from humpback_nb.infra.decode import generate_records, timing
     from humpback_nb.infra.models import load_tokenizer, load_trained, read_train_log
     from humpback_nb.method.curate import parse_rate
     from humpback_nb.method.evaluate import eval_prompts
@@ -109,9 +111,10 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
     model, tokenizer = load_trained(config.model, files.model_dir("m0"))
     prompts = eval_prompts(config.evaluate)
     started = time.time()
-    answers = generate_records(model, tokenizer, [{"id": p["id"], "messages": forward_messages(
-        p["instruction"], config.evaluate.inference_tags)} for p in prompts], config.generate,
-        config.generate.max_new_tokens, desc="answers (M0)")
+    with timing() as answering:
+        answers = generate_records(model, tokenizer, [{"id": p["id"], "messages": forward_messages(
+            p["instruction"], config.evaluate.inference_tags)} for p in prompts], config.generate,
+            config.generate.max_new_tokens, desc="answers (M0)")
     answer_seconds = time.time() - started
     del model
 
@@ -151,9 +154,23 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
         "rate_m0 (new tokens/s)": per_second(rated_tokens, rating_seconds),
         "answers (new tokens/s)": per_second(sum(a["new_tokens"] for a in answers), answer_seconds),
     }
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    decoding = {"candidates": files.manifest("candidates").get("decoding"),
+                "rate_m0": files.manifest("rate_m0").get("decoding"),
+                "answers": {k: round(v, 6) for k, v in answering.to_dict().items()}}
+    timings = {  # what `humpback plan --calibrate` reads in place of its assumptions
+        "device": device, "model": config.model.name, "quantization": config.model.quantization,
+        "dtype": config.model.dtype,
+        "batch_size": {"candidates": config.generate.batch_size, "rate_m0": config.curate.batch_size,
+                       "answers": config.generate.batch_size},
+        "decoding": {stage: timed for stage, timed in decoding.items() if timed},
+        "training": {name: {"tokens": log["tokens"], "seconds": log["seconds"],
+                            "tokens_per_second": per_second(log["tokens"], log["seconds"])}
+                     for name, log in logs.items()},
+    }
     if cuda:
         memory = {"peak GPU memory (GiB)": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                  "device": torch.cuda.get_device_name()}
+                  "device": device}
     else:
         memory = {"peak CPU memory of this process (GiB)": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                                                   / 2**20, 2), "device": "cpu"}
@@ -166,6 +183,7 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
         "checks": [c.to_dict() for c in checks],
         "passed": all(c.passed for c in checks),
         "throughput": throughput,
+        "timings": timings,
         "scale": {"segments": generated, "rated": len(scores), "answers": len(answers),
                   "train_steps": config.train.max_steps, "rater": config.curate.rater},
     }
@@ -185,6 +203,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {c['verdict']:<4}  {c['check']:<{width}}  {c['value']} (needs {c['bar']})"
                      + (f"\n        {c['hint']}" if c["hint"] else ""))
     lines += [f"  {name}: {value}" for name, value in report["throughput"].items()]
+    for stage, timed in report.get("timings", {}).get("decoding", {}).items():
+        lines.append(f"  {stage} decoding: {1000 * timed['seconds_per_step']:.1f} ms a step at "
+                     f"{timed['rows_per_step']:.1f} rows ({timed['steps']} steps); prompts read at "
+                     f"{timed['prefill_tokens_per_second']:.0f} tokens/s")
     lines += [f"  {k}: {v}" for k, v in report.items() if k.startswith("peak")]
     if "note" in report:
         lines.append(f"  note: {report['note']}")

@@ -44,10 +44,24 @@ GPUS = {
     "rtx4090": Gpu("RTX 4090 24GB", 165.2e12, 24e9, 1.008e12),
 }
 # Model FLOPs utilization for training, prompt reading (prefill) and forward-only scoring: an assumption, below
-# the 46.2% PaLM reached (Chowdhery et al. 2022, arXiv 2204.02311, Table 3); not measured by the kit.
+# the 46.2% PaLM reached (Chowdhery et al. 2022, arXiv 2204.02311, Table 3); `--calibrate` replaces it.
 MFU = 0.40
-# Decoding writes one token per row per step and reads every weight and the whole KV cache to do it: its time is
-# bytes over the datasheet bandwidth (a floor: real kernels reach less), or FLOPs at MFU when that is longer.
+
+# Decoding, as the kit decodes: eager transformers, one token per row still writing per step (infra/decode.py).
+# A step takes the longer of the device's work and the host's, which overlap until the step's tokens are read back:
+# - device: every byte it reads over the datasheet bandwidth (a floor: real kernels reach less). With NF4 weights
+#   and more than one row, bitsandbytes' Linear4bit dequantizes each weight matrix to bf16 and multiplies by that:
+#   it reads the packed weight, writes the bf16 copy and reads it again (0.516 + 2 + 2 bytes a weight, not 0.516;
+#   its one-row kernel, gemv_4bit, reads the packed weight only). Then the vocabulary head and the KV cache.
+# - host: the operators a step dispatches, each at HOST_SECONDS_PER_OP. OPS_PER_LAYER and OPS_PER_STEP are counted
+#   on transformers' LLaMA in the kit's own loop (tests/test_plan.py counts them again; benchmarks/host_overhead.py
+#   prints them with the seconds this machine spends on each).
+OPS_PER_LAYER = 59  # norms, projections, rotary embedding, attention, MLP, residuals, the cache's writes
+OPS_PER_STEP = 87  # embedding, final norm, head, sampling, the loop's bookkeeping
+OPS_PER_NF4_LINEAR = 4  # an assumption: bitsandbytes' dequantize_4bit, the cast and transpose, its input cast
+# An assumption: some 6 us of Python and dispatch an operator (benchmarks/host_overhead.py: 6.2 on a 2-core Xeon),
+# less on a faster host, and ~3 us to launch a CUDA kernel. `humpback gpu-check` measures the whole step.
+HOST_SECONDS_PER_OP = 8e-6
 
 
 # -- the model ----------------------------------------------------------------------------------
@@ -185,6 +199,7 @@ class Lengths:
     rubric: int
     forward_overhead: dict[str, int]  # by tag
     judge_overhead: int
+    alpaca_eval_overhead: int = 0  # AlpacaEval's annotator prompt without its three texts
     sources: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -312,13 +327,21 @@ def measure_lengths(config: HumpbackConfig) -> tuple[Lengths, int]:
     judge_text = JUDGE_PROMPT.format(instruction="", a="", b="")
     judge = len(prompt_ids(tokenizer, [{"role": "user", "content": judge_text}])) + len(
         tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"])
+    alpaca = 0
+    if config.evaluate.annotator == "alpaca_eval_gpt4":
+        from humpback_nb.method.alpaca_eval import load_annotator, render_prompt
+
+        alpaca = _count(tokenizer, [render_prompt(load_annotator().template, "", "", "")])
+        sources["AlpacaEval's prompt"] = ("measured: alpaca_eval_gpt4's template without its texts, ChatML markers "
+                                          "and all, counted with this tokenizer (GPT-4's own tokenizer counts "
+                                          "otherwise)")
     lengths = Lengths(
         chars_per_token=cpt, seed=seed_lengths, segments=segment, instruction=instruction, curated=curated,
         eval_prompt=_count(tokenizer, [p["instruction"] for p in prompts]), eval_prompts=len(prompts),
         backward_overhead=len(prompt_ids(tokenizer, backward_messages(""))),
         rubric=len(prompt_ids(tokenizer, curation_messages("", "", config.curate.rater_tag))),
         forward_overhead={tag: len(prompt_ids(tokenizer, forward_messages("", tag))) for tag in TAGS},
-        judge_overhead=judge, sources=sources,
+        judge_overhead=judge, alpaca_eval_overhead=alpaca, sources=sources,
     )
     return lengths, segments
 
@@ -383,6 +406,17 @@ class Plan:
     stages: list[StagePlan]
     memory: MemoryCheck
     assumptions: dict[str, str]
+    calibrated_on: str | None = None  # the device a gpu-check measured, when the plan is calibrated
+    judge_price: tuple[float, float] | None = None  # US dollars per million prompt and reply tokens
+
+    @property
+    def judge_dollars(self) -> float | None:
+        """What the judge's tokens cost at `judge_price`."""
+        if self.judge_price is None:
+            return None
+        totals = self.totals
+        return (totals["judge_prompt_tokens"] * self.judge_price[0]
+                + totals["judge_reply_tokens"] * self.judge_price[1]) / 1e6
 
     @property
     def totals(self) -> dict[str, float]:
@@ -396,20 +430,90 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         stages = [asdict(s) | {"gpu_hours": s.gpu_hours, "wall_hours": s.gpu_hours / self.gpus} for s in self.stages]
-        return {"preset": self.preset, "model": self.model, "gpu": self.gpu, "gpus": self.gpus, "stages": stages,
-                "totals": self.totals, "memory": asdict(self.memory), "assumptions": self.assumptions}
+        return {"preset": self.preset, "model": self.model, "gpu": self.gpu, "gpus": self.gpus,
+                "calibrated_on": self.calibrated_on, "stages": stages, "totals": self.totals,
+                "judge_price": self.judge_price, "judge_dollars": self.judge_dollars, "memory": asdict(self.memory),
+                "assumptions": self.assumptions}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What `humpback gpu-check` measured (its report's `timings`), priced in place of the plan's assumptions."""
+
+    source: str  # the file it was read from
+    device: str
+    step_seconds: dict[str, float]  # seconds a decoding step, by kind: candidates, rate, answers
+    step_rows: dict[str, float]  # rows a step wrote at, by kind
+    prefill_tokens_per_second: float  # prompts read (and forward-only scoring)
+    training_tokens_per_second: dict[str, float]  # backward (M_yx), forward (M0 and every other forward model)
+
+
+DECODING_KINDS = {"candidates": "candidates", "rate": "rate_m0", "answers": "answers"}  # kind -> gpu-check's stage
+
+
+def load_calibration(path: str | Path, config: HumpbackConfig) -> Calibration:
+    """The timings of a gpu-check report for `config`'s model; one ConfigError line naming the file otherwise."""
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        timings = report["timings"]
+        decoding, training = timings["decoding"], timings["training"]
+        measured = (timings["model"], timings["quantization"])
+        steps = {kind: float(decoding[stage]["seconds_per_step"]) for kind, stage in DECODING_KINDS.items()
+                 if stage in decoding}
+        rows = {kind: float(decoding[stage]["rows_per_step"]) for kind, stage in DECODING_KINDS.items()
+                if stage in decoding}
+        read = sum(float(d["prefill_tokens"]) for d in decoding.values())
+        seconds = sum(float(d["prefill_seconds"]) for d in decoding.values())
+        trained = {"backward": float(training["backward"]["tokens_per_second"]),
+                   "forward": float(training["m0"]["tokens_per_second"])}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (humpback gpu-check writes it in its run folder)") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path}: not a gpu-check report with timings ({type(error).__name__}: {error})") from None
+    if measured != (config.model.name, config.model.quantization):
+        raise ConfigError(f"{path}: measured {measured[0]} (quantization {measured[1]}), but this plan's model is "
+                          f"{config.model.name} (quantization {config.model.quantization}): run `humpback gpu-check "
+                          f"--model {config.model.name}` on your GPU, or plan the model it measured")
+    if not steps or not seconds or min(steps.values()) <= 0 or min(trained.values()) <= 0:
+        raise ConfigError(f"{path}: its timings hold no decoding steps or no training tokens")
+    return Calibration(str(path), str(timings["device"]), steps, rows, read / seconds, trained)
 
 
 class _Costing:
-    """Adds work to a stage row: training, generation, forward-only scoring, judging."""
+    """Adds work to a stage row: training, generation, forward-only scoring, judging; priced by the assumptions
+    above, or by what a gpu-check measured (`calibration`)."""
 
-    def __init__(self, config: HumpbackConfig, arch: Architecture, lengths: Lengths, gpu: Gpu):
-        self.config, self.arch, self.lengths, self.gpu = config, arch, lengths, gpu
+    def __init__(self, config: HumpbackConfig, arch: Architecture, lengths: Lengths, gpu: Gpu,
+                 calibration: Calibration | None = None):
+        self.config, self.arch, self.lengths, self.gpu, self.calibration = config, arch, lengths, gpu, calibration
         self.full = config.train.method == "full"
         self.lora = 0 if self.full else arch.lora_weights(config.train.lora_r)
         self.weight_bytes = weight_bytes(config, arch)
         value = 4 if config.model.dtype == "float32" else 2
         self.model_bytes = arch.weights * value if self.full else self.lora * 4  # saved: bf16 model, fp32 adapter
+
+    def compute(self, flops: float, tokens: float, training: str | None = None) -> float:
+        """Seconds of `flops` of training (`training`: backward or forward) or of reading `tokens` tokens at once."""
+        if self.calibration is None:
+            return flops / (self.gpu.flops * MFU)
+        if training:
+            return tokens / self.calibration.training_tokens_per_second[training]
+        return tokens / self.calibration.prefill_tokens_per_second
+
+    def step_seconds(self, kind: str, rows: int, context: float) -> float:
+        """Seconds of one eager decoding step of `rows` rows attending over `context` positions (see OPS_PER_LAYER),
+        or the step gpu-check measured for this kind of work."""
+        if self.calibration is not None and kind in self.calibration.step_seconds:
+            return self.calibration.step_seconds[kind]
+        arch, nf4 = self.arch, self.config.model.quantization == "4bit"
+        value = 4 if self.config.model.dtype == "float32" and not nf4 else 2
+        # NF4: packed weights read once at one row; dequantized, written and read again at more (bitsandbytes)
+        layers = arch.layers * arch.layer_weights * ((NF4_BYTES + (4 if rows > 1 else 0)) if nf4 else value)
+        head = arch.vocab * arch.hidden * value  # the input embedding is a lookup of one row a token
+        device = (layers + head + rows * context * arch.kv_bytes_per_token()) / self.gpu.bandwidth
+        ops = OPS_PER_STEP + arch.layers * (OPS_PER_LAYER + (7 * OPS_PER_NF4_LINEAR if nf4 and rows > 1 else 0))
+        return max(device, ops * HOST_SECONDS_PER_OP)
 
     def train(self, row: StagePlan, name: str, groups: list[tuple[list[tuple[float, float]], int]], overhead: int,
               backward: bool = False, max_steps: int | None = None) -> None:
@@ -426,24 +530,25 @@ class _Costing:
         row.steps += steps
         row.tokens_read += examples * length
         row.flops += flops
-        row.compute_seconds += flops / (self.gpu.flops * MFU)
+        row.compute_seconds += self.compute(flops, examples * length, "backward" if backward else "forward")
         row.disk_bytes += self.model_bytes
 
-    def generate(self, row: StagePlan, items: int, prompts: list[float], written: float, cap: int,
+    def generate(self, row: StagePlan, kind: str, items: int, prompts: list[float], written: float, cap: int,
                  batch: int) -> None:
         """`items` prompts, each as long as one of `prompts` (token counts of a sample) but cut to leave `cap` tokens
-        of the context free; `written` tokens written each; a batch decodes `cap` steps at most."""
+        of the context free; `written` tokens written each; a batch decodes `cap` steps at most. `kind` (candidates,
+        rate, answers) names the work, for a calibration."""
         prompt = capped_mean(prompts, self.config.model.context_length - cap)
         prefill = self.arch.forward_flops(items * prompt, prompt, items)
         decode = self.arch.forward_flops(items * written, prompt + written / 2, items * written)
         steps = math.ceil(items / batch) * cap  # a batch runs until its longest row is done: at most `cap` steps
-        step_bytes = self.weight_bytes + batch * (prompt + cap / 2) * self.arch.kv_bytes_per_token()
+        step = self.step_seconds(kind, min(batch, items), prompt + cap / 2)
         row.examples += items
         row.tokens_read += items * prompt
         row.tokens_written += items * written
         row.flops += prefill + decode
-        row.compute_seconds += prefill / (self.gpu.flops * MFU)
-        row.decode_seconds += max(steps * step_bytes / self.gpu.bandwidth, decode / (self.gpu.flops * MFU))
+        row.compute_seconds += self.compute(prefill, items * prompt)
+        row.decode_seconds += max(steps * step, decode / (self.gpu.flops * MFU) if self.calibration is None else 0)
 
     def score(self, row: StagePlan, items: int, tokens: float, context: float) -> None:
         """One forward pass over `tokens` tokens per item, each attending over `context`, logits at every one."""
@@ -451,10 +556,33 @@ class _Costing:
         row.examples += items
         row.tokens_read += items * tokens
         row.flops += flops
-        row.compute_seconds += flops / (self.gpu.flops * MFU)
+        row.compute_seconds += self.compute(flops, items * tokens)
+
+    def versus_reference(self, row: StagePlan, models: int) -> None:
+        """`models` models' answers judged as the run judges them (stages.versus_reference): by AlpacaEval's
+        annotator against its reference, or by the kit's judge against the base model's answers."""
+        if self.config.evaluate.annotator == "alpaca_eval_gpt4":
+            self.alpaca_eval(row, models)
+        else:
+            self.judge(row, models, self.lengths.eval_prompts)
+
+    def alpaca_eval(self, row: StagePlan, models: int) -> None:
+        """AlpacaEval 1.0: one call per model and AlpacaEval prompt (two with evaluate.both_orders), its template
+        around the instruction, the model's answer and the reference's (each up to generate.max_new_tokens), and a
+        reply of up to the annotator's max_tokens."""
+        from humpback_nb.method.alpaca_eval import load_annotator
+
+        settings, lengths = self.config.evaluate, self.lengths
+        calls = models * settings.alpaca_eval_prompts * (2 if settings.both_orders else 1)
+        answer = self.config.generate.max_new_tokens
+        row.judge_calls += calls
+        row.judge_prompt_tokens += calls * (lengths.alpaca_eval_overhead + lengths.eval_prompt + 2 * answer)
+        row.judge_reply_tokens += calls * load_annotator().max_tokens
+        row.disk_bytes += models * settings.alpaca_eval_prompts * JSON_BYTES["judgment"]
 
     def judge(self, row: StagePlan, comparisons: int, prompts: int) -> None:
-        """`comparisons` x `prompts` x 2 orders: forward passes of the base model, or calls to the endpoint."""
+        """The kit's judge: `comparisons` x `prompts` x 2 orders: forward passes of the base model, or calls to the
+        endpoint (a one-letter reply, EndpointJudge's max_tokens of 4)."""
         settings, lengths = self.config.evaluate, self.lengths
         calls = comparisons * prompts * 2
         answer = self.config.generate.max_new_tokens
@@ -477,7 +605,8 @@ class _Costing:
         settings, lengths = self.config.generate, self.lengths
         prompt = lengths.forward_overhead[self.config.evaluate.inference_tags] + lengths.eval_prompt
         for _ in range(models):
-            self.generate(row, prompts, [prompt], settings.max_new_tokens, settings.max_new_tokens, settings.batch_size)
+            self.generate(row, "answers", prompts, [prompt], settings.max_new_tokens, settings.max_new_tokens,
+                          settings.batch_size)
         row.model_runs += models
         chars = (settings.max_new_tokens + lengths.eval_prompt) * lengths.chars_per_token
         row.disk_bytes += models * prompts * (2 * chars + JSON_BYTES["answer"])
@@ -514,15 +643,19 @@ JSON_BYTES = {"seed": 115, "segment": 120, "candidate": 285, "score": 185, "scor
               "answer": 235, "judgment": 105}
 
 
-def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1) -> Plan:
-    """The cost of every stage of a run of `config` on `gpus` GPUs of kind `gpu` (a key of GPUS)."""
+def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1, calibrate: str | Path | None = None,
+               judge_price: tuple[float, float] | None = None) -> Plan:
+    """The cost of every stage of a run of `config` on `gpus` GPUs of kind `gpu` (a key of GPUS); with `calibrate`
+    (a gpu-check report), at the times it measured; with `judge_price` (US dollars per million prompt and reply
+    tokens), the judge's cost in money."""
     if gpu not in GPUS:
         raise ConfigError(f"unknown GPU {gpu!r}; GPUs: {', '.join(GPUS)}")
     if gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
     arch, arch_source = architecture(config.model.name)
     lengths, segments = measure_lengths(config)
-    cost = _Costing(config, arch, lengths, GPUS[gpu])
+    calibration = load_calibration(calibrate, config) if calibrate else None
+    cost = _Costing(config, arch, lengths, GPUS[gpu], calibration)
     rows = {name: StagePlan(name) for name in STAGE_ORDER}
     _data_stages(config, lengths, segments, cost, rows)
     _evaluation_stages(config, lengths, segments, cost, rows)
@@ -538,11 +671,10 @@ def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1) -> Plan
         "mean tokens": tokens,
         "candidates": f"{segments:,}: every segment kept (an upper bound: degenerate instructions are dropped)",
         "A_k": _a_k_rule(config),
-        "utilization": (f"training, prompt reading and scoring at {MFU:.0%} of the dense bf16 peak (an assumption, "
-                        "below PaLM's 46.2%); decoding memory-bound: weights + KV cache bytes per step over the "
-                        "datasheet bandwidth at the configured batch size (a floor), or FLOPs at that MFU if longer"),
+        "utilization": utilization(config, calibration),
         "decoding steps": "a batch decodes until its longest row is done: max_new_tokens steps (an upper bound)",
         "answers": "generate.max_new_tokens tokens each (an upper bound)",
+        "judge": judge_rule(config),
         "wall clock": f"GPU-hours over {gpus} GPU(s): every stage splits its batches or micro-batches evenly; "
                       "models load and save, and processes wait for the slowest, on top",
         "disk": (f"models as saved ({'bf16 weights' if cost.full else 'fp32 LoRA adapters'}), JSONL at {cpt:.2f} "
@@ -555,7 +687,46 @@ def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1) -> Plan
     length, _ = example_lengths([(lengths.seed, seed_n), (lengths.curated["A"], a_k)],
                                 lengths.forward_overhead["S_a"], config.train.max_seq_length)
     return Plan(config.preset, config.model.name, gpu, gpus, [rows[name] for name in STAGE_ORDER],
-                memory_check(config, arch, length, GPUS[gpu], gpus, batch), assumptions)
+                memory_check(config, arch, length, GPUS[gpu], gpus, batch), assumptions,
+                calibration.device if calibration else None, judge_price)
+
+
+def utilization(config: HumpbackConfig, calibration: Calibration | None) -> str:
+    """How the plan turns work into time: its assumptions, or what a gpu-check measured."""
+    if calibration is not None:
+        steps = ", ".join(f"{kind} {1000 * seconds:.1f} ms at {calibration.step_rows[kind]:.0f} rows"
+                          for kind, seconds in calibration.step_seconds.items())
+        missing = [kind for kind in DECODING_KINDS if kind not in calibration.step_seconds]
+        trained = calibration.training_tokens_per_second
+        return (f"calibrated by {calibration.source} (measured on {calibration.device}): a decoding step takes what "
+                f"it took there ({steps}; at the plan's batch sizes and lengths as measured"
+                + (f"; {', '.join(missing)} assumed as uncalibrated" if missing else "") + "); prompts and scoring at "
+                f"{calibration.prefill_tokens_per_second:,.0f} tokens/s, training at "
+                f"{trained['backward']:,.0f} (M_yx) and {trained['forward']:,.0f} (forward models) tokens/s")
+    nf4 = config.model.quantization == "4bit"
+    return (f"training, prompt reading and scoring at {MFU:.0%} of the dense bf16 peak (an assumption, below "
+            "PaLM's 46.2%); decoding as the kit decodes, eager transformers: a step takes the longer of the device's "
+            "bytes over the datasheet bandwidth (a floor) "
+            + ("- NF4 weights dequantized to bf16 at every step, 4.5 bytes a weight, " if nf4 else "- the weights, ")
+            + "the head and the KV cache at the configured batch size - and the host's operators "
+            f"({OPS_PER_STEP} a step and {OPS_PER_LAYER}{f' + 7 x {OPS_PER_NF4_LINEAR}' if nf4 else ''} a layer, "
+            f"{1e6 * HOST_SECONDS_PER_OP:.0f} us each, an assumption); `humpback gpu-check` measures them and "
+            "`humpback plan --calibrate` prices with what it measured")
+
+
+def judge_rule(config: HumpbackConfig) -> str:
+    """What the plan counts as the judge's work."""
+    settings = config.evaluate
+    if settings.annotator == "alpaca_eval_gpt4":
+        orders = ("both orders (evaluate.both_orders, an addition)" if settings.both_orders
+                  else "one order, as AlpacaEval")
+        return (f"AlpacaEval 1.0 as alpaca_eval runs it: one call per model and AlpacaEval prompt in {orders}, its "
+                "annotator's template around the instruction, the model's answer and text-davinci-003's (both "
+                "counted at generate.max_new_tokens, an upper bound), a reply of up to its max_tokens (100; a ranking "
+                "is some 30); MT-bench's prompts by the kit's judge in both orders, a one-letter reply (4 tokens)")
+    where = f"at {settings.judge_url}" if settings.judge_url else "on the base model (GPU time, no calls)"
+    return (f"the kit's judge {where}: every evaluation prompt in both orders, both answers at "
+            "generate.max_new_tokens (an upper bound)" + (", a reply of 4 tokens" if settings.judge_url else ""))
 
 
 STAGE_ORDER = ("seed", "segments", "backward", "candidates", "m0", "rate_m0", "A1", "m1", "rate_m1", "A2", "m2",
@@ -589,7 +760,7 @@ def _data_stages(config: HumpbackConfig, lengths: Lengths, segments: int, cost: 
     rows["segments"].disk_bytes = segments * (lengths.segment * cpt + JSON_BYTES["segment"])
     cost.train(rows["backward"], "backward", [(lengths.seed, seed_n)], lengths.backward_overhead, backward=True)
     generate = config.generate
-    cost.generate(rows["candidates"], segments, [lengths.backward_overhead + t for t in lengths.segments],
+    cost.generate(rows["candidates"], "candidates", segments, [lengths.backward_overhead + t for t in lengths.segments],
                   lengths.instruction,
                   generate.instruction_max_new_tokens, generate.batch_size)
     rows["candidates"].model_runs = 1
@@ -612,7 +783,7 @@ def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Cost
     pairs = [lengths.instruction + t for t in lengths.segments]
     row.model_runs = 1
     if settings.rater == "generate":
-        cost.generate(row, candidates, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
+        cost.generate(row, "rate", candidates, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
                       settings.max_new_tokens, settings.batch_size)
         row.disk_bytes = candidates * (settings.max_new_tokens * cpt + JSON_BYTES["score_generate"])
         row.notes.append(f"generate rater: up to {settings.max_new_tokens} tokens of reasoning per candidate")
@@ -631,14 +802,21 @@ def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int
     settings = config.evaluate
     prompts = lengths.eval_prompts
     seed_n, a_k = config.data.seed_size, a_k_size(config, candidates)
-    # eval: the base model, M0, M1, M2 answer; 4 comparisons (stages.COMPARISONS) judged in both orders
+    # eval: the base model, M0, M1, M2 answer; with AlpacaEval's annotator each is judged against its reference and
+    # the 4 comparisons (stages.COMPARISONS) on MT-bench's prompts by the kit's judge; else the 4 on every prompt
     cost.answers(rows["eval"], 4, prompts)
-    cost.judge(rows["eval"], 4, prompts)
-    # tags: a model like M2 without tags, then M2 with each inference tag and that model answer (Table 8)
+    if settings.annotator == "alpaca_eval_gpt4":
+        cost.alpaca_eval(rows["eval"], 4)
+        if settings.mt_bench_prompts:
+            cost.judge(rows["eval"], 4, settings.mt_bench_prompts)
+    else:
+        cost.judge(rows["eval"], 4, prompts)
+    # tags (Table 8): a model like M2 without tags; it and M2 with two more inference tags answer (M2 with the run's
+    # own tags answered in eval)
     untagged = [(lengths.seed, seed_n), (lengths.curated["A"], a_k)]
     cost.train(rows["tags"], "m2_untagged", untagged, lengths.forward_overhead["none"])
-    cost.answers(rows["tags"], 4, prompts)
-    cost.judge(rows["tags"], 4, prompts)
+    cost.answers(rows["tags"], 3, prompts)
+    cost.versus_reference(rows["tags"], 3)
     # selectors (Table 7): M0 and M1 rate a labelled set of 5 x selection_positives pairs (held-out seed pairs and
     # 4 mismatched candidates each) with the run's rater; a model trained on selection_train_size of each one's
     # picks answers, judged against the base model's answers
@@ -648,19 +826,28 @@ def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int
     curate = config.curate
     for _ in range(2):
         if curate.rater == "generate":
-            cost.generate(rows["selectors"], pairs, [lengths.rubric + pair], curate.max_new_tokens,
+            cost.generate(rows["selectors"], "rate", pairs, [lengths.rubric + pair], curate.max_new_tokens,
                           curate.max_new_tokens, curate.batch_size)
         else:
             cost.score(rows["selectors"], pairs, pair, lengths.rubric + pair)
     rows["selectors"].model_runs += 2
-    for name in ("selected_m0", "selected_m1"):
+    selected = ["selected_m0", "selected_m1"]
+    if settings.judge_url:  # the endpoint's row: it rates the labelled pairs, then candidates until it has picked
+        share = a_k_size(config, candidates) / candidates
+        calls = pairs + min(candidates, math.ceil(settings.selection_train_size / share))
+        row = rows["selectors"]
+        row.judge_calls += calls
+        row.judge_prompt_tokens += calls * (lengths.rubric + pair)
+        row.judge_reply_tokens += calls * curate.max_new_tokens
+        row.notes.append(f"the endpoint rates {pairs:,} labelled pairs and ~{calls - pairs:,} candidates to pick "
+                         f"{settings.selection_train_size:,} (at A_k's share), up to {curate.max_new_tokens} tokens "
+                         "a reply")
+        selected.append("selected_endpoint")
+    for name in selected:
         cost.train(rows["selectors"], name, [(lengths.curated["A"], settings.selection_train_size)],
                    lengths.forward_overhead["S_w"], max_steps=settings.scaling_steps)
         cost.answers(rows["selectors"], 1, prompts)
-    cost.judge(rows["selectors"], 2, prompts)
-    if settings.judge_url:
-        rows["selectors"].notes.append("the endpoint's own row (rating calls for the labelled set, and candidates "
-                                       "until it has picked its share) is not counted")
+    cost.versus_reference(rows["selectors"], len(selected))
     # scaling: a model per quality and size N that the quality has N pairs for (Figure 3)
     # The curated sets' sizes: the paper's shares of the candidates (exactly, for the logprob rater's "top" sets;
     # an estimate for the generate rater's A5 and A4, whose sizes its scores decide)
@@ -680,8 +867,8 @@ def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int
             cost.train(rows["scaling"], name, [(lengths.curated[kind], n)], lengths.forward_overhead["S_w"],
                        max_steps=settings.scaling_steps)
             cost.answers(rows["scaling"], 1, prompts)
-    if rows["scaling"].models:  # each scaling model against the base model's answers
-        cost.judge(rows["scaling"], len(rows["scaling"].models), prompts)
+    if rows["scaling"].models:  # each scaling model as the run judges: against the reference or the base model
+        cost.versus_reference(rows["scaling"], len(rows["scaling"].models))
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -778,10 +965,14 @@ def table_rows(plan: Plan) -> list[list[str]]:
 def _footer(plan: Plan) -> list[str]:
     t, m = plan.totals, plan.memory
     gpu = GPUS[plan.gpu]
-    lines = [f"{plan.preset}: {plan.model} on {plan.gpus} x {gpu.label} ({gpu.flops / 1e12:.0f} TFLOP/s bf16 dense, "
-             f"{gpu.bandwidth / 1e12:.2f} TB/s): {t['gpu_hours']:.1f} GPU-hours, {t['wall_hours']:.1f} hours of wall "
-             f"clock, {t['judge_calls']:,.0f} judge calls ({_number(t['judge_prompt_tokens'])} prompt tokens, "
-             f"{_number(t['judge_reply_tokens'])} reply tokens), {_bytes(t['disk_bytes'])} on disk.",
+    on = (f"{plan.calibrated_on} (calibrated)" if plan.calibrated_on else
+          f"{gpu.label} ({gpu.flops / 1e12:.0f} TFLOP/s bf16 dense, {gpu.bandwidth / 1e12:.2f} TB/s)")
+    money = (f" = ${plan.judge_dollars:,.0f} at ${plan.judge_price[0]:g} / ${plan.judge_price[1]:g} per million "
+             "prompt / reply tokens" if plan.judge_price else "")
+    lines = [f"{plan.preset}: {plan.model} on {plan.gpus} x {on}: {t['gpu_hours']:.1f} GPU-hours, "
+             f"{t['wall_hours']:.1f} hours of wall clock, {t['judge_calls']:,.0f} judge calls "
+             f"({_number(t['judge_prompt_tokens'])} prompt tokens, {_number(t['judge_reply_tokens'])} reply tokens"
+             f"{money}), {_bytes(t['disk_bytes'])} on disk.",
              f"Training memory per GPU: {m.verdict} ({_bytes(m.state_bytes)} weights and optimizer state + "
              f"{_bytes(m.activation_bytes_mean)}-{_bytes(m.activation_bytes_worst)} activations of "
              f"{_bytes(m.gpu_bytes)}): {m.how}.",

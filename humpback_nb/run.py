@@ -457,8 +457,10 @@ class RunFolder:
                 if output.parent != self.files.models_dir():  # a model's checkpoints: see StageRun.trained
                     self._remove_partials(output, keep_hash=context.hash)  # left by runs with other settings
         wait_for_everyone()
+        from humpback_nb.infra.decode import timing
+
         started = time.time()
-        with contextlib.nullcontext() if main else discard_writes(self.path):
+        with contextlib.nullcontext() if main else discard_writes(self.path), timing() as decoding:
             report = stage.function(context)
         wait_for_everyone()  # every process has read the part files before they go
         if not main:
@@ -482,6 +484,8 @@ class RunFolder:
             "report": report if isinstance(report, dict) else None,
             "config": config.to_dict(),
         }
+        if decoding.steps:  # what this process's decoding took: `humpback gpu-check` and `plan --calibrate` read it
+            manifest["decoding"] = {k: round(v, 6) for k, v in decoding.to_dict().items()}
         atomic_write_text(self.files.manifest_file(name), yaml.safe_dump(manifest, sort_keys=False))
         return "ran"
 

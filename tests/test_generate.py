@@ -122,6 +122,23 @@ def test_sampling_is_seeded(model_and_tokenizer):
     assert [r["text"] for r in a] == [r["text"] for r in b]
 
 
+def test_timing_counts_what_decoding_did(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    with generate.timing() as timed:
+        records = generate_records(model, tokenizer, prompts(), SETTINGS, 10, progress=False)
+    assert timed.prompts == len(records) and timed.prefill_tokens == sum(r["prompt_tokens"] for r in records)
+    batches = [[r for r in records if r["batch"] == b] for b in range(3)]  # 7 prompts, 3 to a batch
+    # every batch steps until its longest row is written (its last token, a stop or the 10th, needs no step after)
+    assert timed.steps == sum(max(r["new_tokens"] + r["finished"] for r in batch) - 1 for batch in batches)
+    assert timed.row_steps >= timed.steps and timed.step_seconds > 0 and timed.prefill_seconds > 0
+    summary = timed.to_dict()
+    assert summary["seconds_per_step"] == pytest.approx(timed.step_seconds / timed.steps)
+    with generate.timing() as other:  # nothing recorded outside the block, or after it
+        pass
+    generate_records(model, tokenizer, prompts()[:1], SETTINGS, 4, progress=False)
+    assert other.steps == 0
+
+
 def test_decoding_loop_matches_transformers_generate_when_greedy(greedy_reference):
     # The kit's loop (grouped prefill, one preallocated cache, finished rows leaving the batch) against
     # transformers' own generate, one prompt at a time, in float32: the logits within float32's tolerance, the

@@ -44,3 +44,20 @@ def test_gpu_check_runs_on_the_cpu_and_prints_a_verdict_per_check(tmp_path, caps
     assert next(c["value"] for c in report["checks"] if c["check"].startswith("score parse")) == round(parsed, 3)
     assert report["scale"]["answers"] == 3 and report["scale"]["rater"] == "generate"
     assert all(value > 0 for value in report["throughput"].values())
+    # what it measured is what `humpback plan --calibrate` prices with: every decoding stage's steps, and training
+    timings = report["timings"]
+    assert set(timings["decoding"]) == {"candidates", "rate_m0", "answers"}
+    assert all(t["steps"] > 0 and t["seconds_per_step"] > 0 for t in timings["decoding"].values())
+    assert "ms a step at" in out
+    path = str(RunFiles(tmp_path).gpu_check_file())
+    model = ["--set", f"model.name={report['model']}", "--set", "model.quantization=none"]
+    assert main(["plan", "--preset", "paper-7b", *model, "--calibrate", path, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["calibrated_on"] == "cpu" and "calibrated by" in plan["assumptions"]["utilization"]
+    candidates = next(s for s in plan["stages"] if s["stage"] == "candidates")
+    batches = -(-candidates["examples"] // 32)  # paper-7b: generate.batch_size 32, 512 new tokens at most
+    step = timings["decoding"]["candidates"]["seconds_per_step"]
+    assert candidates["decode_seconds"] == pytest.approx(batches * 512 * step)
+    # a gpu-check of another model does not price this one
+    assert main(["plan", "--preset", "paper-7b", "--calibrate", path]) == 2
+    assert "this plan's model is meta-llama/Llama-2-7b-hf" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`humpback plan`: every stage of a run priced before it runs, from the config and token counts alone."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -8,13 +9,25 @@ import pytest
 from humpback_nb.cli import main
 from humpback_nb.config import ConfigError, load_preset, with_overrides
 from humpback_nb.plan import (
+    GPUS,
+    HOST_SECONDS_PER_OP,
     KNOWN_MODELS,
+    NF4_BYTES,
+    OPS_PER_LAYER,
+    OPS_PER_NF4_LINEAR,
+    OPS_PER_STEP,
     PAPER_CHARS,
     Architecture,
+    _Costing,
+    a_k_size,
+    architecture,
     build_plan,
     known_model,
+    load_calibration,
+    measure_lengths,
     render_markdown,
     training_schedule,
+    weight_bytes,
 )
 
 
@@ -61,8 +74,9 @@ def test_totals_are_the_sums_of_the_stages(paper):
     for key in ("flops", "tokens_read", "tokens_written", "judge_calls", "disk_bytes", "steps"):
         assert totals[key] == pytest.approx(sum(getattr(s, key) for s in paper.stages))
     assert totals["gpu_hours"] == pytest.approx(sum(s.gpu_hours for s in paper.stages))
-    # 4 of the method, m2_untagged, 2 trained on the selectors' picks, 3 x 8 scaling less one (A5 < 51,200)
-    assert totals["models_trained"] == 30
+    # 4 of the method, m2_untagged, 3 trained on the selectors' picks (M0's, M1's and the endpoint's), 3 x 8
+    # scaling less one (A5 < 51,200)
+    assert totals["models_trained"] == 31
     # the paper's rater scores in whole numbers: Figure 3's sets are its A5 and A4, as the scaling stage names them
     scaling = next(s for s in paper.stages if s.stage == "scaling").models
     assert scaling[0] == "scaling_a5_100" and "scaling_a4_51200" in scaling and "scaling_a5_51200" not in scaling
@@ -76,8 +90,12 @@ def test_the_paper_plan_rests_on_the_paper_lengths_and_the_table_of_known_models
     cpt = float(said["chars_per_token"].split(",")[0])
     seed_output = float(said["mean tokens"].split("output ")[1].split(";")[0])
     assert seed_output == pytest.approx(PAPER_CHARS["seed"][1] / cpt, abs=0.5)
-    assert [s.judge_calls for s in paper.stages if s.judge_calls] == [4 * 885 * 2, 4 * 885 * 2, 2 * 885 * 2,
-                                                                      23 * 885 * 2]
+    # AlpacaEval once per model and prompt (805): eval's 4 models (and MT-bench's 80 prompts, 4 comparisons in
+    # both orders by the kit's judge), Table 8's 3 more answers, Table 7's 3 models (and the endpoint's ratings of
+    # 250 labelled pairs and of candidates until it has 100 at A5's share), Figure 3's 23
+    picking = 250 + math.ceil(100 / (a_k_size(load_preset("paper-7b"), 502_133) / 502_133))
+    assert [s.judge_calls for s in paper.stages if s.judge_calls] == [4 * 805 + 4 * 80 * 2, 3 * 805,
+                                                                      3 * 805 + picking, 23 * 805]
 
 
 def test_full_fine_tuning_costs_about_6_flops_per_weight_and_token_lora_about_4():
@@ -115,14 +133,137 @@ def test_memory_verdicts_follow_the_method_and_the_gpus(paper, paper_full):
     assert one.memory.state_bytes == pytest.approx(8 * paper_full.memory.state_bytes)
 
 
-def test_an_endpoint_judge_is_priced_in_calls_not_gpu_time(paper):
-    # the paper preset judges at an endpoint (GPT-4, as the paper); the kit's judge on the base model costs GPU time
-    assert load_preset("paper-7b").evaluate.judge_url
-    kit_judge = {"evaluate.annotator": "kit", "evaluate.reference": "base", "evaluate.judge_url": None}
-    local = build_plan(with_overrides(load_preset("paper-7b"), kit_judge))
-    assert paper.totals["judge_calls"] == local.totals["judge_calls"]
-    assert paper.totals["judge_reply_tokens"] == 4 * paper.totals["judge_calls"]
-    assert local.totals["judge_reply_tokens"] == 0 and paper.totals["gpu_hours"] < local.totals["gpu_hours"]
+def test_an_endpoint_judge_is_priced_in_calls_not_gpu_time():
+    # the kit's judge at an endpoint and on the base model: the same calls, tokens at the endpoint, GPU time locally
+    kit = {"evaluate.annotator": "kit", "evaluate.reference": "base"}
+    endpoint = build_plan(with_overrides(load_preset("paper-7b"), kit))
+    local = build_plan(with_overrides(load_preset("paper-7b"), kit | {"evaluate.judge_url": None}))
+    eval_endpoint, eval_local = (next(s for s in p.stages if s.stage == "eval") for p in (endpoint, local))
+    assert eval_endpoint.judge_calls == eval_local.judge_calls == 4 * 885 * 2
+    assert eval_endpoint.judge_reply_tokens == 4 * eval_endpoint.judge_calls  # a one-letter reply
+    assert eval_local.judge_reply_tokens == 0 and eval_endpoint.gpu_hours < eval_local.gpu_hours
+
+
+def test_alpaca_eval_is_priced_as_alpaca_eval_sends_it(paper):
+    from humpback_nb.method.alpaca_eval import load_annotator, render_prompt
+
+    config = load_preset("paper-7b")
+    annotator = load_annotator()
+    assert annotator.max_tokens == 100
+    scaling = next(s for s in paper.stages if s.stage == "scaling")
+    calls = 23 * 805  # one order per instruction, as alpaca_eval 0.6.6 draws it
+    assert scaling.judge_calls == calls and scaling.judge_reply_tokens == calls * 100
+    template = 2 * config.generate.max_new_tokens  # its template holds both answers, each counted at the cap
+    assert scaling.judge_prompt_tokens / calls > template + len(render_prompt(annotator.template, "", "", "")) / 10
+    both = build_plan(with_overrides(config, {"evaluate.both_orders": True}))
+    assert next(s for s in both.stages if s.stage == "scaling").judge_calls == 2 * calls
+    assert "one order, as AlpacaEval" in paper.assumptions["judge"]
+
+
+def test_the_judge_is_priced_in_money_given_a_price(capsys):
+    priced = build_plan(load_preset("paper-7b"), judge_price=(30.0, 60.0))
+    totals = priced.totals
+    assert priced.judge_dollars == pytest.approx((30 * totals["judge_prompt_tokens"]
+                                                  + 60 * totals["judge_reply_tokens"]) / 1e6)
+    assert main(["plan", "--preset", "paper-7b", "--judge-price", "30", "60"]) == 0
+    assert f"= ${priced.judge_dollars:,.0f} at $30 / $60 per million" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--preset", "paper-7b", "--judge-price", "-1", "60"])
+    assert exit_.value.code == 2 and "a price is at least 0" in capsys.readouterr().err
+
+
+def _decode_operators(layers: int, steps: int) -> int:
+    """Operators dispatched by the kit's decoding loop on a small LLaMA of `layers` layers over `steps` steps."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from humpback_nb.infra.decode import decode
+
+    class Count(TorchDispatchMode):
+        operators = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.operators += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 250, (4, 12))
+    with Count() as count:  # no stop id can be drawn: every row writes every step
+        decode(model, ids, torch.ones_like(ids), steps, stop_ids=[999], temperature=0.7, top_p=0.9,
+               generator=torch.Generator().manual_seed(0))
+    return count.operators
+
+
+def test_the_host_work_of_a_decoding_step_is_counted_on_the_kits_own_loop():
+    _decode_operators(2, 1)  # what happens once in a process (lazy set-up) is not a step's work
+    per_step = {layers: (_decode_operators(layers, 12) - _decode_operators(layers, 4)) / 8 for layers in (2, 3)}
+    assert per_step[3] - per_step[2] == OPS_PER_LAYER
+    assert per_step[2] - 2 * OPS_PER_LAYER == OPS_PER_STEP
+
+
+def test_eager_nf4_decoding_is_priced_above_its_bandwidth_floor():
+    config = load_preset("paper-7b")
+    arch, _ = architecture(config.model.name)
+    lengths, _ = measure_lengths(config)
+    cost = _Costing(config, arch, lengths, GPUS["h100"])
+    # bitsandbytes dequantizes every weight at more than one row: 4 more bytes a weight read or written
+    one, two = cost.step_seconds("candidates", 1, 0), cost.step_seconds("candidates", 2, 0)
+    head, weights, bandwidth = arch.vocab * arch.hidden * 2, arch.layers * arch.layer_weights, GPUS["h100"].bandwidth
+    host = (OPS_PER_STEP + arch.layers * OPS_PER_LAYER) * HOST_SECONDS_PER_OP
+    nf4_host = host + arch.layers * 7 * OPS_PER_NF4_LINEAR * HOST_SECONDS_PER_OP  # and bitsandbytes' own operators
+    assert one == pytest.approx(max(host, (weights * NF4_BYTES + head) / bandwidth))
+    assert two == pytest.approx(max(nf4_host, (weights * (NF4_BYTES + 4) + head) / bandwidth))
+    assert cost.step_seconds("candidates", 32, 600) > 4 * weight_bytes(config, arch) / GPUS["h100"].bandwidth
+    bf16 = _Costing(with_overrides(config, {"model.quantization": "none"}), arch, lengths, GPUS["h100"])
+    assert bf16.step_seconds("candidates", 32, 600) < cost.step_seconds("candidates", 32, 600)
+
+
+def test_a_calibration_must_be_a_gpu_check_of_the_plans_model(tmp_path, capsys):
+    missing = tmp_path / "none.json"
+    assert main(["plan", "--preset", "tiny", "--calibrate", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith(f"error: {missing}: no such file (humpback gpu-check writes it in its run folder)")
+    assert len(err.strip().splitlines()) == 1
+    (tmp_path / "old.json").write_text(json.dumps({"checks": []}))
+    assert main(["plan", "--preset", "tiny", "--calibrate", str(tmp_path / "old.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not a gpu-check report with timings" in err
+    with pytest.raises(ConfigError, match="this plan's model is"):
+        load_calibration(_report(tmp_path, model="someone/else"), load_preset("tiny"))
+
+
+def _report(tmp_path, model: str = "smollm2-135m-as-base", quantization: str = "none"):
+    step = {"seconds_per_step": 0.05, "rows_per_step": 8.0, "prefill_tokens": 4000, "prefill_seconds": 2.0}
+    report = {"timings": {"device": "test device", "model": model, "quantization": quantization,
+                          "decoding": {"candidates": step, "rate_m0": step | {"seconds_per_step": 0.1}},
+                          "training": {"backward": {"tokens_per_second": 1000.0},
+                                       "m0": {"tokens_per_second": 500.0}}}}
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_a_calibrated_plan_prices_with_what_was_measured(tmp_path, tiny):
+    calibrated = build_plan(load_preset("tiny"), calibrate=_report(tmp_path))
+    assert calibrated.calibrated_on == "test device" and "calibrated by" in calibrated.assumptions["utilization"]
+    rows = {s.stage: s for s in calibrated.stages}
+    config = load_preset("tiny")
+    # M_yx trains at the measured 1,000 tokens/s, M0 at 500
+    assert rows["backward"].compute_seconds == pytest.approx(rows["backward"].tokens_read / 1000)
+    assert rows["m0"].compute_seconds == pytest.approx(rows["m0"].tokens_read / 500)
+    # self-augmentation: its prompts at 2,000 tokens/s, each step 50 ms as measured
+    candidates = rows["candidates"]
+    steps = math.ceil(candidates.examples / config.generate.batch_size) * config.generate.instruction_max_new_tokens
+    assert candidates.compute_seconds == pytest.approx(candidates.tokens_read / 2000)
+    assert candidates.decode_seconds == pytest.approx(steps * 0.05)
+    # answers were not measured here: their steps stay priced by the assumptions, and the plan says so
+    assert "answers assumed as uncalibrated" in calibrated.assumptions["utilization"]
+    uncalibrated = {s.stage: s for s in tiny.stages}
+    assert rows["eval"].decode_seconds == pytest.approx(uncalibrated["eval"].decode_seconds)
 
 
 def test_known_models_are_read_from_hub_ids():

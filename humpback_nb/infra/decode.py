@@ -9,9 +9,12 @@ file the batches are resumable and shared by several processes (batches.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +173,51 @@ def logits_after_prefix(model, prefix_ids: Sequence[int], rests: Sequence[Sequen
     return next_token_logits(model, rests, pad_id, cache=cache)
 
 
+# -- what decoding took: prompt reading and steps, for `humpback gpu-check` and the plan's calibration ------------
+@dataclass
+class DecodeTiming:
+    """Wall-clock of `decode` calls: the prompts read (prefill) and the steps after, each step one new token for
+    every row still writing (its forward pass, sampling and bookkeeping, up to the host's wait for the device)."""
+
+    prompts: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    steps: int = 0
+    step_seconds: float = 0.0
+    row_steps: int = 0  # rows fed, summed over the steps: new tokens written, the last token of each row aside
+    context_steps: int = 0  # positions each step attends over (the batch's width), summed over the steps
+
+    def to_dict(self) -> dict[str, float]:
+        """The sums, and per step: seconds, rows and context; tokens a second of prompt reading and of writing."""
+        steps = max(1, self.steps)
+        return asdict(self) | {
+            "seconds_per_step": self.step_seconds / steps, "rows_per_step": self.row_steps / steps,
+            "context_per_step": self.context_steps / steps,
+            "prefill_tokens_per_second": self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0,
+            "new_tokens_per_second": self.row_steps / self.step_seconds if self.step_seconds else 0.0}
+
+
+_timings: list[DecodeTiming] = []
+
+
+@contextlib.contextmanager
+def timing() -> Iterator[DecodeTiming]:
+    """Sum the wall-clock of every `decode` call in this process while the block runs. Timed calls wait for the
+    device after the prompts are read (one more synchronisation per batch); untimed calls do not."""
+    record = DecodeTiming()
+    _timings.append(record)
+    try:
+        yield record
+    finally:
+        _timings.remove(record)
+
+
+def _record(**amounts: float) -> None:
+    for record in _timings:
+        for key, value in amounts.items():
+            setattr(record, key, getattr(record, key) + value)
+
+
 # -- the decoding loop ---------------------------------------------------------------------------
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
            stop_ids: int | Sequence[int],
@@ -192,8 +240,14 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     written: list[list[int]] = [[] for _ in range(rows)]
     stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=device)
+    started = time.perf_counter()
     with inference(model):
         cache, logits = _prefill(model, input_ids, attention_mask, prefill_rows, width + max_new_tokens)
+        if _timings:
+            float(logits[0, 0])  # wait for the device: the prompts are read
+            _record(prompts=rows, prefill_tokens=int(attention_mask.sum()),
+                    prefill_seconds=time.perf_counter() - started)
+        started, steps, row_steps, context_steps = time.perf_counter(), 0, 0, 0
         mask = torch.cat([attention_mask, attention_mask.new_zeros(rows, max_new_tokens)], dim=1)
         position = position[:, -1:]
         alive = torch.arange(rows, device=device)  # row of `written` for each row of the batch
@@ -217,6 +271,10 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             position = position + 1
             logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position,
                            past_key_values=cache, use_cache=True).logits[:, -1]
+            steps, row_steps, context_steps = steps + 1, row_steps + len(alive), context_steps + width + step + 1
+    if _timings:  # the last step's tokens were read back (`tolist`): the device is done
+        _record(steps=steps, step_seconds=time.perf_counter() - started, row_steps=row_steps,
+                context_steps=context_steps)
     return written
 
 
