@@ -14,7 +14,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export MALLOC_TOP_PAD_ ?= 536870912
 
-.PHONY: install fetch demo test browser lint lab bench gpu-check clean
+.PHONY: install fetch demo test browser lint lab bench plans gpu-check clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "humpback-nb needs Python 3.11: make PYTHON=python3.11 ...")'
@@ -62,6 +62,13 @@ bench: fetch  ## this machine's bounds, the three loops as a share of them and a
 	  mv runs/bench/host_overhead.json.tmp runs/bench/host_overhead.json && cat runs/bench/host_overhead.json
 	$(BIN)/humpback plan --preset paper-7b --json | tee runs/bench/plan.json
 	@$(BIN)/python benchmarks/table.py runs/bench | tee runs/bench/table.md
+
+plans: fetch  ## docs/plans/*.md: `humpback plan` of each line of docs/plans/PLANS (tests/test_plan.py checks they are current)
+	@while IFS='|' read -r name args; do \
+	  { echo "<!-- written by make plans: humpback plan $$args --markdown -->"; \
+	    $(BIN)/humpback plan $$args --markdown; } > docs/plans/$$name.md.tmp && \
+	  mv docs/plans/$$name.md.tmp docs/plans/$$name.md && echo "docs/plans/$$name.md" || exit 1; \
+	done < docs/plans/PLANS
 
 gpu-check: fetch  ## before a paid run: the paper's preset shrunk to minutes on this GPU (MODEL=... for another base model)
 	$(BIN)/humpback gpu-check $(if $(MODEL),--model $(MODEL))

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -294,3 +295,16 @@ def test_an_unknown_gpu_exits_2_with_one_line(capsys):
     assert main(["plan", "--preset", "tiny", "--gpu", "tpu-v9"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "unknown GPU 'tpu-v9'" in err
+
+
+def test_the_plans_the_docs_show_are_what_the_code_prices_now(capsys):
+    # docs/plans/*.md are written by `make plans` from docs/plans/PLANS; a change to the plan regenerates them
+    folder = Path(__file__).resolve().parents[1] / "docs" / "plans"
+    lines = (folder / "PLANS").read_text().splitlines()
+    assert lines
+    for line in lines:
+        name, args = line.split("|")
+        shown = (folder / f"{name}.md").read_text()
+        assert main(["plan", *args.split(), "--markdown"]) == 0
+        expected = f"<!-- written by make plans: humpback plan {args} --markdown -->\n" + capsys.readouterr().out
+        assert shown == expected, f"docs/plans/{name}.md is stale: run `make plans`"
