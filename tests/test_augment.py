@@ -15,6 +15,15 @@ SEGMENT = ("Humpback whales migrate up to 8,000 kilometres each year between pol
     ("Write the most likely question to which the text below would be a great answer.", "meta-instruction"),
     ("Summarize the text below in two sentences.", "meta-instruction"),
     ("Generate a question for this passage.", "meta-instruction"),
+    ("You are a helpful AI assistant named SmolLM, trained by Hugging Face", "a system prompt"),
+    ("You are an assistant. Answer briefly.", "a system prompt"),
+    ("### User:\nWhy do whales sing?", "template text"),
+    ("Why do whales sing?<|im_end|>", "template text"),
+    ("Answer in the style of an AI Assistant.", "template text"),
+    ("Is there a user?", "about the conversation itself"),
+    ("Are you an AI?", "about the conversation itself"),
+    ("Who is the user?", "about the conversation itself"),
+    ("What did I say earlier in this conversation?", "about the conversation itself"),
 ])
 def test_degenerate_instructions_are_dropped_with_their_reason(instruction, reason):
     assert (degeneracy(instruction, SEGMENT, max_chars=1000) or "").startswith(reason)
@@ -26,6 +35,10 @@ def test_degenerate_instructions_are_dropped_with_their_reason(instruction, reas
     "Humpback whales: where do they breed?",  # shares two words with the start, not a copy
     "Write a question-and-answer guide about whale songs for children.",
     "What is the text of the Declaration of Independence about?",
+    "How do I add a user to a Linux group?",
+    "You are planning a trip to Norway in winter: what should you pack?",
+    "Is there a difference between a whale's song and its call?",
+    "Write a system prompt for a customer-service chatbot.",
 ])
 def test_good_instructions_are_kept(instruction):
     assert degeneracy(instruction, SEGMENT, max_chars=1000) is None

@@ -2,9 +2,10 @@
 
 Each unlabelled segment y becomes a candidate pair (x, y), x being what M_yx thinks y answers. A
 backward model can fail in ways that no rating should have to catch, and public reimplementations
-show them: it writes nothing, rambles on until the token limit cuts it off, echoes the start of the segment, or
-writes about the task itself ("Write the most likely question..."). Those candidates are dropped here, each
-with its reason.
+show them: it writes nothing, rambles on until the token limit cuts it off, echoes the start of the segment,
+writes about the task itself ("Write the most likely question..."), writes back a system prompt or the template's
+markup, or asks about the conversation itself ("Is there a user?"). Those candidates are dropped here, each with
+its reason.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from humpback_nb.config import GenerateConfig
 from humpback_nb.infra.decode import generate_records
 from humpback_nb.method.data.filters import words
-from humpback_nb.method.prompts import backward_messages, fit_text, prompt_ids
+from humpback_nb.method.prompts import S_A, S_W, backward_messages, fit_text, prompt_ids
 
 # Instructions about the backtranslation task or about a text the instruction cannot show.
 META_INSTRUCTION = re.compile(
@@ -26,6 +27,18 @@ META_INSTRUCTION = re.compile(
     r"\bthe (?:following|given|provided|above) (?:text|passage|paragraph|excerpt|article|answer|response)\b"
 )
 ECHO_WORDS = 8  # an instruction whose first words are the segment's first words echoes it
+# A system prompt the model saw in pre-training or fine-tuning, written back ("You are a helpful AI assistant named
+# SmolLM, trained by Hugging Face"): the start of a system prompt, not a user's instruction.
+SYSTEM_PROMPT = re.compile(r"^(?:you are|you're|as) (?:a|an) (?:[\w-]+ ){0,4}(?:ai|assistant|chatbot|language model)\b")
+# The markup of the kit's formats and ChatML, and the tags' system prompts: template text, not an instruction.
+TEMPLATE_TEXT = ("### system:", "### user:", "### assistant:", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "</s>",
+                 S_A.lower(), S_W.lower())
+# Questions about the conversation itself (who is there, who is speaking), which no web text answers.
+ABOUT_THE_CONVERSATION = re.compile(
+    r"^(?:is|are) (?:there|you) (?:a|an|the|any)? ?(?:user|human|assistant|ai|bot|person)s?\b|"
+    r"^who (?:is|are) (?:the |this |my )?(?:user|assistant|speaker|you)\b|"
+    r"\b(?:this|our|the) (?:conversation|chat|dialogue)\b"
+)
 
 
 def degeneracy(instruction: str, output: str, max_chars: int) -> str | None:
@@ -33,6 +46,15 @@ def degeneracy(instruction: str, output: str, max_chars: int) -> str | None:
     text = instruction.strip()
     if not any(c.isalnum() for c in text):
         return "empty"
+    lower = text.lower()
+    marker = next((m for m in TEMPLATE_TEXT if m in lower), None)
+    if marker:
+        return f"template text ({marker!r})"
+    if SYSTEM_PROMPT.search(lower):
+        return "a system prompt, not an instruction"
+    conversation = ABOUT_THE_CONVERSATION.search(lower)
+    if conversation:
+        return f"about the conversation itself ({conversation.group(0)!r})"
     if len(text) > max_chars:
         return f"too long ({len(text)} > {max_chars} characters)"
     head, start = words(text), words(output)
@@ -41,7 +63,7 @@ def degeneracy(instruction: str, output: str, max_chars: int) -> str | None:
         return "copies the start of the output"
     if len(text) >= 40 and f" {' '.join(head)} " in f" {' '.join(start)} ":
         return "copied from the output"
-    meta = META_INSTRUCTION.search(text.lower())
+    meta = META_INSTRUCTION.search(lower)
     if meta:
         return f"meta-instruction ({meta.group(0)!r})"
     return None
