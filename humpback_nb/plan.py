@@ -723,9 +723,11 @@ def judge_rule(config: HumpbackConfig) -> str:
         return (f"AlpacaEval 1.0 as alpaca_eval runs it: one call per model and AlpacaEval prompt in {orders}, its "
                 "annotator's template around the instruction, the model's answer and text-davinci-003's (both "
                 "counted at generate.max_new_tokens, an upper bound), a reply of up to its max_tokens (100; a ranking "
-                "is some 30); MT-bench's prompts by the kit's judge in both orders, a one-letter reply (4 tokens)")
+                "is some 30); MT-bench's prompts by the kit's judge in both orders, a one-letter reply (4 tokens): "
+                "the 4 comparisons, and each model against its own shuffled answers (the judge's check)")
     where = f"at {settings.judge_url}" if settings.judge_url else "on the base model (GPU time, no calls)"
-    return (f"the kit's judge {where}: every evaluation prompt in both orders, both answers at "
+    return (f"the kit's judge {where}: every evaluation prompt in both orders, for the comparisons and for the "
+            "judge's check (each model against its own shuffled answers), both answers at "
             "generate.max_new_tokens (an upper bound)" + (", a reply of 4 tokens" if settings.judge_url else ""))
 
 
@@ -782,14 +784,15 @@ def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Cost
     settings, cpt = config.curate, lengths.chars_per_token
     pairs = [lengths.instruction + t for t in lengths.segments]
     row.model_runs = 1
+    rated = candidates + 2 * settings.sanity_size  # and the rater's check: held-out seed pairs, shuffled pairs
     if settings.rater == "generate":
-        cost.generate(row, "rate", candidates, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
+        cost.generate(row, "rate", rated, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
                       settings.max_new_tokens, settings.batch_size)
         row.disk_bytes = candidates * (settings.max_new_tokens * cpt + JSON_BYTES["score_generate"])
         row.notes.append(f"generate rater: up to {settings.max_new_tokens} tokens of reasoning per candidate")
     else:
         pair = capped_mean(pairs, config.model.context_length - lengths.rubric - 8)  # rate_logprob's reserve
-        cost.score(row, candidates, pair, lengths.rubric + pair)
+        cost.score(row, rated, pair, lengths.rubric + pair)
         row.disk_bytes = candidates * JSON_BYTES["score"]
         row.notes.append("logprob rater: one forward pass per candidate after the rubric's cached keys and values")
 
@@ -804,13 +807,14 @@ def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int
     seed_n, a_k = config.data.seed_size, a_k_size(config, candidates)
     # eval: the base model, M0, M1, M2 answer; with AlpacaEval's annotator each is judged against its reference and
     # the 4 comparisons (stages.COMPARISONS) on MT-bench's prompts by the kit's judge; else the 4 on every prompt
+    # and the judge's check (each model against its own shuffled answers) on the prompts the kit's judge reads
     cost.answers(rows["eval"], 4, prompts)
     if settings.annotator == "alpaca_eval_gpt4":
         cost.alpaca_eval(rows["eval"], 4)
         if settings.mt_bench_prompts:
-            cost.judge(rows["eval"], 4, settings.mt_bench_prompts)
+            cost.judge(rows["eval"], 4 + 4, settings.mt_bench_prompts)
     else:
-        cost.judge(rows["eval"], 4, prompts)
+        cost.judge(rows["eval"], 4 + 4, prompts)
     # tags (Table 8): a model like M2 without tags; it and M2 with two more inference tags answer (M2 with the run's
     # own tags answered in eval)
     untagged = [(lengths.seed, seed_n), (lengths.curated["A"], a_k)]

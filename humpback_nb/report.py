@@ -118,8 +118,13 @@ def _scaling(_files: RunFiles, summary) -> Any:
     return plots.scaling_curves(scaling["sources"])
 
 
-def _rater_sanity(files: RunFiles, _summary) -> Any:
-    # The sanity pairs are rated live by notebook 04 (M0 loaded), not by a stage: the page shows the notebook's PNG.
+def _rater_sanity(files: RunFiles, summary) -> Any:
+    # rate_m0 rates the sanity pairs and keeps their scores in its report (runs made before it did: notebook 04's PNG)
+    check = (summary.get("rater_checks") or {}).get("m0")
+    scores = ((files.manifest("rate_m0") or {}).get("report") or {}).get("sanity_scores")
+    if scores:
+        verdict = f": {'tells' if check['tells_apart'] else 'cannot tell'} matched from shuffled pairs" if check else ""
+        return plots.score_distributions(scores, title=f"Rater sanity check (M0){verdict}")
     path = files.figures_dir() / "rater_sanity.png"
     if not path.is_file():
         return (f"not in this run: notebook 04 rates the sanity pairs with M0 and writes {path.name} to "
@@ -144,8 +149,8 @@ FIGURES = (
     FigureSpec("fig-m0-loss", "M_yx and M0: loss and learning rate", "04",
                lambda f: [f.model_dir("backward"), f.model_dir("m0")],
                lambda f, s: plots.loss_curves({"M_yx": f.train_log("backward"), "M0": f.train_log("m0")})),
-    FigureSpec("fig-rater-sanity", "Rater sanity check (M0 on seed, candidate and shuffled pairs)", "04",
-               lambda f: [], _rater_sanity),
+    FigureSpec("fig-rater-sanity", "Rater sanity check (M0 on held-out seed, candidate and shuffled pairs)", "04",
+               lambda f: [f.scores_file("m0")], _rater_sanity),
     FigureSpec("fig-score-shift", "How the scores moved from M0 to M1", "05",
                lambda f: [f.scores_file("m0"), f.scores_file("m1"), f.curated_info_file(1), f.curated_info_file(2)],
                _score_shift),
@@ -177,13 +182,20 @@ def figure_html(spec: FigureSpec, files: RunFiles, summary: dict[str, Any]) -> s
 
 # -- the page's sections ---------------------------------------------------------------------------------------------
 def main_result(summary: dict[str, Any]) -> str | None:
-    """"M2 against M0: win rate 52.1% ± 3.0 over 6 prompts", or None when the run has no such comparison."""
+    """"M2 against M0: win rate 52.1% ± 3.0 over 6 prompts", said to be noise when the judge failed its check
+    (sanity.judge_check), or None when the run has no such comparison."""
+    check = summary.get("judge_check") or {}
     for key in ("m2_vs_m0", "mt_bench_m2_vs_m0"):
         overall = (summary.get("win_rates", {}).get(key) or {}).get("overall")
         if overall:
             prompts = "MT-bench prompts" if key.startswith("mt_bench") else "prompts"
-            return (f"M2 against M0: win rate {overall['win_rate']:.1f}% ± {overall['se']:.1f} over {overall['n']} "
-                    f"{prompts} (judge: {summary.get('judge')})")
+            se = "-" if overall["se"] is None else f"{overall['se']:.1f}"
+            measured = (f"{overall['win_rate']:.1f}% ± {se} over {overall['n']} {prompts} (judge: "
+                        f"{summary.get('judge')})")
+            if check.get("models") and not check["separates"]:
+                return f"M2 against M0: no measurement: {check['verdict']}; its win rate, {measured}, is noise."
+            return (f"M2 against M0: win rate {measured}"
+                    + ("" if check.get("models") else "; the judge was not checked"))
     return None
 
 
@@ -196,7 +208,12 @@ def tables_html(summary: dict[str, Any], config) -> list[tuple[str, str, str]]:
 
     curated = "".join(f"<p>{html.escape(name)}: {c['size']} pairs, k = {c['k']:.3g}: {html.escape(c['rule'])}</p>"
                       for name, c in summary["curated"].items())
-    out = [("table2", "Table 2: data statistics", curated + markdown_html(tables.table2(summary["table2"]))
+    judge_check = summary.get("judge_check")
+    checks = markdown_html(tables.verdicts(judge_check, summary.get("rater_checks")))
+    if judge_check and judge_check.get("models"):
+        checks += markdown_html(tables.judge_checks(judge_check))
+    out = [("checks", "What this run's judge and rater can tell apart", checks),
+           ("table2", "Table 2: data statistics", curated + markdown_html(tables.table2(summary["table2"]))
             + differs("table2"))]
     comparisons = tables.comparisons(summary["win_rates"])
     per_dataset = "".join(f"<h4>{html.escape(name)}, per prompt set</h4>"

@@ -127,7 +127,8 @@ def m0(run: StageRun) -> dict:
     return train_forward(run, "m0", augmented=None)
 
 
-@stage("rate_m0", outputs=("scores_file:m0",), after=("m0", "candidates"), sections=("model", "curate"))
+@stage("rate_m0", outputs=("scores_file:m0",), after=("seed", "m0", "candidates"),
+       sections=("model", "curate", "random_seed"))
 def rate_m0(run: StageRun) -> dict:
     """self-curation: M0 rates every candidate with the paper's 5-point prompt."""
     return rate_candidates(run, "m0")
@@ -147,7 +148,8 @@ def m1(run: StageRun) -> dict:
     return train_forward(run, "m1", augmented=1)
 
 
-@stage("rate_m1", outputs=("scores_file:m1",), after=("m1", "candidates"), sections=("model", "curate"))
+@stage("rate_m1", outputs=("scores_file:m1",), after=("seed", "m1", "candidates"),
+       sections=("model", "curate", "random_seed"))
 def rate_m1(run: StageRun) -> dict:
     """self-curation again: M1 rates every candidate."""
     return rate_candidates(run, "m1")
@@ -174,11 +176,13 @@ COMPARISONS = (("m2", "m0"), ("m1", "m0"), ("m0", "base"), ("m2", "base"))
 @stage("eval", outputs=("eval_dir",), after=("m0", "m1", "m2"), sections=("model", "generate", "evaluate"),
        check=judge_ready)
 def evaluate(run: StageRun) -> dict:
-    """evaluation: answers of the base model, M0, M1 and M2, judged in both orders; win rates. With annotator
-    alpaca_eval_gpt4, each model's AlpacaEval 1.0 win rate against the reference, and MT-bench on its own."""
+    """evaluation: answers of the base model, M0, M1 and M2, judged in both orders; win rates, and the judge's check
+    (each model against its own shuffled answers). With annotator alpaca_eval_gpt4, each model's AlpacaEval 1.0 win
+    rate against the reference, and MT-bench on its own."""
     from humpback_nb.method import alpaca_eval
     from humpback_nb.method.evaluate import eval_prompts, write_model_outputs
     from humpback_nb.method.judges import EndpointJudge, judge_name, make_judge
+    from humpback_nb.method.sanity import judge_check, judge_verdict, shuffled_answers
     from humpback_nb.method.winrates import compare
 
     settings = run.config.evaluate
@@ -209,6 +213,14 @@ def evaluate(run: StageRun) -> dict:
         key = f"{prefix}{x}_vs_{y}"
         judged = run.partial(run.files.eval_dir(), part=f"judge_{key}")
         results[key] = compare(judge, pool[x], pool[y], partial=judged, progress=True, desc=f"judging {key}")
+    # the judge's check: each model's answers against its own answers to other prompts (sanity.py)
+    checks, checked = {}, {}
+    for name in GENERATORS if pool["base"] else ():
+        key = f"{prefix}{name}_vs_shuffled"
+        judged = run.partial(run.files.eval_dir(), part=f"judge_{key}")
+        checked[key] = compare(judge, pool[name], shuffled_answers(pool[name]), partial=judged, progress=True,
+                               desc=f"judge check: {name} against its shuffled answers")
+        checks[name] = judge_check(checked[key]["judgments"])
     with atomic_dir(run.files.eval_dir()) as tmp:
         for name, rows in answers.items():
             # AlpacaEval's file holds its own prompts only; every answer, with its prompt id, is in the JSONL
@@ -218,10 +230,14 @@ def evaluate(run: StageRun) -> dict:
         for key, result in results.items():
             records = result.pop("judgments" if "judgments" in result else "annotations")
             write_jsonl(run.files.judgments_file(key, tmp), records)
+        for key, result in checked.items():
+            write_jsonl(run.files.judgments_file(key, tmp), result["judgments"])
         atomic_write_json(run.files.win_rates_file(tmp), {"protocol": protocol, "judge": judge_name(settings),
                                                           "prompts": len(prompts),
-                                                          "inference_tags": settings.inference_tags, **results})
-    return {key: result.get("overall", result) for key, result in results.items()}
+                                                          "inference_tags": settings.inference_tags,
+                                                          "judge_check": judge_verdict(checks), **results})
+    return {key: result.get("overall", result) for key, result in results.items()} | {
+        "judge_separates": bool(checks) and judge_verdict(checks)["separates"]}
 
 
 # -- 7. The paper's analyses ------------------------------------------------------------------------------------
@@ -446,6 +462,9 @@ def summarize(files, config) -> dict[str, Any]:
                       for key, value in win_rates.items() if isinstance(value, dict) and "overall" in value},
         "judge": win_rates.get("judge"),
         "protocol": win_rates.get("protocol"),
+        "judge_check": win_rates.get("judge_check"),
+        "rater_checks": {name.removeprefix("rate_"): m["report"]["rater_check"] for name, m in manifests.items()
+                         if name.startswith("rate_") and (m.get("report") or {}).get("rater_check")},
         "table8_tags": files.analysis("table8_tags"),
         "table7_selectors": files.analysis("table7_selectors"),
         "figure3_scaling": files.analysis("figure3_scaling"),
@@ -514,18 +533,31 @@ def train_forward(run: StageRun, name: str, augmented: int | None, train_setting
 
 
 def rate_candidates(run: StageRun, model_name: str) -> dict:
-    """`model_name` rates every candidate with the rater of `curate.rater`; the parse rate goes with the scores."""
-    from humpback_nb.method.curate import parse_rate, rate
+    """`model_name` rates every candidate with the rater of `curate.rater`; the parse rate goes with the scores, and
+    the rater's check: held-out seed pairs and `curate.sanity_size` candidates with another candidate's output,
+    rated too, against the same candidates as they are (sanity.rater_check)."""
+    from humpback_nb.method.curate import parse_rate, rate, sanity_pairs
+    from humpback_nb.method.sanity import rater_check
 
     model, tokenizer = load(run, model_name)
-    settings = run.config.curate
+    settings, context = run.config.curate, run.config.model.context_length
     started = time.time()
-    scores = rate(model, tokenizer, run.files.candidates(), settings, run.config.model.context_length,
+    candidates = run.files.candidates()
+    scores = rate(model, tokenizer, candidates, settings, context,
                   partial=run.partial(run.files.scores_file(model_name)))
     seconds = time.time() - started
+    seed = run.files.seed_pairs("heldout") or run.files.seed_pairs("train")  # pairs the rater never trained on
+    sets = sanity_pairs(seed, candidates, settings.sanity_size, run.config.random_seed)
+    by_id = {s["id"]: s["score"] for s in scores}
+    sanity = {"seed": [s["score"] for s in rate(model, tokenizer, sets["seed"], settings, context)] if sets["seed"]
+              else [], "augmented": [by_id.get(c["id"]) for c in sets["augmented"]],
+              "shuffled": [s["score"] for s in rate(model, tokenizer, sets["shuffled"], settings, context)]
+              if sets["shuffled"] else []}
+    check = rater_check(sanity["augmented"][:len(sanity["shuffled"])], sanity["shuffled"], run.config.random_seed)
     write_jsonl(run.files.scores_file(model_name),
                 [dict(s, rater=settings.rater, model=model_name, tag=settings.rater_tag) for s in scores])
-    return {"pairs": len(scores), "parse_rate": parse_rate(scores), "seconds_this_run": round(seconds, 2)}
+    return {"pairs": len(scores), "parse_rate": parse_rate(scores), "seconds_this_run": round(seconds, 2),
+            "rater_check": check, "sanity_scores": sanity}
 
 
 def curate(run: StageRun, scored_by: str, iteration: int) -> dict:

@@ -91,11 +91,12 @@ def test_the_paper_plan_rests_on_the_paper_lengths_and_the_table_of_known_models
     cpt = float(said["chars_per_token"].split(",")[0])
     seed_output = float(said["mean tokens"].split("output ")[1].split(";")[0])
     assert seed_output == pytest.approx(PAPER_CHARS["seed"][1] / cpt, abs=0.5)
-    # AlpacaEval once per model and prompt (805): eval's 4 models (and MT-bench's 80 prompts, 4 comparisons in
-    # both orders by the kit's judge), Table 8's 3 more answers, Table 7's 3 models (and the endpoint's ratings of
-    # 250 labelled pairs and of candidates until it has 100 at A5's share), Figure 3's 23
+    # AlpacaEval once per model and prompt (805): eval's 4 models (and MT-bench's 80 prompts, 4 comparisons and
+    # the judge's 4 checks against shuffled answers, in both orders by the kit's judge), Table 8's 3 more answers,
+    # Table 7's 3 models (and the endpoint's ratings of 250 labelled pairs and of candidates until it has 100 at
+    # A5's share), Figure 3's 23
     picking = 250 + math.ceil(100 / (a_k_size(load_preset("paper-7b"), 502_133) / 502_133))
-    assert [s.judge_calls for s in paper.stages if s.judge_calls] == [4 * 805 + 4 * 80 * 2, 3 * 805,
+    assert [s.judge_calls for s in paper.stages if s.judge_calls] == [4 * 805 + (4 + 4) * 80 * 2, 3 * 805,
                                                                       3 * 805 + picking, 23 * 805]
 
 
@@ -140,7 +141,7 @@ def test_an_endpoint_judge_is_priced_in_calls_not_gpu_time():
     endpoint = build_plan(with_overrides(load_preset("paper-7b"), kit))
     local = build_plan(with_overrides(load_preset("paper-7b"), kit | {"evaluate.judge_url": None}))
     eval_endpoint, eval_local = (next(s for s in p.stages if s.stage == "eval") for p in (endpoint, local))
-    assert eval_endpoint.judge_calls == eval_local.judge_calls == 4 * 885 * 2
+    assert eval_endpoint.judge_calls == eval_local.judge_calls == (4 + 4) * 885 * 2  # comparisons, checks
     assert eval_endpoint.judge_reply_tokens == 4 * eval_endpoint.judge_calls  # a one-letter reply
     assert eval_local.judge_reply_tokens == 0 and eval_endpoint.gpu_hours < eval_local.gpu_hours
 

@@ -3,6 +3,7 @@ markup from the data shown as text, also when a browser opens it."""
 
 import base64
 import contextlib
+import html
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from humpback_nb.run import RunFiles, RunFolder
 
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror="alert(2)">'
 SECTIONS = ("tables", "figures", "curation", "kept", "dropped", "stages", "config")
-TABLES = ("table2", "table4", "table3", "table7", "table8")  # parts of "tables"
+TABLES = ("checks", "table2", "table4", "table3", "table7", "table8")  # parts of "tables"
 
 
 def copy_run(source: Path, target: Path) -> Path:
@@ -65,13 +66,19 @@ def test_the_report_has_every_section_figure_the_config_and_stage_times(report):
     for key in (*SECTIONS, *TABLES):
         assert section(page, key).strip(), key
     overall = summary["win_rates"]["m2_vs_m0"]["overall"]
-    assert f"M2 against M0: win rate {overall['win_rate']:.1f}% ± {overall['se']:.1f}" in page
+    measured = f"{overall['win_rate']:.1f}% ± {overall['se']:.1f}"
+    if summary["judge_check"]["separates"]:
+        assert f"M2 against M0: win rate {measured}" in page
+    else:  # the tiny run's judge, a 135M base model, cannot tell real answers from shuffled ones
+        assert f"M2 against M0: no measurement: {html.escape(summary['judge_check']['verdict'])}" in page
+        assert f"its win rate, {measured}" in page
+    checks = section(page, "checks")
+    assert "The judge:" in checks and "The rater (M0):" in checks and "The rater (M1):" in checks
     assert f"<code>{summary['config_hash']}</code>" in page and "preset tiny" in page
-    # every figure embedded as a PNG, except the rater sanity check, which only notebook 04 draws
+    # every figure embedded as a PNG, the rater sanity check from the scores rate_m0 kept
     images = dict(re.findall(r'<figure class="figure" id="([\w-]+)"><img src="data:image/png;base64,([^"]+)"', page))
-    assert set(images) == {spec.id for spec in FIGURES} - {"fig-rater-sanity"}
+    assert set(images) == {spec.id for spec in FIGURES}
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in images.values())
-    assert re.search(r'id="fig-rater-sanity"><p class="note">.*skipped, not in this run', page)
     # the tables beside the paper's, each with what differs from the paper
     assert section(page, "tables").count("<em>What differs from the paper:</em>") == 5
     assert "paper win rate %" in section(page, "table7") and "paper: count" in section(page, "table2")
@@ -119,7 +126,7 @@ def test_a_run_without_the_analyses_says_so_and_draws_the_rest(finished_tiny_run
     page = build_report(files.root)
     assert 'id="fig-scaling"><p class="note">' in page and "no scaling experiment" in section(page, "table3")
     assert "The selectors stage has not run." in section(page, "table7")
-    assert page.count('<img src="data:image/png;base64,') == len(FIGURES) - 2
+    assert page.count('<img src="data:image/png;base64,') == len(FIGURES) - 1
 
 
 CHROMIUM = next((p for p in (os.environ.get("HUMPBACK_CHROMIUM"), shutil.which("chromium"),
@@ -146,7 +153,7 @@ def test_the_report_renders_in_a_browser_and_runs_no_script_from_the_data(report
             located = page.locator(f"#{key}")
             assert located.is_visible() and located.inner_text().strip(), key
         widths = page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
-        assert len(widths) == len(FIGURES) - 1 and all(width > 0 for width in widths)
+        assert len(widths) == len(FIGURES) and all(width > 0 for width in widths)
         assert "<script>" in page.locator("section#kept").inner_text()  # the markup shows, as text
         assert page.evaluate("[...document.querySelectorAll('script, img')].filter("
                              "e => e.outerHTML.includes('alert')).length") == 0

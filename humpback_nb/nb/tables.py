@@ -103,6 +103,33 @@ def tags(results: dict[str, Any]) -> str:
     return win_rates(rows, paper={label: r["paper"] for label, r in rows.items()})
 
 
+# -- what the run's judge and rater can tell apart (method/sanity.py) ------------------------------------------
+def verdicts(judge_check: dict[str, Any] | None, rater_checks: dict[str, dict[str, Any]] | None) -> str:
+    """The judge's and each rater's verdict, one line each, for the top of a table of results."""
+    lines = []
+    if judge_check and judge_check.get("models"):
+        lines.append(f"*The judge:* {judge_check['verdict']}.")
+    elif judge_check is not None:
+        lines.append("*The judge:* not checked in this run (no prompt is judged by the kit's judge).")
+    for model, check in (rater_checks or {}).items():
+        lines.append(f"*The rater ({model.upper()}):* {check['verdict']}.")
+    return "\n\n".join(lines) or "No check of the judge or the rater in this run (made before the kit ran them)."
+
+
+def judge_checks(judge_check: dict[str, Any]) -> str:
+    """The judge's check on each model: how often it prefers the model's real answer over the model's answer to
+    another prompt, with the 95% bootstrap interval, the share of ties and of pairs whose two orders disagree."""
+    lines = ["| model | real answer preferred % | 95% interval | ties % | orders disagree % | n | separates |",
+             "|---|---:|---|---:|---:|---:|---|"]
+    for model, c in judge_check.get("models", {}).items():
+        interval = f"{100 * c['interval'][0]:.1f}-{100 * c['interval'][1]:.1f}" if c["interval"] else "-"
+        share = (lambda x: "-" if x is None else f"{100 * x:.0f}")  # noqa: E731
+        lines.append(f"| {model} | {_number(None if c['real_preferred'] is None else 100 * c['real_preferred'])} "
+                     f"| {interval} | {share(c['ties'])} | {share(c['orders_disagree'])} | {c['n']} "
+                     f"| {'yes' if c['separates'] else 'no'} |")
+    return "\n".join(lines)
+
+
 # -- what differs from the paper ---------------------------------------------------------------------------------
 PAPER_SETTING = {
     "model": "LLaMA 7B (65B in Table 4)",

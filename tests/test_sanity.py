@@ -1,0 +1,92 @@
+"""The judge's and the rater's checks: bootstrap intervals, shuffled answers, verdicts."""
+
+import math
+import random
+import statistics
+
+import pytest
+
+from humpback_nb.method.sanity import (
+    JUDGE_SEPARATION,
+    bootstrap_interval,
+    judge_check,
+    judge_verdict,
+    paired_difference,
+    rater_check,
+    resolved,
+    shuffled_answers,
+)
+
+
+def test_the_bootstrap_interval_is_the_exact_one_on_a_small_sample():
+    # [0, 0, 0, 1]: a resample's mean is k / 4 with k ~ Binomial(4, 1/4); P(k <= 2) = 0.949 and P(k <= 3) = 0.996,
+    # so the exact 2.5% and 97.5% quantiles of the bootstrap distribution are 0 and 0.75
+    assert bootstrap_interval([0, 0, 0, 1], draws=4000) == (0, 0.75)
+    assert bootstrap_interval([2.0]) is None
+
+
+def test_the_bootstrap_interval_agrees_with_the_normal_one_on_a_large_sample():
+    rng = random.Random(1)
+    values = [rng.gauss(3.0, 2.0) for _ in range(400)]
+    low, high = bootstrap_interval(values, draws=4000)
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
+    assert low == pytest.approx(statistics.fmean(values) - half, abs=0.1 * half)
+    assert high == pytest.approx(statistics.fmean(values) + half, abs=0.1 * half)
+
+
+def test_a_paired_difference_resamples_the_pairs_together():
+    a = [0.3, 1.7, 2.2, 5.0, 0.1]
+    same_shift = paired_difference([x + 1 for x in a], a)
+    assert same_shift["difference"] == pytest.approx(1) and same_shift["interval"] == pytest.approx([1, 1])
+    assert resolved(same_shift)
+    noise = paired_difference([1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1])
+    assert noise["difference"] == 0 and not resolved(noise)
+    with pytest.raises(ValueError):
+        paired_difference([1, 2], [1])
+
+
+def test_shuffled_answers_are_the_same_models_answers_to_other_prompts_of_the_same_set():
+    answers = [{"id": f"{d}-{i}", "dataset": d, "instruction": f"q{d}{i}", "output": f"a{d}{i}", "generator": "m2"}
+               for d in ("alpaca", "mt") for i in range(3)]
+    shuffled = shuffled_answers(answers)
+    assert [s["id"] for s in shuffled] == [a["id"] for a in answers]
+    assert [s["instruction"] for s in shuffled] == [a["instruction"] for a in answers]
+    for real, other in zip(answers, shuffled, strict=True):
+        assert other["output"] != real["output"] and other["output"][1:].startswith(real["dataset"])
+    assert sorted(s["output"] for s in shuffled) == sorted(a["output"] for a in answers)
+
+
+def _judgments(outcomes):
+    return [{"outcome": o, "x_as_a": o, "x_as_b": o} for o in outcomes]
+
+
+def test_a_judge_that_always_answers_one_half_cannot_separate():
+    check = judge_check(_judgments([0.5] * 40))
+    assert check["real_preferred"] == 0.5 and check["interval"] == [0.5, 0.5] and check["ties"] == 1.0
+    assert not check["separates"]
+    verdict = judge_verdict({"m2": check, "m0": judge_check(_judgments([1.0] * 40))})
+    assert not verdict["separates"] and "cannot separate" in verdict["verdict"] and "m2's answers" in verdict["verdict"]
+
+
+def test_a_judge_that_reads_the_answers_separates_and_the_bar_is_the_intervals_lower_end():
+    good = judge_check(_judgments([1.0] * 36 + [0.0] * 4))
+    assert good["separates"] and good["interval"][0] >= JUDGE_SEPARATION
+    weak = judge_check(_judgments([1.0] * 24 + [0.0] * 16))  # 60% on the mean, below it at the interval's low end
+    assert weak["real_preferred"] == pytest.approx(0.6) and not weak["separates"]
+    assert judge_verdict({"m2": good})["separates"] and not judge_verdict({})["separates"]
+
+
+def test_orders_that_disagree_are_counted():
+    check = judge_check([{"outcome": 0.5, "x_as_a": 0.9, "x_as_b": 0.1}, {"outcome": 1.0, "x_as_a": 1.0, "x_as_b": 1.0},
+                         {"outcome": None, "x_as_a": None, "x_as_b": 0.5}])
+    assert check["orders_disagree"] == 0.5 and check["unparsed"] == 1 and check["n"] == 2
+
+
+def test_the_rater_check_pairs_each_instruction_and_gives_a_verdict():
+    tells = rater_check([5, 4, 5, 4, 5, 5], [1, 2, 1, 1, 2, 1])
+    assert tells["tells_apart"] and tells["difference"] == pytest.approx(20 / 6)
+    assert "scores matched pairs above mismatched ones" in tells["verdict"]
+    blind = rater_check([3.4, 3.5, 3.3, 3.4], [3.5, 3.3, 3.4, 3.4])
+    assert not blind["tells_apart"] and "cannot tell matched from mismatched pairs" in blind["verdict"]
+    unread = rater_check([5, None, 4], [1, 2, None])  # a pair with an unreadable score is left out
+    assert unread["n"] == 1 and not unread["tells_apart"]
