@@ -240,12 +240,13 @@ def _notebooks(args: argparse.Namespace) -> int:
     print(f"executed {len(executed)} notebook(s) in {minutes:.1f} min: {RunFiles(args.run_dir).notebooks_dir()}")
     summary = RunFiles(args.run_dir).summary_file()
     if summary.is_file():
+        from humpback_nb.report import main_result
+
         numbers = json.loads(summary.read_text())
-        main_result = numbers["win_rates"].get("m2_vs_m0", {}).get("overall", {})
         print(f"summary: {summary} (pipeline stages {numbers['pipeline_seconds'] / 60:.1f} min)")
-        if main_result:
-            print(f"M2 against M0: win rate {main_result['win_rate']:.1f}% ± {main_result['se']:.1f} "
-                  f"over {main_result['n']} prompts")
+        headline = main_result(numbers)  # with the judge's verdict: a win rate it cannot resolve is said to be noise
+        if headline:
+            print(headline)
     print(f"figures: {RunFiles(args.run_dir).figures_dir()}")
     return 0
 

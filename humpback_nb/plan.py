@@ -732,7 +732,7 @@ def judge_rule(config: HumpbackConfig) -> str:
 
 
 STAGE_ORDER = ("seed", "segments", "backward", "candidates", "m0", "rate_m0", "A1", "m1", "rate_m1", "A2", "m2",
-               "eval", "tags", "selectors", "scaling", "summary")
+               "heldout", "eval", "tags", "selectors", "scaling", "summary")
 
 
 def _a_k_rule(config: HumpbackConfig) -> str:
@@ -805,6 +805,12 @@ def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int
     settings = config.evaluate
     prompts = lengths.eval_prompts
     seed_n, a_k = config.data.seed_size, a_k_size(config, candidates)
+    # heldout: the base model, M0, M1, M2 read the held-out seed pairs once (one forward pass a pair)
+    seed_instruction, seed_output = lengths.seed_mean
+    held = seed_instruction + seed_output + lengths.forward_overhead[settings.inference_tags]
+    for _ in range(4):
+        cost.score(rows["heldout"], config.data.heldout_size, held, held)
+    rows["heldout"].model_runs = 4
     # eval: the base model, M0, M1, M2 answer; with AlpacaEval's annotator each is judged against its reference and
     # the 4 comparisons (stages.COMPARISONS) on MT-bench's prompts by the kit's judge; else the 4 on every prompt
     # and the judge's check (each model against its own shuffled answers) on the prompts the kit's judge reads

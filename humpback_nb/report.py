@@ -55,8 +55,9 @@ def _table(lines: list[str]) -> str:
 
 
 def markdown_html(text: str) -> str:
-    """The Markdown of nb/tables.py as HTML: pipe tables become tables, other lines paragraphs; all escaped."""
-    blocks, table = [], []
+    """The Markdown of nb/tables.py as HTML: pipe tables become tables, "- " lines a list, other lines paragraphs;
+    all escaped."""
+    blocks, table, items = [], [], []
     for line in [*text.splitlines(), ""]:
         if line.lstrip().startswith("|"):
             table.append(line)
@@ -64,6 +65,12 @@ def markdown_html(text: str) -> str:
         if table:
             blocks.append(_table(table) if len(table) >= 2 else f"<p>{_inline(table[0])}</p>")
             table = []
+        if line.startswith("- "):
+            items.append(f"<li>{_inline(line[2:])}</li>")
+            continue
+        if items:
+            blocks.append("<ul>" + "".join(items) + "</ul>")
+            items = []
         if line.strip():
             blocks.append(f"<p>{_inline(line)}</p>")
     return "\n".join(blocks)
@@ -209,10 +216,15 @@ def tables_html(summary: dict[str, Any], config) -> list[tuple[str, str, str]]:
     curated = "".join(f"<p>{html.escape(name)}: {c['size']} pairs, k = {c['k']:.3g}: {html.escape(c['rule'])}</p>"
                       for name, c in summary["curated"].items())
     judge_check = summary.get("judge_check")
-    checks = markdown_html(tables.verdicts(judge_check, summary.get("rater_checks")))
+    checks = ("<h4>What this run can show</h4>" + markdown_html(tables.can_show(summary))
+              + "<h4>The checks behind it</h4>"
+              + markdown_html(tables.verdicts(judge_check, summary.get("rater_checks"))))
     if judge_check and judge_check.get("models"):
         checks += markdown_html(tables.judge_checks(judge_check))
-    out = [("checks", "What this run's judge and rater can tell apart", checks),
+    if summary.get("heldout"):
+        checks += "<h4>Held-out loss: a number that resolves at any scale</h4>" + markdown_html(
+            tables.heldout(summary["heldout"]))
+    out = [("checks", "What this run can show, and what its judge and rater can tell apart", checks),
            ("table2", "Table 2: data statistics", curated + markdown_html(tables.table2(summary["table2"]))
             + differs("table2"))]
     comparisons = tables.comparisons(summary["win_rates"])

@@ -169,6 +169,44 @@ def m2(run: StageRun) -> dict:
 
 
 # -- 6. Evaluation (section 4) ----------------------------------------------------------------------------------
+HELDOUT_MODELS = ("base", "m0", "m1", "m2")
+HELDOUT_DIFFERENCES = (("m1", "m0"), ("m2", "m0"), ("m2", "m1"), ("m0", "base"), ("m2", "base"))
+
+
+@stage("heldout", outputs=("analysis_file:heldout_losses",), after=("seed", "m0", "m1", "m2"),
+       sections=("model", "train", "evaluate", "random_seed"))
+def heldout(run: StageRun) -> dict:
+    """held-out loss: each model's loss per output token on the held-out seed pairs, and the differences between
+    models with paired bootstrap 95% intervals; a number that resolves at any scale, whatever the judge."""
+    from humpback_nb.method.sanity import loss_difference, resolved
+
+    pairs, tag = run.files.seed_pairs("heldout"), run.config.evaluate.inference_tags
+    losses = {name: heldout_losses(run, name, pairs, tag) for name in HELDOUT_MODELS}
+    tokens = sum(n for _, n in losses["base"])
+    result = {"pairs": len(pairs), "tokens": tokens, "inference_tags": tag,
+              "loss": {name: sum(x for x, _ in rows) / tokens if tokens else None for name, rows in losses.items()},
+              "differences": {f"{a} - {b}": loss_difference(losses[a], losses[b], seed=run.config.random_seed)
+                              for a, b in HELDOUT_DIFFERENCES},
+              "per_pair": {name: [round(x, 4) for x, _ in rows] for name, rows in losses.items()},
+              "tokens_per_pair": [n for _, n in losses["base"]]}
+    for difference in result["differences"].values():
+        difference["resolved"] = resolved(difference)
+    atomic_write_json(run.files.analysis_file("heldout_losses"), result)
+    return {"loss": result["loss"], "resolved": {k: d["resolved"] for k, d in result["differences"].items()}}
+
+
+def heldout_losses(run: StageRun, name: str, pairs: list[dict], tag: str) -> list[tuple[float, int]]:
+    """(summed loss, tokens) of each held-out pair's output under model `name`, prompted with the system prompt
+    `tag`, as the model was trained to read it (train.forward_example)."""
+    from humpback_nb.method.train import example_losses, forward_example
+
+    model, tokenizer = load(run, name)
+    examples = [forward_example(tokenizer, p["instruction"], p["output"], tag, run.config.train.max_seq_length)
+                for p in pairs]
+    losses = example_losses(model, tokenizer, examples)
+    del model
+    return losses
+
 GENERATORS = ("base", "m0", "m1", "m2")
 COMPARISONS = (("m2", "m0"), ("m1", "m0"), ("m0", "base"), ("m2", "base"))
 
@@ -427,7 +465,8 @@ def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: d
 
 
 # -- 8. Every number in one file --------------------------------------------------------------------------------
-@stage("summary", outputs=("summary_file",), after=("segments", "eval", "A1", "A2", "tags", "selectors", "scaling"),
+@stage("summary", outputs=("summary_file",),
+       after=("segments", "rate_m0", "rate_m1", "heldout", "eval", "A1", "A2", "tags", "selectors", "scaling"),
        sections=ALL_SECTIONS)
 def summary(run: StageRun) -> dict:
     """summary: every number of the run in one file (what notebook 07 and the README read)."""
@@ -462,9 +501,7 @@ def summarize(files, config) -> dict[str, Any]:
                       for key, value in win_rates.items() if isinstance(value, dict) and "overall" in value},
         "judge": win_rates.get("judge"),
         "protocol": win_rates.get("protocol"),
-        "judge_check": win_rates.get("judge_check"),
-        "rater_checks": {name.removeprefix("rate_"): m["report"]["rater_check"] for name, m in manifests.items()
-                         if name.startswith("rate_") and (m.get("report") or {}).get("rater_check")},
+        **checks(files),
         "table8_tags": files.analysis("table8_tags"),
         "table7_selectors": files.analysis("table7_selectors"),
         "figure3_scaling": files.analysis("figure3_scaling"),
@@ -473,6 +510,19 @@ def summarize(files, config) -> dict[str, Any]:
         "stage_reports": {name: m["report"] for name, m in manifests.items() if m.get("report")},
         "config": config.to_dict(),
     }
+
+
+def checks(files) -> dict[str, Any]:
+    """What the run's checks found so far: the judge's (eval), the raters' (rate_m0, rate_m1) and the held-out
+    losses (heldout); None or empty where a stage has not run. What `tables.can_show` reads."""
+    rater_checks = {}
+    for name in ("m0", "m1"):
+        report = (files.manifest(f"rate_{name}") or {}).get("report") or {}
+        if report.get("rater_check"):
+            rater_checks[name] = report["rater_check"]
+    win_rates = files.win_rates() if files.win_rates_file().is_file() else {}
+    return {"judge_check": win_rates.get("judge_check"), "heldout": files.analysis("heldout_losses"),
+            "rater_checks": rater_checks}
 
 
 # -- what several stages do ---------------------------------------------------------------------------------------

@@ -124,8 +124,8 @@ def test_the_methods_stages_read_only_earlier_stages_in_the_papers_order():
         assert set(stage.after) <= seen, stage.name
         seen.add(stage.name)
     assert [stage.name for stage in STAGES] == ["seed", "segments", "backward", "candidates", "m0", "rate_m0", "A1",
-                                                "m1", "rate_m1", "A2", "m2", "eval", "tags", "selectors", "scaling",
-                                                "summary"]
+                                                "m1", "rate_m1", "A2", "m2", "heldout", "eval", "tags", "selectors",
+                                                "scaling", "summary"]
     folder = RunFolder("runs/x")  # every declared output names an artifact of the run folder
     assert all(folder.outputs(stage.name) for stage in STAGES)
 

@@ -11,6 +11,7 @@ from humpback_nb.method.sanity import (
     bootstrap_interval,
     judge_check,
     judge_verdict,
+    loss_difference,
     paired_difference,
     rater_check,
     resolved,
@@ -90,3 +91,13 @@ def test_the_rater_check_pairs_each_instruction_and_gives_a_verdict():
     assert not blind["tells_apart"] and "cannot tell matched from mismatched pairs" in blind["verdict"]
     unread = rater_check([5, None, 4], [1, 2, None])  # a pair with an unreadable score is left out
     assert unread["n"] == 1 and not unread["tells_apart"]
+
+
+def test_a_loss_difference_is_per_token_and_its_interval_the_exact_bootstrap_one():
+    # two pairs of 2 tokens: model a loses 2.0 more on the first, nothing more on the second: +0.5 a token. A
+    # resample holds the first twice (1/4: +1.0), once (1/2: +0.5) or never (1/4: 0): the 95% interval is 0 to 1
+    d = loss_difference([(3.0, 2), (1.0, 2)], [(1.0, 2), (1.0, 2)], draws=4000)
+    assert d["difference"] == 0.5 and d["tokens"] == 4 and d["interval"] == [0.0, 1.0] and not resolved(d)
+    better = loss_difference([(1.0, 10)] * 8, [(3.0, 10)] * 8)  # a is better on every pair
+    assert better["difference"] == pytest.approx(-0.2) and resolved(better)
+    assert better["interval"] == pytest.approx([-0.2, -0.2])

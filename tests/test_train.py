@@ -12,6 +12,7 @@ from humpback_nb.method.train import (
     IGNORE_INDEX,
     backward_example,
     encode,
+    example_losses,
     forward_examples,
     mean_loss,
     train_model,
@@ -216,16 +217,23 @@ def test_mean_loss_is_the_loss_per_output_token_whatever_the_order_and_batches(t
 
     model, _ = load_model(ModelConfig(dtype="float32"))
     examples = forward_examples(tokenizer, PAIRS + [{"instruction": "Hi", "output": "Hello."}], [], max_length=128)
-    per_token = []
+    per_token, alone = [], []
     for e in examples:  # each example alone: its summed loss over its output tokens
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1].float()
         targets = torch.tensor(e["labels"][1:])
-        per_token += torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX,
-                                                       reduction="none")[targets != IGNORE_INDEX].tolist()
+        losses = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX,
+                                                   reduction="none")[targets != IGNORE_INDEX].tolist()
+        per_token += losses
+        alone.append((sum(losses), len(losses)))
     expected = sum(per_token) / len(per_token)
     assert mean_loss(model, tokenizer, examples, batch_size=2) == pytest.approx(expected, rel=1e-4)
     assert mean_loss(model, tokenizer, examples[::-1], batch_size=3) == pytest.approx(expected, rel=1e-4)
+    # each example's own summed loss and token count, in the examples' order, read in batches (float32: the same
+    # numbers up to the order of sums)
+    batched = example_losses(model, tokenizer, examples, batch_size=3)
+    assert [n for _, n in batched] == [n for _, n in alone]
+    assert [x for x, _ in batched] == pytest.approx([x for x, _ in alone], rel=1e-4)
 
 
 @pytest.mark.slow

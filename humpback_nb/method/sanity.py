@@ -117,3 +117,25 @@ def rater_check(matched: Sequence[float | None], shuffled: Sequence[float | None
     return difference | {"matched": statistics.fmean(m for m, _ in pairs) if pairs else None,
                          "shuffled": statistics.fmean(s for _, s in pairs) if pairs else None,
                          "tells_apart": tells, "verdict": verdict}
+
+
+def loss_difference(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int]], draws: int = DRAWS,
+                    seed: int = 0) -> dict[str, Any]:
+    """Loss per output token of model a minus model b on the same examples ((summed loss, tokens) of each, in the
+    same order): sum(a - b) / tokens, with the bootstrap 95% interval of that ratio (the examples resampled, both
+    models' losses of an example together). Negative: a predicts the held-out outputs better."""
+    if len(a) != len(b):
+        raise ValueError(f"paired losses differ in number: {len(a)} and {len(b)}")
+    rows = [(x - y, n) for (x, n), (y, _) in zip(a, b, strict=True)]
+    tokens = sum(n for _, n in rows)
+    if not tokens:
+        return {"n": len(rows), "tokens": 0, "difference": None, "interval": None}
+    rng, estimates = random.Random(seed), []
+    for _ in range(draws if len(rows) > 1 else 0):
+        sample = rng.choices(rows, k=len(rows))
+        count = sum(n for _, n in sample)
+        estimates.append(sum(d for d, _ in sample) / count if count else 0.0)
+    estimates.sort()
+    tail = (1 - LEVEL) / 2
+    interval = [estimates[int(tail * draws)], estimates[min(draws - 1, int((1 - tail) * draws))]] if estimates else None
+    return {"n": len(rows), "tokens": tokens, "difference": sum(d for d, _ in rows) / tokens, "interval": interval}

@@ -103,6 +103,64 @@ def tags(results: dict[str, Any]) -> str:
     return win_rates(rows, paper={label: r["paper"] for label, r in rows.items()})
 
 
+# -- held-out losses (stage heldout) -------------------------------------------------------------------------------
+def heldout(result: dict[str, Any]) -> str:
+    """Each model's loss per output token on the held-out seed pairs, then each difference with its paired
+    bootstrap 95% interval and whether the interval leaves out 0 (a negative difference: the first model is better)."""
+    lines = [f"{result['pairs']} held-out seed pairs, {result['tokens']:,} output tokens, system prompt "
+             f"{result['inference_tags']}", "", "| model | loss per output token |", "|---|---:|"]
+    lines += [f"| {name} | {_number(loss, 3)} |" for name, loss in result["loss"].items()]
+    lines += ["", "| difference | loss per token | 95% interval | resolved |", "|---|---:|---|---|"]
+    for name, d in result["differences"].items():
+        interval = f"{d['interval'][0]:+.3f} to {d['interval'][1]:+.3f}" if d["interval"] else "-"
+        shown = "-" if d["difference"] is None else f"{d['difference']:+.3f}"
+        verdict = ("yes: " + (f"{name.split(' - ')[0]} better" if d["difference"] < 0 else f"{name.split(' - ')[1]} "
+                              "better")) if d.get("resolved") else "no: noise at this size"
+        lines.append(f"| {name} | {shown} | {interval} | {verdict} |")
+    return "\n".join(lines)
+
+
+# -- what this run can show ------------------------------------------------------------------------------------
+def can_show(summary: dict[str, Any]) -> str:
+    """Which of the paper's findings this run can test at its size, from its own checks: the held-out losses'
+    intervals, the judge's check and the rater's. One line each: the finding, yes or no, and why."""
+    judge, raters, held = summary.get("judge_check") or {}, summary.get("rater_checks") or {}, summary.get("heldout")
+    lines = []
+    if held:
+        for key, finding in (("m2 - m0", "M2 (Humpback) fits held-out human answers better than M0 (seed only)"),
+                             ("m2 - m1", "the second iteration helps: M2 better than M1")):
+            d = held["differences"].get(key)
+            if d is None or d["difference"] is None:
+                continue
+            interval = (f"{d['difference']:+.3f} per token, 95% interval {d['interval'][0]:+.3f} to "
+                        f"{d['interval'][1]:+.3f}" if d["interval"] else
+                        f"{d['difference']:+.3f} per token, too few pairs for an interval")
+            answer = (("yes, and it does" if d["difference"] < 0 else "yes, and it does not: the loss rose")
+                      if d.get("resolved") else "not at this size: the interval holds 0")
+            lines.append(f"- *{finding}* (held-out loss, {interval}): {answer}.")
+    else:
+        lines.append("- *Held-out loss:* not in this run (the heldout stage has not run).")
+    if judge.get("models"):
+        answer = ("yes: the judge separates real answers from shuffled ones" if judge["separates"] else
+                  "no: the judge cannot separate real answers from shuffled ones, so these win rates are noise")
+    else:
+        answer = "not checked: the run's judge has no check (made before the kit ran it, or no prompt it judges)"
+    lines.append(f"- *Win rates (Table 4, Table 8, Figure 3 and Table 7's win rates):* {answer}.")
+    if raters:
+        blind = [m.upper() for m, c in raters.items() if not c["tells_apart"]]
+        answer = ("yes: the rater scores matched pairs above mismatched ones" if not blind else
+                  f"no: {' and '.join(blind)} cannot tell matched from mismatched pairs, so A_k is close to a random "
+                  "sample and Table 2's curated rows and Table 7's precision say little")
+        lines.append(f"- *Self-curation selects better pairs (A_k, Table 2, Table 7):* {answer}.")
+    scaling = summary.get("figure3_scaling") or {}
+    sizes = max((len(r["points"]) for r in (scaling.get("sources") or {}).values()), default=0)
+    if scaling:
+        answer = ("no: fewer than three sizes give alpha no standard error" if sizes < 3 else
+                  "not with this judge" if not judge.get("separates") else "yes: see Table 3's alpha and its error")
+        lines.append(f"- *Data quality beats quantity (Figure 3's slopes):* {answer}.")
+    return "\n".join(lines)
+
+
 # -- what the run's judge and rater can tell apart (method/sanity.py) ------------------------------------------
 def verdicts(judge_check: dict[str, Any] | None, rater_checks: dict[str, dict[str, Any]] | None) -> str:
     """The judge's and each rater's verdict, one line each, for the top of a table of results."""
