@@ -270,12 +270,21 @@ def evaluate(run: StageRun) -> dict:
             write_jsonl(run.files.judgments_file(key, tmp), records)
         for key, result in checked.items():
             write_jsonl(run.files.judgments_file(key, tmp), result["judgments"])
+        cap = run.config.generate.max_new_tokens
         atomic_write_json(run.files.win_rates_file(tmp), {"protocol": protocol, "judge": judge_name(settings),
                                                           "prompts": len(prompts),
                                                           "inference_tags": settings.inference_tags,
-                                                          "judge_check": judge_verdict(checks), **results})
+                                                          "judge_check": judge_verdict(checks),
+                                                          "answers_cut": {name: _cut(rows, cap)
+                                                                          for name, rows in answers.items()},
+                                                          **results})
     return {key: result.get("overall", result) for key, result in results.items()} | {
         "judge_separates": bool(checks) and judge_verdict(checks)["separates"]}
+
+
+def _cut(answers: list[dict], cap: int) -> dict[str, int]:
+    """How many answers the token cap cut off (still being written at generate.max_new_tokens)."""
+    return {"cut": sum(not a.get("finished", True) for a in answers), "of": len(answers), "max_new_tokens": cap}
 
 
 # -- 7. The paper's analyses ------------------------------------------------------------------------------------
@@ -522,7 +531,7 @@ def checks(files) -> dict[str, Any]:
             rater_checks[name] = report["rater_check"]
     win_rates = files.win_rates() if files.win_rates_file().is_file() else {}
     return {"judge_check": win_rates.get("judge_check"), "heldout": files.analysis("heldout_losses"),
-            "rater_checks": rater_checks}
+            "rater_checks": rater_checks, "answers_cut": win_rates.get("answers_cut")}
 
 
 # -- what several stages do ---------------------------------------------------------------------------------------

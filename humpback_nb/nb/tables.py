@@ -152,6 +152,14 @@ def can_show(summary: dict[str, Any]) -> str:
                   f"no: {' and '.join(blind)} cannot tell matched from mismatched pairs, so A_k is close to a random "
                   "sample and Table 2's curated rows and Table 7's precision say little")
         lines.append(f"- *Self-curation selects better pairs (A_k, Table 2, Table 7):* {answer}.")
+    cut = {name: c for name, c in (summary.get("answers_cut") or {}).items() if c["of"]}
+    if cut:
+        shares = ", ".join(f"{name} {c['cut']}/{c['of']}" for name, c in cut.items())
+        cap = next(iter(cut.values()))["max_new_tokens"]
+        heavy = sum(c["cut"] for c in cut.values()) > sum(c["of"] for c in cut.values()) / 2
+        lines.append(f"- *Answers as the models write them:* {'no' if heavy else 'mostly'}: generate.max_new_tokens "
+                     f"({cap}) cut off {shares}; the judge compared "
+                     + ("mostly cut-off answers." if heavy else "few cut-off answers."))
     scaling = summary.get("figure3_scaling") or {}
     sizes = max((len(r["points"]) for r in (scaling.get("sources") or {}).values()), default=0)
     if scaling:
