@@ -74,6 +74,14 @@ def test_the_report_has_every_section_figure_the_config_and_stage_times(report):
         assert f"its win rate, {measured}" in page
     checks = section(page, "checks")
     assert "The judge:" in checks and "The rater (M0):" in checks and "The rater (M1):" in checks
+    assert "What this run can show" in checks and "Held-out loss" in checks
+    # the held-out losses: every model on every held-out pair, each difference with its interval
+    held = summary["heldout"]
+    assert set(held["loss"]) == {"base", "m0", "m1", "m2"} and held["pairs"] == len(files.seed_pairs("heldout"))
+    assert all(len(losses) == held["pairs"] for losses in held["per_pair"].values())
+    assert all(d["interval"] is None or d["interval"][0] <= d["difference"] <= d["interval"][1]
+               for d in held["differences"].values())
+    assert set(summary["answers_cut"]) == {"base", "m0", "m1", "m2"}
     assert f"<code>{summary['config_hash']}</code>" in page and "preset tiny" in page
     # every figure embedded as a PNG, the rater sanity check from the scores rate_m0 kept
     images = dict(re.findall(r'<figure class="figure" id="([\w-]+)"><img src="data:image/png;base64,([^"]+)"', page))

@@ -101,3 +101,26 @@ def test_a_loss_difference_is_per_token_and_its_interval_the_exact_bootstrap_one
     better = loss_difference([(1.0, 10)] * 8, [(3.0, 10)] * 8)  # a is better on every pair
     assert better["difference"] == pytest.approx(-0.2) and resolved(better)
     assert better["interval"] == pytest.approx([-0.2, -0.2])
+
+
+def test_what_a_run_can_show_follows_its_checks():
+    from humpback_nb.nb.tables import can_show
+
+    resolved_better = {"difference": -0.05, "interval": [-0.08, -0.02], "resolved": True}
+    noise = {"difference": -0.002, "interval": [-0.01, 0.006], "resolved": False}
+    blind_judge = judge_verdict({"m2": judge_check(_judgments([0.5] * 20))})
+    summary = {"heldout": {"differences": {"m0 - base": resolved_better, "m2 - m0": resolved_better,
+                                           "m2 - m1": noise}},
+               "judge_check": blind_judge, "rater_checks": {"m0": rater_check([3.4, 3.5, 3.3], [3.5, 3.3, 3.4])},
+               "answers_cut": {"m0": {"cut": 20, "of": 24, "max_new_tokens": 48}},
+               "figure3_scaling": {"sources": {"A5": {"points": [{}, {}]}}}}
+    lines = can_show(summary).splitlines()[1:]  # the first: M0 against the base model
+    assert "M2 (Humpback) fits held-out human answers better than M0" in lines[0] and lines[0].endswith(
+        "yes, and it does.")
+    assert "the second iteration helps" in lines[1] and "not at this size" in lines[1]
+    assert "no: the judge cannot separate" in lines[2]
+    assert "no: M0 cannot tell matched from mismatched pairs" in lines[3]
+    assert "cut off m0 20/24" in lines[4] and "mostly cut-off answers" in lines[4]
+    assert "fewer than three sizes" in lines[5]
+    good = summary | {"judge_check": judge_verdict({"m2": judge_check(_judgments([1.0] * 20))})}
+    assert "yes: the judge separates" in can_show(good)

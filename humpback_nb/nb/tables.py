@@ -127,7 +127,8 @@ def can_show(summary: dict[str, Any]) -> str:
     judge, raters, held = summary.get("judge_check") or {}, summary.get("rater_checks") or {}, summary.get("heldout")
     lines = []
     if held:
-        for key, finding in (("m2 - m0", "M2 (Humpback) fits held-out human answers better than M0 (seed only)"),
+        for key, finding in (("m0 - base", "fine-tuning on the seed pairs teaches the base model: M0 better than it"),
+                             ("m2 - m0", "M2 (Humpback) fits held-out human answers better than M0 (seed only)"),
                              ("m2 - m1", "the second iteration helps: M2 better than M1")):
             d = held["differences"].get(key)
             if d is None or d["difference"] is None:
