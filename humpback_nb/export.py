@@ -121,7 +121,9 @@ def chat(run_dir: str | Path, model: str, tags: str | None = None, max_new_token
     from humpback_nb.infra.decode import generate_records
     from humpback_nb.infra.models import load_model, load_trained
     from humpback_nb.method.prompts import TAGS, forward_messages
+    from humpback_nb.nb.quiet import quiet_libraries
 
+    quiet_libraries()  # the answers only: no loading bars or the libraries' deprecation notices
     questions, out = questions or sys.stdin, out or sys.stdout  # read when called: a test or a pipe may swap them
     config, folder = run_model(run_dir, model, allow_base=True)
     tags = tags or config.evaluate.inference_tags

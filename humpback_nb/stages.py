@@ -29,7 +29,7 @@ def stage(name: str, *, outputs: tuple[str, ...], after: tuple[str, ...] = (), s
     """Declare a stage of the method: the function below it makes `outputs` from the stages `after`; `check(config)`
     refuses, before a run starts, a config that cannot serve it."""
     def declare(function):
-        doc = (function.__doc__ or "").strip().splitlines()[0]
+        doc = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph, whole
         STAGES.append(Stage(name, outputs, after, sections, function, doc, check))
         return function
 
@@ -130,7 +130,7 @@ def m0(run: StageRun) -> dict:
 @stage("rate_m0", outputs=("scores_file:m0",), after=("seed", "m0", "candidates"),
        sections=("model", "curate", "random_seed"))
 def rate_m0(run: StageRun) -> dict:
-    """self-curation: M0 rates every candidate with the paper's 5-point prompt."""
+    """self-curation: M0 rates every candidate with the paper's 5-point prompt; the rater's check beside them."""
     return rate_candidates(run, "m0")
 
 
@@ -151,7 +151,7 @@ def m1(run: StageRun) -> dict:
 @stage("rate_m1", outputs=("scores_file:m1",), after=("seed", "m1", "candidates"),
        sections=("model", "curate", "random_seed"))
 def rate_m1(run: StageRun) -> dict:
-    """self-curation again: M1 rates every candidate."""
+    """self-curation again: M1 rates every candidate; the rater's check beside them."""
     return rate_candidates(run, "m1")
 
 

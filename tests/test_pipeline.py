@@ -128,6 +128,9 @@ def test_the_methods_stages_read_only_earlier_stages_in_the_papers_order():
                                                 "scaling", "summary"]
     folder = RunFolder("runs/x")  # every declared output names an artifact of the run folder
     assert all(folder.outputs(stage.name) for stage in STAGES)
+    # what `humpback status` and the report say of each stage: its docstring's first paragraph, whole sentences
+    assert all(stage.doc.endswith((".", ")")) and "\n" not in stage.doc for stage in STAGES), [
+        stage.doc for stage in STAGES if not stage.doc.endswith((".", ")"))]
 
 
 def test_cli_status_on_a_folder_with_no_run(tmp_path, capsys):
