@@ -1,7 +1,8 @@
 """A run killed in the middle of its long stages (SIGKILL: no clean-up code runs) and started again ends
 with the same files as a run that was never interrupted, and so two runs of one preset and seed write the
-same bytes: every file of the resumed run is written by processes other than those of the reference run."""
+same records: every file of the resumed run is written by processes other than those of the reference run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -68,6 +69,35 @@ def records(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.jsonl"))}
 
 
+# Two processes computing the same float32 forward pass on this CPU agree to the last bits most of the time, not
+# always: the logprob rater's probabilities of one resumed run differed from the reference's by up to 2.4e-5 (and its
+# score, rounded to 4 decimals, by 1e-4) in 2 of 5 runs on a Xeon with AMX, at this commit and before it. Texts,
+# ids, counts and every other field must be equal; a float within this of the reference's.
+FLOAT_TOLERANCE = 2e-4
+
+
+def assert_same_records(ours: Path, theirs: Path) -> None:
+    """The same record files, the same records in the same order, equal but for floats within FLOAT_TOLERANCE."""
+    mine, reference = records(ours), records(theirs)
+    assert list(mine) == list(reference)
+    for name in mine:
+        rows = [json.loads(line) for line in mine[name].splitlines()]
+        expected = [json.loads(line) for line in reference[name].splitlines()]
+        assert len(rows) == len(expected), name
+        for row, want in zip(rows, expected, strict=True):
+            assert _close(row, want), (name, row, want)
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= FLOAT_TOLERANCE
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, embedded_checkpoint) -> Path:
     folder = tmp_path_factory.mktemp("uninterrupted")
@@ -84,8 +114,8 @@ def test_killed_in_training_generation_and_rating_the_run_ends_as_if_never_stopp
     kill_when(tmp_path, partial_lines(lambda files: files.scores_file("m0")))  # rating, after a batch
     run_to_end(tmp_path)
 
-    # same preset, same seed, other processes: the same bytes in every record file
-    assert records(tmp_path) == records(uninterrupted)
+    # same preset, same seed, other processes: the same records in every file (floats to the last bits but rarely)
+    assert_same_records(tmp_path, uninterrupted)
     assert len(records(tmp_path)) >= 5  # seed, segments, dropped segments, candidates, scores ...
     ours, theirs = (RunFiles(f).model_dir("backward") / ADAPTER_FILE for f in (tmp_path, uninterrupted))
     assert ours.read_bytes() == theirs.read_bytes()
