@@ -270,16 +270,16 @@ def evaluate(run: StageRun) -> dict:
             write_jsonl(run.files.judgments_file(key, tmp), records)
         for key, result in checked.items():
             write_jsonl(run.files.judgments_file(key, tmp), result["judgments"])
-        cap = run.config.generate.max_new_tokens
+        cap, verdict = run.config.generate.max_new_tokens, judge_verdict(checks)
         atomic_write_json(run.files.win_rates_file(tmp), {"protocol": protocol, "judge": judge_name(settings),
                                                           "prompts": len(prompts),
                                                           "inference_tags": settings.inference_tags,
-                                                          "judge_check": judge_verdict(checks),
+                                                          "judge_check": verdict,
                                                           "answers_cut": {name: _cut(rows, cap)
                                                                           for name, rows in answers.items()},
                                                           **results})
     return {key: result.get("overall", result) for key, result in results.items()} | {
-        "judge_separates": bool(checks) and judge_verdict(checks)["separates"]}
+        "judge_separates": verdict["separates"]}
 
 
 def _cut(answers: list[dict], cap: int) -> dict[str, int]:

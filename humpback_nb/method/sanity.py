@@ -29,9 +29,13 @@ def bootstrap_interval(values: Sequence[float], draws: int = DRAWS, seed: int = 
     if len(values) < 2:
         return None
     rng, n = random.Random(seed), len(values)
-    means = sorted(statistics.fmean(rng.choices(values, k=n)) for _ in range(draws))
-    tail = (1 - level) / 2
-    return means[int(tail * draws)], means[min(draws - 1, int((1 - tail) * draws))]
+    return _percentiles([statistics.fmean(rng.choices(values, k=n)) for _ in range(draws)], level)
+
+
+def _percentiles(estimates: list[float], level: float = LEVEL) -> tuple[float, float]:
+    """The (1 - level) / 2 and (1 + level) / 2 percentiles of bootstrap estimates."""
+    estimates, tail, draws = sorted(estimates), (1 - level) / 2, len(estimates)
+    return estimates[int(tail * draws)], estimates[min(draws - 1, int((1 - tail) * draws))]
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], draws: int = DRAWS, seed: int = 0) -> dict[str, Any]:
@@ -135,7 +139,5 @@ def loss_difference(a: Sequence[tuple[float, int]], b: Sequence[tuple[float, int
         sample = rng.choices(rows, k=len(rows))
         count = sum(n for _, n in sample)
         estimates.append(sum(d for d, _ in sample) / count if count else 0.0)
-    estimates.sort()
-    tail = (1 - LEVEL) / 2
-    interval = [estimates[int(tail * draws)], estimates[min(draws - 1, int((1 - tail) * draws))]] if estimates else None
+    interval = list(_percentiles(estimates)) if estimates else None
     return {"n": len(rows), "tokens": tokens, "difference": sum(d for d, _ in rows) / tokens, "interval": interval}
