@@ -46,8 +46,8 @@ browser:  ## Chromium for the test that runs a notebook in a browser (Debian's p
 lint: install
 	$(BIN)/ruff check humpback_nb tests benchmarks
 
-lab: install  ## JupyterLab on the notebooks
-	$(BIN)/jupyter lab notebooks
+lab: install  ## JupyterLab on the project, opened at notebooks/ (the executed ones are in runs/<name>/notebooks/)
+	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
 
 bench: fetch  ## this machine's bounds, the three loops as a share of them and against their naive baselines, a table; the host's work in a decoding step; what paper-7b costs (humpback plan); JSON in runs/bench/
 	@mkdir -p runs/bench

@@ -731,8 +731,8 @@ def judge_rule(config: HumpbackConfig) -> str:
             "generate.max_new_tokens (an upper bound)" + (", a reply of 4 tokens" if settings.judge_url else ""))
 
 
-STAGE_ORDER = ("seed", "segments", "backward", "candidates", "m0", "rate_m0", "A1", "m1", "rate_m1", "A2", "m2",
-               "heldout", "eval", "tags", "selectors", "scaling", "summary")
+STAGE_ORDER = ("seed", "segments", "backward", "backward_check", "candidates", "m0", "rate_m0", "A1", "m1", "rate_m1",
+               "A2", "m2", "heldout", "eval", "tags", "selectors", "scaling", "summary")
 
 
 def _a_k_rule(config: HumpbackConfig) -> str:
@@ -762,6 +762,17 @@ def _data_stages(config: HumpbackConfig, lengths: Lengths, segments: int, cost: 
     rows["segments"].disk_bytes = segments * (lengths.segment * cpt + JSON_BYTES["segment"])
     cost.train(rows["backward"], "backward", [(lengths.seed, seed_n)], lengths.backward_overhead, backward=True)
     generate = config.generate
+    # backward_check: the base model and M_yx read each held-out pair backwards once; M_yx writes a few instructions
+    from humpback_nb.stages import BACKWARD_EXAMPLES
+
+    seed_instruction, seed_output = lengths.seed_mean
+    backwards = lengths.backward_overhead + seed_output + seed_instruction
+    for _ in range(2):
+        cost.score(rows["backward_check"], config.data.heldout_size, backwards, backwards)
+    cost.generate(rows["backward_check"], "candidates", min(BACKWARD_EXAMPLES, config.data.heldout_size),
+                  [lengths.backward_overhead + seed_output], lengths.instruction, generate.instruction_max_new_tokens,
+                  generate.batch_size)
+    rows["backward_check"].model_runs = 2
     cost.generate(rows["candidates"], "candidates", segments, [lengths.backward_overhead + t for t in lengths.segments],
                   lengths.instruction,
                   generate.instruction_max_new_tokens, generate.batch_size)
@@ -772,18 +783,26 @@ def _data_stages(config: HumpbackConfig, lengths: Lengths, segments: int, cost: 
     a_k = a_k_size(config, segments)
     curated = lengths.curated["A"]
     for rate, subset, trained in (("rate_m0", "A1", "m1"), ("rate_m1", "A2", "m2")):
-        _rate(config, lengths, segments, cost, rows[rate])
+        _rate(config, lengths, segments, cost, rows[rate], compare=rate == "rate_m0")
         chars = sum(i + o for i, o in curated) / len(curated) * cpt
         rows[subset].disk_bytes = a_k * (chars + JSON_BYTES["curated"])
         rows[subset].notes.append(f"|A_k| ~ {a_k:,} of {segments:,} candidates")
         cost.train(rows[trained], trained, [(lengths.seed, seed_n), (curated, a_k)], lengths.forward_overhead["S_a"])
 
 
-def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Costing, row: StagePlan) -> None:
-    """A model rates every candidate: the paper's rater writes reasoning, the logprob rater makes one pass."""
+def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Costing, row: StagePlan,
+          compare: bool = False) -> None:
+    """A model rates every candidate: the paper's rater writes reasoning, the logprob rater makes one pass. With
+    `compare` (rate_m0), both raters also rate the first curate.compare_size candidates (stages.compare_raters)."""
     settings, cpt = config.curate, lengths.chars_per_token
     pairs = [lengths.instruction + t for t in lengths.segments]
     row.model_runs = 1
+    if compare and settings.compare_size:
+        compared = min(settings.compare_size, candidates)
+        cost.generate(row, "rate", compared, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
+                      settings.max_new_tokens, settings.batch_size)
+        pair = capped_mean(pairs, config.model.context_length - lengths.rubric - 8)
+        cost.score(row, compared, pair, lengths.rubric + pair)
     rated = candidates + 2 * settings.sanity_size  # and the rater's check: held-out seed pairs, shuffled pairs
     if settings.rater == "generate":
         cost.generate(row, "rate", rated, [lengths.rubric + p for p in pairs], settings.max_new_tokens,

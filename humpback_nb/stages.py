@@ -1,7 +1,8 @@
 """Humpback, top to bottom: every stage of the method in the paper's order (Li et al. 2023, arXiv 2308.06259).
 
-    seed, segments -> backward (M_yx) -> candidates (self-augmentation) -> m0 -> rate_m0 -> A1 -> m1 -> rate_m1
-    -> A2 -> m2 (Humpback) -> eval -> the paper's analyses (tags, selectors, scaling) -> summary
+    seed, segments -> backward (M_yx) -> backward_check -> candidates (self-augmentation) -> m0 -> rate_m0 -> A1
+    -> m1 -> rate_m1 -> A2 -> m2 (Humpback) -> heldout -> eval -> the paper's analyses (tags, selectors, scaling)
+    -> summary
 
 Each stage is a short function declared where it is defined: what it writes (artifacts of run.RunFiles), which
 stages it reads, which config sections it reads (and may read: `run.config` refuses any other, so a stage's hash
@@ -100,6 +101,45 @@ def backward(run: StageRun) -> dict:
                  about=lambda: f"the {len(run.files.seed_pairs('train'))} seed pairs reversed (output -> instruction)")
 
 
+BACKWARD_EXAMPLES = 5  # held-out outputs M_yx writes an instruction for in its check (notebook 02 shows them)
+
+
+@stage("backward_check", outputs=("analysis_file:backward_heldout",), after=("seed", "backward"),
+       sections=("model", "train", "generate", "random_seed"))
+def backward_check(run: StageRun) -> dict:
+    """M_yx's check: the held-out loss of each held-out seed pair's true instruction given its output, under the
+    base model and under M_yx (paired bootstrap 95% interval), and the instructions M_yx writes for the first
+    held-out outputs beside the true ones."""
+    from humpback_nb.infra.models import load_tokenizer
+    from humpback_nb.method.augment import write_instructions
+    from humpback_nb.method.sanity import loss_difference, resolved
+    from humpback_nb.method.train import backward_example, example_losses
+
+    pairs, settings = run.files.seed_pairs("heldout"), run.config.train
+    tokenizer = load_tokenizer(run.config.model)
+    examples = [backward_example(tokenizer, p["instruction"], p["output"], settings.max_seq_length) for p in pairs]
+    losses = {}
+    for name in ("base", "backward"):
+        model, _ = load(run, name)
+        losses[name] = example_losses(model, tokenizer, examples)
+        if name == "backward":
+            shown = pairs[:BACKWARD_EXAMPLES]
+            written = write_instructions(model, tokenizer, [{"id": p["id"], "text": p["output"]} for p in shown],
+                                         run.config.generate, run.config.model.context_length)
+        del model
+    tokens = sum(n for _, n in losses["base"])
+    difference = loss_difference(losses["backward"], losses["base"], seed=run.config.random_seed)
+    difference["resolved"] = resolved(difference)
+    result = {"pairs": len(pairs), "tokens": tokens,
+              "loss": {name: sum(x for x, _ in rows) / tokens if tokens else None for name, rows in losses.items()},
+              "difference": difference,
+              "examples": [{"id": p["id"], "output": p["output"], "true": p["instruction"],
+                            "generated": w["text"].strip(), "finished": w.get("finished", True)}
+                           for p, w in zip(shown, written, strict=True)]}
+    atomic_write_json(run.files.analysis_file("backward_heldout"), result)
+    return {"loss": result["loss"], "resolved": difference["resolved"]}
+
+
 # -- 3. Self-augmentation (section 2.2) -------------------------------------------------------------------------
 @stage("candidates", outputs=("candidates_file", "candidates_dropped_file", "candidates_report_file"),
        after=("backward", "segments"), sections=("model", "generate"))
@@ -130,7 +170,8 @@ def m0(run: StageRun) -> dict:
 @stage("rate_m0", outputs=("scores_file:m0",), after=("seed", "m0", "candidates"),
        sections=("model", "curate", "random_seed"))
 def rate_m0(run: StageRun) -> dict:
-    """self-curation: M0 rates every candidate with the paper's 5-point prompt; the rater's check beside them."""
+    """self-curation: M0 rates every candidate with the paper's 5-point prompt; the rater's check, and the two
+    raters side by side on a few candidates, beside them."""
     return rate_candidates(run, "m0")
 
 
@@ -475,7 +516,8 @@ def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: d
 
 # -- 8. Every number in one file --------------------------------------------------------------------------------
 @stage("summary", outputs=("summary_file",),
-       after=("segments", "rate_m0", "rate_m1", "heldout", "eval", "A1", "A2", "tags", "selectors", "scaling"),
+       after=("segments", "backward_check", "rate_m0", "rate_m1", "heldout", "eval", "A1", "A2", "tags", "selectors",
+              "scaling"),
        sections=ALL_SECTIONS)
 def summary(run: StageRun) -> dict:
     """summary: every number of the run in one file (what notebook 07 and the README read)."""
@@ -522,8 +564,9 @@ def summarize(files, config) -> dict[str, Any]:
 
 
 def checks(files) -> dict[str, Any]:
-    """What the run's checks found so far: the judge's (eval), the raters' (rate_m0, rate_m1) and the held-out
-    losses (heldout); None or empty where a stage has not run. What `tables.can_show` reads."""
+    """What the run's checks found so far: the judge's (eval), the raters' (rate_m0, rate_m1), M_yx's held-out loss
+    (backward_check) and the forward models' (heldout); None or empty where a stage has not run. What
+    `tables.can_show` reads."""
     rater_checks = {}
     for name in ("m0", "m1"):
         report = (files.manifest(f"rate_{name}") or {}).get("report") or {}
@@ -531,6 +574,7 @@ def checks(files) -> dict[str, Any]:
             rater_checks[name] = report["rater_check"]
     win_rates = files.win_rates() if files.win_rates_file().is_file() else {}
     return {"judge_check": win_rates.get("judge_check"), "heldout": files.analysis("heldout_losses"),
+            "backward_heldout": files.analysis("backward_heldout"),
             "rater_checks": rater_checks, "answers_cut": win_rates.get("answers_cut")}
 
 
@@ -594,7 +638,8 @@ def train_forward(run: StageRun, name: str, augmented: int | None, train_setting
 def rate_candidates(run: StageRun, model_name: str) -> dict:
     """`model_name` rates every candidate with the rater of `curate.rater`; the parse rate goes with the scores, and
     the rater's check: held-out seed pairs and `curate.sanity_size` candidates with another candidate's output,
-    rated too, against the same candidates as they are (sanity.rater_check)."""
+    rated too, against the same candidates as they are (sanity.rater_check). M0 also rates its first
+    `curate.compare_size` candidates with both raters (compare_raters), for notebook 04."""
     from humpback_nb.method.curate import parse_rate, rate, sanity_pairs
     from humpback_nb.method.sanity import rater_check
 
@@ -613,10 +658,39 @@ def rate_candidates(run: StageRun, model_name: str) -> dict:
               "shuffled": [s["score"] for s in rate(model, tokenizer, sets["shuffled"], settings, context)]
               if sets["shuffled"] else []}
     check = rater_check(sanity["augmented"][:len(sanity["shuffled"])], sanity["shuffled"], run.config.random_seed)
+    report = {"pairs": len(scores), "parse_rate": parse_rate(scores), "seconds_this_run": round(seconds, 2),
+              "rater_check": check, "sanity_scores": sanity}
+    if model_name == "m0":  # the paper's rater and the kit's side by side, on the same first candidates
+        report["rater_comparison"] = compare_raters(model, tokenizer, candidates[: settings.compare_size], settings,
+                                                    context)
     write_jsonl(run.files.scores_file(model_name),
                 [dict(s, rater=settings.rater, model=model_name, tag=settings.rater_tag) for s in scores])
-    return {"pairs": len(scores), "parse_rate": parse_rate(scores), "seconds_this_run": round(seconds, 2),
-            "rater_check": check, "sanity_scores": sanity}
+    return report
+
+
+COMPARISON_EXAMPLES = 3  # of the generate rater's replies kept whole in the comparison
+
+
+def compare_raters(model, tokenizer, pairs: list[dict], settings, context: int) -> dict[str, Any]:
+    """The two raters on the same pairs: the paper's (reasoning, then "Score: N", greedy) and the kit's (the expected
+    score from the probabilities of "1".."5"): each one's speed and scores, the generate rater's parse rate, how
+    they agree, and the first replies of the generate rater."""
+    from humpback_nb.method.curate import agreement, parse_rate, rate_generate, rate_logprob
+
+    started = time.time()
+    by_logprob = rate_logprob(model, tokenizer, pairs, settings, context, progress=False)
+    logprob_seconds, started = time.time() - started, time.time()
+    by_generate = rate_generate(model, tokenizer, pairs, settings, context)
+    generate_seconds = time.time() - started
+    return {"pairs": len(pairs), "max_new_tokens": settings.max_new_tokens,
+            "logprob": {"per_second": len(pairs) / max(logprob_seconds, 1e-9),
+                        "scores": [s["score"] for s in by_logprob]},
+            "generate": {"per_second": len(pairs) / max(generate_seconds, 1e-9), "parse_rate": parse_rate(by_generate),
+                         "scores": [s["score"] for s in by_generate]},
+            "agreement": agreement(by_logprob, by_generate),
+            "examples": [{"id": s["id"], "instruction": p["instruction"], "score": s["score"],
+                          "reasoning": s["reasoning"]}
+                         for p, s in zip(pairs[:COMPARISON_EXAMPLES], by_generate, strict=False)]}
 
 
 def curate(run: StageRun, scored_by: str, iteration: int) -> dict:

@@ -1,6 +1,9 @@
-"""The curation notebook as a person uses it: JupyterLab on loopback, the notebook opened in headless
-Chromium, every cell run from the Run menu, the threshold slider moved. The counts and examples must
-follow the slider, and a segment that carries a <script> must show as text and never run.
+"""The notebooks as a class uses them on a finished run: JupyterLab on loopback with HUMPBACK_NO_COMPUTE=1 (as
+`HUMPBACK_NO_COMPUTE=1 make lab` starts it), a notebook opened in headless Chromium, every cell run from the Run
+menu. Notebook 02 must show what the stages stored of M_yx at work (its held-out loss, the instructions it
+wrote) and notebook 04 the two raters side by side and the rater's check, without computing anything. In 04 the
+threshold slider is moved: the counts and examples must follow it, and a segment that carries a <script> must
+show as text and never run.
 
 Skipped, with the reason, where Chromium or Playwright is missing (`make test` installs Chromium where
 it can: root with apt-get)."""
@@ -24,6 +27,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM = next((p for p in (os.environ.get("HUMPBACK_CHROMIUM"), shutil.which("chromium"),
                              shutil.which("chromium-browser"), shutil.which("google-chrome")) if p), None)
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ("02_backward_model", "04_self_curation")
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror="alert(2)"> What is the tallest mountain?'
 
 
@@ -40,6 +44,7 @@ def lab(tmp_path_factory, finished_tiny_run):
     pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
 
     from humpback_nb.infra.files import write_jsonl
+    from humpback_nb.infra.guard import NO_COMPUTE
     from humpback_nb.run import RunFiles
 
     root = tmp_path_factory.mktemp("lab")
@@ -53,21 +58,23 @@ def lab(tmp_path_factory, finished_tiny_run):
     scores = files.scores("m0")
     k = files.curated(1).k
     write_jsonl(files.scores_file("m0"), [dict(scores[0], id="cand-hostile", score=round(k - 0.01, 4)), *scores])
-    source = json.loads((ROOT / "notebooks" / "04_self_curation.ipynb").read_text())
-    for cell in source["cells"]:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            values = {"preset": '"tiny"', "run_dir": repr(str(run_dir)), "figures_dir": repr(str(root / "figures")),
-                      "examples_to_show": "2"}  # the rest of the cell as committed
-            lines = "".join(cell["source"]).splitlines()
-            cell["source"] = "\n".join(
-                f"{line.split('=')[0].strip()} = {values[line.split('=')[0].strip()]}"
-                if line.split("=")[0].strip() in values else line for line in lines) + "\n"
-    (root / "curation.ipynb").write_text(json.dumps(source))
+    for name in NOTEBOOKS:
+        source = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+        for cell in source["cells"]:
+            if "parameters" in cell.get("metadata", {}).get("tags", []):
+                values = {"run_dir": repr(str(run_dir)), "figures_dir": repr(str(root / "figures")),
+                          "examples_to_show": "2"}  # the rest of the cell as committed: the run's own settings
+                lines = "".join(cell["source"]).splitlines()
+                cell["source"] = "\n".join(
+                    f"{line.split('=')[0].strip()} = {values[line.split('=')[0].strip()]}"
+                    if line.split("=")[0].strip() in values else line for line in lines) + "\n"
+        (root / f"{name}.ipynb").write_text(json.dumps(source))
 
     # A person's JupyterLab settings, written here so that neither a kernel chooser nor a news prompt
     # depends on what the machine has in ~/.jupyter: the notebook starts its own kernel, and no news is fetched.
+    # Every cell stays on the page (no windowing), so that an output below the fold can be found.
     settings = root / "settings"
-    for name, values in {"notebook-extension/tracker": {"autoStartDefaultKernel": True},
+    for name, values in {"notebook-extension/tracker": {"autoStartDefaultKernel": True, "windowingMode": "none"},
                          "apputils-extension/notification": {"fetchNews": "false"}}.items():
         path = settings / "@jupyterlab" / f"{name}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +87,7 @@ def lab(tmp_path_factory, finished_tiny_run):
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--allow-root",
          "--LabApp.news_url=", "--ServerApp.open_browser=False", f"--LabApp.user_settings_dir={settings}",
          f"--LabApp.workspaces_dir={root / 'workspaces'}"],
-        stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONPATH": str(ROOT), NO_COMPUTE: "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -90,7 +97,8 @@ def lab(tmp_path_factory, finished_tiny_run):
             except OSError:
                 assert server.poll() is None, (root / "lab.log").read_text()[-2000:]
                 time.sleep(0.5)
-        yield f"{url}/lab/tree/curation.ipynb?token={token}", root
+        # each notebook in a workspace of its own: the page holds that notebook alone, as a person opening it sees
+        yield lambda name: f"{url}/lab/workspaces/{name}/tree/{name}.ipynb?token={token}", root
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -101,46 +109,85 @@ def summary_text(page) -> str:
     return page.locator(".widget-html-content", has_text="|A_k| =").first.inner_text()
 
 
+def launch(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
+def outputs(page, text: str):
+    """The cell outputs that show `text` (not the cells' source, which may quote it)."""
+    return page.locator(".jp-OutputArea-output", has_text=text)
+
+
+def run_all_until(page, url: str, root, shown: str, seconds: int = 240) -> None:
+    """Open the notebook at `url`, run every cell from the Run menu, and wait until a cell's output shows `shown`. Fails
+    at an output that carries an error, or after `seconds`, with the page's last text and JupyterLab's log."""
+    page.goto(url)
+    page.wait_for_selector(".jp-Notebook", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+
+    def run_all() -> None:
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_text("Run All Cells", exact=True).click()
+
+    run_all()
+    # On a finished run a notebook runs in seconds. JupyterLab may still ask which kernel to use (it does when its
+    # list of kernels arrives after the notebook opened): the person answers with the notebook's own. A click that
+    # arrived before the kernel was ready runs nothing: the person asks again.
+    started_at = time.monotonic()
+    deadline, asked_again = started_at + seconds, started_at + 60
+    while not outputs(page, shown).count():
+        dialog = page.locator(".jp-Dialog")
+        if dialog.count() and "Select Kernel" in dialog.first.inner_text():
+            dialog.first.locator("button.jp-mod-accept").click()
+        started = page.locator(".jp-InputArea-prompt", has_text=re.compile(r"\[(\*|\d+)\]")).count()
+        if not started and not dialog.count() and time.monotonic() > asked_again:
+            run_all()
+            asked_again = time.monotonic() + 60
+        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
+                              has_text="Error")
+        if errors.count() or time.monotonic() > deadline:
+            name = url.split("?")[0].rsplit("/", 1)[-1]
+            page.screenshot(path=str(root / f"failure-{name}.png"), full_page=True)
+            text = page.inner_text("body")
+            (root / f"failure-{name}.txt").write_text(text)
+            shown_error = errors.first.inner_text()[-1500:] if errors.count() else "no output with an error"
+            open_dialog = dialog.first.inner_text()[:300] if dialog.count() else "none"
+            log = (root / "lab.log").read_text(errors="replace")[-1500:]
+            pytest.fail(f"{name} did not show {shown!r} in {time.monotonic() - started_at:.0f} s ({shown_error}; "
+                        f"{started} cells started; dialog: {open_dialog}).\nThe page ends: {text[-1500:]}\n"
+                        f"JupyterLab's log ends: {log}")
+        page.wait_for_timeout(1000)
+
+
+def test_a_finished_run_shows_what_m_yx_did_without_computing(lab):
+    from playwright.sync_api import sync_playwright
+
+    url, root = lab
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        run_all_until(page, url("02_backward_model"), root, "GENERATED:")
+        assert outputs(page, "M_yx - base").count() >= 1  # the held-out losses' table, rendered
+        assert outputs(page, "loss per instruction token").count() >= 1
+        browser.close()
+
+
 def test_the_threshold_slider_moves_counts_and_examples_and_markup_stays_text(lab):
     from playwright.sync_api import sync_playwright
 
     url, root = lab
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch(playwright)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         dialogs: list[str] = []
         page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-        page.goto(url)
-        page.wait_for_selector(".jp-Notebook", timeout=120_000)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-        def run_all() -> None:
-            page.get_by_role("menuitem", name="Run", exact=True).click()
-            page.get_by_text("Run All Cells", exact=True).click()
-
-        run_all()
-        # The tiny notebook runs in about 2 minutes. JupyterLab may still ask which kernel to use (it does when
-        # its list of kernels arrives after the notebook opened): the person answers with the notebook's own.
-        # A click that arrived before the kernel was ready runs nothing: the person asks again.
-        deadline, asked_again = time.monotonic() + 420, time.monotonic() + 60
-        while not page.locator("text=|A_k| =").count():
-            dialog = page.locator(".jp-Dialog")
-            if dialog.count() and "Select Kernel" in dialog.first.inner_text():
-                dialog.first.locator("button.jp-mod-accept").click()
-            started = page.locator(".jp-InputArea-prompt", has_text=re.compile(r"\[(\*|\d+)\]")).count()
-            if not started and not dialog.count() and time.monotonic() > asked_again:
-                run_all()
-                asked_again = time.monotonic() + 60
-            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
-                                  has_text="Error")
-            if errors.count() or time.monotonic() > deadline:
-                page.screenshot(path=str(root / "failure.png"), full_page=True)
-                (root / "failure.txt").write_text(page.inner_text("body"))
-                shown = errors.first.inner_text()[-1500:] if errors.count() else "no output with an error"
-                pytest.fail(f"the notebook did not reach the explorer ({shown}); page in {root / 'failure.txt'}")
-            page.wait_for_timeout(1000)
+        run_all_until(page, url("04_self_curation"), root, "|A_k| =")
+        # what rate_m0 stored of the raters at work, shown without loading M0
+        assert outputs(page, "candidates rated by both raters, with M0").count() >= 1
+        assert outputs(page, "The rater's check (M0):").count() >= 1
 
         before = summary_text(page)
         slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="k")).last

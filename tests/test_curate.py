@@ -140,3 +140,13 @@ def test_a_curated_set_carries_the_k_that_made_it_and_how_k_was_chosen():
     assert info["rule"].startswith("the best 50.0%") and (info["rated"], info["candidates"]) == (4, 5)
     chosen, info = curated_set(candidates, scores, CurateConfig(threshold=3.0))
     assert len(chosen) == 3 and info["k"] == 3.0 and info["rule"] == "score >= 3 (curate.threshold)"
+
+
+def test_agreement_with_a_rater_that_gives_every_pair_one_score_has_no_rank_correlation():
+    from humpback_nb.method.curate import agreement
+
+    varied = [{"id": str(i), "score": s} for i, s in enumerate([1.0, 2.0, 3.0, 4.0])]
+    constant = [{"id": str(i), "score": 3.0} for i in range(4)]
+    result = agreement(varied, constant)
+    assert result["spearman"] is None and result["same_rounded_score"] == 0.25
+    assert agreement(varied, varied)["spearman"] == 1.0

@@ -123,9 +123,9 @@ def test_the_methods_stages_read_only_earlier_stages_in_the_papers_order():
     for stage in STAGES:
         assert set(stage.after) <= seen, stage.name
         seen.add(stage.name)
-    assert [stage.name for stage in STAGES] == ["seed", "segments", "backward", "candidates", "m0", "rate_m0", "A1",
-                                                "m1", "rate_m1", "A2", "m2", "heldout", "eval", "tags", "selectors",
-                                                "scaling", "summary"]
+    assert [stage.name for stage in STAGES] == ["seed", "segments", "backward", "backward_check", "candidates", "m0",
+                                                "rate_m0", "A1", "m1", "rate_m1", "A2", "m2", "heldout", "eval", "tags",
+                                                "selectors", "scaling", "summary"]
     folder = RunFolder("runs/x")  # every declared output names an artifact of the run folder
     assert all(folder.outputs(stage.name) for stage in STAGES)
     # what `humpback status` and the report say of each stage: its docstring's first paragraph, whole sentences

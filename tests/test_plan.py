@@ -18,6 +18,7 @@ from humpback_nb.plan import (
     OPS_PER_NF4_LINEAR,
     OPS_PER_STEP,
     PAPER_CHARS,
+    STAGE_ORDER,
     Architecture,
     _Costing,
     a_k_size,
@@ -280,7 +281,7 @@ def test_known_models_are_read_from_hub_ids():
 def test_markdown_has_a_row_per_stage_and_a_total(paper_full):
     lines = render_markdown(paper_full).splitlines()
     assert lines[0].startswith("| stage |") and "wall hours" in lines[0]
-    assert sum(line.startswith("| ") for line in lines) == 1 + 17 + 1
+    assert sum(line.startswith("| ") for line in lines) == 1 + len(STAGE_ORDER) + 1
 
 
 def test_the_cli_prints_the_totals_and_exits_0(capsys):

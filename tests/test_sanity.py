@@ -124,3 +124,24 @@ def test_what_a_run_can_show_follows_its_checks():
     assert "fewer than three sizes" in lines[5]
     good = summary | {"judge_check": judge_verdict({"m2": judge_check(_judgments([1.0] * 20))})}
     assert "yes: the judge separates" in can_show(good)
+
+
+def test_what_a_run_can_show_starts_with_the_backward_models_held_out_loss():
+    from humpback_nb.nb.tables import backward_check, can_show
+
+    learned = {"n": 4, "tokens": 40, "difference": -0.4, "interval": [-0.6, -0.2], "resolved": True}
+    first = can_show({"backward_heldout": {"difference": learned}}).splitlines()[0]
+    assert "M_yx better than the base model" in first and first.endswith("yes, and it does.")
+    check = {"pairs": 4, "tokens": 40, "loss": {"base": 3.1, "backward": 2.7}, "difference": learned}
+    assert "| M_yx - base | -0.400 | -0.600 to -0.200 | yes: M_yx better |" in backward_check(check)
+
+
+def test_the_two_raters_side_by_side_say_when_they_cannot_be_ranked():
+    from humpback_nb.nb.tables import rater_comparison
+
+    comparison = {"pairs": 4, "max_new_tokens": 24, "logprob": {"per_second": 8.0, "scores": [3.1, 3.3, 2.9, 3.0]},
+                  "generate": {"per_second": 0.5, "parse_rate": 0.0, "scores": [None] * 4},
+                  "agreement": {"pairs": 0, "spearman": None, "same_rounded_score": None}}
+    table = rater_comparison(comparison)
+    assert "| logprob | 8.00 | 100% | 3.08 |" in table and "| generate | 0.50 | 0% | - |" in table
+    assert "Agreement on the 0 pairs both scored" in table and "not computed" in table

@@ -14,9 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from humpback_nb.infra.distributed import gather, processes
+from humpback_nb.infra.progress import tqdm
 
 
 def read_partial(path: Path | None, truncate: bool = True) -> dict[str, dict[str, Any]]:

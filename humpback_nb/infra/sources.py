@@ -20,9 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from humpback_nb.infra.files import atomic_path, atomic_write_text
+from humpback_nb.infra.progress import tqdm
 
 
 class SourceError(RuntimeError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,8 @@ def agreement(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, flo
     if len(both) < 3:
         return {"pairs": len(both), "spearman": None, "same_rounded_score": None}
     x, y = zip(*both, strict=True)
-    rho = spearmanr(x, y).statistic
-    return {"pairs": len(both), "spearman": float(rho),
+    with warnings.catch_warnings():  # one rater gave every pair the same score: no ranking, said as None
+        warnings.simplefilter("ignore")
+        rho = float(spearmanr(x, y).statistic)
+    return {"pairs": len(both), "spearman": None if rho != rho else rho,
             "same_rounded_score": sum(round(p) == round(q) for p, q in both) / len(both)}

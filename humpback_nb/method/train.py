@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from peft.helpers import disable_input_dtype_casting
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from humpback_nb.config import ConfigError, ModelConfig, TrainConfig
@@ -35,6 +34,7 @@ from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
 from humpback_nb.infra.files import atomic_dir
 from humpback_nb.infra.linear import inference
 from humpback_nb.infra.models import TRAIN_LOG, attach_lora, load_model, runtime
+from humpback_nb.infra.progress import tqdm
 from humpback_nb.method.prompts import Message, backward_messages, fit_text, forward_messages, prompt_ids, rendered_ids
 from humpback_nb.method.schedule import linear_to_final, paper_schedule
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,20 @@ def execute(notebook: str | Path, output: str | Path, parameters: dict[str, Any]
         handler.setFormatter(logging.Formatter("%(message)s"))
         logging.getLogger("papermill").addHandler(handler)
         logging.getLogger("papermill").setLevel(logging.INFO)
-    papermill.execute_notebook(
-        str(notebook), str(output), parameters=parameters, cwd=str(project_root(notebook)),
-        progress_bar=verbose, log_output=verbose, kernel_name="python3",
-    )
+    from humpback_nb.infra.progress import TEXT_BARS
+
+    before = os.environ.get(TEXT_BARS)
+    os.environ[TEXT_BARS] = "1"  # the kernel inherits it: bars whose last line the executed notebook keeps
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(output), parameters=parameters, cwd=str(project_root(notebook)),
+            progress_bar=verbose, log_output=verbose, kernel_name="python3",
+        )
+    finally:
+        if before is None:
+            os.environ.pop(TEXT_BARS, None)
+        else:
+            os.environ[TEXT_BARS] = before
     return output
 
 
@@ -109,5 +120,20 @@ def execute_all(preset: str | None, run_dir: str | Path, names: Sequence[str] | 
         parameters = {"preset": preset, "config_file": config_file, "overrides": overrides or {},
                       "run_dir": str(run_dir), **(extra or {})}
         print(f"executing {notebook.name}", flush=True)
-        executed.append(execute(notebook, RunFiles(run_dir).notebooks_dir() / notebook.name, parameters, verbose))
+        output = RunFiles(run_dir).notebooks_dir() / notebook.name
+        keep_previous(output)
+        executed.append(execute(notebook, output, parameters, verbose))
     return executed
+
+
+def keep_previous(output: Path) -> Path | None:
+    """An executed notebook about to be executed again is kept, never replaced: moved to `previous/` beside it,
+    under the time it was executed (the first execution of a run holds what the models did live). Says where."""
+    if not output.is_file():
+        return None
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(output.stat().st_mtime))
+    kept = output.parent / "previous" / f"{output.stem}.{stamp}{output.suffix}"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    output.replace(kept)
+    print(f"  the previous execution is kept as {kept}", flush=True)
+    return kept

@@ -110,35 +110,83 @@ def heldout(result: dict[str, Any]) -> str:
     lines = [f"{result['pairs']} held-out seed pairs, {result['tokens']:,} output tokens, system prompt "
              f"{result['inference_tags']}", "", "| model | loss per output token |", "|---|---:|"]
     lines += [f"| {name} | {_number(loss, 3)} |" for name, loss in result["loss"].items()]
-    lines += ["", "| difference | loss per token | 95% interval | resolved |", "|---|---:|---|---|"]
-    for name, d in result["differences"].items():
-        interval = f"{d['interval'][0]:+.3f} to {d['interval'][1]:+.3f}" if d["interval"] else "-"
-        shown = "-" if d["difference"] is None else f"{d['difference']:+.3f}"
-        verdict = ("yes: " + (f"{name.split(' - ')[0]} better" if d["difference"] < 0 else f"{name.split(' - ')[1]} "
-                              "better")) if d.get("resolved") else "no: noise at this size"
-        lines.append(f"| {name} | {shown} | {interval} | {verdict} |")
+    lines += ["", DIFFERENCE_HEADER, "|---|---:|---|---|"]
+    lines += [_difference_row(name, d) for name, d in result["differences"].items()]
+    return "\n".join(lines)
+
+
+DIFFERENCE_HEADER = "| difference | loss per token | 95% interval | resolved |"
+
+
+def _difference_row(name: str, d: dict[str, Any]) -> str:
+    """A row of DIFFERENCE_HEADER: "a - b", the difference, its interval, and which model is better if resolved."""
+    interval = f"{d['interval'][0]:+.3f} to {d['interval'][1]:+.3f}" if d["interval"] else "-"
+    shown = "-" if d["difference"] is None else f"{d['difference']:+.3f}"
+    verdict = ("yes: " + (f"{name.split(' - ')[0]} better" if d["difference"] < 0 else f"{name.split(' - ')[1]} "
+                          "better")) if d.get("resolved") else "no: noise at this size"
+    return f"| {name} | {shown} | {interval} | {verdict} |"
+
+
+def backward_check(result: dict[str, Any]) -> str:
+    """M_yx's check (stage backward_check): the loss per token of the held-out true instructions given their
+    outputs, under the base model and M_yx, and their difference with its paired bootstrap 95% interval."""
+    lines = [f"{result['pairs']} held-out seed pairs, {result['tokens']:,} instruction tokens", "",
+             "| model | loss per instruction token |", "|---|---:|"]
+    names = {"backward": "M_yx"}
+    lines += [f"| {names.get(name, name)} | {_number(loss, 3)} |" for name, loss in result["loss"].items()]
+    lines += ["", DIFFERENCE_HEADER, "|---|---:|---|---|", _difference_row("M_yx - base", result["difference"])]
+    return "\n".join(lines)
+
+
+def rater_comparison(comparison: dict[str, Any]) -> str:
+    """The two raters on the same candidates (rate_m0's report, stages.compare_raters): speed, parse rate, mean
+    score, and how they agree on the pairs both scored."""
+    lines = [f"{comparison['pairs']} candidates rated by both raters, with M0; the generate rater reasons in up to "
+             f"{comparison['max_new_tokens']} tokens", "", "| rater | candidates/s | parse rate | mean score |",
+             "|---|---:|---:|---:|"]
+    for name in ("logprob", "generate"):
+        rater = comparison[name]
+        scores = [s for s in rater["scores"] if s is not None]
+        parsed = rater.get("parse_rate", len(scores) / max(1, len(rater["scores"])))
+        lines.append(f"| {name} | {rater['per_second']:.2f} | {parsed:.0%} | "
+                     f"{_number(sum(scores) / len(scores) if scores else None, 2)} |")
+    agreement = comparison["agreement"]
+    same = agreement["same_rounded_score"]
+    lines += ["", f"Agreement on the {agreement['pairs']} pairs both scored: Spearman's rank correlation "
+              f"{_number(agreement['spearman'], 2)}, same rounded score {'-' if same is None else f'{same:.0%}'}"
+              + (" (fewer than 3 pairs: not computed)" if agreement["spearman"] is None else "") + "."]
     return "\n".join(lines)
 
 
 # -- what this run can show ------------------------------------------------------------------------------------
+def _loss_finding(finding: str, d: dict[str, Any]) -> str:
+    """A line of can_show for a finding that a held-out loss difference (first model minus second) tests."""
+    if d["difference"] is None:
+        return f"- *{finding}* (held-out loss): no held-out tokens to measure it on."
+    interval = (f"{d['difference']:+.3f} per token, 95% interval {d['interval'][0]:+.3f} to "
+                f"{d['interval'][1]:+.3f}" if d["interval"] else
+                f"{d['difference']:+.3f} per token, too few pairs for an interval")
+    answer = (("yes, and it does" if d["difference"] < 0 else "yes, and it does not: the loss rose")
+              if d.get("resolved") else "not at this size: the interval holds 0")
+    return f"- *{finding}* (held-out loss, {interval}): {answer}."
+
+
 def can_show(summary: dict[str, Any]) -> str:
     """Which of the paper's findings this run can test at its size, from its own checks: the held-out losses'
     intervals, the judge's check and the rater's. One line each: the finding, yes or no, and why."""
     judge, raters, held = summary.get("judge_check") or {}, summary.get("rater_checks") or {}, summary.get("heldout")
     lines = []
+    backward = summary.get("backward_heldout")
+    if backward:
+        lines.append(_loss_finding("the backward model learns to write the instruction of an output: M_yx better "
+                                   "than the base model", backward["difference"]))
     if held:
         for key, finding in (("m0 - base", "fine-tuning on the seed pairs teaches the base model: M0 better than it"),
                              ("m2 - m0", "M2 (Humpback) fits held-out human answers better than M0 (seed only)"),
                              ("m2 - m1", "the second iteration helps: M2 better than M1")):
             d = held["differences"].get(key)
-            if d is None or d["difference"] is None:
-                continue
-            interval = (f"{d['difference']:+.3f} per token, 95% interval {d['interval'][0]:+.3f} to "
-                        f"{d['interval'][1]:+.3f}" if d["interval"] else
-                        f"{d['difference']:+.3f} per token, too few pairs for an interval")
-            answer = (("yes, and it does" if d["difference"] < 0 else "yes, and it does not: the loss rose")
-                      if d.get("resolved") else "not at this size: the interval holds 0")
-            lines.append(f"- *{finding}* (held-out loss, {interval}): {answer}.")
+            if d is not None and d["difference"] is not None:
+                lines.append(_loss_finding(finding, d))
     else:
         lines.append("- *Held-out loss:* not in this run (the heldout stage has not run).")
     if judge.get("models"):

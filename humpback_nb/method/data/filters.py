@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterable, Sized
 from itertools import combinations
 from typing import Any, TypeVar
 
-from tqdm.auto import tqdm
-
 from humpback_nb.config import DataConfig
 from humpback_nb.infra.distributed import processes
+from humpback_nb.infra.progress import tqdm
 
 Record = dict[str, Any]
 FilterResult = tuple[list[Record], list[Record]]
