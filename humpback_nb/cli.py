@@ -28,7 +28,7 @@ import yaml
 
 from humpback_nb.config import ConfigError, HumpbackConfig, explain_config, presets, render_config
 from humpback_nb.infra.files import RecordError
-from humpback_nb.infra.guard import ComputeRefused, ModelError
+from humpback_nb.infra.guard import ComputeRefused, JudgeError, ModelError
 from humpback_nb.infra.sources import SourceError
 from humpback_nb.run import PipelineError, RunFiles, RunFolder
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, PipelineError, SourceError, RecordError, ModelError, ComputeRefused) as err:
+    except (ConfigError, PipelineError, SourceError, RecordError, ModelError, ComputeRefused, JudgeError) as err:
         print(f"humpback: error: {err}", file=sys.stderr)
         return 2
 

@@ -119,7 +119,10 @@ class GenerateConfig:
 class CurateConfig:
     """Self-curation: the rater and the quality threshold k of A_k (paper section 2.3)."""
 
-    rater: Literal["logprob", "generate"] = "logprob"
+    # "generate" (the paper's), "logprob" (the kit's), or "endpoint": an OpenAI-compatible endpoint (`rater_url`,
+    # model `rater_model`) rates every candidate with the paper's prompt and parser, in place of M0 and M1 (a class
+    # whose own small model cannot rate gets an A_k that is a selection; both iterations then ask the endpoint)
+    rater: Literal["logprob", "generate", "endpoint"] = "logprob"
     threshold: float = 4.5  # A_k keeps pairs scored >= k; the paper's A5 is ">= 4.5"
     # Instead of a fixed k, keep this share of the rated candidates, best first (k becomes the lowest score
     # kept). For raters whose scores sit on another scale than the paper's integer ones; the paper's A5 was
@@ -130,6 +133,10 @@ class CurateConfig:
     batch_size: int = 16
     compare_size: int = 48  # candidates rated by both raters to compare them (notebook 04)
     sanity_size: int = 48  # seed, candidate and shuffled pairs each, for the rater sanity check
+    rater_url: str | None = None  # rater "endpoint": e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1
+    rater_model: str | None = None  # the model the endpoint serves, e.g. gpt-4o
+    rater_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the endpoint's key
+    rater_concurrency: int = 8  # requests to the endpoint in flight at once
 
 
 @dataclass
@@ -141,6 +148,7 @@ class EvaluateConfig:
     judge: str = "local"  # "local" (the base model), or the model name at `judge_url`
     judge_url: str | None = None  # an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     judge_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the endpoint's key
+    judge_concurrency: int = 8  # requests to `judge_url` in flight at once
     # Who judges, against what. "kit": our one-letter judging prompt (the local base model, or `judge_url`)
     # against the base model's answers: not the paper's protocol. "alpaca_eval_gpt4": AlpacaEval 1.0 as the paper
     # ran it (Table 4): that annotator's prompt and parser, sent to `judge_url` (model `judge`, e.g. gpt-4), against
@@ -199,9 +207,10 @@ class HumpbackConfig:
         return config_hash({name: self.hashed_section(name) for name in self.to_dict() if name != "preset"})
 
 
-# Settings that change no output of the method, only where its numbers are reported: left out of every hash, so
-# that turning on TensorBoard does not make a finished run stale.
-NOT_HASHED: dict[str, tuple[str, ...]] = {"train": ("report_to",)}
+# Settings that change no output of the method, only where its numbers are reported or how many requests go out
+# at once: left out of every hash, so that turning on TensorBoard does not make a finished run stale.
+NOT_HASHED: dict[str, tuple[str, ...]] = {"train": ("report_to",), "curate": ("rater_concurrency",),
+                                          "evaluate": ("judge_concurrency",)}
 
 
 def config_hash(value: Any) -> str:
@@ -380,6 +389,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "generate.max_instruction_chars": _AT_LEAST_1,
     "curate.threshold": (1, 5, "[]"), "curate.top_share": (0, 1, "(]"), "curate.max_new_tokens": _AT_LEAST_1,
     "curate.batch_size": _AT_LEAST_1, "curate.compare_size": _NOT_NEGATIVE, "curate.sanity_size": _NOT_NEGATIVE,
+    "curate.rater_concurrency": _AT_LEAST_1, "evaluate.judge_concurrency": _AT_LEAST_1,
     "evaluate.alpaca_eval_prompts": _AT_LEAST_1, "evaluate.mt_bench_prompts": _NOT_NEGATIVE,
     "evaluate.scaling_sizes": _AT_LEAST_1, "evaluate.scaling_steps": _AT_LEAST_1,
     "evaluate.selection_positives": _AT_LEAST_1, "evaluate.selection_train_size": _AT_LEAST_1,

@@ -804,7 +804,10 @@ def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Cost
         pair = capped_mean(pairs, config.model.context_length - lengths.rubric - 8)
         cost.score(row, compared, pair, lengths.rubric + pair)
     rated = candidates + 2 * settings.sanity_size  # and the rater's check: held-out seed pairs, shuffled pairs
-    if settings.rater == "generate":
+    if settings.rater == "endpoint":
+        _endpoint_rating(config, lengths, row, rated, sum(pairs) / len(pairs))
+        row.disk_bytes = candidates * (settings.max_new_tokens * cpt + JSON_BYTES["score_generate"])
+    elif settings.rater == "generate":
         cost.generate(row, "rate", rated, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
                       settings.max_new_tokens, settings.batch_size)
         row.disk_bytes = candidates * (settings.max_new_tokens * cpt + JSON_BYTES["score_generate"])
@@ -814,6 +817,19 @@ def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Cost
         cost.score(row, rated, pair, lengths.rubric + pair)
         row.disk_bytes = candidates * JSON_BYTES["score"]
         row.notes.append("logprob rater: one forward pass per candidate after the rubric's cached keys and values")
+
+
+def _endpoint_rating(config: HumpbackConfig, lengths: Lengths, row: StagePlan, pairs: int, pair: float) -> None:
+    """The rater "endpoint": one call per pair (the paper's rubric around the pair), a reply of up to
+    curate.max_new_tokens; counted with the judge's calls (priced at the same rate)."""
+    settings = config.curate
+    row.judge_calls += pairs
+    row.judge_prompt_tokens += pairs * (lengths.rubric + pair)
+    row.judge_reply_tokens += pairs * settings.max_new_tokens
+    note = (f"endpoint rater ({settings.rater_model} at {settings.rater_url}): one call a pair, up to "
+            f"{settings.max_new_tokens} tokens of reasoning, counted with the judge's calls")
+    if note not in row.notes:
+        row.notes.append(note)
 
 
 def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Costing,
@@ -854,7 +870,9 @@ def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int
     pair = (sum(lengths.seed_mean) + 4 * (lengths.instruction + lengths.segment)) / 5
     curate = config.curate
     for _ in range(2):
-        if curate.rater == "generate":
+        if curate.rater == "endpoint":
+            _endpoint_rating(config, lengths, rows["selectors"], pairs, pair)
+        elif curate.rater == "generate":
             cost.generate(rows["selectors"], "rate", pairs, [lengths.rubric + pair], curate.max_new_tokens,
                           curate.max_new_tokens, curate.batch_size)
         else:

@@ -43,9 +43,6 @@ LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 def judge_ready(config) -> None:
     """The judge of the stages that judge: an endpoint (AlpacaEval's annotator, or `evaluate.judge_url`) needs its
     URL, and one off this machine its key, before the run spends hours reaching it; the local judge needs nothing."""
-    import os
-    from urllib.parse import urlparse
-
     from humpback_nb.method.alpaca_eval import ANNOTATOR
 
     settings = config.evaluate
@@ -55,10 +52,35 @@ def judge_ready(config) -> None:
     if not settings.judge_url:
         raise PipelineError(f"evaluate.annotator {settings.annotator} judges at an endpoint, but evaluate.judge_url is "
                             f"not set: set it and the key in ${settings.judge_key_env} (evaluate.judge_key_env), {kit}")
-    host = urlparse(settings.judge_url).hostname or ""
-    if not os.environ.get(settings.judge_key_env) and host not in LOOPBACK and not host.startswith("127."):
-        raise PipelineError(f"evaluate.judge_url {settings.judge_url} needs a key, and ${settings.judge_key_env} "
-                            f"(evaluate.judge_key_env) is not set: set it, {kit}")
+    _key_ready(settings.judge_url, settings.judge_key_env, "evaluate.judge_url", "evaluate.judge_key_env", kit)
+
+
+def rater_ready(config) -> None:
+    """The rater "endpoint" needs its URL and model, and one off this machine its key, before the run starts; the
+    run's own models need nothing. Stages that judge need their judge too (judge_ready)."""
+    settings = config.curate
+    if settings.rater == "endpoint":
+        local = "or let the run's models rate: curate.rater=logprob (or generate)"
+        missing = [k for k in ("rater_url", "rater_model") if not getattr(settings, k)]
+        if missing:
+            raise PipelineError(f"curate.rater endpoint needs {' and '.join('curate.' + k for k in missing)}: set "
+                                f"{'them' if len(missing) > 1 else 'it'}, {local}")
+        _key_ready(settings.rater_url, settings.rater_key_env, "curate.rater_url", "curate.rater_key_env", local)
+
+
+def rater_and_judge_ready(config) -> None:
+    rater_ready(config)
+    judge_ready(config)
+
+
+def _key_ready(url: str, key_env: str, url_key: str, env_key: str, instead: str) -> None:
+    """An endpoint off this machine needs its key in the environment (a loopback server needs none)."""
+    import os
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    if not os.environ.get(key_env) and host not in LOOPBACK and not host.startswith("127."):
+        raise PipelineError(f"{url_key} {url} needs a key, and ${key_env} ({env_key}) is not set: set it, {instead}")
 
 
 # -- 1. Data (paper section 2.1, 3.1) ---------------------------------------------------------------------------
@@ -168,7 +190,7 @@ def m0(run: StageRun) -> dict:
 
 
 @stage("rate_m0", outputs=("scores_file:m0",), after=("seed", "m0", "candidates"),
-       sections=("model", "curate", "random_seed"))
+       sections=("model", "curate", "random_seed"), check=rater_ready)
 def rate_m0(run: StageRun) -> dict:
     """self-curation: M0 rates every candidate with the paper's 5-point prompt; the rater's check, and the two
     raters side by side on a few candidates, beside them."""
@@ -190,7 +212,7 @@ def m1(run: StageRun) -> dict:
 
 
 @stage("rate_m1", outputs=("scores_file:m1",), after=("seed", "m1", "candidates"),
-       sections=("model", "curate", "random_seed"))
+       sections=("model", "curate", "random_seed"), check=rater_ready)
 def rate_m1(run: StageRun) -> dict:
     """self-curation again: M1 rates every candidate; the rater's check beside them."""
     return rate_candidates(run, "m1")
@@ -279,13 +301,15 @@ def evaluate(run: StageRun) -> dict:
         del model
     results, pool, prefix = {}, answers, ""
     if settings.annotator == alpaca_eval.ANNOTATOR:  # AlpacaEval's prompts only; MT-bench is judged on its own
-        ask = alpaca_eval.endpoint_ask(EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env),
-                                       annotator)
+        endpoint = EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
+                                 concurrency=settings.judge_concurrency)
+        ask = alpaca_eval.endpoint_ask(endpoint, annotator)
         for name in GENERATORS:
             judged = run.partial(run.files.eval_dir(), part=f"judge_{name}_vs_reference")
             results[f"{name}_vs_reference"] = alpaca_eval.evaluate(
                 ask, annotator, [r for r in answers[name] if r["id"].startswith("alpaca_eval-")], reference,
-                partial=judged, progress=True, desc=f"AlpacaEval 1.0 {name}", both_orders=settings.both_orders)
+                partial=judged, progress=True, desc=f"AlpacaEval 1.0 {name}", both_orders=settings.both_orders,
+                workers=settings.judge_concurrency)
         pool = {n: [r for r in rows if r["id"].startswith("mt_bench-")] for n, rows in answers.items()}
         prefix = "mt_bench_"
     for x, y in COMPARISONS if pool["base"] else ():  # each judgment is kept as it comes: a rerun asks the rest
@@ -360,7 +384,7 @@ def tags(run: StageRun) -> dict:
 
 @stage("selectors", outputs=("analysis_file:table7_selectors",),
        after=("seed", "candidates", "m0", "m1", "A1", "A2", "eval"),
-       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=judge_ready)
+       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=rater_and_judge_ready)
 def selectors(run: StageRun) -> dict:
     """Table 7: M0, M1 (and an endpoint) as selectors: precision, recall, win rate of a model trained on their picks.
 
@@ -462,11 +486,15 @@ def endpoint_selector_row(run: StageRun, judge, pairs: list[dict], label: str) -
     from humpback_nb.method.judges import EndpointJudge
 
     settings, output, k = run.config.evaluate, run.files.analysis_file("table7_selectors"), run.config.curate.threshold
-    endpoint = EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env)
+    endpoint = EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
+                             concurrency=settings.judge_concurrency)
     tokens = run.config.curate.max_new_tokens  # room for the reasoning before "Score: N"
-    scores = rate_at_endpoint(endpoint, pairs, tokens, partial=run.partial(output, part="rate_endpoint"))
+    workers = settings.judge_concurrency
+    scores = rate_at_endpoint(endpoint, pairs, tokens, partial=run.partial(output, part="rate_endpoint"),
+                              workers=workers)
     picked, rated = pick_by_rating(
-        lambda chunk: rate_at_endpoint(endpoint, chunk, tokens, partial=run.partial(output, part="pick_endpoint")),
+        lambda chunk: rate_at_endpoint(endpoint, chunk, tokens, partial=run.partial(output, part="pick_endpoint"),
+                                       workers=workers),
         run.files.candidates(), k, settings.selection_train_size, f"{run.config.random_seed}:endpoint")
     data = {"candidates": run.upstream["candidates"], "rater": f"{settings.judge} at {settings.judge_url}", "k": k,
             "size": settings.selection_train_size}
@@ -751,10 +779,13 @@ def versus_reference(run: StageRun, judge, answers: list[dict], output: Path, ke
         return compare(judge, answers, run.files.answers("base"), partial=judged, progress=True,
                        desc=f"judging {key}")["overall"]
     annotator = alpaca_eval.load_annotator()
-    ask = alpaca_eval.endpoint_ask(EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env), annotator)
+    endpoint = EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
+                             concurrency=settings.judge_concurrency)
+    ask = alpaca_eval.endpoint_ask(endpoint, annotator)
     return alpaca_eval.evaluate(ask, annotator, [a for a in answers if a["id"].startswith("alpaca_eval-")],
                                 alpaca_eval.load_reference(settings.reference), partial=judged, progress=True,
-                                desc=f"AlpacaEval 1.0 {key}", both_orders=settings.both_orders)["overall"]
+                                desc=f"AlpacaEval 1.0 {key}", both_orders=settings.both_orders,
+                                workers=settings.judge_concurrency)["overall"]
 
 
 def base_judge(run: StageRun):

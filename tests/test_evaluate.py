@@ -106,7 +106,7 @@ def test_endpoint_judge_against_a_loopback_server(monkeypatch, loopback):
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
     waits = []
-    with pytest.raises(JudgeError, match="judge endpoint .* failed 2 tries"):
+    with pytest.raises(JudgeError, match="endpoint .* failed 2 tries"):
         EndpointJudge(f"http://127.0.0.1:{closed}/v1", "m", timeout=2, max_tries=2,
                       sleep=waits.append).prefer_a("q", "a", "b")
     assert len(waits) == 1  # a refused connection is tried again

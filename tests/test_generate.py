@@ -175,3 +175,41 @@ def test_nucleus_is_the_one_transformers_samples_from(temperature):
     warped = TopPLogitsWarper(0.9)(None, logits / temperature)
     assert torch.equal(ours > 0, warped > float("-inf"))
     assert torch.allclose(ours[ours > 0], probs[ours > 0])
+
+
+def test_batches_computed_by_several_workers_come_back_in_order_and_a_failure_keeps_what_finished(tmp_path):
+    """in_batches with workers (an endpoint's requests in flight): records in the ids' order whatever order the
+    batches finish in; when one batch fails, those that finished are in the partial file and a rerun asks the rest."""
+    import threading
+    import time
+
+    from humpback_nb.infra.batches import in_batches, read_partial
+
+    ids = [f"p{i}" for i in range(12)]
+    batches = [[i] for i in range(12)]
+    at_once, most, lock, asked = [0], [0], threading.Lock(), []
+
+    def compute(number, batch, fail_at=None):
+        with lock:
+            asked.append(number)
+            at_once[0] += 1
+            most[0] = max(most[0], at_once[0])
+        try:
+            if number == fail_at:
+                raise RuntimeError("refused")
+            time.sleep(0.02 * (12 - number) / 12)  # later batches finish sooner
+            return [{"id": ids[i], "n": i} for i in batch]
+        finally:
+            with lock:
+                at_once[0] -= 1
+
+    partial = tmp_path / "scores.jsonl.partial"
+    with pytest.raises(RuntimeError, match="refused"):
+        in_batches(ids, batches, lambda n, b: compute(n, b, fail_at=9), partial=partial, progress=False, workers=4)
+    kept = read_partial(partial)
+    assert "p9" not in kept and all(record["n"] == int(key[1:]) for key, record in kept.items())
+    asked.clear()
+    records = in_batches(ids, batches, compute, partial=partial, progress=False, workers=4)
+    assert [r["id"] for r in records] == ids
+    assert sorted(asked) == sorted(set(range(12)) - {int(k[1:]) for k in kept})  # only what was missing
+    assert most[0] > 1

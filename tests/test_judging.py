@@ -213,3 +213,24 @@ def test_the_shared_prefix_of_judge_prompts_leaves_a_token_of_each():
     assert shared_prefix_length([[1, 2, 3]]) == 2
     assert shared_prefix_length([[7], [7]]) == 0
     assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
+def test_an_endpoint_rater_needs_its_url_model_and_key_before_the_run_starts(monkeypatch):
+    from humpback_nb.config import load_preset, with_overrides
+    from humpback_nb.run import PipelineError
+    from humpback_nb.stages import rater_ready
+
+    tiny = load_preset("tiny")
+    rater_ready(tiny)  # the run's own models rate: nothing to check
+    with pytest.raises(PipelineError, match="curate.rater_url and curate.rater_model"):
+        rater_ready(with_overrides(tiny, {"curate.rater": "endpoint"}))
+    remote = with_overrides(tiny, {"curate.rater": "endpoint", "curate.rater_url": "https://api.example.com/v1",
+                                   "curate.rater_model": "big", "curate.rater_key_env": "HUMPBACK_TEST_KEY"})
+    monkeypatch.delenv("HUMPBACK_TEST_KEY", raising=False)
+    with pytest.raises(PipelineError, match=r"needs a key, and \$HUMPBACK_TEST_KEY \(curate.rater_key_env\)"):
+        rater_ready(remote)
+    monkeypatch.setenv("HUMPBACK_TEST_KEY", "sk-test")
+    rater_ready(remote)
+    rater_ready(with_overrides(remote, {"curate.rater_url": "http://127.0.0.1:8000/v1"}))  # loopback: no key
+    # the number of requests in flight changes no score: a run is not made stale by it
+    assert with_overrides(remote, {"curate.rater_concurrency": 2}).hash() == remote.hash()

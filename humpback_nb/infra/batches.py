@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,15 @@ def append_records(path: Path, records: list[dict[str, Any]]) -> None:
 
 def in_batches(ids: Sequence[str], batches: Sequence[Sequence[int]],
                compute: Callable[[int, Sequence[int]], list[dict[str, Any]]], partial: Path | None = None,
-               progress: bool = True, desc: str = "", unit: str = "prompt") -> list[dict[str, Any]]:
+               progress: bool = True, desc: str = "", unit: str = "prompt", workers: int = 1) -> list[dict[str, Any]]:
     """One record per id, in the order of `ids`, made a batch at a time by `compute(number, batch)` (one record
     with its "id" per index of the batch).
 
     With `partial`, every finished batch is appended there, and batches whose records are all there are
     skipped: a rerun after a crash computes only what is missing, with the same batches as before. In a launch
     of several processes, batch b is process (b mod N)'s, each appends to its own part file, and at the end
-    every process holds every record.
+    every process holds every record. With `workers` > 1, that many batches are computed at once in threads (for
+    work that waits on an endpoint); each is appended as it finishes, and the first error stops the rest.
     """
     where = processes()
     wanted = set(ids)
@@ -75,15 +77,30 @@ def in_batches(ids: Sequence[str], batches: Sequence[Sequence[int]],
     done = {key: value for key, value in read_partials(partial, own).items() if key in wanted}
     bar = tqdm(total=len(ids), initial=len(done), desc=desc, disable=not progress or not where.is_main, unit=unit)
     made: list[dict[str, Any]] = []
-    for number, batch in enumerate(batches):
-        if not where.owns(number) or all(ids[i] in done for i in batch):
-            continue
-        new = [record for record in compute(number, batch) if record["id"] not in done]
+    todo = [(number, batch) for number, batch in enumerate(batches)
+            if where.owns(number) and not all(ids[i] in done for i in batch)]
+
+    def keep(records: list[dict[str, Any]]) -> None:
+        new = [record for record in records if record["id"] not in done]
         if own is not None:
             append_records(own, new)
         done.update((r["id"], r) for r in new)
         made.extend(new)
         bar.update(len(new))
+
+    if workers > 1 and len(todo) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(compute, number, batch) for number, batch in todo]
+            try:
+                for future in as_completed(futures):
+                    keep(future.result())  # appended here, by this thread alone
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    else:
+        for number, batch in todo:
+            keep(compute(number, batch))
     if where.world > 1:
         for part in gather(made):
             done.update((r["id"], r) for r in part)

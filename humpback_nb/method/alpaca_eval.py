@@ -400,11 +400,12 @@ def win_rate(preferences: Sequence[float]) -> dict[str, Any]:
 
 def evaluate(ask: Ask, annotator: Annotator, answers: list[dict[str, Any]], reference: list[dict[str, Any]],
              partial: Path | None = None, progress: bool = False, desc: str = "AlpacaEval 1.0",
-             both_orders: bool = False) -> dict[str, Any]:
+             both_orders: bool = False, workers: int = 1) -> dict[str, Any]:
     """AlpacaEval 1.0 win rate of `answers` against `reference`, with every annotation. Answers whose instruction
     is not in the reference are listed in `unmatched`; pairs with an unreadable reply are counted in `unparsed`
     and left out of the win rate. With `partial`, each annotated pair is appended there at once and a rerun
-    annotates only the pairs missing there (for the very same texts and orders). `both_orders`: `annotate_pair`."""
+    annotates only the pairs missing there (for the very same texts and orders). `both_orders`: `annotate_pair`.
+    `workers` pairs are annotated at once (an endpoint's requests in flight)."""
     from humpback_nb.infra.batches import in_batches
 
     pairs, unmatched = match_reference(answers, reference)
@@ -416,7 +417,7 @@ def evaluate(ask: Ask, annotator: Annotator, answers: list[dict[str, Any]], refe
                  **annotate_pair(ask, annotator, a["instruction"], ref, a["output"], both_orders)}]
 
     records = in_batches(keys, [[i] for i in range(len(keys))], annotate, partial=partial, progress=progress,
-                         desc=desc, unit="pair")
+                         desc=desc, unit="pair", workers=workers)
     annotations = [record | {"id": a["id"]} for (a, _), record in zip(pairs, records, strict=True)]
     preferences = [r["preference"] for r in annotations if r["preference"] is not None]
     result = win_rate(preferences)

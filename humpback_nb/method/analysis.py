@@ -111,10 +111,11 @@ def pick_by_rating(rate_pairs: Callable[[list[dict]], list[dict]], candidates: l
 
 
 def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path | None = None,
-                     desc: str = "Table 7 rating (endpoint)") -> list[dict]:
-    """Scores of an OpenAI-compatible endpoint (a `judges.EndpointJudge`, the paper's GPT-4 row): the paper's rating
-    prompt without a system prompt, the reply's reasoning and "Score: N" parsed as strictly as a local model's
-    (None otherwise). With `partial`, each rating is kept as it comes and a rerun asks only for the missing ones."""
+                     desc: str = "Table 7 rating (endpoint)", workers: int = 1) -> list[dict]:
+    """Scores of an OpenAI-compatible endpoint (a `judges.EndpointJudge`: the paper's GPT-4 row, or the rater
+    "endpoint"): the paper's rating prompt without a system prompt, the reply's reasoning and "Score: N" parsed as
+    strictly as a local model's (None otherwise). With `partial`, each rating is kept as it comes and a rerun asks
+    only for the missing ones; `workers` requests are in flight at once."""
     from humpback_nb.infra.batches import in_batches
     from humpback_nb.method.curate import parse_score
     from humpback_nb.method.prompts import curation_messages
@@ -125,7 +126,7 @@ def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path
         return [{"id": pair["id"], "rater": "endpoint", "score": parse_score(reply), "reasoning": reply.strip()}]
 
     return in_batches([p["id"] for p in pairs], [[i] for i in range(len(pairs))], compute, partial=partial,
-                      progress=bool(pairs), desc=desc, unit="pair")
+                      progress=bool(pairs), desc=desc, unit="pair", workers=workers)
 
 
 def labels_note(labels_file: str | None) -> str:
@@ -148,15 +149,18 @@ LOG_BASE = "e"  # w = alpha ln N + C: the paper does not name its base; log10 wo
 NO_CURATION = "no curation"
 
 
+WHOLE_SCORES = ("generate", "endpoint")  # raters whose scores are the paper's whole numbers
+
+
 def quality_sets(rater: str, scores: list[dict]) -> dict[str, tuple[float, str]]:
     """Figure 3's curated sets by M1's `scores`: {name: (k, the rule in words)}, a set holding the pairs scored >= k.
 
-    The `generate` rater scores in whole numbers, as the paper's did: its A5 (score 5) and A4 (score >= 4) then
-    mean what the paper's mean, ties included. The `logprob` rater's expected scores are continuous and bunch up
-    where a small model puts its probability, so a fixed k keeps other shares at another scale: its sets are the
-    shares the paper's A5 and A4 had among the candidates (Table 2), named by their share."""
+    The `generate` and `endpoint` raters score in whole numbers, as the paper's did: their A5 (score 5) and A4
+    (score >= 4) then mean what the paper's mean, ties included. The `logprob` rater's expected scores are
+    continuous and bunch up where a small model puts its probability, so a fixed k keeps other shares at another
+    scale: its sets are the shares the paper's A5 and A4 had among the candidates (Table 2), named by their share."""
     a5, a4 = quality_names(rater)
-    if rater == "generate":
+    if rater in WHOLE_SCORES:
         return {a5: (5, "score 5 (the paper's A5)"), a4: (4, "score >= 4 (the paper's A4)")}
     return {ours: (selection_threshold(scores, CurateConfig(top_share=share)),
                    f"the best {share:.1%} of the expected scores (the share of the paper's {paper})")
@@ -165,7 +169,7 @@ def quality_sets(rater: str, scores: list[dict]) -> dict[str, tuple[float, str]]
 
 def quality_names(rater: str) -> tuple[str, str]:
     """The names of Figure 3's two curated sets (`quality_sets`) for a rater: the paper's A5 and A4 first."""
-    return ("A5", "A4") if rater == "generate" else tuple(f"top {share:.1%}" for share in PAPER_SHARES.values())
+    return ("A5", "A4") if rater in WHOLE_SCORES else tuple(f"top {share:.1%}" for share in PAPER_SHARES.values())
 
 
 def scaling_model_name(source: str, n: int) -> str:

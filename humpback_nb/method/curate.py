@@ -130,7 +130,22 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: Curate
                       desc="rating (logprob)", unit="pair")
 
 
-RATERS = {"logprob": rate_logprob, "generate": rate_generate}
+def rate_endpoint(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
+                  partial: Path | None = None) -> list[dict[str, Any]]:
+    """The rater "endpoint": an OpenAI-compatible endpoint (`curate.rater_url`, model `curate.rater_model`) rates
+    with the paper's prompt, no system prompt, and its reasoning then "Score: N" parsed as strictly as a local
+    model's; `curate.rater_concurrency` requests at once. The run's model is not asked (`model` is unused)."""
+    from humpback_nb.method.analysis import rate_at_endpoint
+    from humpback_nb.method.judges import EndpointJudge
+
+    if not settings.rater_url or not settings.rater_model:
+        raise ValueError("curate.rater endpoint needs curate.rater_url and curate.rater_model")
+    endpoint = EndpointJudge(settings.rater_url, settings.rater_model, settings.rater_key_env)
+    return rate_at_endpoint(endpoint, pairs, settings.max_new_tokens, partial=partial,
+                            desc=f"rating ({settings.rater_model} at the endpoint)", workers=settings.rater_concurrency)
+
+
+RATERS = {"logprob": rate_logprob, "generate": rate_generate, "endpoint": rate_endpoint}
 
 
 def rate(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from humpback_nb.config import EvaluateConfig
+from humpback_nb.infra.guard import JudgeError
 
 # A pairwise judging prompt in the manner of AlpacaEval's annotators (ours; AlpacaEval's GPT-4 template is
 # longer and asks for a ranking). The judge must answer with one letter.
@@ -53,10 +54,6 @@ class UnparsedReply(Exception):
     def __init__(self, reply: str):
         super().__init__(f"the judge's reply names neither A nor B alone: {reply!r}")
         self.reply = reply
-
-
-class JudgeError(RuntimeError):
-    """The judge endpoint refused the request, or failed every try."""
 
 
 def parse_choice(reply: str) -> str | None:
@@ -148,6 +145,7 @@ class EndpointJudge:
     backoff: float = 2.0
     max_wait: float = 120.0
     sleep: Callable[[float], None] = time.sleep
+    concurrency: int = 1  # requests in flight at once where several are asked for (evaluate.judge_concurrency)
 
     @property
     def url(self) -> str:
@@ -173,11 +171,11 @@ class EndpointJudge:
                 return self._post(messages, max_tokens, temperature)
             except _Transient as err:
                 if tries >= self.max_tries:
-                    raise JudgeError(f"judge endpoint {self.url} ({self.model}) failed {tries} tries; "
+                    raise JudgeError(f"endpoint {self.url} ({self.model}) failed {tries} tries; "
                                      f"the last: {err}") from None
                 wait = err.wait if err.wait is not None else self.backoff * 2 ** (tries - 1) * random.uniform(0.5, 1)
                 self.sleep(min(wait, self.max_wait))
-        raise JudgeError(f"judge endpoint {self.url}: max_tries is {self.max_tries}, at least 1 is needed")
+        raise JudgeError(f"endpoint {self.url}: max_tries is {self.max_tries}, at least 1 is needed")
 
     def _post(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> str:
         body = {"model": self.model, "temperature": temperature, "max_tokens": max_tokens, "messages": messages}
@@ -193,13 +191,13 @@ class EndpointJudge:
             status = f"HTTP {err.code}: {_error_message(err)}"
             if err.code in (408, 429) or err.code >= 500:
                 raise _Transient(status, retry_after(err.headers.get("Retry-After"))) from None
-            raise JudgeError(f"judge endpoint {self.url} ({self.model}) refused the request: {status}") from None
+            raise JudgeError(f"endpoint {self.url} ({self.model}) refused the request: {status}") from None
         except (OSError, http.client.HTTPException) as err:  # timeouts, refused and dropped connections
             raise _Transient(f"{type(err).__name__}: {err}") from None
         try:
             return json.loads(payload)["choices"][0]["message"].get("content") or ""
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise JudgeError(f"judge endpoint {self.url} ({self.model}) sent no chat completion: "
+            raise JudgeError(f"endpoint {self.url} ({self.model}) sent no chat completion: "
                              f"{_one_line(payload.decode('utf-8', 'replace'))}") from None
 
 
@@ -276,8 +274,15 @@ def _ask(prefer_a: Judge, instruction: str, a: str, b: str) -> tuple[float | Non
 def make_judge(settings: EvaluateConfig, base_model=None, tokenizer=None) -> Judge:
     """The judge of `settings`: the local base model, or an OpenAI-compatible endpoint when `judge_url` is set."""
     if settings.judge_url:
-        return EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env).prefer_a
+        return EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
+                             concurrency=settings.judge_concurrency).prefer_a
     return LocalJudge(base_model, tokenizer)
+
+
+def concurrency(judge) -> int:
+    """How many pairs `judge` may judge at once: an endpoint's `concurrency`, else 1 (a local model, one at a time)."""
+    endpoint = getattr(judge, "__self__", judge)
+    return endpoint.concurrency if isinstance(endpoint, EndpointJudge) else 1
 
 
 def judge_name(settings: EvaluateConfig) -> str:

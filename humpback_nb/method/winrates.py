@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from humpback_nb.method.judges import Judge, LocalJudge, judge_both_orders, judge_many_both_orders
+from humpback_nb.method.judges import Judge, LocalJudge, concurrency, judge_both_orders, judge_many_both_orders
 
 
 def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def compare(prefer_a: Judge, answers_x: list[dict[str, Any]], answers_y: list[di
     size = max(1, prefer_a.batch_size // 2) if isinstance(prefer_a, LocalJudge) else 1
     order = sorted(range(len(keys)), key=lambda i: -sum(map(len, triples[i])) if size > 1 else 0)
     records = in_batches(keys, [order[i : i + size] for i in range(0, len(order), size)], judge, partial=partial,
-                         progress=progress, desc=desc, unit="pair")
+                         progress=progress, desc=desc, unit="pair", workers=concurrency(prefer_a))
     judgments = [record | {"id": ax["id"], "preference": preference(record["outcome"])}
                  for ax, record in zip(answers_x, records, strict=True)]
     datasets = sorted({j["dataset"] for j in judgments})
