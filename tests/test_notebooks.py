@@ -6,6 +6,7 @@ them once; its run folder is the finished run the other tests read). On that fin
 then executes again, reading only."""
 
 import json
+import re
 
 import nbformat
 import pytest
@@ -185,3 +186,24 @@ def test_an_executed_notebook_is_kept_when_the_notebooks_run_again(tmp_path, cap
         assert str(kept) in capsys.readouterr().out
     assert sorted(p.read_text() for p in (tmp_path / "notebooks" / "previous").iterdir()) == [
         "execution 0", "execution 1"]
+
+
+# A count of the run's own things ("120 seed pairs", "about 16 pairs") in a notebook's prose is a number the run can
+# contradict: the notebooks run on any preset, so their prose quotes only the paper's counts, in a sentence that
+# says they are the paper's. The run's own counts are printed by the cells.
+RUN_COUNT = re.compile(r"(?<![\w.$-])(\d[\d,]*(?:\.\d+)?)\s+(?:of the\s+|more\s+|new\s+)?(seed pairs|seed|held-out|"
+                       r"segments|candidates|pairs|prompts|steps|examples|instructions|answers|models|articles|"
+                       r"tokens|questions|outputs)\b")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_prose_quotes_no_count_the_run_could_contradict(path):
+    notebook = json.loads(path.read_text(encoding="utf-8"))
+    quoted = []
+    for cell in notebook["cells"]:
+        if cell["cell_type"] != "markdown":
+            continue
+        text = "".join(cell["source"])
+        for sentence in re.split(r"(?<=[.!?])\s+|\n\n", text):
+            quoted += [match.group(0) for match in RUN_COUNT.finditer(sentence) if "paper" not in sentence]
+    assert not quoted, f"{path.name}: prose quotes counts of the run: {quoted}"

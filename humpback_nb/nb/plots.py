@@ -129,6 +129,7 @@ def loss_curves(logs: dict[str, dict]) -> plt.Figure:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (output tokens)")
     rate.set_ylabel("learning rate")
+    rate.set_ylim(bottom=0)  # from 0: the paper's decay to 0.9 of the start is small, and looks small
     rate.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     handles = ax.get_legend_handles_labels()[0] + rate.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper right")
@@ -161,6 +162,7 @@ def score_distributions(scores: dict[str, list[float]], title: str = "Rater sani
         mean = float(np.mean(values))
         _, _, patches = ax.hist(values, bins=edges, alpha=0.45, label=f"{name}: mean {mean:.2f} (n={len(values)})")
         ax.axvline(mean, color=patches[0].get_facecolor(), lw=2, alpha=1.0)
+    ax.set_xlim(1, 5)  # the rubric's whole scale, whatever the scores
     ax.set_xlabel("score")
     ax.set_ylabel("pairs")
     ax.set_title(title)
@@ -228,6 +230,8 @@ def scaling_curves(sources: dict[str, dict]) -> plt.Figure:
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("augmented training pairs N (log scale)")
     ax.set_ylabel("win rate against the base model, %")
+    ax.set_ylim(0, 100)  # the whole scale, and 50%: no better than the reference
+    ax.axhline(50, color="#64748b", ls="--", lw=1)
     ax.set_title("Data quality against data quantity (paper Figure 3)")
     ax.legend(fontsize=8)
     fig.tight_layout()
