@@ -357,10 +357,12 @@ def _cut(answers: list[dict], cap: int) -> dict[str, int]:
        sections=("model", "train", "generate", "evaluate"), check=judge_ready)
 def tags(run: StageRun) -> dict:
     """Table 8: M2 answered with each inference tag, and a model trained like M2 without tags, each against the
-    run's reference (AlpacaEval 1.0's when the run uses it, else the base model's answers)."""
+    run's reference (AlpacaEval 1.0's when the run uses it, else the base model's answers); and the two models'
+    held-out losses, a difference that resolves where the judge cannot."""
     from humpback_nb.method import alpaca_eval
     from humpback_nb.method.analysis import PAPER_TABLE8, TABLE8_VARIANTS
     from humpback_nb.method.evaluate import eval_prompts
+    from humpback_nb.method.sanity import loss_difference, resolved
 
     untagged = train_forward(run, "m2_untagged", augmented=2, train_settings=replace(run.config.train, tags=False),
                              label="Table 8: model 1 of 1 (trained like M2, without tags)")
@@ -377,8 +379,15 @@ def tags(run: StageRun) -> dict:
         answers = answer(run, model, tokenizer, prompts, key, tag, run.partial(output, part=key))
         del model
         results[label] = versus_reference(run, judge, answers, output, key) | {"paper": PAPER_TABLE8[label]}
+    # the same question as a held-out loss, which resolves where the judge cannot: M2 trained without tags, prompted
+    # without a system prompt, against M2 prompted with the evaluation's tags, on the held-out seed pairs
+    pairs, tag = run.files.seed_pairs("heldout"), run.config.evaluate.inference_tags
+    heldout = {"m2 - m2_untagged": loss_difference(heldout_losses(run, "m2", pairs, tag),
+                                                   heldout_losses(run, "m2_untagged", pairs, "none")),
+               "prompted": {"m2": tag, "m2_untagged": "none"}}
+    heldout["m2 - m2_untagged"]["resolved"] = resolved(heldout["m2 - m2_untagged"])
     atomic_write_json(output, {"protocol": alpaca_eval.protocol(run.config.evaluate), "untagged_model":
-                               untagged["model"], **results})
+                               untagged["model"], **results, "heldout": heldout})
     return {label: r["win_rate"] for label, r in results.items()}
 
 
@@ -417,7 +426,8 @@ def selectors(run: StageRun) -> dict:
 @stage("scaling", outputs=("analysis_file:figure3_scaling",), after=("candidates", "rate_m1", "eval"),
        sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=judge_ready)
 def scaling(run: StageRun) -> dict:
-    """Figure 3 / Table 3: win rate of models trained on N augmented pairs of each quality, against N."""
+    """Figure 3 / Table 3: win rate of models trained on N augmented pairs of each quality, against N; and each
+    model's held-out loss, the curated sets' against the uncurated one's at each N."""
     from humpback_nb.method.analysis import (
         LOG_BASE,
         NO_CURATION,
@@ -428,6 +438,7 @@ def scaling(run: StageRun) -> dict:
         scaling_model_name,
         scaling_sources,
     )
+    from humpback_nb.method.sanity import loss_difference, resolved
 
     settings = run.config.evaluate
     results: dict[str, Any] = {"sizes": settings.scaling_sizes, "protocol": protocol(settings),
@@ -442,7 +453,8 @@ def scaling(run: StageRun) -> dict:
         data = {"candidates": run.upstream["candidates"], "rate_m1": run.upstream["rate_m1"],
                 "random_seed": run.config.random_seed, "draw": "random, nested"}
         models = sum(n <= len(pool) for pool in sources.values() for n in settings.scaling_sizes)
-        number = 0
+        number, losses = 0, {}
+        heldout = run.files.seed_pairs("heldout")  # each model's held-out loss, as the heldout stage measures it
         for source, pool in sources.items():
             points = []
             for n in settings.scaling_sizes:
@@ -453,8 +465,16 @@ def scaling(run: StageRun) -> dict:
                 points.append(trained_win_rate(run, judge, name, pool[:n], data | {"source": source, "n": n},
                                                run.files.analysis_file("figure3_scaling"),
                                                f"Figure 3: model {number} of {models} ({source}, N={n})") | {"n": n})
+                rows = losses[(source, n)] = heldout_losses(run, name, heldout, settings.inference_tags)
+                points[-1]["heldout_loss"] = sum(x for x, _ in rows) / max(1, sum(t for _, t in rows))
             results["sources"][source] = ({"rule": rules[source], "available": len(pool), "points": points}
                                           | scaling_fit(points))
+        # quality against quantity as held-out losses: each curated set's model minus the uncurated one's at each N
+        for (source, n), curated in losses.items():
+            if source != NO_CURATION and (NO_CURATION, n) in losses:
+                difference = loss_difference(curated, losses[(NO_CURATION, n)], seed=run.config.random_seed)
+                results["sources"][source].setdefault("heldout_vs_no_curation", {})[str(n)] = (
+                    difference | {"resolved": resolved(difference)})
     atomic_write_json(run.files.analysis_file("figure3_scaling"), results)
     return {source: r["alpha"] for source, r in results["sources"].items()}
 

@@ -145,3 +145,24 @@ def test_the_two_raters_side_by_side_say_when_they_cannot_be_ranked():
     table = rater_comparison(comparison)
     assert "| logprob | 8.00 | 100% | 3.08 |" in table and "| generate | 0.50 | 0% | - |" in table
     assert "Agreement on the 0 pairs both scored" in table and "not computed" in table
+
+
+def test_table8_and_figure3_carry_their_models_held_out_losses_with_intervals():
+    from humpback_nb.nb.tables import scaling, tags
+
+    better = {"n": 4, "tokens": 60, "difference": -0.12, "interval": [-0.2, -0.05], "resolved": True}
+    noise = {"n": 4, "tokens": 60, "difference": 0.01, "interval": [-0.03, 0.05], "resolved": False}
+    table8 = {"S_a+S_w": {"win_rate": 50.0, "se": 5.0, "wins": 3, "ties": 0, "losses": 3, "n": 6, "paper": 66.5},
+              "heldout": {"m2 - m2_untagged": noise, "prompted": {"m2": "S_a+S_w", "m2_untagged": "none"}}}
+    shown = tags(table8)
+    assert "| m2 - m2_untagged | +0.010 | -0.030 to +0.050 | no: noise at this size |" in shown
+    assert "the untagged model with none" in shown
+    sources = {"A5": {"rule": "score 5", "available": 9, "alpha": None, "alpha_se": None,
+                      "points": [{"n": 2, "heldout_loss": 2.1}, {"n": 4, "heldout_loss": 2.0}],
+                      "heldout_vs_no_curation": {"2": noise, "4": better}},
+               "no curation": {"rule": "every candidate", "available": 20, "alpha": None, "alpha_se": None,
+                               "points": [{"n": 2, "heldout_loss": 2.09}, {"n": 4, "heldout_loss": 2.12}]}}
+    shown = scaling(sources, {"Humpback": 6.95})
+    assert "| data | N=2 | N=4 |" in shown and "| A5 | 2.100 | 2.000 |" in shown
+    assert "| A5 - no curation, N=4 | -0.120 | -0.200 to -0.050 | yes: A5 better |" in shown
+    assert "held-out" not in tags({"S_a+S_w": table8["S_a+S_w"]})  # a run made before the kit measured it

@@ -76,6 +76,16 @@ def scaling(sources: dict[str, dict[str, Any]], paper: dict[str, float], log_bas
     lines += [f"| {name} | {r.get('rule', '-')} | {r['available']} | {_number(r['alpha'], 2)} "
               f"| {_number(r.get('alpha_se'), 2)} |" for name, r in sources.items()]
     lines += ["", "| paper (7B) | alpha |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in paper.items()]
+    held = [(name, n, d) for name, r in sources.items() for n, d in (r.get("heldout_vs_no_curation") or {}).items()]
+    if held:  # the same question as held-out losses (per output token), which resolve where the judge cannot
+        lines += ["", "Held-out loss of each model (per output token, the held-out seed pairs):", "",
+                  "| data | " + " | ".join(f"N={p['n']}" for p in max((r["points"] for r in sources.values()),
+                                                                       key=len)) + " |",
+                  "|---|" + "---:|" * max(len(r["points"]) for r in sources.values())]
+        lines += [f"| {name} | " + " | ".join(_number(p.get("heldout_loss"), 3) for p in r["points"]) + " |"
+                  for name, r in sources.items()]
+        lines += ["", DIFFERENCE_HEADER, "|---|---:|---|---|"]
+        lines += [_difference_row(f"{name} - no curation, N={n}", d) for name, n, d in held]
     return "\n".join(lines)
 
 
@@ -98,9 +108,17 @@ def selectors(results: dict[str, Any]) -> str:
 
 
 def tags(results: dict[str, Any]) -> str:
-    """Table 8: win rate of each training/inference tag setting, ours beside the paper's."""
+    """Table 8: win rate of each training/inference tag setting, ours beside the paper's; then the held-out loss
+    of M2 trained without tags against M2's, where the run measured it."""
     rows = {label: r for label, r in results.items() if isinstance(r, dict) and "win_rate" in r}
-    return win_rates(rows, paper={label: r["paper"] for label, r in rows.items()})
+    table = win_rates(rows, paper={label: r["paper"] for label, r in rows.items()})
+    held = (results.get("heldout") or {}).get("m2 - m2_untagged")
+    if held is None:
+        return table
+    prompted = results["heldout"]["prompted"]
+    return "\n".join([table, "", f"Held-out loss (per output token, the held-out seed pairs; M2 prompted with "
+                       f"{prompted['m2']}, the untagged model with {prompted['m2_untagged']}):", "",
+                       DIFFERENCE_HEADER, "|---|---:|---|---|", _difference_row("m2 - m2_untagged", held)])
 
 
 # -- held-out losses (stage heldout) -------------------------------------------------------------------------------
@@ -201,6 +219,16 @@ def can_show(summary: dict[str, Any]) -> str:
                   f"no: {' and '.join(blind)} cannot tell matched from mismatched pairs, so A_k is close to a random "
                   "sample and Table 2's curated rows and Table 7's precision say little")
         lines.append(f"- *Self-curation selects better pairs (A_k, Table 2, Table 7):* {answer}.")
+    table8 = ((summary.get("table8_tags") or {}).get("heldout") or {}).get("m2 - m2_untagged")
+    if table8:
+        lines.append(_loss_finding("training with tags helps (Table 8): M2 better than M2 trained without them",
+                                   table8))
+    for source, result in ((summary.get("figure3_scaling") or {}).get("sources") or {}).items():
+        by_n = result.get("heldout_vs_no_curation") or {}
+        if by_n:
+            n = max(by_n, key=int)  # the largest N both sets reached
+            lines.append(_loss_finding(f"quality beats quantity (Figure 3): {source}'s model better than the "
+                                       f"uncurated one's at N={n}", by_n[n]))
     cut = {name: c for name, c in (summary.get("answers_cut") or {}).items() if c["of"]}
     if cut:
         shares = ", ".join(f"{name} {c['cut']}/{c['of']}" for name, c in cut.items())
