@@ -506,6 +506,11 @@ class _Costing:
         or the step gpu-check measured for this kind of work."""
         if self.calibration is not None and kind in self.calibration.step_seconds:
             return self.calibration.step_seconds[kind]
+        return max(self.step_parts(rows, context))
+
+    def step_parts(self, rows: int, context: float) -> tuple[float, float]:
+        """(device seconds, host seconds) of one eager decoding step: the device's bytes over its bandwidth, and the
+        host's operators at HOST_SECONDS_PER_OP; a step takes the longer of the two."""
         arch, nf4 = self.arch, self.config.model.quantization == "4bit"
         value = 4 if self.config.model.dtype == "float32" and not nf4 else 2
         # NF4: packed weights read once at one row; dequantized, written and read again at more (bitsandbytes)
@@ -513,7 +518,7 @@ class _Costing:
         head = arch.vocab * arch.hidden * value  # the input embedding is a lookup of one row a token
         device = (layers + head + rows * context * arch.kv_bytes_per_token()) / self.gpu.bandwidth
         ops = OPS_PER_STEP + arch.layers * (OPS_PER_LAYER + (7 * OPS_PER_NF4_LINEAR if nf4 and rows > 1 else 0))
-        return max(device, ops * HOST_SECONDS_PER_OP)
+        return device, ops * HOST_SECONDS_PER_OP
 
     def train(self, row: StagePlan, name: str, groups: list[tuple[list[tuple[float, float]], int]], overhead: int,
               backward: bool = False, max_steps: int | None = None) -> None:
@@ -543,6 +548,14 @@ class _Costing:
         decode = self.arch.forward_flops(items * written, prompt + written / 2, items * written)
         steps = math.ceil(items / batch) * cap  # a batch runs until its longest row is done: at most `cap` steps
         step = self.step_seconds(kind, min(batch, items), prompt + cap / 2)
+        if items and not any(note.startswith(f"decoding ({kind})") for note in row.notes):
+            if self.calibration is not None and kind in self.calibration.step_seconds:
+                why = "as gpu-check measured it"
+            else:
+                device, host = self.step_parts(min(batch, items), prompt + cap / 2)
+                why = f"the longer of the device's {device * 1e3:.1f} ms and the host's {host * 1e3:.1f} ms"
+            row.notes.append(f"decoding ({kind}): {steps:,} steps of {min(batch, items)} rows, {step * 1e3:.1f} ms a "
+                             f"step ({why})")
         row.examples += items
         row.tokens_read += items * prompt
         row.tokens_written += items * written
@@ -797,12 +810,6 @@ def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Cost
     settings, cpt = config.curate, lengths.chars_per_token
     pairs = [lengths.instruction + t for t in lengths.segments]
     row.model_runs = 1
-    if compare and settings.compare_size:
-        compared = min(settings.compare_size, candidates)
-        cost.generate(row, "rate", compared, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
-                      settings.max_new_tokens, settings.batch_size)
-        pair = capped_mean(pairs, config.model.context_length - lengths.rubric - 8)
-        cost.score(row, compared, pair, lengths.rubric + pair)
     rated = candidates + 2 * settings.sanity_size  # and the rater's check: held-out seed pairs, shuffled pairs
     if settings.rater == "endpoint":
         _endpoint_rating(config, lengths, row, rated, sum(pairs) / len(pairs))
@@ -817,6 +824,12 @@ def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Cost
         cost.score(row, rated, pair, lengths.rubric + pair)
         row.disk_bytes = candidates * JSON_BYTES["score"]
         row.notes.append("logprob rater: one forward pass per candidate after the rubric's cached keys and values")
+    if compare and settings.compare_size:  # after the rating: its decoding step is the one the notes give
+        compared = min(settings.compare_size, candidates)
+        cost.generate(row, "rate", compared, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
+                      settings.max_new_tokens, settings.batch_size)
+        pair = capped_mean(pairs, config.model.context_length - lengths.rubric - 8)
+        cost.score(row, compared, pair, lengths.rubric + pair)
 
 
 def _endpoint_rating(config: HumpbackConfig, lengths: Lengths, row: StagePlan, pairs: int, pair: float) -> None:

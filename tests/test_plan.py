@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -310,3 +311,12 @@ def test_the_plans_the_docs_show_are_what_the_code_prices_now(capsys):
         assert main(["plan", *args.split(), "--markdown"]) == 0
         expected = f"<!-- written by make plans: humpback plan {args} --markdown -->\n" + capsys.readouterr().out
         assert shown == expected, f"docs/plans/{name}.md is stale: run `make plans`"
+
+
+def test_the_plan_says_each_decoding_step_and_which_part_bounds_it():
+    from humpback_nb.plan import render_text
+
+    text = render_text(build_plan(load_preset("paper-7b")))
+    lines = [line for line in text.splitlines() if line.strip().startswith("candidates: decoding (candidates):")]
+    assert lines
+    assert re.search(r"\d+ ms a step \(the longer of the device's [\d.]+ ms and the host's [\d.]+ ms\)", lines[0])
