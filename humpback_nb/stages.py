@@ -708,9 +708,9 @@ def rate_candidates(run: StageRun, model_name: str) -> dict:
     check = rater_check(sanity["augmented"][:len(sanity["shuffled"])], sanity["shuffled"], run.config.random_seed)
     report = {"pairs": len(scores), "parse_rate": parse_rate(scores), "seconds_this_run": round(seconds, 2),
               "rater_check": check, "sanity_scores": sanity}
-    if model_name == "m0":  # the paper's rater and the kit's side by side, on the same first candidates
+    if model_name == "m0" and settings.compare_size:  # the paper's rater and the kit's side by side, on the same
         report["rater_comparison"] = compare_raters(model, tokenizer, candidates[: settings.compare_size], settings,
-                                                    context)
+                                                    context)  # first candidates
     write_jsonl(run.files.scores_file(model_name),
                 [dict(s, rater=settings.rater, model=model_name, tag=settings.rater_tag) for s in scores])
     return report

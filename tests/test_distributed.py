@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 # float32: bitwise equality across processes (README, "When things go wrong"); small batches: several per process
 # (12 segments: 6 batches of self-augmentation, 3 for each of two processes)
-SETTINGS = ["model.dtype=float32", "data.num_segments=12", "generate.batch_size=2", "curate.batch_size=2"]
+SETTINGS = ["model.dtype=float32", "data.num_segments=12", "generate.batch_size=2", "curate.batch_size=2",
+            "curate.compare_size=0"]  # the raters side by side: not what this test is about
 RECORDS = (RunFiles.candidates_file, RunFiles.candidates_dropped_file, lambda files: files.scores_file("m0"))
 # Every process computes with one thread, as a launcher sets it: float sums split across another number of threads
 # round differently in the last bits.

@@ -129,7 +129,8 @@ def test_after_a_change_of_learning_rate_every_model_is_trained_again(finished_t
 
     changed = ["--set", "train.learning_rate=3e-4", "--set", "train.final_learning_rate=2.7e-4",
                # fewer prompts to answer and judge, the same models: this test is about what is trained again
-               "--set", "evaluate.alpaca_eval_prompts=2", "--set", "evaluate.mt_bench_prompts=1"]
+               "--set", "evaluate.alpaca_eval_prompts=2", "--set", "evaluate.mt_bench_prompts=1",
+               "--set", "evaluate.scaling_sizes=[2]"]  # one Figure 3 model per set
     subprocess.run([*command, "--run-dir", str(copy), *changed], check=True, capture_output=True, timeout=900)
     files, rows = RunFiles(copy), RunFolder(copy).status()
     # Which Figure 3 models there are depends on how many candidates each quality keeps, which the retrained models

@@ -21,7 +21,8 @@ STOP = "rate_m0"
 # Small batches and several checkpoints, so that every long stage is caught half-way. float32: in bf16 on a
 # CPU, torch's results differ in the last bits from one process to the next (README, "When things go wrong").
 SETTINGS = ["model.dtype=float32", "train.max_steps=4", "train.save_steps=1", "generate.batch_size=2",
-            "curate.batch_size=2"]
+            "curate.batch_size=2", "data.num_segments=12",  # 6 batches of each generation: killed in the middle
+            "curate.compare_size=0"]  # the raters side by side: not what this test is about
 
 
 def command(folder: Path) -> list[str]:
