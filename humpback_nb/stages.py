@@ -261,14 +261,19 @@ def heldout(run: StageRun) -> dict:
 def heldout_losses(run: StageRun, name: str, pairs: list[dict], tag: str) -> list[tuple[float, int]]:
     """(summed loss, tokens) of each held-out pair's output under model `name`, prompted with the system prompt
     `tag`, as the model was trained to read it (train.forward_example)."""
-    from humpback_nb.method.train import example_losses, forward_example
-
     model, tokenizer = load(run, name)
-    examples = [forward_example(tokenizer, p["instruction"], p["output"], tag, run.config.train.max_seq_length)
-                for p in pairs]
-    losses = example_losses(model, tokenizer, examples)
+    losses = model_losses(run, model, tokenizer, pairs, tag)
     del model
     return losses
+
+
+def model_losses(run: StageRun, model, tokenizer, pairs: list[dict], tag: str) -> list[tuple[float, int]]:
+    """heldout_losses of a model already loaded."""
+    from humpback_nb.method.train import example_losses, forward_example
+
+    examples = [forward_example(tokenizer, p["instruction"], p["output"], tag, run.config.train.max_seq_length)
+                for p in pairs]
+    return example_losses(model, tokenizer, examples)
 
 GENERATORS = ("base", "m0", "m1", "m2")
 COMPARISONS = (("m2", "m0"), ("m1", "m0"), ("m0", "base"), ("m2", "base"))
@@ -367,25 +372,29 @@ def tags(run: StageRun) -> dict:
     untagged = train_forward(run, "m2_untagged", augmented=2, train_settings=replace(run.config.train, tags=False),
                              label="Table 8: model 1 of 1 (trained like M2, without tags)")
     prompts, judge, output = eval_prompts(run.config.evaluate), base_judge(run), run.files.analysis_file("table8_tags")
-    results = {}
-    for label, (which, tag) in TABLE8_VARIANTS.items():
-        if (which, tag) == ("tagged", run.config.evaluate.inference_tags):
-            # M2 with the tags the evaluation answers with: eval answered and judged these very prompts already
-            key = "m2_vs_reference" if run.config.evaluate.annotator == alpaca_eval.ANNOTATOR else "m2_vs_base"
-            results[label] = run.files.win_rates()[key]["overall"] | {"paper": PAPER_TABLE8[label], "from": "eval"}
-            continue
-        model, tokenizer = load(run, "m2" if which == "tagged" else "m2_untagged")
-        key = f"{which}_{tag.replace('+', '')}"
-        answers = answer(run, model, tokenizer, prompts, key, tag, run.partial(output, part=key))
+    settings, pairs = run.config.evaluate, run.files.seed_pairs("heldout")
+    results, answered, losses = {}, {}, {}
+    for which, name in (("tagged", "m2"), ("untagged", "m2_untagged")):  # each model loaded once
+        model, tokenizer = load(run, name)
+        for label, (kind, tag) in TABLE8_VARIANTS.items():
+            if kind != which or (which, tag) == ("tagged", settings.inference_tags):
+                continue  # M2 with the evaluation's own tags: eval answered and judged these very prompts already
+            key = f"{which}_{tag.replace('+', '')}"
+            answered[label] = (key, answer(run, model, tokenizer, prompts, key, tag, run.partial(output, part=key)))
+        # the same question as a held-out loss, which resolves where the judge cannot: M2 prompted with the
+        # evaluation's tags, the untagged model without a system prompt, on the held-out seed pairs
+        losses[name] = model_losses(run, model, tokenizer, pairs, settings.inference_tags if name == "m2" else "none")
         del model
-        results[label] = versus_reference(run, judge, answers, output, key) | {"paper": PAPER_TABLE8[label]}
-    # the same question as a held-out loss, which resolves where the judge cannot: M2 trained without tags, prompted
-    # without a system prompt, against M2 prompted with the evaluation's tags, on the held-out seed pairs
-    pairs, tag = run.files.seed_pairs("heldout"), run.config.evaluate.inference_tags
-    heldout = {"m2 - m2_untagged": loss_difference(heldout_losses(run, "m2", pairs, tag),
-                                                   heldout_losses(run, "m2_untagged", pairs, "none")),
-               "prompted": {"m2": tag, "m2_untagged": "none"}}
-    heldout["m2 - m2_untagged"]["resolved"] = resolved(heldout["m2 - m2_untagged"])
+    for label in TABLE8_VARIANTS:
+        if label in answered:
+            key, answers = answered[label]
+            results[label] = versus_reference(run, judge, answers, output, key) | {"paper": PAPER_TABLE8[label]}
+        else:
+            key = "m2_vs_reference" if settings.annotator == alpaca_eval.ANNOTATOR else "m2_vs_base"
+            results[label] = run.files.win_rates()[key]["overall"] | {"paper": PAPER_TABLE8[label], "from": "eval"}
+    difference = loss_difference(losses["m2"], losses["m2_untagged"])
+    heldout = {"m2 - m2_untagged": difference | {"resolved": resolved(difference)},
+               "prompted": {"m2": settings.inference_tags, "m2_untagged": "none"}}
     atomic_write_json(output, {"protocol": alpaca_eval.protocol(run.config.evaluate), "untagged_model":
                                untagged["model"], **results, "heldout": heldout})
     return {label: r["win_rate"] for label, r in results.items()}
@@ -464,8 +473,9 @@ def scaling(run: StageRun) -> dict:
                 name = scaling_model_name(source, n)
                 points.append(trained_win_rate(run, judge, name, pool[:n], data | {"source": source, "n": n},
                                                run.files.analysis_file("figure3_scaling"),
-                                               f"Figure 3: model {number} of {models} ({source}, N={n})") | {"n": n})
-                rows = losses[(source, n)] = heldout_losses(run, name, heldout, settings.inference_tags)
+                                               f"Figure 3: model {number} of {models} ({source}, N={n})",
+                                               heldout=heldout) | {"n": n})
+                rows = losses[(source, n)] = points[-1].pop("heldout_rows")
                 points[-1]["heldout_loss"] = sum(x for x, _ in rows) / max(1, sum(t for _, t in rows))
             results["sources"][source] = ({"rule": rules[source], "available": len(pool), "points": points}
                                           | scaling_fit(points))
@@ -537,7 +547,7 @@ def selection_win_rate(run: StageRun, judge, name: str, chosen: list[dict], data
 
 
 def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: dict[str, Any], output: Path,
-                     label: str | None = None) -> dict:
+                     label: str | None = None, heldout: list[dict] | None = None) -> dict:
     """Win rate against the run's reference (`versus_reference`) of model `name`, trained on the augmented `pairs`
     alone (tag S_w) with the run's training settings, its steps capped by evaluate.scaling_steps (the paper's
     rule for N otherwise); answers and judgments are kept in parts of `output` as they come."""
@@ -557,9 +567,10 @@ def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: d
     model, tokenizer = load(run, name)
     answers = answer(run, model, tokenizer, eval_prompts(settings), name, settings.inference_tags,
                      run.partial(output, part=name))
+    losses = None if heldout is None else model_losses(run, model, tokenizer, heldout, settings.inference_tags)
     del model
     overall = versus_reference(run, judge, answers, output, name)
-    return {**overall, "prompts": overall["n"], "model": name}
+    return {**overall, "prompts": overall["n"], "model": name} | ({} if losses is None else {"heldout_rows": losses})
 
 
 # -- 8. Every number in one file --------------------------------------------------------------------------------

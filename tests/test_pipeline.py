@@ -316,4 +316,7 @@ def test_the_judge_check_asks_only_what_the_run_needs(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     judge_ready(paper)
     # gpu-check stops at rate_m0, before any stage that judges: the paper preset's judge is not asked for
-    assert all(s.check is None for s in STAGES[: [s.name for s in STAGES].index("rate_m0") + 1])
+    monkeypatch.delenv("OPENAI_API_KEY")
+    for stage in STAGES[: [s.name for s in STAGES].index("rate_m0") + 1]:
+        if stage.check is not None:
+            stage.check(paper)  # the rater's check only: the run's own models rate
