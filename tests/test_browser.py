@@ -136,7 +136,7 @@ def run_all_until(page, url: str, root, shown: str, seconds: int = 240) -> None:
     # list of kernels arrives after the notebook opened): the person answers with the notebook's own. A click that
     # arrived before the kernel was ready runs nothing: the person asks again.
     started_at = time.monotonic()
-    deadline, asked_again = started_at + seconds, started_at + 60
+    deadline, asked_again = started_at + seconds, started_at + 20
     while not outputs(page, shown).count():
         dialog = page.locator(".jp-Dialog")
         if dialog.count() and "Select Kernel" in dialog.first.inner_text():
@@ -144,7 +144,7 @@ def run_all_until(page, url: str, root, shown: str, seconds: int = 240) -> None:
         started = page.locator(".jp-InputArea-prompt", has_text=re.compile(r"\[(\*|\d+)\]")).count()
         if not started and not dialog.count() and time.monotonic() > asked_again:
             run_all()
-            asked_again = time.monotonic() + 60
+            asked_again = time.monotonic() + 20
         errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
                               has_text="Error")
         if errors.count() or time.monotonic() > deadline:
