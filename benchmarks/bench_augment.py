@@ -25,9 +25,9 @@ import torch
 from _common import demo_inputs, emit, peak_rss_gib, rounded, run_facts, summary
 from bounds import Bounds, ModelShape, bounds_for, generation_bound
 
+from humpback_nb.infra.chat import prompt_ids
 from humpback_nb.infra.models import load_model
 from humpback_nb.method.augment import backward_prompts, write_instructions
-from humpback_nb.method.prompts import prompt_ids
 
 
 def naive_loop(model, tokenizer, prompts, settings, max_new_tokens: int,

@@ -93,7 +93,7 @@ def _merged(base_path: str, adapter: Path):
 def _generation_config(generation, tokenizer, config: HumpbackConfig):
     """The run's sampling (generate: temperature, top_p, max_new_tokens), stopping at every id that ends a turn in
     the kit's format (the EOS, and ChatML's <|im_end|> where the template writes it)."""
-    from humpback_nb.method.prompts import turn_end_ids
+    from humpback_nb.infra.chat import turn_end_ids
 
     settings = config.generate
     generation.eos_token_id = turn_end_ids(tokenizer)

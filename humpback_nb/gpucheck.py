@@ -86,11 +86,12 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
     """Run the shrunk method in `run_dir` and return the report (also written to `run_dir`/gpu_check.json)."""
     import torch
 
+    from humpback_nb.infra.chat import BASE_TEMPLATE, turn_end_ids
     from humpback_nb.infra.decode import generate_records, timing
     from humpback_nb.infra.models import load_tokenizer, load_trained, read_train_log
     from humpback_nb.method.curate import parse_rate
     from humpback_nb.method.evaluate import eval_prompts
-    from humpback_nb.method.prompts import BASE_TEMPLATE, forward_messages, turn_end_ids
+    from humpback_nb.method.prompts import forward_messages
     from humpback_nb.run import RunFolder
 
     cuda = torch.cuda.is_available()

@@ -214,8 +214,8 @@ class Lengths:
 def _tokenizer(config: HumpbackConfig) -> tuple[Any, str]:
     """(tokenizer, what it is): the model's own when it is at hand (embedded or a local folder), else the embedded
     one in the kit's format for base models (the format a LLaMA base model gets: it has no chat template)."""
+    from humpback_nb.infra.chat import BASE_TEMPLATE
     from humpback_nb.infra.models import load_tokenizer
-    from humpback_nb.method.prompts import BASE_TEMPLATE
 
     if local_model(config.model.name) is not None:
         return load_tokenizer(config.model), f"{config.model.name}'s own tokenizer"
@@ -278,10 +278,11 @@ def _local_segments(config: HumpbackConfig) -> tuple[list[str], int | None] | No
 def measure_lengths(config: HumpbackConfig) -> tuple[Lengths, int]:
     """Token counts for `config`, and how many segments the run has (num_segments, or fewer when the local corpora
     hold fewer of the right length; the other filters drop more, so this is an upper bound)."""
+    from humpback_nb.infra.chat import prompt_ids
     from humpback_nb.infra.sources import fetch
     from humpback_nb.method.evaluate import eval_prompts
     from humpback_nb.method.judges import ANSWER_PREFIX, JUDGE_PROMPT
-    from humpback_nb.method.prompts import TAGS, backward_messages, curation_messages, forward_messages, prompt_ids
+    from humpback_nb.method.prompts import TAGS, backward_messages, curation_messages, forward_messages
 
     tokenizer, which = _tokenizer(config)
     reference = [r["output"] for r in json.loads(fetch("alpaca_en_demo").read_text()) if r["output"]][:500]

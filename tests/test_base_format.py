@@ -5,10 +5,11 @@ hide it, and generation stops at it. `smollm2-135m-as-base` is the embedded mode
 import pytest
 
 from humpback_nb.config import GenerateConfig, ModelConfig, TrainConfig
+from humpback_nb.infra.chat import BASE_TEMPLATE, turn_end_ids
 from humpback_nb.infra.decode import generate_records
 from humpback_nb.infra.models import embedded_checkpoint, load_tokenizer, load_trained
 from humpback_nb.method.curate import parse_score
-from humpback_nb.method.prompts import BASE_TEMPLATE, forward_messages, turn_end_ids
+from humpback_nb.method.prompts import forward_messages
 from humpback_nb.method.train import IGNORE_INDEX, backward_example, forward_example, pad_batch, train_model
 
 BASE = "smollm2-135m-as-base"
@@ -118,7 +119,7 @@ def test_a_llama_like_tokenizer_gets_one_bos_labels_ending_with_eos_and_pads_wit
 
 
 def test_a_chat_template_that_writes_the_bos_itself_does_not_get_a_second_one(tmp_path):
-    from humpback_nb.method.prompts import prompt_ids
+    from humpback_nb.infra.chat import prompt_ids
 
     template = "{{ bos_token }}" + BASE_TEMPLATE
     tokenizer = llama_like_tokenizer(tmp_path, chat_template=template)

@@ -39,7 +39,8 @@ def test_the_export_holds_the_kits_merged_weights_and_format(exported, kit_merge
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from humpback_nb.method.prompts import forward_messages, prompt_ids, turn_end_ids
+    from humpback_nb.infra.chat import prompt_ids, turn_end_ids
+    from humpback_nb.method.prompts import forward_messages
 
     assert sorted(p.name for p in exported.glob("*.safetensors")) == ["model.safetensors"]
     assert not (exported / "adapter_config.json").exists() and (exported / "generation_config.json").is_file()
@@ -65,8 +66,9 @@ def test_plain_transformers_answers_with_the_export_as_the_kit_does(exported, ki
     import torch
     from transformers import AutoModelForCausalLM
 
+    from humpback_nb.infra.chat import prompt_ids, turn_end_ids
     from humpback_nb.infra.decode import decode, next_token_logits
-    from humpback_nb.method.prompts import forward_messages, prompt_ids, turn_end_ids
+    from humpback_nb.method.prompts import forward_messages
 
     model = AutoModelForCausalLM.from_pretrained(exported, dtype=dtype)  # no trust_remote_code, no peft
     assert AutoModelForCausalLM.from_pretrained(exported).dtype == torch.bfloat16  # the base's dtype by default

@@ -155,8 +155,8 @@ def test_a_decoding_step_attends_as_sdpa_does_over_a_padded_cache():
 
 
 def test_the_local_judge_reads_the_opening_all_prompts_share_once_and_equals_each_whole_prompt(fp32):
+    from humpback_nb.infra.chat import prompt_ids
     from humpback_nb.method.judges import ANSWER_PREFIX, JUDGE_PROMPT, MIN_SHARED_PREFIX, shared_prefix_length
-    from humpback_nb.method.prompts import prompt_ids
 
     model, tokenizer = fp32
     judge = LocalJudge(model, tokenizer, batch_size=2)

@@ -33,8 +33,8 @@ def greedy_reference(embedded_checkpoint):
     {prompt ids: (its tokens, their logits, the kit's logits teacher-forced on them)}."""
     import torch
 
+    from humpback_nb.infra.chat import prompt_ids, turn_end_ids
     from humpback_nb.infra.decode import next_token_logits
-    from humpback_nb.method.prompts import prompt_ids, turn_end_ids
 
     model, tokenizer = load_model(ModelConfig(dtype="float32"))
     paths = {}
@@ -145,8 +145,8 @@ def test_decoding_loop_matches_transformers_generate_when_greedy(greedy_referenc
     # same tokens wherever they decide them (numerics.py).
     import torch
 
+    from humpback_nb.infra.chat import turn_end_ids
     from humpback_nb.infra.decode import decode
-    from humpback_nb.method.prompts import turn_end_ids
 
     model, tokenizer, paths = greedy_reference
     encoded = list(paths)

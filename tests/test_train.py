@@ -5,8 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from humpback_nb.config import load_preset, with_overrides
+from humpback_nb.infra.chat import prompt_ids
 from humpback_nb.infra.models import load_tokenizer, read_train_log
-from humpback_nb.method.prompts import BACKWARD_PROMPT, S_A, S_W, prompt_ids
+from humpback_nb.method.prompts import BACKWARD_PROMPT, S_A, S_W
 from humpback_nb.method.schedule import linear_to_final, paper_schedule
 from humpback_nb.method.train import (
     IGNORE_INDEX,

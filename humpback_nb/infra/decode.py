@@ -22,9 +22,9 @@ import torch
 
 from humpback_nb.config import GenerateConfig
 from humpback_nb.infra.batches import in_batches
+from humpback_nb.infra.chat import prompt_ids, turn_end_ids
 from humpback_nb.infra.guard import refuse_compute
 from humpback_nb.infra.linear import inference
-from humpback_nb.method.prompts import prompt_ids, turn_end_ids
 
 
 def chat(model, tokenizer, message: str, system: str | None = None,

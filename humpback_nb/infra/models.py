@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.attention import use_cpu_attention
+from humpback_nb.infra.chat import BASE_TEMPLATE
 from humpback_nb.infra.files import atomic_dir
 from humpback_nb.infra.guard import ModelError  # defined without torch, so that the CLI catches it cheaply
 from humpback_nb.infra.sources import cache_dir, fetch
-from humpback_nb.method.prompts import BASE_TEMPLATE
 
 # bitsandbytes looks for a faster CPU 4-bit kernel on the hub when it is imported and warns when it cannot
 # have one; its own kernel is used then, which is what runs offline.

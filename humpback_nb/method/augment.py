@@ -15,9 +15,10 @@ from collections import Counter
 from typing import Any
 
 from humpback_nb.config import GenerateConfig
+from humpback_nb.infra.chat import fit_text, prompt_ids
 from humpback_nb.infra.decode import generate_records
 from humpback_nb.method.data.filters import words
-from humpback_nb.method.prompts import S_A, S_W, backward_messages, fit_text, prompt_ids
+from humpback_nb.method.prompts import S_A, S_W, backward_messages
 
 # Instructions about the backtranslation task or about a text the instruction cannot show.
 META_INSTRUCTION = re.compile(

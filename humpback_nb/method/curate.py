@@ -23,8 +23,9 @@ import torch
 
 from humpback_nb.config import CurateConfig, GenerateConfig
 from humpback_nb.infra.batches import in_batches
+from humpback_nb.infra.chat import fit_text, prompt_ids, rendered_ids
 from humpback_nb.infra.decode import generate_records, logits_after_prefix, shared_prefix
-from humpback_nb.method.prompts import curation_messages, fit_text, prompt_ids, rendered_ids
+from humpback_nb.method.prompts import curation_messages
 
 SCORES = (1, 2, 3, 4, 5)
 _SCORE_LINE = re.compile(r"score\s*:\s*(\S+?)\.?", re.IGNORECASE)

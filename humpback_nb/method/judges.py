@@ -89,8 +89,8 @@ class LocalJudge:
 
     def prefer_a_batch(self, questions: list[tuple[str, str, str]]) -> list[float]:
         """`prefer_a` of each (instruction, a, b), `batch_size` prompts a forward pass."""
+        from humpback_nb.infra.chat import prompt_ids
         from humpback_nb.infra.decode import logits_after_prefix, shared_prefix
-        from humpback_nb.method.prompts import prompt_ids
 
         answer = self.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
         rows = [prompt_ids(self.tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(

@@ -30,12 +30,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from humpback_nb.config import ConfigError, ModelConfig, TrainConfig
+from humpback_nb.infra.chat import Message, fit_text, prompt_ids, rendered_ids
 from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
 from humpback_nb.infra.files import atomic_dir
 from humpback_nb.infra.linear import inference
 from humpback_nb.infra.models import TRAIN_LOG, attach_lora, load_model, runtime
 from humpback_nb.infra.progress import tqdm
-from humpback_nb.method.prompts import Message, backward_messages, fit_text, forward_messages, prompt_ids, rendered_ids
+from humpback_nb.method.prompts import backward_messages, forward_messages
 from humpback_nb.method.schedule import linear_to_final, paper_schedule
 
 # peft asks transformers a question transformers renamed; the answer is the same.

@@ -1,0 +1,63 @@
+"""The chat format every model of the kit reads and writes: how a conversation becomes token ids.
+
+A conversation is a list of `Message`s (system, user, assistant turns). It is rendered with the tokenizer's
+chat template; a tokenizer without one (a base model such as LLaMA) gets BASE_TEMPLATE, whose assistant turn
+ends with the tokenizer's own EOS, so that a trained model stops where generation stops (`turn_end_ids`).
+What the turns say (the method's prompts and tags) lives in `humpback_nb.method.prompts`.
+"""
+
+from __future__ import annotations
+
+# For tokenizers that come without a chat template (base models such as LLaMA-2-7B). Plain-text headers, and
+# the assistant's turn ends with the tokenizer's EOS (`</s>` for LLaMA): labels end with it, and generation
+# stops at it. ChatML's `<|im_end|>` would be ordinary text for such a tokenizer: the model would learn to write
+# it, generation would never stop there, and every reply would run to its token limit with markers in it.
+BASE_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '### System:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
+    "{% else %}{{ '### Assistant:\n' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+Message = dict[str, str]
+
+
+def fit_text(tokenizer, text: str, max_tokens: int) -> str:
+    """`text` cut to at most `max_tokens` tokens (at a token boundary), so that a prompt fits the context."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+def prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
+    """Token ids of a prompt, ending where the assistant's answer begins: the same in training and generation."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return rendered_ids(tokenizer, text)
+
+
+def rendered_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of the start of a rendered conversation: with the tokenizer's BOS (LLaMA's `<s>`) added, unless
+    the chat template wrote it already (LLaMA-2-chat's does): one BOS either way."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
+def turn_end_ids(tokenizer) -> list[int]:
+    """The token ids at which an assistant's turn ends in this tokenizer's format, where generation stops: the
+    EOS, and any special token the chat template writes after the assistant's text (ChatML's `<|im_end|>`,
+    LLaMA-3's `<|eot_id|>`)."""
+    probe = [{"role": "user", "content": "x"}]
+    prompt = tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": "y"}], tokenize=False)
+    if not full.startswith(prompt + "y"):
+        raise ValueError("the chat template renders the prompt differently inside a full conversation")
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    tail = tokenizer(full[len(prompt) + 1:], add_special_tokens=False)["input_ids"]
+    ends = [i for i in tail if i in special]
+    if tokenizer.eos_token_id is not None:
+        ends.append(tokenizer.eos_token_id)
+    if not ends:
+        raise ValueError("this tokenizer has no EOS and its chat template ends a turn with no special token: "
+                         "generation could never stop")
+    return sorted(set(ends))
