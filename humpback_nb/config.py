@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,8 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
-from humpback_nb.infra.files import atomic_write_text
 
 PRESET_DIR = Path(__file__).with_name("presets")
 
@@ -341,7 +340,7 @@ def render_config(config: HumpbackConfig, sources: dict[str, str] | None = None)
     """The config as YAML; with `sources`, each value followed by a comment naming the layer it came from.
     The text reads back with `load_config` as the same config."""
     if not sources:
-        return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+        return config_yaml(config)
     lines = [f"preset: {config.preset}"]
     for name, value in config.to_dict().items():
         if name == "preset":
@@ -361,10 +360,29 @@ def _scalar(value: Any) -> str:
         "\n...").removesuffix("...").strip()
 
 
+def config_yaml(config: HumpbackConfig) -> str:
+    """The full config as YAML, as a run folder keeps it; `load_config` reads it back as the same config."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+
+
 def save_config(config: HumpbackConfig, path: str | Path) -> Path:
-    """Write the full config as YAML, atomically."""
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
-    return atomic_write_text(Path(path), text)
+    """Write the full config as YAML, atomically: to a `.tmp-` name beside `path` (the leftover of an interrupted
+    write that `infra.files.clean_temporaries` removes), flushed, then renamed into place. This module imports no
+    other module of the kit, so `infra.files.discard_writes` does not see this write: where it must, write
+    `config_yaml(config)` with `infra.files.atomic_write_text`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(config_yaml(config))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 # The range of every number that has one: (lowest, highest, ends), ends "[]" both allowed, "(]" the lowest not.
