@@ -14,6 +14,7 @@ from pathlib import Path
 
 from humpback_nb.config import ConfigError, CurateConfig
 from humpback_nb.infra.files import RecordError, parse_jsonl
+from humpback_nb.method.curate import rate_at_endpoint as rate_at_endpoint  # lives in curate.py, kept here for now
 from humpback_nb.method.curate import select, selection_threshold
 from humpback_nb.method.data.inputs import read_input_text
 
@@ -108,25 +109,6 @@ def pick_by_rating(rate_pairs: Callable[[list[dict]], list[dict]], candidates: l
         picked += select(chunk, rate_pairs(chunk), k)
         rated += len(chunk)
     return picked[:size], rated
-
-
-def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path | None = None,
-                     desc: str = "Table 7 rating (endpoint)", workers: int = 1) -> list[dict]:
-    """Scores of an OpenAI-compatible endpoint (a `judges.EndpointJudge`: the paper's GPT-4 row, or the rater
-    "endpoint"): the paper's rating prompt without a system prompt, the reply's reasoning and "Score: N" parsed as
-    strictly as a local model's (None otherwise). With `partial`, each rating is kept as it comes and a rerun asks
-    only for the missing ones; `workers` requests are in flight at once."""
-    from humpback_nb.infra.batches import in_batches
-    from humpback_nb.method.curate import parse_score
-    from humpback_nb.method.prompts import curation_messages
-
-    def compute(number: int, batch: list[int]) -> list[dict]:
-        pair = pairs[batch[0]]
-        reply = endpoint.chat(curation_messages(pair["instruction"], pair["output"], "none"), max_tokens=max_tokens)
-        return [{"id": pair["id"], "rater": "endpoint", "score": parse_score(reply), "reasoning": reply.strip()}]
-
-    return in_batches([p["id"] for p in pairs], [[i] for i in range(len(pairs))], compute, partial=partial,
-                      progress=bool(pairs), desc=desc, unit="pair", workers=workers)
 
 
 def labels_note(labels_file: str | None) -> str:

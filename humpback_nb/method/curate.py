@@ -131,12 +131,27 @@ def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: Curate
                       desc="rating (logprob)", unit="pair")
 
 
+def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path | None = None,
+                     desc: str = "Table 7 rating (endpoint)", workers: int = 1) -> list[dict]:
+    """Scores of an OpenAI-compatible endpoint (a `judges.EndpointJudge`: the paper's GPT-4 row, or the rater
+    "endpoint"): the paper's rating prompt without a system prompt, the reply's reasoning and "Score: N" parsed as
+    strictly as a local model's (None otherwise). With `partial`, each rating is kept as it comes and a rerun asks
+    only for the missing ones; `workers` requests are in flight at once."""
+
+    def compute(number: int, batch: list[int]) -> list[dict]:
+        pair = pairs[batch[0]]
+        reply = endpoint.chat(curation_messages(pair["instruction"], pair["output"], "none"), max_tokens=max_tokens)
+        return [{"id": pair["id"], "rater": "endpoint", "score": parse_score(reply), "reasoning": reply.strip()}]
+
+    return in_batches([p["id"] for p in pairs], [[i] for i in range(len(pairs))], compute, partial=partial,
+                      progress=bool(pairs), desc=desc, unit="pair", workers=workers)
+
+
 def rate_endpoint(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
                   partial: Path | None = None) -> list[dict[str, Any]]:
     """The rater "endpoint": an OpenAI-compatible endpoint (`curate.rater_url`, model `curate.rater_model`) rates
     with the paper's prompt, no system prompt, and its reasoning then "Score: N" parsed as strictly as a local
     model's; `curate.rater_concurrency` requests at once. The run's model is not asked (`model` is unused)."""
-    from humpback_nb.method.analysis import rate_at_endpoint
     from humpback_nb.method.judges import EndpointJudge
 
     if not settings.rater_url or not settings.rater_model:
