@@ -155,7 +155,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{folder.path}: preset {config.preset}, config hash {config.hash()}")
     for row in folder.status():
         took = f"{row['seconds']:.1f}s" if row["seconds"] is not None and row["state"] == "done" else ""
-        print(f"  {row['stage']:<11} {row['state']:<10} {took:>9}  {row['doc']}")
+        state = f"{row['state']} ({row['reason']})" if row.get("reason") else row["state"]
+        print(f"  {row['stage']:<11} {state:<10} {took:>9}  {row['doc']}")
         for model in row["models"]:
             took = f"{model['seconds']:.1f}s" if model["seconds"] is not None and model["state"] == "done" else ""
             print(f"    model {model['model']:<22} {model['state']:<8} {took:>9}  {model['hash'] or ''}")

@@ -29,12 +29,22 @@ Rules (a stage is declared in stages.py with its outputs, the stages it reads an
   resuming from its `.partial` files, whose names carry the hash (records made with other settings never resume).
 - Launched on several processes (infra/distributed.py), every process runs every stage; only the main process
   writes the run folder, and the processes meet before and after each stage.
+- A manifest records the size, sha256 digest and mtime of every file a stage wrote (of every file inside a folder
+  output, `.tmp-*` aside). A stage whose outputs no longer match is "damaged" (`humpback status` names the files)
+  and runs again. A check hashes a file again only when its size is the same and its mtime is not: a size that
+  differs, or a file missing from or added to a folder output, is damage at once. Manifests without digests
+  (written by older versions of the kit) are trusted as before.
+- A manifest also records a digest of what the stage read: the recorded outputs of each stage in its `after`. A
+  stage is "stale" when a stage it reads is damaged (or stale for that reason), and when that stage's recorded
+  outputs are no longer the ones it read (rerun, it wrote something else); a rerun that restores the same files
+  leaves the stages that read them done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -48,7 +58,7 @@ import yaml
 
 from humpback_nb.config import HumpbackConfig, config_differences, config_hash, load_config, save_config
 from humpback_nb.infra.distributed import processes, wait_for_everyone
-from humpback_nb.infra.files import atomic_write_text, clean_temporaries, discard_writes, read_jsonl
+from humpback_nb.infra.files import TMP_PREFIX, atomic_write_text, clean_temporaries, discard_writes, read_jsonl
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(HumpbackConfig) if f.name != "preset")
 ALL_SECTIONS = ("*",)  # a stage that reads the whole config (the summary)
@@ -396,11 +406,37 @@ class RunFolder:
         return [self.files.resolve(out) for out in self.stages[name].outputs]
 
     def state(self, name: str, config: HumpbackConfig) -> str:
-        """"done", "stale" (made by another config), "pending", or "not built"."""
+        """"done", "stale" (made by another config, or reads a damaged or changed stage), "damaged" (its outputs no
+        longer match its manifest), "pending", or "not built"."""
+        return self.check(name, config).state
+
+    def check(self, name: str, config: HumpbackConfig, _seen: dict[str, StageCheck] | None = None) -> StageCheck:
+        """A stage's state, and why it is not done: the damaged files, or the stage it reads that changed."""
+        seen = {} if _seen is None else _seen
+        if name not in seen:
+            seen[name] = self._check(name, config, seen)
+        return seen[name]
+
+    def _check(self, name: str, config: HumpbackConfig, seen: dict[str, StageCheck]) -> StageCheck:
         manifest = self.manifest(name)
-        if manifest is not None and all(out.exists() for out in self.outputs(name)):
-            return "done" if manifest.get("hash") == self.stage_hash(name, config) else "stale"
-        return "pending" if self.stages[name].function is not None else "not built"
+        if manifest is None or not all(out.exists() for out in self.outputs(name)):
+            return StageCheck("pending" if self.stages[name].function is not None else "not built")
+        if manifest.get("hash") != self.stage_hash(name, config):
+            return StageCheck("stale")
+        problems = _output_problems(self.path, manifest.get("files"))
+        if problems:
+            return StageCheck("damaged", _describe_problems(problems), damaged=[path for path, _ in problems],
+                              source=name)
+        for up in self.stages[name].after:
+            upstream = self.check(up, config, seen)
+            if upstream.source is not None:  # it would read damaged files
+                which = "is damaged" if upstream.state == "damaged" else f"reads damaged {upstream.source}"
+                return StageCheck("stale", f"reads {up}, which {which}", source=upstream.source)
+            read = (manifest.get("read") or {}).get(up)
+            now = _outputs_digest((self.manifest(up) or {}).get("files"))
+            if read is not None and now is not None and read != now:
+                return StageCheck("stale", f"{up} wrote other outputs since this stage read them")
+        return StageCheck("done")
 
     def is_done(self, name: str, config: HumpbackConfig) -> bool:
         return self.state(name, config) == "done"
@@ -419,20 +455,23 @@ class RunFolder:
         return rows
 
     def status(self, config: HumpbackConfig | None = None) -> list[dict[str, Any]]:
-        """One row per stage: name, state, outputs, seconds it took, and the models it trained."""
+        """One row per stage: name, state, outputs, seconds it took, the models it trained, and why it is not done
+        ("reason", and "damaged": the files, relative to the run folder, that changed since the stage wrote them)."""
         if config is None and self.files.config_file().is_file():
             config = self.config()
-        rows = []
+        rows, seen = [], {}
         for name, stage in self.stages.items():
             manifest = self.manifest(name) or {}
             if config is None:
-                state = "pending" if stage.function is not None else "not built"
+                check = StageCheck("pending" if stage.function is not None else "not built")
             else:
-                state = self.state(name, config)
+                check = self.check(name, config, seen)
+            state = check.state
             rows.append({"stage": name, "state": state, "outputs": [str(p.relative_to(self.path))
                                                                      for p in self.outputs(name)],
                          "seconds": manifest.get("seconds"), "doc": stage.doc,
-                         "models": self.model_rows(name, state)})
+                         "models": self.model_rows(name, state),
+                         "reason": check.reason, "damaged": check.damaged})
         return rows
 
     # -- running --------------------------------------------------------------------------------------------
@@ -441,7 +480,10 @@ class RunFolder:
         stage = self.stages[name]
         main = processes().is_main
         wait_for_everyone()  # in a launch: every process sees the folder as the last stage left it
-        if not redo and self.is_done(name, config):
+        check = self.check(name, config)
+        if not redo and check.state == "done":
+            if main:
+                self._refresh_mtimes(name)
             return "skipped"
         for up in stage.after:
             if not self.is_done(up, config):
@@ -450,8 +492,16 @@ class RunFolder:
             raise PipelineError(f"stage {name!r} ({stage.doc}) is not built in this version of the kit")
         context = StageRun(self.files, StageConfig(config, stage), stage, self.stage_hash(name, config),
                            {up: self.stage_hash(up, config) for up in stage.after})
+        read = {up: digest for up in stage.after
+                if (digest := _outputs_digest((self.manifest(up) or {}).get("files"))) is not None}
         if main:
             self.files.manifest_file(name).unlink(missing_ok=True)  # from here on the stage is not done
+            for output in self.outputs(name):  # a damaged output is made again, a model retrained
+                if any(_within(path, output.relative_to(self.path).as_posix()) for path in check.damaged):
+                    if output.parent == self.files.models_dir():
+                        self._remove_model(output.name)
+                    else:
+                        _remove(output)
             for output in self.outputs(name):
                 clean_temporaries(output.parent)
                 if output.parent != self.files.models_dir():  # a model's checkpoints: see StageRun.trained
@@ -479,6 +529,9 @@ class RunFolder:
             "after": context.upstream,
             "outputs": list(stage.outputs),
             "models": context.models,
+            "read": read,
+            "files": {output.relative_to(self.path).as_posix(): _describe_output(output)
+                      for output in self.outputs(name)},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - started, 3),
             "report": report if isinstance(report, dict) else None,
@@ -517,6 +570,16 @@ class RunFolder:
                 if main:
                     log(f"{name:<11} {results[name]}")
         return results
+
+    def _refresh_mtimes(self, name: str) -> None:
+        """Record the mtimes of a done stage's files whose content was found unchanged (copied, touched), so that
+        the next check does not hash them again."""
+        manifest = self.manifest(name)
+        if manifest and manifest.get("files"):
+            files = _refresh_mtimes(self.path, manifest["files"])
+            if files != manifest["files"]:
+                manifest["files"] = files
+                atomic_write_text(self.files.manifest_file(name), yaml.safe_dump(manifest, sort_keys=False))
 
     def _remove_partials(self, output: Path, keep_hash: str | None = None) -> None:
         """Delete the `.partial` files of `output`, except those made with the settings of `keep_hash`."""
@@ -605,3 +668,137 @@ def run(config: HumpbackConfig, run_dir: str | Path, until: str | None = None,
     """Run the method's stages for `config` in `run_dir` (what `humpback run` does)."""
     return RunFolder(run_dir).run(config, until=until, redo=redo)
 
+
+# -- the outputs' digests: what a manifest records of the files a stage wrote ------------------------------------
+@dataclass(frozen=True)
+class StageCheck:
+    """A stage's state, and why it is not done: the files that changed since it wrote them ("damaged"), or the
+    stage it reads that is damaged or wrote other outputs since ("stale"). `source`: the damaged stage, if any."""
+
+    state: str
+    reason: str | None = None
+    damaged: list[str] = field(default_factory=list)
+    source: str | None = None
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once a process
+
+
+def _sha256(path: Path, stat: os.stat_result) -> str:
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"size": stat.st_size, "sha256": _sha256(path, stat), "mtime_ns": stat.st_mtime_ns}
+
+
+def _folder_files(folder: Path) -> dict[str, Path]:
+    """The files in a folder output, by path relative to it; leftovers of interrupted writes (`.tmp-*`) aside."""
+    found = {}
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(TMP_PREFIX) for part in relative.parts):
+            found[relative.as_posix()] = path
+    return found
+
+
+def _describe_output(output: Path) -> dict[str, Any]:
+    """What a manifest records of an output: a file's size, digest and mtime; each file's, for a folder."""
+    if output.is_dir():
+        return {"folder": {name: _file_record(path) for name, path in sorted(_folder_files(output).items())}}
+    return _file_record(output)
+
+
+def _changed(path: Path, record: dict[str, Any]) -> bool:
+    """Whether a file differs from its record: its size at once; its digest only when its mtime moved."""
+    stat = path.stat()
+    if stat.st_size != record["size"]:
+        return True
+    return stat.st_mtime_ns != record.get("mtime_ns") and _sha256(path, stat) != record["sha256"]
+
+
+def _output_problems(root: Path, files: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The files of a stage's recorded outputs that no longer match: (path in the run folder, "changed", "missing"
+    or "added"). None recorded (a manifest of an older kit): none found."""
+    problems: list[tuple[str, str]] = []
+    for name, entry in (files or {}).items():
+        path = root / name
+        if "folder" not in entry:
+            if not path.is_file():
+                problems.append((name, "missing"))
+            elif _changed(path, entry):
+                problems.append((name, "changed"))
+            continue
+        if not path.is_dir():
+            problems.append((name, "missing"))
+            continue
+        present = _folder_files(path)
+        for inner, record in entry["folder"].items():
+            if inner not in present:
+                problems.append((f"{name}/{inner}", "missing"))
+            elif _changed(present[inner], record):
+                problems.append((f"{name}/{inner}", "changed"))
+        problems += [(f"{name}/{inner}", "added") for inner in sorted(set(present) - set(entry["folder"]))]
+    return problems
+
+
+def _describe_problems(problems: list[tuple[str, str]]) -> str:
+    """"candidates.jsonl changed since the stage wrote it; models/m0/x is missing"."""
+    said = {"changed": "changed since the stage wrote it", "missing": "missing", "added": "not written by the stage"}
+    parts = []
+    for kind, words in said.items():
+        names = [name for name, what in problems if what == kind]
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            verb = "" if kind == "changed" else ("is " if len(names) == 1 else "are ")
+            parts.append(f"{shown} {verb}{words}")
+    return "; ".join(parts)
+
+
+def _outputs_digest(files: dict[str, Any] | None) -> str | None:
+    """One digest over a stage's recorded outputs (sizes and digests, not mtimes); None when none are recorded."""
+    if not files:
+        return None
+
+    def content(entry: dict[str, Any]) -> Any:
+        if "folder" in entry:
+            return {name: content(record) for name, record in entry["folder"].items()}
+        return [entry["size"], entry["sha256"]]
+
+    text = json.dumps({name: content(entry) for name, entry in files.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _refresh_mtimes(root: Path, files: dict[str, Any]) -> dict[str, Any]:
+    """The records with the mtimes of files whose content is unchanged, so that they are not hashed again."""
+
+    def refreshed(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+        if not path.is_file():
+            return record
+        stat = path.stat()
+        if stat.st_size == record["size"] and stat.st_mtime_ns != record.get("mtime_ns") \
+                and _sha256(path, stat) == record["sha256"]:
+            return {**record, "mtime_ns": stat.st_mtime_ns}
+        return record
+
+    new = {}
+    for name, entry in files.items():
+        if "folder" in entry:
+            new[name] = {"folder": {inner: refreshed(root / name / inner, record)
+                                    for inner, record in entry["folder"].items()}}
+        else:
+            new[name] = refreshed(root / name, entry)
+    return new
+
+
+def _within(path: str, output: str) -> bool:
+    """Whether `path` (relative to the run folder) is the output `output` or a file inside it."""
+    return path == output or path.startswith(output + "/")
