@@ -49,7 +49,7 @@ lint: install
 lab: install  ## JupyterLab on the project, opened at notebooks/ (the executed ones are in runs/<name>/notebooks/)
 	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
 
-bench: fetch  ## this machine's bounds, the three loops as a share of them and against their naive baselines, a table; the host's work in a decoding step; what paper-7b costs (humpback plan); JSON in runs/bench/
+bench: fetch  ## this machine's bounds, the three loops as a share of them and against their naive baselines, a table; the host's work in a decoding step; what paper-7b costs (humpback plan); JSON in runs/bench/; the table also in docs/measured/bench-<cpu kind>.md with the CPU and the commit
 	@mkdir -p runs/bench
 	@rm -f runs/bench/bounds.json runs/bench/augment.json runs/bench/curate.json runs/bench/train.json runs/bench/host_overhead.json
 	@# the bounds first, then each loop reads them (all figures from this one run); a file is kept only if its script succeeded
@@ -61,7 +61,7 @@ bench: fetch  ## this machine's bounds, the three loops as a share of them and a
 	$(BIN)/python benchmarks/host_overhead.py > runs/bench/host_overhead.json.tmp && \
 	  mv runs/bench/host_overhead.json.tmp runs/bench/host_overhead.json && cat runs/bench/host_overhead.json
 	$(BIN)/humpback plan --preset paper-7b --json | tee runs/bench/plan.json
-	@$(BIN)/python benchmarks/table.py runs/bench | tee runs/bench/table.md
+	@$(BIN)/python benchmarks/table.py runs/bench --measured docs/measured | tee runs/bench/table.md
 
 plans: fetch  ## docs/plans/*.md: `humpback plan` of each line of docs/plans/PLANS (tests/test_plan.py checks they are current)
 	@while IFS='|' read -r name args; do \

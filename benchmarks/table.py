@@ -1,12 +1,23 @@
 """The benchmarks as one Markdown table: each loop's speed, its machine's bound, its share of that bound, and its
 naive baseline, from the JSON files `make bench` wrote (runs/bench/*.json), with a line of the machine's bounds.
 
-    python benchmarks/table.py [runs/bench]
+    python benchmarks/table.py [runs/bench]                          # the table, on stdout
+    python benchmarks/table.py runs/bench --measured docs/measured   # also docs/measured/bench-<cpu kind>.md
+    python benchmarks/table.py --cpu-kind                            # this machine's kind, e.g. intel-xeon-amx
+
+The page under docs/measured/ says what wrote it, on which CPU and at which commit; the docs link to it. The CPU
+kind names a page: the model name's first two words and the bf16 matrix feature (amx, avx512bf16 or no-bf16), so
+that each kind of machine keeps its own page. Standard library only: benchmarks/fresh_clone.sh runs it without
+the environment.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,5 +83,76 @@ def table(folder: Path) -> str:
     return "\n".join(lines + [f"* {n}" for n in notes])
 
 
+def cpu() -> dict[str, Any]:
+    """This machine's CPU: its model name (/proc/cpuinfo), its logical CPUs, its bf16 matrix feature, its kind."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    if not model:
+        import platform
+
+        model = platform.processor() or platform.machine() or "unknown CPU"
+    matrix = "amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags else "no-bf16"
+    return {"model": model, "cpus": os.cpu_count(), "matrix": matrix, "kind": cpu_kind(model, matrix)}
+
+
+def cpu_kind(model: str, matrix: str) -> str:
+    """'Intel(R) Xeon(R) Processor', 'amx' -> 'intel-xeon-amx'; 'AMD EPYC 9R14 96-Core Processor', 'avx512bf16'
+    -> 'amd-epyc-avx512bf16'."""
+    words = re.findall(r"[a-z0-9]+", re.sub(r"\((r|tm)\)", " ", model.lower()))
+    words = [w for w in words if w not in {"processor", "cpu"}][:2]
+    return "-".join(words + [matrix]) if words else f"cpu-{matrix}"
+
+
+def commit() -> str:
+    """The short commit of the checkout, and whether tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head} (with uncommitted changes)" if dirty else head
+
+
+def measured_page(body: str, machine: dict[str, Any], at: str) -> str:
+    """docs/measured/bench-<kind>.md: what wrote it, on which CPU and at which commit, then the table."""
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "\n".join([
+        "<!-- written by make bench (benchmarks/table.py); make bench rewrites it -->",
+        f"# `make bench` on {machine['kind']}", "",
+        f"Written by `make bench` (benchmarks/table.py) on {machine['model']} ({machine['cpus']} CPUs; bf16 matrix "
+        f"feature: {machine['matrix']}), at commit {at}, {when}. `make bench` on a machine of this kind rewrites "
+        "this file.", "", body, ""])
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--cpu-kind"]:
+        print(cpu()["kind"])
+        return 0
+    measured = None
+    if "--measured" in argv:
+        at = argv.index("--measured")
+        measured = Path(argv[at + 1])
+        argv = argv[:at] + argv[at + 2:]
+    body = table(Path(argv[0] if argv else "runs/bench"))
+    print(body)
+    if measured is not None:
+        machine = cpu()
+        measured.mkdir(parents=True, exist_ok=True)
+        page = measured / f"bench-{machine['kind']}.md"
+        page.write_text(measured_page(body, machine, commit()))
+        print(f"\n{page}", file=sys.stderr)
+    return 0
+
+
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/bench")))
+    sys.exit(main(sys.argv[1:]))
