@@ -25,7 +25,7 @@ if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
     sys.stdout = sys.stderr
 
 from humpback_nb.config import HumpbackConfig, load_preset  # noqa: E402
-from humpback_nb.run import RunFolder  # noqa: E402
+from humpback_nb.pipeline import open_run  # noqa: E402
 
 SPREAD = "min-max over the repetitions"  # what every {"median", "min", "max", "n"} of the benchmarks means
 
@@ -35,7 +35,7 @@ def demo_inputs(preset: str = "demo") -> tuple[HumpbackConfig, list[dict[str, An
     temporary folder (no model is needed for them)."""
     config = load_preset(preset)
     with tempfile.TemporaryDirectory(prefix="humpback-bench-") as folder:
-        run = RunFolder(folder)
+        run = open_run(folder, config)
         run.run(config, until="segments", log=lambda _: None)
         seed, segments = run.files.seed_pairs("train"), run.files.segments()
     return config, seed, segments

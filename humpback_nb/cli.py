@@ -30,7 +30,8 @@ from humpback_nb.config import ConfigError, HumpbackConfig, explain_config, pres
 from humpback_nb.infra.files import RecordError
 from humpback_nb.infra.guard import ComputeRefused, JudgeError, ModelError
 from humpback_nb.infra.sources import SourceError
-from humpback_nb.run import PipelineError, RunFiles, RunFolder
+from humpback_nb.pipeline import open_run
+from humpback_nb.run import PipelineError, RunFiles
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,15 +140,16 @@ def _overrides(items: list[str]) -> dict:
 def _run(args: argparse.Namespace) -> int:
     from humpback_nb.infra.distributed import processes
 
-    folder = RunFolder(args.run_dir)
-    folder.run(_config(args), until=args.until, redo=args.redo)
+    config = _config(args)
+    folder = open_run(args.run_dir, config)
+    folder.run(config, until=args.until, redo=args.redo)
     if processes().is_main:
         print(f"run folder: {folder.path}")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    folder = RunFolder(args.run_dir)
+    folder = open_run(args.run_dir)
     if not folder.files.config_file().is_file():
         print(f"{folder.path}: no run here yet (no {folder.files.config_file().name}); stages of the method:")
     else:
@@ -164,7 +166,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _clear(args: argparse.Namespace) -> int:
-    folder = RunFolder(args.run_dir)
+    folder = open_run(args.run_dir)
     if args.stage not in folder.stages:
         raise PipelineError(f"unknown stage {args.stage!r}; stages: {', '.join(folder.stages)}")
     with folder.lock():

@@ -136,6 +136,10 @@ class CurateConfig:
     rater_model: str | None = None  # the model the endpoint serves, e.g. gpt-4o
     rater_key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the endpoint's key
     rater_concurrency: int = 8  # requests to the endpoint in flight at once
+    # Self-curation iterations T: for t = 1..T, M_{t-1} rates every candidate, A(t)_k, and M_t is trained on the seed
+    # pairs and A(t)_k. The paper's 2 (M2 is Humpback); at least 2, since Table 7 compares M0's and M1's selections.
+    # It decides which stages a run has, not what any stage makes, so it is in no stage's hash.
+    iterations: int = 2
 
 
 @dataclass
@@ -208,7 +212,7 @@ class HumpbackConfig:
 
 # Settings that change no output of the method, only where its numbers are reported or how many requests go out
 # at once: left out of every hash, so that turning on TensorBoard does not make a finished run stale.
-NOT_HASHED: dict[str, tuple[str, ...]] = {"train": ("report_to",), "curate": ("rater_concurrency",),
+NOT_HASHED: dict[str, tuple[str, ...]] = {"train": ("report_to",), "curate": ("rater_concurrency", "iterations"),
                                           "evaluate": ("judge_concurrency",)}
 
 
@@ -408,6 +412,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "curate.threshold": (1, 5, "[]"), "curate.top_share": (0, 1, "(]"), "curate.max_new_tokens": _AT_LEAST_1,
     "curate.batch_size": _AT_LEAST_1, "curate.compare_size": _NOT_NEGATIVE, "curate.sanity_size": _NOT_NEGATIVE,
     "curate.rater_concurrency": _AT_LEAST_1, "evaluate.judge_concurrency": _AT_LEAST_1,
+    "curate.iterations": (2, 20, "[]"),
     "evaluate.alpaca_eval_prompts": _AT_LEAST_1, "evaluate.mt_bench_prompts": _NOT_NEGATIVE,
     "evaluate.scaling_sizes": _AT_LEAST_1, "evaluate.scaling_steps": _AT_LEAST_1,
     "evaluate.selection_positives": _AT_LEAST_1, "evaluate.selection_train_size": _AT_LEAST_1,

@@ -22,21 +22,22 @@ from typing import TextIO
 
 from humpback_nb.config import HumpbackConfig
 from humpback_nb.infra.files import atomic_dir
-from humpback_nb.run import PipelineError, RunFolder
+from humpback_nb.pipeline import open_run
+from humpback_nb.run import PipelineError, RunFiles
 
 
 def trained_models(run_dir: str | Path) -> list[str]:
     """Names of the models a run has trained (models/<name> with its training log)."""
     from humpback_nb.infra.models import TRAIN_LOG
 
-    folder = RunFolder(run_dir).files.models_dir()
+    folder = RunFiles(run_dir).models_dir()
     return sorted(p.name for p in folder.iterdir() if (p / TRAIN_LOG).is_file()) if folder.is_dir() else []
 
 
 def run_model(run_dir: str | Path, model: str, allow_base: bool = False) -> tuple[HumpbackConfig, Path | None]:
     """(the run's config, the folder of its model `model`); refused in one line when the run has no such model.
     With `allow_base`, "base" names the run's base model (folder None)."""
-    folder = RunFolder(run_dir)
+    folder = open_run(run_dir)
     config = folder.config()
     if allow_base and model == "base":
         return config, None

@@ -92,12 +92,12 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
     from humpback_nb.method.curate import parse_rate
     from humpback_nb.method.evaluate import eval_prompts
     from humpback_nb.method.prompts import forward_messages
-    from humpback_nb.run import RunFolder
+    from humpback_nb.pipeline import open_run
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    folder = RunFolder(run_dir)
+    folder = open_run(run_dir, config)
     folder.run(config, until="rate_m0", log=log)
     files = RunFiles(run_dir)
     tokenizer = load_tokenizer(config.model)

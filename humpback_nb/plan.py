@@ -1,8 +1,9 @@
 """What a run costs before anyone pays for it: every stage of a config, as arithmetic over token counts.
 
-For each stage of stages.py, in its order: the models it trains (with the paper's schedule where the config
-leaves steps open), the tokens it reads and writes, its FLOPs, GPU-hours, judge calls and disk; with N GPUs the
-wall-clock time and whether training fits the GPUs' memory. Nothing here loads model weights: token counts come
+For each stage of a run (pipeline.py), in its order, as the stage's own cost declaration counts it (`Stage.cost`, a
+function of `Work`, beside the stage): the models it trains (with the paper's schedule where the config leaves
+steps open), the tokens it reads and writes, its FLOPs, GPU-hours, judge calls and disk; with N GPUs the wall-clock
+time and whether training fits the GPUs' memory. Nothing here loads model weights: token counts come
 from the configured tokenizer on a sample of the configured data when both are at hand, else from the paper's
 lengths (Li et al. 2023, arXiv 2308.06259, Table 2) at the characters per token of the tokenizer at hand, and
 every number says which. FLOPs follow `train.training_flops` (PaLM's count, Chowdhery et al. 2022, appendix B).
@@ -18,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from humpback_nb.config import ConfigError, HumpbackConfig
+from humpback_nb.method.analysis import PAPER_SHARES  # Table 2: |A5|, |A4| over all candidates
 from humpback_nb.method.schedule import paper_schedule
+from humpback_nb.pipeline import pipeline
+from humpback_nb.run import PipelineError
 
 
 # -- the hardware ---------------------------------------------------------------------------------
@@ -178,7 +182,6 @@ def architecture(model_name: str) -> tuple[Architecture, str]:
 # -- token counts -------------------------------------------------------------------------------
 # Table 2 of the paper (v1), mean characters of instruction and output.
 PAPER_CHARS = {"seed": (148, 1072), "A5": (115, 1663), "A4": (206, 1985), "augmented": (352, 1722)}
-PAPER_SHARES = {"A5": 41_821 / 502_133, "A4": 195_043 / 502_133}  # Table 2: |A5|, |A4| over all candidates
 SAMPLE = 200  # records per data source whose tokens are counted
 SCAN_DOCUMENTS = 5000  # documents read per corpus to sample and count segments (a plan takes seconds)
 NF4_BYTES = 4.127 / 8  # NF4 with double quantization: 4 + 0.127 bits a weight (Dettmers et al. 2023, section 3)
@@ -626,6 +629,76 @@ class _Costing:
         row.disk_bytes += models * prompts * (2 * chars + JSON_BYTES["answer"])
 
 
+class Work:
+    """What a stage's cost declaration (`Stage.cost`, beside the stage in stages.py and analyses.py) counts its work
+    with: the config, the measured lengths, how many candidates and A_k pairs the plan expects, and one method per
+    kind of work, each added to the stage's row."""
+
+    def __init__(self, cost: _Costing, row: StagePlan, candidates: int):
+        self.cost, self.row, self.candidates = cost, row, candidates
+        self.config, self.lengths = cost.config, cost.lengths
+        self.a_k = a_k_size(cost.config, candidates)
+
+    def train(self, name: str, groups: list[tuple[list[tuple[float, float]], int]], overhead: int,
+              backward: bool = False, max_steps: int | None = None) -> None:
+        self.cost.train(self.row, name, groups, overhead, backward, max_steps)
+
+    def generate(self, kind: str, items: int, prompts: list[float], written: float, cap: int, batch: int) -> None:
+        self.cost.generate(self.row, kind, items, prompts, written, cap, batch)
+
+    def score(self, items: int, tokens: float, context: float) -> None:
+        self.cost.score(self.row, items, tokens, context)
+
+    def answers(self, models: int) -> None:
+        """`models` models answer every evaluation prompt."""
+        self.cost.answers(self.row, models, self.lengths.eval_prompts)
+
+    def judge(self, comparisons: int, prompts: int | None = None) -> None:
+        """The kit's judge on `comparisons` comparisons of `prompts` prompts (every evaluation prompt) each."""
+        self.cost.judge(self.row, comparisons, self.lengths.eval_prompts if prompts is None else prompts)
+
+    def alpaca_eval(self, models: int) -> None:
+        self.cost.alpaca_eval(self.row, models)
+
+    def versus_reference(self, models: int) -> None:
+        self.cost.versus_reference(self.row, models)
+
+    def rate(self, items: int, pairs: list[float]) -> None:
+        """The run's rater (curate.rater) rates `items` pairs as long as one of `pairs` (token counts)."""
+        settings = self.config.curate
+        if settings.rater == "endpoint":
+            self.endpoint_rating(items, sum(pairs) / len(pairs))
+            self.note(f"endpoint rater ({settings.rater_model} at {settings.rater_url}): one call a pair, up to "
+                      f"{settings.max_new_tokens} tokens of reasoning, counted with the judge's calls")
+        elif settings.rater == "generate":
+            self.generate("rate", items, [self.lengths.rubric + p for p in pairs], settings.max_new_tokens,
+                          settings.max_new_tokens, settings.batch_size)
+        else:
+            pair = capped_mean(pairs, self.config.model.context_length - self.lengths.rubric - 8)  # its reserve
+            self.score(items, pair, self.lengths.rubric + pair)
+
+    def endpoint_rating(self, calls: int, pair: float) -> None:
+        """Calls to a rating endpoint (the rater "endpoint", or Table 7's endpoint row): the paper's rubric around a
+        pair of `pair` tokens, a reply of up to curate.max_new_tokens; counted with the judge's calls (priced at the
+        same rate)."""
+        row = self.row
+        row.judge_calls += calls
+        row.judge_prompt_tokens += calls * (self.lengths.rubric + pair)
+        row.judge_reply_tokens += calls * self.config.curate.max_new_tokens
+
+    def loads(self, models: int) -> None:
+        """Models loaded besides those trained or answering (to rate, to read losses)."""
+        self.row.model_runs += models
+
+    def records(self, kind: str, count: float, tokens: float) -> None:
+        """`count` JSONL records of `kind` (a key of JSON_BYTES) holding `tokens` tokens of text each, on disk."""
+        self.row.disk_bytes += count * (tokens * self.lengths.chars_per_token + JSON_BYTES[kind])
+
+    def note(self, text: str) -> None:
+        if text not in self.row.notes:
+            self.row.notes.append(text)
+
+
 def capped_mean(values: list[float], cap: float) -> float:
     """Mean of `values`, each cut to `cap` (as prompts are cut to fit the context)."""
     return sum(min(v, cap) for v in values) / len(values)
@@ -670,9 +743,13 @@ def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1, calibra
     lengths, segments = measure_lengths(config)
     calibration = load_calibration(calibrate, config) if calibrate else None
     cost = _Costing(config, arch, lengths, GPUS[gpu], calibration)
-    rows = {name: StagePlan(name) for name in STAGE_ORDER}
-    _data_stages(config, lengths, segments, cost, rows)
-    _evaluation_stages(config, lengths, segments, cost, rows)
+    rows = []
+    for stage in pipeline(config.curate.iterations):  # the stages `humpback run` runs, each with its cost declaration
+        if stage.cost is None:
+            raise PipelineError(f"stage {stage.name!r} declares no cost: `humpback plan` cannot count it (give it "
+                                "`cost=`, a function of plan.Work, beside its declaration)")
+        rows.append(StagePlan(stage.name))
+        stage.cost(Work(cost, rows[-1], segments))
     cpt = lengths.chars_per_token
     seed = lengths.seed_mean
     tokens = (f"seed instruction {seed[0]:.0f}, output {seed[1]:.0f}; segment {lengths.segment:.0f}; "
@@ -700,7 +777,7 @@ def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1, calibra
     batch, _ = training_schedule(seed_n + a_k, config.train)
     length, _ = example_lengths([(lengths.seed, seed_n), (lengths.curated["A"], a_k)],
                                 lengths.forward_overhead["S_a"], config.train.max_seq_length)
-    return Plan(config.preset, config.model.name, gpu, gpus, [rows[name] for name in STAGE_ORDER],
+    return Plan(config.preset, config.model.name, gpu, gpus, rows,
                 memory_check(config, arch, length, GPUS[gpu], gpus, batch), assumptions,
                 calibration.device if calibration else None, judge_price)
 
@@ -745,10 +822,6 @@ def judge_rule(config: HumpbackConfig) -> str:
             "generate.max_new_tokens (an upper bound)" + (", a reply of 4 tokens" if settings.judge_url else ""))
 
 
-STAGE_ORDER = ("seed", "segments", "backward", "backward_check", "candidates", "m0", "rate_m0", "A1", "m1", "rate_m1",
-               "A2", "m2", "heldout", "eval", "tags", "selectors", "scaling", "summary")
-
-
 def _a_k_rule(config: HumpbackConfig) -> str:
     if config.curate.top_share is not None:
         return f"the best {config.curate.top_share:.1%} of the candidates (curate.top_share; ties aside)"
@@ -766,170 +839,6 @@ def a_k_size(config: HumpbackConfig, candidates: int) -> int:
     if curate.threshold >= 3.5:
         return round(PAPER_SHARES["A4"] * candidates)
     return candidates
-
-
-def _data_stages(config: HumpbackConfig, lengths: Lengths, segments: int, cost: _Costing,
-                 rows: dict[str, StagePlan]) -> None:
-    """seed, segments, backward, candidates, m0, rate_m0, A1, m1, rate_m1, A2, m2."""
-    cpt, seed_n = lengths.chars_per_token, config.data.seed_size
-    rows["seed"].disk_bytes = (seed_n + config.data.heldout_size) * (sum(lengths.seed_mean) * cpt + JSON_BYTES["seed"])
-    rows["segments"].disk_bytes = segments * (lengths.segment * cpt + JSON_BYTES["segment"])
-    cost.train(rows["backward"], "backward", [(lengths.seed, seed_n)], lengths.backward_overhead, backward=True)
-    generate = config.generate
-    # backward_check: the base model and M_yx read each held-out pair backwards once; M_yx writes a few instructions
-    from humpback_nb.stages import BACKWARD_EXAMPLES
-
-    seed_instruction, seed_output = lengths.seed_mean
-    backwards = lengths.backward_overhead + seed_output + seed_instruction
-    for _ in range(2):
-        cost.score(rows["backward_check"], config.data.heldout_size, backwards, backwards)
-    cost.generate(rows["backward_check"], "candidates", min(BACKWARD_EXAMPLES, config.data.heldout_size),
-                  [lengths.backward_overhead + seed_output], lengths.instruction, generate.instruction_max_new_tokens,
-                  generate.batch_size)
-    rows["backward_check"].model_runs = 2
-    cost.generate(rows["candidates"], "candidates", segments, [lengths.backward_overhead + t for t in lengths.segments],
-                  lengths.instruction,
-                  generate.instruction_max_new_tokens, generate.batch_size)
-    rows["candidates"].model_runs = 1
-    rows["candidates"].disk_bytes = segments * ((lengths.instruction + lengths.segment) * cpt
-                                                + JSON_BYTES["candidate"])
-    cost.train(rows["m0"], "m0", [(lengths.seed, seed_n)], lengths.forward_overhead["S_a"])
-    a_k = a_k_size(config, segments)
-    curated = lengths.curated["A"]
-    for rate, subset, trained in (("rate_m0", "A1", "m1"), ("rate_m1", "A2", "m2")):
-        _rate(config, lengths, segments, cost, rows[rate], compare=rate == "rate_m0")
-        chars = sum(i + o for i, o in curated) / len(curated) * cpt
-        rows[subset].disk_bytes = a_k * (chars + JSON_BYTES["curated"])
-        rows[subset].notes.append(f"|A_k| ~ {a_k:,} of {segments:,} candidates")
-        cost.train(rows[trained], trained, [(lengths.seed, seed_n), (curated, a_k)], lengths.forward_overhead["S_a"])
-
-
-def _rate(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Costing, row: StagePlan,
-          compare: bool = False) -> None:
-    """A model rates every candidate: the paper's rater writes reasoning, the logprob rater makes one pass. With
-    `compare` (rate_m0), both raters also rate the first curate.compare_size candidates (stages.compare_raters)."""
-    settings, cpt = config.curate, lengths.chars_per_token
-    pairs = [lengths.instruction + t for t in lengths.segments]
-    row.model_runs = 1
-    rated = candidates + 2 * settings.sanity_size  # and the rater's check: held-out seed pairs, shuffled pairs
-    if settings.rater == "endpoint":
-        _endpoint_rating(config, lengths, row, rated, sum(pairs) / len(pairs))
-        row.disk_bytes = candidates * (settings.max_new_tokens * cpt + JSON_BYTES["score_generate"])
-    elif settings.rater == "generate":
-        cost.generate(row, "rate", rated, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
-                      settings.max_new_tokens, settings.batch_size)
-        row.disk_bytes = candidates * (settings.max_new_tokens * cpt + JSON_BYTES["score_generate"])
-        row.notes.append(f"generate rater: up to {settings.max_new_tokens} tokens of reasoning per candidate")
-    else:
-        pair = capped_mean(pairs, config.model.context_length - lengths.rubric - 8)  # rate_logprob's reserve
-        cost.score(row, rated, pair, lengths.rubric + pair)
-        row.disk_bytes = candidates * JSON_BYTES["score"]
-        row.notes.append("logprob rater: one forward pass per candidate after the rubric's cached keys and values")
-    if compare and settings.compare_size:  # after the rating: its decoding step is the one the notes give
-        compared = min(settings.compare_size, candidates)
-        cost.generate(row, "rate", compared, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
-                      settings.max_new_tokens, settings.batch_size)
-        pair = capped_mean(pairs, config.model.context_length - lengths.rubric - 8)
-        cost.score(row, compared, pair, lengths.rubric + pair)
-
-
-def _endpoint_rating(config: HumpbackConfig, lengths: Lengths, row: StagePlan, pairs: int, pair: float) -> None:
-    """The rater "endpoint": one call per pair (the paper's rubric around the pair), a reply of up to
-    curate.max_new_tokens; counted with the judge's calls (priced at the same rate)."""
-    settings = config.curate
-    row.judge_calls += pairs
-    row.judge_prompt_tokens += pairs * (lengths.rubric + pair)
-    row.judge_reply_tokens += pairs * settings.max_new_tokens
-    note = (f"endpoint rater ({settings.rater_model} at {settings.rater_url}): one call a pair, up to "
-            f"{settings.max_new_tokens} tokens of reasoning, counted with the judge's calls")
-    if note not in row.notes:
-        row.notes.append(note)
-
-
-def _evaluation_stages(config: HumpbackConfig, lengths: Lengths, candidates: int, cost: _Costing,
-                       rows: dict[str, StagePlan]) -> None:
-    """eval, tags, selectors, scaling (summary is a file of numbers)."""
-    from humpback_nb.method.analysis import NO_CURATION, quality_names, scaling_model_name
-
-    settings = config.evaluate
-    prompts = lengths.eval_prompts
-    seed_n, a_k = config.data.seed_size, a_k_size(config, candidates)
-    # heldout: the base model, M0, M1, M2 read the held-out seed pairs once (one forward pass a pair)
-    seed_instruction, seed_output = lengths.seed_mean
-    held = seed_instruction + seed_output + lengths.forward_overhead[settings.inference_tags]
-    for _ in range(4):
-        cost.score(rows["heldout"], config.data.heldout_size, held, held)
-    rows["heldout"].model_runs = 4
-    # eval: the base model, M0, M1, M2 answer; with AlpacaEval's annotator each is judged against its reference and
-    # the 4 comparisons (stages.COMPARISONS) on MT-bench's prompts by the kit's judge; else the 4 on every prompt
-    # and the judge's check (each model against its own shuffled answers) on the prompts the kit's judge reads
-    cost.answers(rows["eval"], 4, prompts)
-    if settings.annotator == "alpaca_eval_gpt4":
-        cost.alpaca_eval(rows["eval"], 4)
-        if settings.mt_bench_prompts:
-            cost.judge(rows["eval"], 4 + 4, settings.mt_bench_prompts)
-    else:
-        cost.judge(rows["eval"], 4 + 4, prompts)
-    # tags (Table 8): a model like M2 without tags; it and M2 with two more inference tags answer (M2 with the run's
-    # own tags answered in eval)
-    untagged = [(lengths.seed, seed_n), (lengths.curated["A"], a_k)]
-    cost.train(rows["tags"], "m2_untagged", untagged, lengths.forward_overhead["none"])
-    cost.answers(rows["tags"], 3, prompts)
-    cost.versus_reference(rows["tags"], 3)
-    # selectors (Table 7): M0 and M1 rate a labelled set of 5 x selection_positives pairs (held-out seed pairs and
-    # 4 mismatched candidates each) with the run's rater; a model trained on selection_train_size of each one's
-    # picks answers, judged against the base model's answers
-    positives = settings.selection_positives
-    pairs = 5 * positives
-    pair = (sum(lengths.seed_mean) + 4 * (lengths.instruction + lengths.segment)) / 5
-    curate = config.curate
-    for _ in range(2):
-        if curate.rater == "endpoint":
-            _endpoint_rating(config, lengths, rows["selectors"], pairs, pair)
-        elif curate.rater == "generate":
-            cost.generate(rows["selectors"], "rate", pairs, [lengths.rubric + pair], curate.max_new_tokens,
-                          curate.max_new_tokens, curate.batch_size)
-        else:
-            cost.score(rows["selectors"], pairs, pair, lengths.rubric + pair)
-    rows["selectors"].model_runs += 2
-    selected = ["selected_m0", "selected_m1"]
-    if settings.judge_url:  # the endpoint's row: it rates the labelled pairs, then candidates until it has picked
-        share = a_k_size(config, candidates) / candidates
-        calls = pairs + min(candidates, math.ceil(settings.selection_train_size / share))
-        row = rows["selectors"]
-        row.judge_calls += calls
-        row.judge_prompt_tokens += calls * (lengths.rubric + pair)
-        row.judge_reply_tokens += calls * curate.max_new_tokens
-        row.notes.append(f"the endpoint rates {pairs:,} labelled pairs and ~{calls - pairs:,} candidates to pick "
-                         f"{settings.selection_train_size:,} (at A_k's share), up to {curate.max_new_tokens} tokens "
-                         "a reply")
-        selected.append("selected_endpoint")
-    for name in selected:
-        cost.train(rows["selectors"], name, [(lengths.curated["A"], settings.selection_train_size)],
-                   lengths.forward_overhead["S_w"], max_steps=settings.scaling_steps)
-        cost.answers(rows["selectors"], 1, prompts)
-    cost.versus_reference(rows["selectors"], len(selected))
-    # scaling: a model per quality and size N that the quality has N pairs for (Figure 3)
-    # The curated sets' sizes: the paper's shares of the candidates (exactly, for the logprob rater's "top" sets;
-    # an estimate for the generate rater's A5 and A4, whose sizes its scores decide)
-    a5, a4 = quality_names(config.curate.rater)
-    pools = {a5: ("top A5 share", math.ceil(PAPER_SHARES["A5"] * candidates)),
-             a4: ("top A4 share", math.ceil(PAPER_SHARES["A4"] * candidates)),
-             NO_CURATION: ("no curation", candidates)}
-    for source, (kind, available) in pools.items():
-        for n in settings.scaling_sizes:
-            if n > available:
-                rows["scaling"].notes.append(f"{source}: no model for N={n:,} (at most {available:,} pairs)")
-                continue
-            if n > 0.9 * available:  # the pool shrinks with every degenerate instruction dropped
-                rows["scaling"].notes.append(f"{source}: N={n:,} needs {n:,} of at most {available:,} pairs: no "
-                                             f"model if over {1 - n / available:.0%} of the instructions are dropped")
-            name = scaling_model_name(source, n)
-            cost.train(rows["scaling"], name, [(lengths.curated[kind], n)], lengths.forward_overhead["S_w"],
-                       max_steps=settings.scaling_steps)
-            cost.answers(rows["scaling"], 1, prompts)
-    if rows["scaling"].models:  # each scaling model as the run judges: against the reference or the base model
-        cost.versus_reference(rows["scaling"], len(rows["scaling"].models))
 
 
 # -- memory -------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from humpback_nb.infra.files import atomic_write_text
 from humpback_nb.nb import plots, tables
+from humpback_nb.pipeline import open_run
 from humpback_nb.run import PipelineError, RunFiles, RunFolder
 
 EXAMPLES = 4  # pairs shown of each kind: kept, rated below k, dropped by a rule
@@ -349,7 +350,7 @@ pre { background: #f8fafc; border: 1px solid #e2e8f0; padding: .8em; overflow-x:
 
 def build_report(run_dir: str | Path) -> str:
     """The report page of a finished run as HTML text."""
-    folder = RunFolder(run_dir)
+    folder = open_run(run_dir)
     files = folder.files
     if not files.config_file().is_file():
         raise PipelineError(f"{folder.path}: no run here (no {files.config_file().name}); "

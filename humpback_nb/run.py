@@ -19,7 +19,8 @@
       stages/<stage>.yaml          a stage's manifest: its hash, its inputs' hashes, the config, time, report
       stages/models/<model>.yaml   a model's manifest: its own hash and the settings that made it
 
-Rules (a stage is declared in stages.py with its outputs, the stages it reads and the config sections it reads):
+Rules (a stage is declared in stages.py or analyses.py, with its outputs, the stages it reads and the config sections
+it reads; pipeline.py puts them in order and gives them to the run folder):
 - A stage is done when its manifest and outputs exist and the manifest's hash equals the hash the current config
   gives it: the hash of its declared config sections and of the hashes of the stages it reads. A stage sees only
   the sections it declares (`StageRun.config`), so the hash covers what the stage reads.
@@ -274,7 +275,8 @@ def _read_json(path: Path) -> Any:
 # -- stages --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stage:
-    """One step of the method: what it writes, which stages it reads, which config sections it reads."""
+    """One step of the method: what it writes, which stages it reads, which config sections it reads, and how
+    `humpback plan` counts its work."""
 
     name: str
     outputs: tuple[str, ...]  # artifacts of RunFiles: "seed_file", "model_dir:m0", ...
@@ -285,6 +287,9 @@ class Stage:
     # Raises a one-line error when the config cannot serve this stage (a judge out of reach, say): called for every
     # stage a run will run, before the first of them starts.
     check: Callable[[HumpbackConfig], None] | None = field(default=None, compare=False)
+    # Counts the stage's work into a plan.Work (models trained, prompts read, tokens written, judge calls, disk):
+    # `humpback plan` walks the same stages `humpback run` runs.
+    cost: Callable[[Any], None] | None = field(default=None, compare=False)
 
 
 class StageConfig:
@@ -321,6 +326,7 @@ class StageRun:
     stage: Stage
     hash: str
     upstream: dict[str, str]  # hash of each stage this one reads
+    stages: list[str] = field(default_factory=list)  # every stage of the run, in order (the summary lists them)
     models: dict[str, str] = field(default_factory=dict)  # models this run of the stage trained or kept: name -> hash
 
     def partial(self, output: Path, part: str | None = None) -> Path:
@@ -359,11 +365,9 @@ class StageRun:
 
 
 class RunFolder:
-    """A run folder and the stages that fill it (by default the method's, from stages.py)."""
+    """A run folder and the stages that fill it (the method's come from pipeline.py: `pipeline.open_run`)."""
 
-    def __init__(self, path: str | Path, stages: Sequence[Stage] | None = None):
-        if stages is None:
-            from humpback_nb.stages import STAGES as stages
+    def __init__(self, path: str | Path, stages: Sequence[Stage]):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise PipelineError(f"{self.path}: is a file, not a run folder; give a folder (new or holding a run)")
@@ -491,7 +495,7 @@ class RunFolder:
         if stage.function is None:
             raise PipelineError(f"stage {name!r} ({stage.doc}) is not built in this version of the kit")
         context = StageRun(self.files, StageConfig(config, stage), stage, self.stage_hash(name, config),
-                           {up: self.stage_hash(up, config) for up in stage.after})
+                           {up: self.stage_hash(up, config) for up in stage.after}, list(self.stages))
         read = {up: digest for up in stage.after
                 if (digest := _outputs_digest((self.manifest(up) or {}).get("files"))) is not None}
         if main:
@@ -661,12 +665,6 @@ def _pid_alive(lock_path: Path) -> bool:
     except (ValueError, OSError):
         return False
     return pid != os.getpid()
-
-
-def run(config: HumpbackConfig, run_dir: str | Path, until: str | None = None,
-        redo: Sequence[str] = ()) -> dict[str, str]:
-    """Run the method's stages for `config` in `run_dir` (what `humpback run` does)."""
-    return RunFolder(run_dir).run(config, until=until, redo=redo)
 
 
 # -- the outputs' digests: what a manifest records of the files a stage wrote ------------------------------------

@@ -1,40 +1,56 @@
-"""Humpback, top to bottom: every stage of the method in the paper's order (Li et al. 2023, arXiv 2308.06259).
+"""Humpback's stages: every step of the method as a function of the run folder (Li et al. 2023, arXiv 2308.06259).
 
-    seed, segments -> backward (M_yx) -> backward_check -> candidates (self-augmentation) -> m0 -> rate_m0 -> A1
-    -> m1 -> rate_m1 -> A2 -> m2 (Humpback) -> heldout -> eval -> the paper's analyses (tags, selectors, scaling)
-    -> summary
+    seed, segments -> backward (M_yx) -> backward_check -> candidates (self-augmentation) -> m0
+    -> for t = 1..T: rate_m{t-1} -> A{t} -> m{t}          (T = curate.iterations; the paper's 2, M2 = Humpback)
+    -> heldout -> eval -> summary
 
 Each stage is a short function declared where it is defined: what it writes (artifacts of run.RunFiles), which
 stages it reads, which config sections it reads (and may read: `run.config` refuses any other, so a stage's hash
 covers what it reads). It reads its inputs through `run.files`, calls the method's modules (method/: pure
 functions of records, models and settings) and writes its outputs; run.py skips it when nothing it reads has
-changed. Heavy modules are imported inside the stages, so that `humpback status` loads no torch.
+changed. The paper's analyses (Tables 7 and 8, Figure 3) are stages too, in analyses.py; pipeline.py puts them all
+in order. Heavy modules are imported inside the stages, so that `humpback status` loads no torch.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from humpback_nb.infra.files import atomic_dir, atomic_write_json, write_jsonl
-from humpback_nb.method.alpaca_eval import protocol
 from humpback_nb.run import ALL_SECTIONS, PipelineError, Stage, StageRun
 
-STAGES: list[Stage] = []
+DECLARED: dict[str, Stage] = {}  # every stage declared with @stage, by name (pipeline.py orders them)
+Iterations = Callable[[int], tuple[str, ...]]
 
 
-def stage(name: str, *, outputs: tuple[str, ...], after: tuple[str, ...] = (), sections: tuple[str, ...] = (),
-          check=None):
+def stage(name: str, *, outputs: tuple[str, ...], after: tuple[str, ...] | Iterations = (),
+          sections: tuple[str, ...] = (), check=None, cost=None):
     """Declare a stage of the method: the function below it makes `outputs` from the stages `after`; `check(config)`
-    refuses, before a run starts, a config that cannot serve it."""
+    refuses, before a run starts, a config that cannot serve it; `cost(work)` counts its work for `humpback plan`
+    (plan.Work: models trained, prompts read, tokens written, judge calls). A stage whose inputs depend on the number
+    of self-curation iterations T declares `after` as a function of T; its function and cost then take T as
+    `iterations`."""
     def declare(function):
         doc = " ".join((function.__doc__ or "").strip().split("\n\n")[0].split())  # the first paragraph, whole
-        STAGES.append(Stage(name, outputs, after, sections, function, doc, check))
+        DECLARED[name] = Stage(name, outputs, after, sections, function, doc, check, cost)  # type: ignore[arg-type]
         return function
 
     return declare
+
+
+def model_name(t: int) -> str:
+    """The forward model of iteration t: "m0" (the seed pairs only), "m1", ..., "m{T}" (Humpback)."""
+    return f"m{t}"
+
+
+def forward_models(iterations: int) -> tuple[str, ...]:
+    """M0, M1, ..., M_T."""
+    return tuple(model_name(t) for t in range(iterations + 1))
 
 
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
@@ -84,7 +100,11 @@ def _key_ready(url: str, key_env: str, url_key: str, env_key: str, instead: str)
 
 
 # -- 1. Data (paper section 2.1, 3.1) ---------------------------------------------------------------------------
-@stage("seed", outputs=("seed_file",), sections=("data", "random_seed"))
+def seed_cost(work) -> None:
+    work.records("seed", work.config.data.seed_size + work.config.data.heldout_size, sum(work.lengths.seed_mean))
+
+
+@stage("seed", outputs=("seed_file",), sections=("data", "random_seed"), cost=seed_cost)
 def seed(run: StageRun) -> dict:
     """seed pairs: human-written (instruction, output) pairs, split "train" and "heldout"."""
     from humpback_nb.method.data.seed import build_seed
@@ -95,7 +115,8 @@ def seed(run: StageRun) -> dict:
 
 
 @stage("segments", outputs=("segments_file", "segments_dropped_file", "segments_report_file"),
-       sections=("data", "random_seed"))
+       sections=("data", "random_seed"),
+       cost=lambda work: work.records("segment", work.candidates, work.lengths.segment))
 def segments(run: StageRun) -> dict:
     """unlabelled segments: web text cut at headers, filtered as in the paper, sampled."""
     from humpback_nb.method.data.segments import build_segments
@@ -108,7 +129,12 @@ def segments(run: StageRun) -> dict:
 
 
 # -- 2. The backward model M_yx (section 2.2) -------------------------------------------------------------------
-@stage("backward", outputs=("model_dir:backward",), after=("seed",), sections=("model", "train"))
+def backward_cost(work) -> None:
+    work.train("backward", [(work.lengths.seed, work.config.data.seed_size)], work.lengths.backward_overhead,
+               backward=True)
+
+
+@stage("backward", outputs=("model_dir:backward",), after=("seed",), sections=("model", "train"), cost=backward_cost)
 def backward(run: StageRun) -> dict:
     """backward model M_yx: the base model fine-tuned on the seed pairs reversed (output -> instruction)."""
     from humpback_nb.infra.models import load_tokenizer
@@ -126,8 +152,20 @@ def backward(run: StageRun) -> dict:
 BACKWARD_EXAMPLES = 5  # held-out outputs M_yx writes an instruction for in its check (notebook 02 shows them)
 
 
+def backward_check_cost(work) -> None:
+    """The base model and M_yx read each held-out pair backwards once; M_yx writes a few instructions."""
+    lengths, heldout, generate = work.lengths, work.config.data.heldout_size, work.config.generate
+    instruction, output = lengths.seed_mean
+    backwards = lengths.backward_overhead + output + instruction
+    for _ in range(2):
+        work.score(heldout, backwards, backwards)
+    work.generate("candidates", min(BACKWARD_EXAMPLES, heldout), [lengths.backward_overhead + output],
+                  lengths.instruction, generate.instruction_max_new_tokens, generate.batch_size)
+    work.loads(2)
+
+
 @stage("backward_check", outputs=("analysis_file:backward_heldout",), after=("seed", "backward"),
-       sections=("model", "train", "generate", "random_seed"))
+       sections=("model", "train", "generate", "random_seed"), cost=backward_check_cost)
 def backward_check(run: StageRun) -> dict:
     """M_yx's check: the held-out loss of each held-out seed pair's true instruction given its output, under the
     base model and under M_yx (paired bootstrap 95% interval), and the instructions M_yx writes for the first
@@ -163,8 +201,17 @@ def backward_check(run: StageRun) -> dict:
 
 
 # -- 3. Self-augmentation (section 2.2) -------------------------------------------------------------------------
+def candidates_cost(work) -> None:
+    """Every segment kept gets an instruction (an upper bound: degenerate ones are dropped)."""
+    lengths, generate = work.lengths, work.config.generate
+    work.generate("candidates", work.candidates, [lengths.backward_overhead + t for t in lengths.segments],
+                  lengths.instruction, generate.instruction_max_new_tokens, generate.batch_size)
+    work.loads(1)
+    work.records("candidate", work.candidates, lengths.instruction + lengths.segment)
+
+
 @stage("candidates", outputs=("candidates_file", "candidates_dropped_file", "candidates_report_file"),
-       after=("backward", "segments"), sections=("model", "generate"))
+       after=("backward", "segments"), sections=("model", "generate"), cost=candidates_cost)
 def candidates(run: StageRun) -> dict:
     """self-augmentation: M_yx writes an instruction for every segment; degenerate ones are set aside."""
     from humpback_nb.infra.models import load_trained
@@ -182,74 +229,105 @@ def candidates(run: StageRun) -> dict:
     return report
 
 
-# -- 4. Self-curation: M0 rates, A(1)_k (section 2.3) -----------------------------------------------------------
-@stage("m0", outputs=("model_dir:m0",), after=("seed",), sections=("model", "train"))
+# -- 4. Self-curation and its iterations (section 2.3) ---------------------------------------------------------
+@stage("m0", outputs=("model_dir:m0",), after=("seed",), sections=("model", "train"),
+       cost=lambda work: work.train("m0", [(work.lengths.seed, work.config.data.seed_size)],
+                                    work.lengths.forward_overhead["S_a"]))
 def m0(run: StageRun) -> dict:
     """M0: the base model fine-tuned on the seed pairs only (tag S_a)."""
     return train_forward(run, "m0", augmented=None)
 
 
-@stage("rate_m0", outputs=("scores_file:m0",), after=("seed", "m0", "candidates"),
-       sections=("model", "curate", "random_seed"), check=rater_ready)
-def rate_m0(run: StageRun) -> dict:
-    """self-curation: M0 rates every candidate with the paper's 5-point prompt; the rater's check, and the two
-    raters side by side on a few candidates, beside them."""
-    return rate_candidates(run, "m0")
+def iteration(t: int, iterations: int) -> list[Stage]:
+    """Iteration t of T self-curation iterations: M_{t-1} rates every candidate (rate_m{t-1}), A(t)_k keeps those it
+    scores >= k (A{t}), and M_t is fine-tuned on the seed pairs (S_a) and A(t)_k (S_w). The paper runs T = 2: M2 is
+    Humpback."""
+    rater, model = model_name(t - 1), model_name(t)
+    if t == 1:
+        rate_doc = (f"self-curation: {rater.upper()} rates every candidate with the paper's 5-point prompt; the "
+                    "rater's check, and the two raters side by side on a few candidates, beside them.")
+    else:
+        rate_doc = f"self-curation again: {rater.upper()} rates every candidate; the rater's check beside them."
+
+    def curated_cost(work) -> None:
+        work.records("curated", work.a_k, sum(i + o for i, o in work.lengths.curated["A"])
+                     / len(work.lengths.curated["A"]))
+        work.note(f"|A_k| ~ {work.a_k:,} of {work.candidates:,} candidates")
+
+    def model_cost(work) -> None:
+        work.train(model, [(work.lengths.seed, work.config.data.seed_size), (work.lengths.curated["A"], work.a_k)],
+                   work.lengths.forward_overhead["S_a"])
+
+    return [
+        Stage(f"rate_{rater}", (f"scores_file:{rater}",), ("seed", rater, "candidates"),
+              ("model", "curate", "random_seed"), partial(rate_candidates, model_name=rater), rate_doc, rater_ready,
+              partial(rate_cost, compare=t == 1)),
+        Stage(f"A{t}", (f"curated_file:{t}", f"curated_info_file:{t}"), (f"rate_{rater}", "candidates"), ("curate",),
+              partial(curate, scored_by=rater, iteration=t), f"A({t})_k: the candidates {rater.upper()} scored >= k.",
+              cost=curated_cost),
+        Stage(model, (f"model_dir:{model}",), ("seed", f"A{t}"), ("model", "train"),
+              partial(train_forward, name=model, augmented=t),
+              f"{model.upper()}{' (Humpback)' if t == iterations else ''}: fine-tuned on the seed pairs (S_a) and "
+              f"A({t})_k (S_w).", cost=model_cost),
+    ]
 
 
-@stage("A1", outputs=("curated_file:1", "curated_info_file:1"), after=("rate_m0", "candidates"),
-       sections=("curate",))
-def a1(run: StageRun) -> dict:
-    """A(1)_k: the candidates M0 scored >= k."""
-    return curate(run, scored_by="m0", iteration=1)
-
-
-# -- 5. Iteration: M1 rates again, A(2)_k, M2 = Humpback (section 2.3) ------------------------------------------
-@stage("m1", outputs=("model_dir:m1",), after=("seed", "A1"), sections=("model", "train"))
-def m1(run: StageRun) -> dict:
-    """M1: fine-tuned on the seed pairs (S_a) and A(1)_k (S_w)."""
-    return train_forward(run, "m1", augmented=1)
-
-
-@stage("rate_m1", outputs=("scores_file:m1",), after=("seed", "m1", "candidates"),
-       sections=("model", "curate", "random_seed"), check=rater_ready)
-def rate_m1(run: StageRun) -> dict:
-    """self-curation again: M1 rates every candidate; the rater's check beside them."""
-    return rate_candidates(run, "m1")
-
-
-@stage("A2", outputs=("curated_file:2", "curated_info_file:2"), after=("rate_m1", "candidates"),
-       sections=("curate",))
-def a2(run: StageRun) -> dict:
-    """A(2)_k: the candidates M1 scored >= k."""
-    return curate(run, scored_by="m1", iteration=2)
-
-
-@stage("m2", outputs=("model_dir:m2",), after=("seed", "A2"), sections=("model", "train"))
-def m2(run: StageRun) -> dict:
-    """M2 (Humpback): fine-tuned on the seed pairs (S_a) and A(2)_k (S_w)."""
-    return train_forward(run, "m2", augmented=2)
+def rate_cost(work, compare: bool) -> None:
+    """A model rates every candidate, and the rater's check's pairs: the paper's rater writes reasoning, the logprob
+    rater makes one pass. With `compare` (rate_m0), both raters also rate the first curate.compare_size candidates
+    (compare_raters)."""
+    settings, lengths = work.config.curate, work.lengths
+    pairs = [lengths.instruction + t for t in lengths.segments]
+    work.loads(1)
+    work.rate(work.candidates + 2 * settings.sanity_size, pairs)  # the check: held-out seed and shuffled pairs
+    if settings.rater == "logprob":
+        work.records("score", work.candidates, 0)
+        work.note("logprob rater: one forward pass per candidate after the rubric's cached keys and values")
+    else:
+        work.records("score_generate", work.candidates, settings.max_new_tokens)
+        if settings.rater == "generate":
+            work.note(f"generate rater: up to {settings.max_new_tokens} tokens of reasoning per candidate")
+    if compare and settings.compare_size:  # after the rating: its decoding step is the one the notes give
+        compared = min(settings.compare_size, work.candidates)
+        work.generate("rate", compared, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
+                      settings.max_new_tokens, settings.batch_size)
+        pair = sum(min(p, work.config.model.context_length - lengths.rubric - 8) for p in pairs) / len(pairs)
+        work.score(compared, pair, lengths.rubric + pair)
 
 
 # -- 6. Evaluation (section 4) ----------------------------------------------------------------------------------
-HELDOUT_MODELS = ("base", "m0", "m1", "m2")
-HELDOUT_DIFFERENCES = (("m1", "m0"), ("m2", "m0"), ("m2", "m1"), ("m0", "base"), ("m2", "base"))
+def heldout_differences(iterations: int) -> list[tuple[str, str]]:
+    """The differences the heldout stage gives intervals for: each M_t against M0, each M_t against M_{t-1}, M0 and
+    M_T against the base model (T = 2: M1-M0, M2-M0, M2-M1, M0-base, M2-base)."""
+    models = forward_models(iterations)
+    return ([(m, "m0") for m in models[1:]] + [(b, a) for a, b in zip(models[1:], models[2:], strict=False)]
+            + [("m0", "base"), (models[-1], "base")])
 
 
-@stage("heldout", outputs=("analysis_file:heldout_losses",), after=("seed", "m0", "m1", "m2"),
-       sections=("model", "train", "evaluate", "random_seed"))
-def heldout(run: StageRun) -> dict:
+def heldout_cost(work, iterations: int) -> None:
+    """The base model and each forward model read the held-out seed pairs once (one forward pass a pair)."""
+    instruction, output = work.lengths.seed_mean
+    pair = instruction + output + work.lengths.forward_overhead[work.config.evaluate.inference_tags]
+    models = 1 + len(forward_models(iterations))
+    for _ in range(models):
+        work.score(work.config.data.heldout_size, pair, pair)
+    work.loads(models)
+
+
+@stage("heldout", outputs=("analysis_file:heldout_losses",), after=lambda T: ("seed", *forward_models(T)),
+       sections=("model", "train", "evaluate", "random_seed"), cost=heldout_cost)
+def heldout(run: StageRun, iterations: int) -> dict:
     """held-out loss: each model's loss per output token on the held-out seed pairs, and the differences between
     models with paired bootstrap 95% intervals; a number that resolves at any scale, whatever the judge."""
     from humpback_nb.method.sanity import loss_difference, resolved
 
     pairs, tag = run.files.seed_pairs("heldout"), run.config.evaluate.inference_tags
-    losses = {name: heldout_losses(run, name, pairs, tag) for name in HELDOUT_MODELS}
+    losses = {name: heldout_losses(run, name, pairs, tag) for name in ("base", *forward_models(iterations))}
     tokens = sum(n for _, n in losses["base"])
     result = {"pairs": len(pairs), "tokens": tokens, "inference_tags": tag,
               "loss": {name: sum(x for x, _ in rows) / tokens if tokens else None for name, rows in losses.items()},
               "differences": {f"{a} - {b}": loss_difference(losses[a], losses[b], seed=run.config.random_seed)
-                              for a, b in HELDOUT_DIFFERENCES},
+                              for a, b in heldout_differences(iterations)},
               "per_pair": {name: [round(x, 4) for x, _ in rows] for name, rows in losses.items()},
               "tokens_per_pair": [n for _, n in losses["base"]]}
     for difference in result["differences"].values():
@@ -275,29 +353,48 @@ def model_losses(run: StageRun, model, tokenizer, pairs: list[dict], tag: str) -
                 for p in pairs]
     return example_losses(model, tokenizer, examples)
 
-GENERATORS = ("base", "m0", "m1", "m2")
-COMPARISONS = (("m2", "m0"), ("m1", "m0"), ("m0", "base"), ("m2", "base"))
+
+def comparisons(iterations: int) -> list[tuple[str, str]]:
+    """The eval stage's comparisons (T = 2: M2-M0, M1-M0, M0-base, M2-base): Humpback against M0, the first
+    iteration against M0, and M0 and Humpback against the base model."""
+    last = model_name(iterations)
+    return list(dict.fromkeys(((last, "m0"), ("m1", "m0"), ("m0", "base"), (last, "base"))))
 
 
-@stage("eval", outputs=("eval_dir",), after=("m0", "m1", "m2"), sections=("model", "generate", "evaluate"),
-       check=judge_ready)
-def evaluate(run: StageRun) -> dict:
+def eval_cost(work, iterations: int) -> None:
+    """The base model and each forward model answer; with AlpacaEval's annotator each is judged against its reference,
+    and the comparisons and the judge's check on MT-bench's prompts by the kit's judge; else the comparisons and
+    the judge's check (each model against its own shuffled answers) on every prompt."""
+    settings, models = work.config.evaluate, 1 + len(forward_models(iterations))
+    judged = len(comparisons(iterations)) + models  # the comparisons, and each model against its shuffled answers
+    work.answers(models)
+    if settings.annotator == "alpaca_eval_gpt4":
+        work.alpaca_eval(models)
+        if settings.mt_bench_prompts:
+            work.judge(judged, settings.mt_bench_prompts)
+    else:
+        work.judge(judged)
+
+
+@stage("eval", outputs=("eval_dir",), after=forward_models, sections=("model", "generate", "evaluate"),
+       check=judge_ready, cost=eval_cost)
+def evaluate(run: StageRun, iterations: int) -> dict:
     """evaluation: answers of the base model, M0, M1 and M2, judged in both orders; win rates, and the judge's check
     (each model against its own shuffled answers). With annotator alpaca_eval_gpt4, each model's AlpacaEval 1.0 win
     rate against the reference, and MT-bench on its own."""
     from humpback_nb.method import alpaca_eval
     from humpback_nb.method.evaluate import eval_prompts, write_model_outputs
-    from humpback_nb.method.judges import EndpointJudge, judge_name, make_judge
+    from humpback_nb.method.judges import judge_name, make_judge
     from humpback_nb.method.sanity import judge_check, judge_verdict, shuffled_answers
     from humpback_nb.method.winrates import compare
 
-    settings = run.config.evaluate
+    settings, generators = run.config.evaluate, ("base", *forward_models(iterations))
     protocol = alpaca_eval.protocol(settings)  # mixed settings, or a missing reference, fail before any answer
     if settings.annotator == alpaca_eval.ANNOTATOR:
-        annotator, reference = alpaca_eval.load_annotator(), alpaca_eval.load_reference(settings.reference)
+        alpaca_eval.load_reference(settings.reference)
     prompts = eval_prompts(settings)
     answers, judge = {}, None
-    for name in GENERATORS:
+    for name in generators:
         model, tokenizer = load(run, name)
         partial = run.partial(run.files.eval_dir(), part=f"answers_{name}")
         answers[name] = answer(run, model, tokenizer, prompts, name, settings.inference_tags, partial)
@@ -306,24 +403,18 @@ def evaluate(run: StageRun) -> dict:
         del model
     results, pool, prefix = {}, answers, ""
     if settings.annotator == alpaca_eval.ANNOTATOR:  # AlpacaEval's prompts only; MT-bench is judged on its own
-        endpoint = EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
-                                 concurrency=settings.judge_concurrency)
-        ask = alpaca_eval.endpoint_ask(endpoint, annotator)
-        for name in GENERATORS:
-            judged = run.partial(run.files.eval_dir(), part=f"judge_{name}_vs_reference")
-            results[f"{name}_vs_reference"] = alpaca_eval.evaluate(
-                ask, annotator, [r for r in answers[name] if r["id"].startswith("alpaca_eval-")], reference,
-                partial=judged, progress=True, desc=f"AlpacaEval 1.0 {name}", both_orders=settings.both_orders,
-                workers=settings.judge_concurrency)
-        pool = {n: [r for r in rows if r["id"].startswith("mt_bench-")] for n, rows in answers.items()}
+        for name in generators:
+            key = f"{name}_vs_reference"
+            results[key] = versus_reference(run, judge, answers[name], run.files.eval_dir(), key, whole=True)
+        pool = {n: prompts_of(rows, "mt_bench") for n, rows in answers.items()}
         prefix = "mt_bench_"
-    for x, y in COMPARISONS if pool["base"] else ():  # each judgment is kept as it comes: a rerun asks the rest
-        key = f"{prefix}{x}_vs_{y}"
+    for x, y in comparisons(iterations) if pool["base"] else ():  # each judgment is kept as it comes: a rerun asks
+        key = f"{prefix}{x}_vs_{y}"                                  # the rest
         judged = run.partial(run.files.eval_dir(), part=f"judge_{key}")
         results[key] = compare(judge, pool[x], pool[y], partial=judged, progress=True, desc=f"judging {key}")
     # the judge's check: each model's answers against its own answers to other prompts (sanity.py)
     checks, checked = {}, {}
-    for name in GENERATORS if pool["base"] else ():
+    for name in generators if pool["base"] else ():
         key = f"{prefix}{name}_vs_shuffled"
         judged = run.partial(run.files.eval_dir(), part=f"judge_{key}")
         checked[key] = compare(judge, pool[name], shuffled_answers(pool[name]), partial=judged, progress=True,
@@ -332,8 +423,7 @@ def evaluate(run: StageRun) -> dict:
     with atomic_dir(run.files.eval_dir()) as tmp:
         for name, rows in answers.items():
             # AlpacaEval's file holds its own prompts only; every answer, with its prompt id, is in the JSONL
-            write_model_outputs(run.files.model_outputs_file(name, tmp),
-                                [r for r in rows if r["id"].startswith("alpaca_eval-")])
+            write_model_outputs(run.files.model_outputs_file(name, tmp), prompts_of(rows, "alpaca_eval"))
             write_jsonl(run.files.answers_file(name, tmp), rows)
         for key, result in results.items():
             records = result.pop("judgments" if "judgments" in result else "annotations")
@@ -352,260 +442,93 @@ def evaluate(run: StageRun) -> dict:
         "judge_separates": verdict["separates"]}
 
 
+def prompts_of(rows: list[dict], source: str) -> list[dict]:
+    """The rows of one source of evaluation prompts ("alpaca_eval" or "mt_bench"), by their ids' prefix."""
+    return [r for r in rows if r["id"].startswith(f"{source}-")]
+
+
+def versus_reference(run: StageRun, judge, answers: list[dict], output: Path, key: str, whole: bool = False) -> dict:
+    """Judge `answers` against the run's reference under the run's protocol: with AlpacaEval 1.0's annotator against
+    its reference (text-davinci-003's answers) on AlpacaEval's prompts, as the paper does; else with the run's
+    `judge` against the base model's answers (not the paper's protocol). Judgments are kept as they come in the
+    part `judge_<key>` of `output`. The overall win rate, or with `whole` every judgment too."""
+    from humpback_nb.method import alpaca_eval
+    from humpback_nb.method.winrates import compare
+
+    settings, judged = run.config.evaluate, run.partial(output, part=f"judge_{key}")
+    if settings.annotator != alpaca_eval.ANNOTATOR:
+        result = compare(judge, answers, run.files.answers("base"), partial=judged, progress=True,
+                         desc=f"judging {key}")
+    else:
+        annotator = alpaca_eval.load_annotator()
+        ask = alpaca_eval.endpoint_ask(endpoint_judge(settings), annotator)
+        result = alpaca_eval.evaluate(ask, annotator, prompts_of(answers, "alpaca_eval"),
+                                      alpaca_eval.load_reference(settings.reference), partial=judged, progress=True,
+                                      desc=f"AlpacaEval 1.0 {key.removesuffix('_vs_reference')}",
+                                      both_orders=settings.both_orders, workers=settings.judge_concurrency)
+    return result if whole else result["overall"]
+
+
+def endpoint_judge(settings):
+    """The endpoint at evaluate.judge_url (model evaluate.judge), with the run's key and concurrency."""
+    from humpback_nb.method.judges import EndpointJudge
+
+    return EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
+                         concurrency=settings.judge_concurrency)
+
+
+def base_judge(run: StageRun):
+    """The run's judge (`evaluate.judge`): the base model, or an endpoint."""
+    from humpback_nb.method.judges import make_judge
+
+    if run.config.evaluate.judge_url:
+        return make_judge(run.config.evaluate)
+    model, tokenizer = load(run, "base")
+    return make_judge(run.config.evaluate, model, tokenizer)
+
+
 def _cut(answers: list[dict], cap: int) -> dict[str, int]:
     """How many answers the token cap cut off (still being written at generate.max_new_tokens)."""
     return {"cut": sum(not a.get("finished", True) for a in answers), "of": len(answers), "max_new_tokens": cap}
 
 
-# -- 7. The paper's analyses ------------------------------------------------------------------------------------
-@stage("tags", outputs=("analysis_file:table8_tags",), after=("seed", "A2", "m2", "eval"),
-       sections=("model", "train", "generate", "evaluate"), check=judge_ready)
-def tags(run: StageRun) -> dict:
-    """Table 8: M2 answered with each inference tag, and a model trained like M2 without tags, each against the
-    run's reference (AlpacaEval 1.0's when the run uses it, else the base model's answers); and the two models'
-    held-out losses, a difference that resolves where the judge cannot."""
-    from humpback_nb.method import alpaca_eval
-    from humpback_nb.method.analysis import PAPER_TABLE8, TABLE8_VARIANTS
-    from humpback_nb.method.evaluate import eval_prompts
-    from humpback_nb.method.sanity import loss_difference, resolved
-
-    untagged = train_forward(run, "m2_untagged", augmented=2, train_settings=replace(run.config.train, tags=False),
-                             label="Table 8: model 1 of 1 (trained like M2, without tags)")
-    prompts, judge, output = eval_prompts(run.config.evaluate), base_judge(run), run.files.analysis_file("table8_tags")
-    settings, pairs = run.config.evaluate, run.files.seed_pairs("heldout")
-    results, answered, losses = {}, {}, {}
-    for which, name in (("tagged", "m2"), ("untagged", "m2_untagged")):  # each model loaded once
-        model, tokenizer = load(run, name)
-        for label, (kind, tag) in TABLE8_VARIANTS.items():
-            if kind != which or (which, tag) == ("tagged", settings.inference_tags):
-                continue  # M2 with the evaluation's own tags: eval answered and judged these very prompts already
-            key = f"{which}_{tag.replace('+', '')}"
-            answered[label] = (key, answer(run, model, tokenizer, prompts, key, tag, run.partial(output, part=key)))
-        # the same question as a held-out loss, which resolves where the judge cannot: M2 prompted with the
-        # evaluation's tags, the untagged model without a system prompt, on the held-out seed pairs
-        losses[name] = model_losses(run, model, tokenizer, pairs, settings.inference_tags if name == "m2" else "none")
-        del model
-    for label in TABLE8_VARIANTS:
-        if label in answered:
-            key, answers = answered[label]
-            results[label] = versus_reference(run, judge, answers, output, key) | {"paper": PAPER_TABLE8[label]}
-        else:
-            key = "m2_vs_reference" if settings.annotator == alpaca_eval.ANNOTATOR else "m2_vs_base"
-            results[label] = run.files.win_rates()[key]["overall"] | {"paper": PAPER_TABLE8[label], "from": "eval"}
-    difference = loss_difference(losses["m2"], losses["m2_untagged"])
-    heldout = {"m2 - m2_untagged": difference | {"resolved": resolved(difference)},
-               "prompted": {"m2": settings.inference_tags, "m2_untagged": "none"}}
-    atomic_write_json(output, {"protocol": alpaca_eval.protocol(run.config.evaluate), "untagged_model":
-                               untagged["model"], **results, "heldout": heldout})
-    return {label: r["win_rate"] for label, r in results.items()}
-
-
-@stage("selectors", outputs=("analysis_file:table7_selectors",),
-       after=("seed", "candidates", "m0", "m1", "A1", "A2", "eval"),
-       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=rater_and_judge_ready)
-def selectors(run: StageRun) -> dict:
-    """Table 7: M0, M1 (and an endpoint) as selectors: precision, recall, win rate of a model trained on their picks.
-
-    Each selects by the rule the run curates with, on a labelled set with 20% positives (or people's labels)."""
-    from humpback_nb.method.analysis import PAPER_TABLE7, labelled_set, labels_note, read_labels
-
-    settings = run.config.evaluate
-    pairs = (read_labels(settings.selection_labels) if settings.selection_labels else
-             labelled_set(run.files.seed_pairs("heldout"), run.files.candidates(), settings.selection_positives,
-                          run.config.random_seed))
-    judge, results, models = base_judge(run), {}, 3 if settings.judge_url else 2
-    for number, (iteration, name) in enumerate(((1, "m0"), (2, "m1")), 1):
-        label = f"Table 7: model {number} of {models} (trained on {name.upper()}'s selection)"
-        results[name.upper()] = (selector_row(run, judge, pairs, name, iteration, label)
-                                 | {"paper": PAPER_TABLE7[name.upper()]})
-    if settings.judge_url:  # the paper's GPT-4 row: an endpoint rates with the same prompt
-        label = f"Table 7: model 3 of 3 (trained on {settings.judge}'s selection)"
-        results["endpoint"] = endpoint_selector_row(run, judge, pairs, label) | {"paper": PAPER_TABLE7["GPT-4"]}
-    positives = sum(p["label"] for p in pairs)
-    report = {"labels": labels_note(settings.selection_labels), "labels_file": settings.selection_labels,
-              "rater": run.config.curate.rater, "pairs": len(pairs), "positives": positives,
-              "negatives": len(pairs) - positives, "positive_share": positives / max(1, len(pairs)),
-              "selectors": list(results), "train_size": settings.selection_train_size,
-              "training": "a random sample of each selection, alone (tag S_w), with the run's training settings "
-                          "capped at evaluate.scaling_steps", "protocol": protocol(settings), **results}
-    atomic_write_json(run.files.analysis_file("table7_selectors"), report)
-    return {name: {k: r[k] for k in ("precision", "recall", "win_rate")} for name, r in results.items()}
-
-
-@stage("scaling", outputs=("analysis_file:figure3_scaling",), after=("candidates", "rate_m1", "eval"),
-       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=judge_ready)
-def scaling(run: StageRun) -> dict:
-    """Figure 3 / Table 3: win rate of models trained on N augmented pairs of each quality, against N; and each
-    model's held-out loss, the curated sets' against the uncurated one's at each N."""
-    from humpback_nb.method.analysis import (
-        LOG_BASE,
-        NO_CURATION,
-        SCALING_DRAW,
-        SCALING_TRAINING,
-        quality_sets,
-        scaling_fit,
-        scaling_model_name,
-        scaling_sources,
-    )
-    from humpback_nb.method.sanity import loss_difference, resolved
-
-    settings = run.config.evaluate
-    results: dict[str, Any] = {"sizes": settings.scaling_sizes, "protocol": protocol(settings),
-                               "training": SCALING_TRAINING,
-                               "draw": SCALING_DRAW, "log_base": LOG_BASE, "sources": {}}
-    if settings.scaling_sizes:
-        judge = base_judge(run)
-        scores, rater = run.files.scores("m1"), run.config.curate.rater
-        sources = scaling_sources(run.files.candidates(), scores, run.config.random_seed, rater)
-        rules = {name: rule for name, (_, rule) in quality_sets(rater, scores).items()}
-        rules[NO_CURATION] = "every candidate"
-        data = {"candidates": run.upstream["candidates"], "rate_m1": run.upstream["rate_m1"],
-                "random_seed": run.config.random_seed, "draw": "random, nested"}
-        models = sum(n <= len(pool) for pool in sources.values() for n in settings.scaling_sizes)
-        number, losses = 0, {}
-        heldout = run.files.seed_pairs("heldout")  # each model's held-out loss, as the heldout stage measures it
-        for source, pool in sources.items():
-            points = []
-            for n in settings.scaling_sizes:
-                if n > len(pool):
-                    continue  # this quality has fewer pairs than N at this scale
-                number += 1
-                name = scaling_model_name(source, n)
-                points.append(trained_win_rate(run, judge, name, pool[:n], data | {"source": source, "n": n},
-                                               run.files.analysis_file("figure3_scaling"),
-                                               f"Figure 3: model {number} of {models} ({source}, N={n})",
-                                               heldout=heldout) | {"n": n})
-                rows = losses[(source, n)] = points[-1].pop("heldout_rows")
-                points[-1]["heldout_loss"] = sum(x for x, _ in rows) / max(1, sum(t for _, t in rows))
-            results["sources"][source] = ({"rule": rules[source], "available": len(pool), "points": points}
-                                          | scaling_fit(points))
-        # quality against quantity as held-out losses: each curated set's model minus the uncurated one's at each N
-        for (source, n), curated in losses.items():
-            if source != NO_CURATION and (NO_CURATION, n) in losses:
-                difference = loss_difference(curated, losses[(NO_CURATION, n)], seed=run.config.random_seed)
-                results["sources"][source].setdefault("heldout_vs_no_curation", {})[str(n)] = (
-                    difference | {"resolved": resolved(difference)})
-    atomic_write_json(run.files.analysis_file("figure3_scaling"), results)
-    return {source: r["alpha"] for source, r in results["sources"].items()}
-
-
-def selector_row(run: StageRun, judge, pairs: list[dict], name: str, iteration: int, label: str) -> dict:
-    """Table 7's row of `name` (M0 or M1): it rates the labelled pairs with the run's rater and keeps those >= the
-    k of A(iteration)_k, which it selected; a model trained on a sample of A(iteration)_k gives the win rate."""
-    from humpback_nb.method.analysis import selector_quality, training_sample
-    from humpback_nb.method.curate import rate
-
-    output, curated = run.files.analysis_file("table7_selectors"), run.files.curated(iteration)
-    model, tokenizer = load(run, name)
-    scores = rate(model, tokenizer, pairs, run.config.curate, run.config.model.context_length,
-                  partial=run.partial(output, part=f"rate_{name}"))
-    del model
-    size, seed = run.config.evaluate.selection_train_size, f"{run.config.random_seed}:{name}"
-    chosen = training_sample(curated.records, size, seed)
-    data = {f"A{iteration}": run.upstream[f"A{iteration}"], "draw": seed, "size": size}
-    return (selector_quality(pairs, scores, curated.k)
-            | {"rule": curated.rule, "selection": f"A({iteration})_k", "selection_size": len(curated.records)}
-            | selection_win_rate(run, judge, f"selected_{name}", chosen, data, label))
-
-
-def endpoint_selector_row(run: StageRun, judge, pairs: list[dict], label: str) -> dict:
-    """Table 7's endpoint row (the paper's GPT-4): the endpoint rates the labelled pairs with the paper's prompt and
-    no system prompt, keeping scores >= curate.threshold; it then rates candidates in a random order until it has
-    picked evaluate.selection_train_size, and a model trained on those gives the win rate."""
-    from humpback_nb.method.analysis import pick_by_rating, rate_at_endpoint, selector_quality
-    from humpback_nb.method.judges import EndpointJudge
-
-    settings, output, k = run.config.evaluate, run.files.analysis_file("table7_selectors"), run.config.curate.threshold
-    endpoint = EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
-                             concurrency=settings.judge_concurrency)
-    tokens = run.config.curate.max_new_tokens  # room for the reasoning before "Score: N"
-    workers = settings.judge_concurrency
-    scores = rate_at_endpoint(endpoint, pairs, tokens, partial=run.partial(output, part="rate_endpoint"),
-                              workers=workers)
-    picked, rated = pick_by_rating(
-        lambda chunk: rate_at_endpoint(endpoint, chunk, tokens, partial=run.partial(output, part="pick_endpoint"),
-                                       workers=workers),
-        run.files.candidates(), k, settings.selection_train_size, f"{run.config.random_seed}:endpoint")
-    data = {"candidates": run.upstream["candidates"], "rater": f"{settings.judge} at {settings.judge_url}", "k": k,
-            "size": settings.selection_train_size}
-    return (selector_quality(pairs, scores, k)
-            | {"model": settings.judge, "rule": f"score >= {k:g} (curate.threshold)", "candidates_rated": rated}
-            | selection_win_rate(run, judge, "selected_endpoint", picked, data, label))
-
-
-def selection_win_rate(run: StageRun, judge, name: str, chosen: list[dict], data: dict[str, Any],
-                       label: str | None = None) -> dict:
-    """A Table 7 win rate: of a model trained on `chosen` (fewer than evaluate.selection_train_size when the
-    selector picked fewer, said in `note`; none when it picked nothing)."""
-    size = run.config.evaluate.selection_train_size
-    note = f"picked {len(chosen)} pairs, fewer than {size}: trained on them all" if len(chosen) < size else None
-    if not chosen:
-        return {"win_rate": None, "se": None, "trained_on": 0, "note": "picked no pairs: no model trained"}
-    overall = trained_win_rate(run, judge, name, chosen, data, run.files.analysis_file("table7_selectors"), label)
-    return {"win_rate": overall["win_rate"], "se": overall["se"], "trained_on": len(chosen), "note": note,
-            "win": overall}
-
-
-def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: dict[str, Any], output: Path,
-                     label: str | None = None, heldout: list[dict] | None = None) -> dict:
-    """Win rate against the run's reference (`versus_reference`) of model `name`, trained on the augmented `pairs`
-    alone (tag S_w) with the run's training settings, its steps capped by evaluate.scaling_steps (the paper's
-    rule for N otherwise); answers and judgments are kept in parts of `output` as they come."""
-    from humpback_nb.infra.models import load_tokenizer
-    from humpback_nb.method.evaluate import eval_prompts
-    from humpback_nb.method.train import forward_examples
-
-    settings = run.config.evaluate
-    small = replace(run.config.train, max_steps=settings.scaling_steps or run.config.train.max_steps)
-
-    def examples() -> list[dict]:
-        tokenizer = load_tokenizer(run.config.model)
-        return forward_examples(tokenizer, [], pairs, small.max_seq_length, small.tags)
-
-    train(run, name, examples, small, data=data, label=label,
-          about=lambda: f"{len(pairs)} augmented pairs alone{' (tag S_w)' if small.tags else ''}, drawn by {data}")
-    model, tokenizer = load(run, name)
-    answers = answer(run, model, tokenizer, eval_prompts(settings), name, settings.inference_tags,
-                     run.partial(output, part=name))
-    losses = None if heldout is None else model_losses(run, model, tokenizer, heldout, settings.inference_tags)
-    del model
-    overall = versus_reference(run, judge, answers, output, name)
-    return {**overall, "prompts": overall["n"], "model": name} | ({} if losses is None else {"heldout_rows": losses})
-
-
 # -- 8. Every number in one file --------------------------------------------------------------------------------
 @stage("summary", outputs=("summary_file",),
-       after=("segments", "backward_check", "rate_m0", "rate_m1", "heldout", "eval", "A1", "A2", "tags", "selectors",
-              "scaling"),
-       sections=ALL_SECTIONS)
-def summary(run: StageRun) -> dict:
-    """summary: every number of the run in one file (what notebook 07 and the README read)."""
-    result = summarize(run.files, run.config.whole())
+       after=lambda T: ("segments", "backward_check", *(f"rate_{m}" for m in forward_models(T - 1)), "heldout",
+                        "eval", *(f"A{t}" for t in range(1, T + 1)), "tags", "selectors", "scaling"),
+       sections=ALL_SECTIONS, cost=lambda work, iterations: None)  # a file of numbers: no work to count
+def summary(run: StageRun, iterations: int) -> dict:
+    """summary: every number of the run in one file (what notebook 07 and the report read)."""
+    result = summarize(run.files, run.config.whole(), run.stages, iterations)
     atomic_write_json(run.files.summary_file(), result)
     return {"pipeline_seconds": result["pipeline_seconds"]}
 
 
-def summarize(files, config) -> dict[str, Any]:
-    """Sizes, Table 2 (with the k of each A_k), win rates, the analyses, stage times and reports, the config."""
+def summarize(files, config, stages: list[str], iterations: int) -> dict[str, Any]:
+    """Sizes, Table 2 (with the k of each A_k), win rates, the analyses, the times and reports of `stages`, the
+    config."""
     from humpback_nb.method.analysis import quality_sets
     from humpback_nb.method.curate import select
     from humpback_nb.method.data.stats import table2
 
-    manifests = {s.name: manifest for s in STAGES if (manifest := files.manifest(s.name)) is not None}
-    curated = {i: files.curated(i) for i in (1, 2)}
+    manifests = {name: manifest for name in stages if (manifest := files.manifest(name)) is not None}
+    curated = {i: files.curated(i) for i in range(1, iterations + 1)}
     sets = {"seed": files.seed_pairs("train"), "candidates": files.candidates(),
             **{c.label(i): c.records for i, c in curated.items()}}
-    # Table 2's A4^(2) beside A5^(2): the candidates M1 scores >= 4 (the generate rater), or its best 38.8%
-    m1_scores = files.scores("m1")
-    a4_name, (a4_k, _) = list(quality_sets(config.curate.rater, m1_scores).items())[1]
-    a4 = {f"{a4_name} by M1's scores": select(sets["candidates"], m1_scores, a4_k)}
+    # Table 2's A4^(2) beside A5^(2): the candidates the last rater (M1) scores >= 4 (the generate rater), or its
+    # best 38.8%
+    rater = model_name(iterations - 1)
+    scores = files.scores(rater)
+    a4_name, (a4_k, _) = list(quality_sets(config.curate.rater, scores).items())[1]
+    a4 = {f"{a4_name} by {rater.upper()}'s scores": select(sets["candidates"], scores, a4_k)}
     win_rates = files.win_rates()
+    last = curated[iterations]
     return {
         "preset": config.preset,
         "config_hash": config.hash(),
         "sizes": {name: len(records) for name, records in sets.items()} | {"segments": len(files.segments())},
         "curated": {f"A{i}": {"k": c.k, "rule": c.rule, "size": len(c.records)} for i, c in curated.items()},
-        "table2": table2(sets | a4, paper_rows={"candidates": "augmented, all", curated[2].label(2): "A5^(2)",
+        "table2": table2(sets | a4, paper_rows={"candidates": "augmented, all", last.label(iterations): "A5^(2)",
                                                 **dict.fromkeys(a4, "A4^(2)")}),
         "win_rates": {key: {"overall": value["overall"], "per_dataset": value["per_dataset"]}
                       for key, value in win_rates.items() if isinstance(value, dict) and "overall" in value},
@@ -623,14 +546,15 @@ def summarize(files, config) -> dict[str, Any]:
 
 
 def checks(files) -> dict[str, Any]:
-    """What the run's checks found so far: the judge's (eval), the raters' (rate_m0, rate_m1), M_yx's held-out loss
-    (backward_check) and the forward models' (heldout); None or empty where a stage has not run. What
+    """What the run's checks found so far: the judge's (eval), the raters' (rate_m0, rate_m1, ...), M_yx's held-out
+    loss (backward_check) and the forward models' (heldout); None or empty where a stage has not run. What
     `tables.can_show` reads."""
-    rater_checks = {}
-    for name in ("m0", "m1"):
-        report = (files.manifest(f"rate_{name}") or {}).get("report") or {}
+    rater_checks, t = {}, 0
+    while (manifest := files.manifest(f"rate_{model_name(t)}")) is not None or t < 2:
+        report = (manifest or {}).get("report") or {}
         if report.get("rater_check"):
-            rater_checks[name] = report["rater_check"]
+            rater_checks[model_name(t)] = report["rater_check"]
+        t += 1
     win_rates = files.win_rates() if files.win_rates_file().is_file() else {}
     return {"judge_check": win_rates.get("judge_check"), "heldout": files.analysis("heldout_losses"),
             "backward_heldout": files.analysis("backward_heldout"),
@@ -795,35 +719,3 @@ def answer(run: StageRun, model, tokenizer, prompts: list[dict], name: str, tags
 
     return answers(model, tokenizer, prompts, run.config.generate, generator=f"humpback-nb-{name}", tags=tags,
                    partial=partial)
-
-
-def versus_reference(run: StageRun, judge, answers: list[dict], output: Path, key: str) -> dict:
-    """The overall win rate of `answers` as the run measures it: with AlpacaEval 1.0's annotator against its
-    reference (text-davinci-003's answers) on AlpacaEval's prompts, as the paper does; else with the run's judge
-    against the base model's answers (not the paper's protocol). Judgments are kept in a part of `output`."""
-    from humpback_nb.method import alpaca_eval
-    from humpback_nb.method.judges import EndpointJudge
-    from humpback_nb.method.winrates import compare
-
-    settings, judged = run.config.evaluate, run.partial(output, part=f"judge_{key}")
-    if settings.annotator != alpaca_eval.ANNOTATOR:
-        return compare(judge, answers, run.files.answers("base"), partial=judged, progress=True,
-                       desc=f"judging {key}")["overall"]
-    annotator = alpaca_eval.load_annotator()
-    endpoint = EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
-                             concurrency=settings.judge_concurrency)
-    ask = alpaca_eval.endpoint_ask(endpoint, annotator)
-    return alpaca_eval.evaluate(ask, annotator, [a for a in answers if a["id"].startswith("alpaca_eval-")],
-                                alpaca_eval.load_reference(settings.reference), partial=judged, progress=True,
-                                desc=f"AlpacaEval 1.0 {key}", both_orders=settings.both_orders,
-                                workers=settings.judge_concurrency)["overall"]
-
-
-def base_judge(run: StageRun):
-    """The run's judge (`evaluate.judge`): the base model, or an endpoint."""
-    from humpback_nb.method.judges import make_judge
-
-    if run.config.evaluate.judge_url:
-        return make_judge(run.config.evaluate)
-    model, tokenizer = load(run, "base")
-    return make_judge(run.config.evaluate, model, tokenizer)

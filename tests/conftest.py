@@ -86,7 +86,8 @@ def finished_tiny_run(executed_notebooks):
     """A run folder with every stage of the `tiny` preset done: the one the notebooks filled (finished here if a
     notebook failed midway). Shared: a test that changes a run copies it first (shutil.copytree)."""
     from humpback_nb.config import load_preset
-    from humpback_nb.run import RunFiles, run
+    from humpback_nb.pipeline import run
+    from humpback_nb.run import RunFiles
 
     path = executed_notebooks[0]
     if not RunFiles(path).summary_file().is_file():

@@ -389,7 +389,7 @@ def test_alpaca_eval_1_against_a_scripted_gpt4_in_its_own_order_matches_alpaca_e
 
 def run_eval_stage(tmp_path, monkeypatch, settings: EvaluateConfig):
     """The eval stage on canned answers (m2 mentions a whale, the others do not); the run's files."""
-    from humpback_nb import stages
+    from humpback_nb import pipeline, stages
     from humpback_nb.config import HumpbackConfig
     from humpback_nb.run import RunFiles, StageConfig, StageRun
 
@@ -401,9 +401,9 @@ def run_eval_stage(tmp_path, monkeypatch, settings: EvaluateConfig):
     monkeypatch.setattr(stages, "answer", canned)
     config = HumpbackConfig()
     config.evaluate = settings
-    stage = next(s for s in stages.STAGES if s.name == "eval")
+    stage = next(s for s in pipeline.STAGES if s.name == "eval")
     files = RunFiles(tmp_path / "run")
-    stages.evaluate(StageRun(files, StageConfig(config, stage), stage, "h", {}))
+    stages.evaluate(StageRun(files, StageConfig(config, stage), stage, "h", {}), iterations=2)
     return files
 
 

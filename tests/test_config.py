@@ -213,11 +213,11 @@ def test_a_notebook_on_a_run_uses_its_settings_and_stops_when_its_own_differ(tmp
 
 
 def test_where_numbers_are_reported_changes_no_hash(tmp_path):
-    from humpback_nb.run import RunFolder
+    from humpback_nb.pipeline import open_run
 
     config = load_preset("tiny")
     tracked = with_overrides(config, {"train.report_to": ["tensorboard"]})
     assert tracked.hash() == config.hash()
-    folder = RunFolder(tmp_path / "run")
+    folder = open_run(tmp_path / "run")
     assert all(folder.stage_hash(name, tracked) == folder.stage_hash(name, config) for name in folder.stages)
     assert with_overrides(config, {"train.lora_r": 8}).hash() != config.hash()

@@ -9,6 +9,7 @@ import yaml
 from humpback_nb.cli import main
 from humpback_nb.config import load_preset
 from humpback_nb.infra.files import write_jsonl
+from humpback_nb.pipeline import open_run
 from humpback_nb.run import RunFolder, Stage
 
 CALLS: list[str] = []
@@ -82,7 +83,7 @@ def later(path, seconds=5):
 
 
 def cli_status(folder, monkeypatch, capsys):
-    monkeypatch.setattr("humpback_nb.cli.RunFolder", lambda path: RunFolder(path, STAGES))
+    monkeypatch.setattr("humpback_nb.cli.open_run", lambda path, config=None: RunFolder(path, STAGES))
     assert main(["status", "--run-dir", str(folder.path)]) == 0
     return capsys.readouterr().out
 
@@ -198,8 +199,8 @@ def test_the_stage_hashes_do_not_depend_on_the_outputs(folder, config):
 def test_status_names_a_cut_candidates_file_of_the_tiny_run(finished_tiny_run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(finished_tiny_run, copy, ignore=shutil.ignore_patterns("notebooks"))
-    assert "damaged" not in {r["state"] for r in RunFolder(copy).status()}
-    candidates = RunFolder(copy).files.candidates_file()
+    assert "damaged" not in {r["state"] for r in open_run(copy).status()}
+    candidates = open_run(copy).files.candidates_file()
     candidates.write_text(candidates.read_text().splitlines(keepends=True)[0])
     assert main(["status", "--run-dir", str(copy)]) == 0
     out = capsys.readouterr().out

@@ -22,7 +22,7 @@ from humpback_nb.method.data.segments import (
 )
 from humpback_nb.method.data.stats import length_stats, table2
 from humpback_nb.nb import tables
-from humpback_nb.run import RunFolder
+from humpback_nb.pipeline import open_run
 
 NAV = DataConfig().navigation_headers
 PROSE = ("Humpback whales travel thousands of kilometres between feeding and breeding grounds every year. "
@@ -235,7 +235,7 @@ def test_a_bad_seed_file_leaves_nothing_in_the_run_folder(tmp_path):
     path = tmp_path / "seed.jsonl"
     path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n')
     config = with_overrides(load_preset("tiny"), {"data.seed_source": str(path)})
-    folder = RunFolder(tmp_path / "run")
+    folder = open_run(tmp_path / "run")
     with pytest.raises(DataError, match="line 2: missing field 'output'"):
         folder.run(config, until="seed", log=lambda _: None)
     assert sorted(p.name for p in folder.path.iterdir()) == ["config.yaml"]
@@ -259,7 +259,7 @@ def test_table2_numbers():
 # -- the stages ------------------------------------------------------------------------------------
 def test_tiny_data_stages(tmp_path):
     config = load_preset("tiny")
-    folder = RunFolder(tmp_path / "run")
+    folder = open_run(tmp_path / "run")
     assert folder.run(config, until="segments", log=lambda _: None) == {"seed": "ran", "segments": "ran"}
     train, heldout = folder.files.seed_pairs("train"), folder.files.seed_pairs("heldout")
     assert (len(train), len(heldout)) == (config.data.seed_size, config.data.heldout_size)
@@ -272,7 +272,7 @@ def test_tiny_data_stages(tmp_path):
 @pytest.mark.slow
 def test_demo_preset_gives_at_least_200_segments_that_pass_every_filter(tmp_path):
     config = load_preset("demo")
-    folder = RunFolder(tmp_path / "run")
+    folder = open_run(tmp_path / "run")
     folder.run(config, until="segments", log=lambda _: None)
     segments = folder.files.segments()
     assert len(segments) >= 200

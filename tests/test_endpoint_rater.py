@@ -13,7 +13,8 @@ import pytest
 from conftest import chat_reply, send_json
 
 from humpback_nb.config import load_preset, with_overrides
-from humpback_nb.run import RunFiles, RunFolder
+from humpback_nb.pipeline import open_run
+from humpback_nb.run import RunFiles
 
 pytestmark = pytest.mark.slow
 
@@ -67,11 +68,11 @@ def test_an_endpoint_rater_curates_a_k_concurrently_resumably_and_passes_the_rat
     oracle = Oracle(pairs, fail_after=10)
     config = settings(loopback(oracle))
     with pytest.raises(Exception, match="quota exceeded"):
-        RunFolder(run_dir).run(config, until="A1", log=lambda line: None)
+        open_run(run_dir).run(config, until="A1", log=lambda line: None)
     assert files.manifest("rate_m0") is None  # not done
 
     oracle.fail_after, oracle.requests = None, 0  # the quota is back: the same endpoint, the same settings
-    RunFolder(run_dir).run(config, until="A1", log=lambda line: None)
+    open_run(run_dir).run(config, until="A1", log=lambda line: None)
     report = files.manifest("rate_m0")["report"]
     rated = len(files.candidates()) + len(report["sanity_scores"]["seed"]) + len(report["sanity_scores"]["shuffled"])
     assert rated - 10 <= oracle.requests < rated  # the kept ratings were not asked for again

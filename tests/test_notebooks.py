@@ -119,7 +119,7 @@ def test_after_a_change_of_learning_rate_every_model_is_trained_again(finished_t
     import subprocess
     import sys
 
-    from humpback_nb.run import RunFolder
+    from humpback_nb.pipeline import open_run
 
     command = [sys.executable, "-m", "humpback_nb.cli", "run", "--preset", "tiny"]
     copy = tmp_path / "run"
@@ -132,7 +132,7 @@ def test_after_a_change_of_learning_rate_every_model_is_trained_again(finished_t
                "--set", "evaluate.alpaca_eval_prompts=2", "--set", "evaluate.mt_bench_prompts=1",
                "--set", "evaluate.scaling_sizes=[2]"]  # one Figure 3 model per set
     subprocess.run([*command, "--run-dir", str(copy), *changed], check=True, capture_output=True, timeout=900)
-    files, rows = RunFiles(copy), RunFolder(copy).status()
+    files, rows = RunFiles(copy), open_run(copy).status()
     # Which Figure 3 models there are depends on how many candidates each quality keeps, which the retrained models
     # decide anew (and which the CPU's rounding can move): the models are those the finished stages name, no others.
     after = sorted(model["model"] for row in rows for model in row["models"])

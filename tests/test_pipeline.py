@@ -6,8 +6,8 @@ import pytest
 from humpback_nb.cli import main
 from humpback_nb.config import load_preset, with_overrides
 from humpback_nb.infra.files import read_jsonl, write_jsonl
+from humpback_nb.pipeline import STAGES
 from humpback_nb.run import PipelineError, RunFiles, RunFolder, SectionError, Stage
-from humpback_nb.stages import STAGES
 
 CALLS: list[str] = []
 
@@ -105,7 +105,7 @@ def test_clear_makes_the_stage_and_its_readers_pending(folder, config):
 
 def test_one_process_at_a_time(folder):
     folder.path.mkdir(parents=True)
-    code = f"from humpback_nb.run import RunFolder\nwith RunFolder({str(folder.path)!r}).lock(): pass"
+    code = f"from humpback_nb.run import RunFolder\nwith RunFolder({str(folder.path)!r}, ()).lock(): pass"
     with folder.lock():
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert other.returncode != 0 and "another process" in other.stderr
@@ -126,7 +126,7 @@ def test_the_methods_stages_read_only_earlier_stages_in_the_papers_order():
     assert [stage.name for stage in STAGES] == ["seed", "segments", "backward", "backward_check", "candidates", "m0",
                                                 "rate_m0", "A1", "m1", "rate_m1", "A2", "m2", "heldout", "eval", "tags",
                                                 "selectors", "scaling", "summary"]
-    folder = RunFolder("runs/x")  # every declared output names an artifact of the run folder
+    folder = RunFolder("runs/x", STAGES)  # every declared output names an artifact of the run folder
     assert all(folder.outputs(stage.name) for stage in STAGES)
     # what `humpback status` and the report say of each stage: its docstring's first paragraph, whole sentences
     assert all(stage.doc.endswith((".", ")")) and "\n" not in stage.doc for stage in STAGES), [
@@ -182,12 +182,13 @@ def test_a_stage_that_reads_an_undeclared_section_stops_with_its_name_and_the_se
 
 
 def test_the_cli_reports_an_undeclared_section_in_one_line(tmp_path, monkeypatch, capsys):
-    import humpback_nb.stages
+    import humpback_nb.pipeline
 
     def sneaky(run):
         return run.config.evaluate.judge
 
-    monkeypatch.setattr(humpback_nb.stages, "STAGES", [Stage("sneaky", ("summary_file",), (), ("data",), sneaky)])
+    monkeypatch.setattr(humpback_nb.pipeline, "pipeline",
+                        lambda iterations: [Stage("sneaky", ("summary_file",), (), ("data",), sneaky)])
     assert main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "humpback: error: stage 'sneaky' reads config section 'evaluate', which it does not declare (it declares "

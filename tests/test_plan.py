@@ -19,7 +19,6 @@ from humpback_nb.plan import (
     OPS_PER_NF4_LINEAR,
     OPS_PER_STEP,
     PAPER_CHARS,
-    STAGE_ORDER,
     Architecture,
     _Costing,
     a_k_size,
@@ -32,6 +31,7 @@ from humpback_nb.plan import (
     training_schedule,
     weight_bytes,
 )
+from humpback_nb.run import PipelineError
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,31 @@ def paper_full():
 
 
 def test_the_plan_lists_every_stage_in_the_order_of_the_method(tiny):
-    from humpback_nb.stages import STAGES
+    from humpback_nb.pipeline import STAGES
 
     assert [s.stage for s in tiny.stages] == [s.name for s in STAGES]
+
+
+def test_the_plan_walks_the_stages_a_run_runs(monkeypatch):
+    """A third iteration appears in the plan as it appears in the run; a stage that declares no cost stops the plan
+    with its name."""
+    from dataclasses import replace
+
+    from humpback_nb import plan as plan_module
+    from humpback_nb.pipeline import pipeline
+
+    three = build_plan(with_overrides(load_preset("tiny"), {"curate.iterations": 3}))
+    names = [s.stage for s in three.stages]
+    assert names == [s.name for s in pipeline(3)]
+    assert names[names.index("m2") + 1:names.index("m2") + 4] == ["rate_m2", "A3", "m3"]
+    assert [n for s in three.stages for n in s.models][:5] == ["backward", "m0", "m1", "m2", "m3"]
+    assert next(s for s in three.stages if s.stage == "heldout").model_runs == 5  # base, M0..M3
+    assert "m3_untagged" in next(s for s in three.stages if s.stage == "tags").models
+
+    monkeypatch.setattr(plan_module, "pipeline", lambda t: [replace(s, cost=None) if s.name == "A1" else s
+                                                            for s in pipeline(t)])
+    with pytest.raises(PipelineError, match="stage 'A1' declares no cost"):
+        build_plan(load_preset("tiny"))
 
 
 def test_the_tiny_plan_trains_exactly_the_models_of_a_tiny_run(tiny):
@@ -282,7 +304,7 @@ def test_known_models_are_read_from_hub_ids():
 def test_markdown_has_a_row_per_stage_and_a_total(paper_full):
     lines = render_markdown(paper_full).splitlines()
     assert lines[0].startswith("| stage |") and "wall hours" in lines[0]
-    assert sum(line.startswith("| ") for line in lines) == 1 + len(STAGE_ORDER) + 1
+    assert sum(line.startswith("| ") for line in lines) == 1 + len(paper_full.stages) + 1
 
 
 def test_the_cli_prints_the_totals_and_exits_0(capsys):

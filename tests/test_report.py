@@ -15,8 +15,9 @@ import pytest
 
 from humpback_nb.cli import main
 from humpback_nb.infra.files import write_jsonl
+from humpback_nb.pipeline import open_run
 from humpback_nb.report import FIGURES
-from humpback_nb.run import RunFiles, RunFolder
+from humpback_nb.run import RunFiles
 
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror="alert(2)">'
 SECTIONS = ("tables", "figures", "curation", "kept", "dropped", "stages", "config")
@@ -93,7 +94,7 @@ def test_the_report_has_every_section_figure_the_config_and_stage_times(report):
     # the config as written, and each stage's seconds and each model's hash
     assert "preset: tiny" in section(page, "config")
     stages = section(page, "stages")
-    for row in RunFolder(files.root).status():  # the copy's edited files and missing weights: damaged stages
+    for row in open_run(files.root).status():  # the copy's edited files and missing weights: damaged stages
         assert f"<td>{row['stage']}</td><td>{row['state']}</td><td class=\"right\">{row['seconds']:.1f}</td>" in stages
         for model in row["models"]:
             assert model["hash"] in stages

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from humpback_nb.config import ConfigError, CurateConfig
 from humpback_nb.infra.files import RecordError, parse_jsonl
-from humpback_nb.method.curate import rate_at_endpoint as rate_at_endpoint  # lives in curate.py, kept here for now
 from humpback_nb.method.curate import select, selection_threshold
 from humpback_nb.method.data.inputs import read_input_text
 

@@ -38,13 +38,14 @@ def open_run(preset: str | None = None, run_dir: str | Path = "runs/demo", confi
     empty folder the demo preset). Otherwise the config is the layers given (config.resolve_config); on a folder
     that holds a run made with other settings, the notebook stops with the differences and the ways on, and the
     run is left as it is."""
+    from humpback_nb import pipeline
     from humpback_nb.config import ConfigError, config_differences, load_preset, resolve_config
-    from humpback_nb.run import RunFolder
 
-    folder = RunFolder(project_path(run_dir))
+    folder = pipeline.open_run(project_path(run_dir))  # with the stages of the config stored there
     existing = folder.config() if folder.files.config_file().is_file() else None
     if preset is None and config_file is None and not overrides:
-        return existing or load_preset("demo"), folder
+        config = existing or load_preset("demo")
+        return config, pipeline.open_run(folder.path, config)
     if config_file is not None:
         config_file = project_path(config_file)
     config = resolve_config(preset, config_file, overrides)
@@ -57,7 +58,7 @@ def open_run(preset: str | None = None, run_dir: str | Path = "runs/demo", confi
             "Nothing was changed. Set preset = None, config_file = None and overrides = {} to continue with the "
             "run's own settings; or choose another run_dir for these settings; or, to redo this run with them, "
             f"run `humpback run --run-dir {folder.path} ...` with these settings (the stages they touch run again).")
-    return config, folder
+    return config, pipeline.open_run(folder.path, config)
 
 
 def figures_folder(folder, figures_dir: str | Path | None = None) -> Path:
