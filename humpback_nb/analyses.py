@@ -43,7 +43,7 @@ def tags_cost(work, iterations: int) -> None:
     work.versus_reference(answered)
 
 
-@stage("tags", outputs=("analysis_file:table8_tags",), after=lambda T: ("seed", f"A{T}", model_name(T), "eval"),
+@stage("tags", outputs=("analysis:table8_tags",), after=lambda T: ("seed", f"A{T}", model_name(T), "eval"),
        sections=("model", "train", "generate", "evaluate"), check=judge_ready, cost=tags_cost)
 def tags(run: StageRun, iterations: int) -> dict:
     """Table 8: M2 answered with each inference tag, and a model trained like M2 without tags, each against the
@@ -58,7 +58,8 @@ def tags(run: StageRun, iterations: int) -> dict:
     untagged = train_forward(run, f"{last}_untagged", augmented=iterations,
                              train_settings=replace(run.config.train, tags=False),
                              label=f"Table 8: model 1 of 1 (trained like {last.upper()}, without tags)")
-    prompts, judge, output = eval_prompts(run.config.evaluate), base_judge(run), run.files.analysis_file("table8_tags")
+    prompts, judge = eval_prompts(run.config.evaluate), base_judge(run)
+    output = run.files.path("analysis", "table8_tags")
     settings, pairs = run.config.evaluate, run.files.seed_pairs("heldout")
     results, answered, losses = {}, {}, {}
     for which, name in (("tagged", last), ("untagged", untagged["model"])):  # each model loaded once
@@ -120,7 +121,7 @@ def selectors_cost(work) -> None:
     work.versus_reference(len(selected))
 
 
-@stage("selectors", outputs=("analysis_file:table7_selectors",),
+@stage("selectors", outputs=("analysis:table7_selectors",),
        after=("seed", "candidates", "m0", "m1", "A1", "A2", "eval"),
        sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=rater_and_judge_ready,
        cost=selectors_cost)
@@ -149,7 +150,7 @@ def selectors(run: StageRun) -> dict:
               "selectors": list(results), "train_size": settings.selection_train_size,
               "training": "a random sample of each selection, alone (tag S_w), with the run's training settings "
                           "capped at evaluate.scaling_steps", "protocol": protocol(settings), **results}
-    atomic_write_json(run.files.analysis_file("table7_selectors"), report)
+    atomic_write_json(run.files.path("analysis", "table7_selectors"), report)
     return {name: {k: r[k] for k in ("precision", "recall", "win_rate")} for name, r in results.items()}
 
 
@@ -182,7 +183,7 @@ def scaling_cost(work, iterations: int) -> None:
         work.versus_reference(models)
 
 
-@stage("scaling", outputs=("analysis_file:figure3_scaling",),
+@stage("scaling", outputs=("analysis:figure3_scaling",),
        after=lambda T: ("candidates", f"rate_{model_name(T - 1)}", "eval"),
        sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=judge_ready,
        cost=scaling_cost)
@@ -225,7 +226,7 @@ def scaling(run: StageRun, iterations: int) -> dict:
                 number += 1
                 name = scaling_model_name(source, n)
                 points.append(trained_win_rate(run, judge, name, pool[:n], data | {"source": source, "n": n},
-                                               run.files.analysis_file("figure3_scaling"),
+                                               run.files.path("analysis", "figure3_scaling"),
                                                f"Figure 3: model {number} of {models} ({source}, N={n})",
                                                heldout=heldout) | {"n": n})
                 rows = losses[(source, n)] = points[-1].pop("heldout_rows")
@@ -238,7 +239,7 @@ def scaling(run: StageRun, iterations: int) -> dict:
                 difference = loss_difference(curated, losses[(NO_CURATION, n)], seed=run.config.random_seed)
                 results["sources"][source].setdefault("heldout_vs_no_curation", {})[str(n)] = (
                     difference | {"resolved": resolved(difference)})
-    atomic_write_json(run.files.analysis_file("figure3_scaling"), results)
+    atomic_write_json(run.files.path("analysis", "figure3_scaling"), results)
     return {source: r["alpha"] for source, r in results["sources"].items()}
 
 
@@ -248,7 +249,7 @@ def selector_row(run: StageRun, judge, pairs: list[dict], name: str, iteration: 
     from humpback_nb.method.analysis import selector_quality, training_sample
     from humpback_nb.method.curate import rate
 
-    output, curated = run.files.analysis_file("table7_selectors"), run.files.curated(iteration)
+    output, curated = run.files.path("analysis", "table7_selectors"), run.files.curated(iteration)
     model, tokenizer = load(run, name)
     scores = rate(model, tokenizer, pairs, run.config.curate, run.config.model.context_length,
                   partial=run.partial(output, part=f"rate_{name}"))
@@ -268,7 +269,8 @@ def endpoint_selector_row(run: StageRun, judge, pairs: list[dict], label: str) -
     from humpback_nb.method.analysis import pick_by_rating, selector_quality
     from humpback_nb.method.curate import rate_at_endpoint
 
-    settings, output, k = run.config.evaluate, run.files.analysis_file("table7_selectors"), run.config.curate.threshold
+    settings, k = run.config.evaluate, run.config.curate.threshold
+    output = run.files.path("analysis", "table7_selectors")
     endpoint = endpoint_judge(settings)
     tokens = run.config.curate.max_new_tokens  # room for the reasoning before "Score: N"
     workers = settings.judge_concurrency
@@ -293,7 +295,7 @@ def selection_win_rate(run: StageRun, judge, name: str, chosen: list[dict], data
     note = f"picked {len(chosen)} pairs, fewer than {size}: trained on them all" if len(chosen) < size else None
     if not chosen:
         return {"win_rate": None, "se": None, "trained_on": 0, "note": "picked no pairs: no model trained"}
-    overall = trained_win_rate(run, judge, name, chosen, data, run.files.analysis_file("table7_selectors"), label)
+    overall = trained_win_rate(run, judge, name, chosen, data, run.files.path("analysis", "table7_selectors"), label)
     return {"win_rate": overall["win_rate"], "se": overall["se"], "trained_on": len(chosen), "note": note,
             "win": overall}
 

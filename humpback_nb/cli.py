@@ -150,8 +150,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     folder = open_run(args.run_dir)
-    if not folder.files.config_file().is_file():
-        print(f"{folder.path}: no run here yet (no {folder.files.config_file().name}); stages of the method:")
+    if not folder.files.path("config").is_file():
+        print(f"{folder.path}: no run here yet (no {folder.files.path('config').name}); stages of the method:")
     else:
         config = folder.config()
         print(f"{folder.path}: preset {config.preset}, config hash {config.hash()}")
@@ -240,8 +240,8 @@ def _notebooks(args: argparse.Namespace) -> int:
     executed = execute_all(args.preset, args.run_dir, names=args.only, config_file=args.config,
                            overrides=_overrides(args.set), verbose=not args.quiet)
     minutes = (time.time() - started) / 60
-    print(f"executed {len(executed)} notebook(s) in {minutes:.1f} min: {RunFiles(args.run_dir).notebooks_dir()}")
-    summary = RunFiles(args.run_dir).summary_file()
+    print(f"executed {len(executed)} notebook(s) in {minutes:.1f} min: {RunFiles(args.run_dir).path('notebooks')}")
+    summary = RunFiles(args.run_dir).path("summary")
     if summary.is_file():
         from humpback_nb.report import main_result
 
@@ -250,7 +250,7 @@ def _notebooks(args: argparse.Namespace) -> int:
         headline = main_result(numbers)  # with the judge's verdict: a win rate it cannot resolve is said to be noise
         if headline:
             print(headline)
-    print(f"figures: {RunFiles(args.run_dir).figures_dir()}")
+    print(f"figures: {RunFiles(args.run_dir).path('figures')}")
     return 0
 
 

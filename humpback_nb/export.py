@@ -30,7 +30,7 @@ def trained_models(run_dir: str | Path) -> list[str]:
     """Names of the models a run has trained (models/<name> with its training log)."""
     from humpback_nb.infra.models import TRAIN_LOG
 
-    folder = RunFiles(run_dir).models_dir()
+    folder = RunFiles(run_dir).path("models")
     return sorted(p.name for p in folder.iterdir() if (p / TRAIN_LOG).is_file()) if folder.is_dir() else []
 
 
@@ -45,7 +45,7 @@ def run_model(run_dir: str | Path, model: str, allow_base: bool = False) -> tupl
     if model not in have:
         raise PipelineError(f"{folder.path}: no trained model {model!r}; this run has: "
                             f"{', '.join(have) if have else 'none yet'}" + (" (and base)" if allow_base else ""))
-    return config, folder.files.model_dir(model)
+    return config, folder.files.path("model", model)
 
 
 def export(run_dir: str | Path, model: str, to: str | Path, say=print) -> Path:

@@ -103,13 +103,13 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
     tokenizer = load_tokenizer(config.model)
 
     candidates = files.manifest("candidates")["report"]
-    scores = _jsonl(files.scores_file("m0"))
+    scores = _jsonl(files.path("scores", "m0"))
     rating_seconds = files.manifest("rate_m0")["seconds"]
     rated_tokens = sum(len(tokenizer(s.get("reasoning", ""), add_special_tokens=False)["input_ids"])
                        for s in scores)
 
     log("M0 answers the evaluation prompts")
-    model, tokenizer = load_trained(config.model, files.model_dir("m0"))
+    model, tokenizer = load_trained(config.model, files.path("model", "m0"))
     prompts = eval_prompts(config.evaluate)
     started = time.time()
     with timing() as answering:
@@ -119,10 +119,10 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
     answer_seconds = time.time() - started
     del model
 
-    texts = ([c["instruction"] for c in _jsonl(files.candidates_file())]
+    texts = ([c["instruction"] for c in _jsonl(files.path("candidates"))]
              + [s.get("reasoning", "") for s in scores] + [a["text"] for a in answers])
     leaked = sum(any(marker in text for marker in TEMPLATE_TEXT) for text in texts)
-    logs = {name: read_train_log(files.model_dir(name)) for name in ("backward", "m0")}
+    logs = {name: read_train_log(files.path("model", name)) for name in ("backward", "m0")}
     generated = candidates["segments"]
     stop = {
         "self-augmentation (M_yx writes instructions)": 1 - candidates["unfinished"] / max(1, generated),
@@ -191,7 +191,7 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
     if not cuda:
         report["note"] = ("no CUDA: the embedded model dressed as a base model ran on the CPU after a few steps of "
                           "training; its stop and parse rates say little about a 7B model")
-    atomic_write_json(files.gpu_check_file(), report)
+    atomic_write_json(files.path("gpu_check"), report)
     return report
 
 
@@ -225,5 +225,5 @@ def main(run_dir: str | Path, model: str | None = None, overrides: dict[str, Any
     """What `humpback gpu-check` does: run, print the verdicts; exit status 1 when a check fails."""
     report = gpu_check(run_dir, check_config(model, overrides=overrides))
     print(format_report(report))
-    print(f"report: {RunFiles(run_dir).gpu_check_file()}", file=sys.stderr)
+    print(f"report: {RunFiles(run_dir).path('gpu_check')}", file=sys.stderr)
     return 0 if report["passed"] else 1

@@ -51,7 +51,7 @@ def open_run(path: str | Path, config: HumpbackConfig | None = None) -> RunFolde
     """The run folder at `path` with the stages of `config`, or of the config stored there (the paper's two
     iterations when there is none yet)."""
     folder = Path(path)
-    if config is None and RunFiles(folder).config_file().is_file():
+    if config is None and RunFiles(folder).path("config").is_file():
         config = RunFolder(folder, STAGES).config()
     return RunFolder(folder, pipeline(config.curate.iterations if config is not None else 2))
 

@@ -133,10 +133,10 @@ def _rater_sanity(files: RunFiles, summary) -> Any:
     if scores:
         verdict = f": {'tells' if check['tells_apart'] else 'cannot tell'} matched from shuffled pairs" if check else ""
         return plots.score_distributions(scores, title=f"Rater sanity check (M0){verdict}")
-    path = files.figures_dir() / "rater_sanity.png"
+    path = files.path("figures") / "rater_sanity.png"
     if not path.is_file():
         return (f"not in this run: notebook 04 rates the sanity pairs with M0 and writes {path.name} to "
-                f"{files.figures_dir().name}/ (`humpback notebooks`)")
+                f"{files.path('figures').name}/ (`humpback notebooks`)")
     return path.read_bytes()
 
 
@@ -144,31 +144,33 @@ FIGURES = (
     FigureSpec("fig-method", "The method (paper Figure 1)", "00", lambda f: [],
                lambda f, s: plots.method_overview()),
     FigureSpec("fig-funnel", "From documents to segments: what each filter removed", "01",
-               lambda f: [f.segments_report_file()],
+               lambda f: [f.path("segments_report")],
                lambda f, s: plots.filter_funnel(f.segments_report()["funnel"])),
     FigureSpec("fig-data-lengths", "Lengths of the seed pairs and the segments", "01",
-               lambda f: [f.seed_file(), f.segments_file()], _data_lengths),
+               lambda f: [f.path("seed"), f.path("segments")], _data_lengths),
     FigureSpec("fig-backward-loss", "The backward model M_yx: loss and learning rate", "02",
-               lambda f: [f.model_dir("backward")], lambda f, s: plots.loss_curves({"M_yx": f.train_log("backward")})),
+               lambda f: [f.path("model", "backward")],
+               lambda f, s: plots.loss_curves({"M_yx": f.train_log("backward")})),
     FigureSpec("fig-instruction-lengths", "Instruction lengths: seed against generated", "03",
-               lambda f: [f.seed_file(), f.candidates_file()], _instruction_lengths),
-    FigureSpec("fig-first-words", "First word of the generated instructions", "03", lambda f: [f.candidates_file()],
+               lambda f: [f.path("seed"), f.path("candidates")], _instruction_lengths),
+    FigureSpec("fig-first-words", "First word of the generated instructions", "03", lambda f: [f.path("candidates")],
                lambda f, s: plots.first_words([r["instruction"] for r in f.candidates()])),
     FigureSpec("fig-m0-loss", "M_yx and M0: loss and learning rate", "04",
-               lambda f: [f.model_dir("backward"), f.model_dir("m0")],
+               lambda f: [f.path("model", "backward"), f.path("model", "m0")],
                lambda f, s: plots.loss_curves({"M_yx": f.train_log("backward"), "M0": f.train_log("m0")})),
     FigureSpec("fig-rater-sanity", "Rater sanity check (M0 on held-out seed, candidate and shuffled pairs)", "04",
-               lambda f: [f.scores_file("m0")], _rater_sanity),
+               lambda f: [f.path("scores", "m0")], _rater_sanity),
     FigureSpec("fig-score-shift", "How the scores moved from M0 to M1", "05",
-               lambda f: [f.scores_file("m0"), f.scores_file("m1"), f.curated_info_file(1), f.curated_info_file(2)],
+               lambda f: [f.path("scores", "m0"), f.path("scores", "m1"), f.path("curated_info", 1),
+                          f.path("curated_info", 2)],
                _score_shift),
     FigureSpec("fig-m0-m1-m2-loss", "M0, M1 and M2: loss and learning rate", "05",
-               lambda f: [f.model_dir(m) for m in ("m0", "m1", "m2")],
+               lambda f: [f.path("model", m) for m in ("m0", "m1", "m2")],
                lambda f, s: plots.loss_curves({m.upper(): f.train_log(m) for m in ("m0", "m1", "m2")})),
-    FigureSpec("fig-win-rates", "Pairwise win rates", "06", lambda f: [f.win_rates_file()],
+    FigureSpec("fig-win-rates", "Pairwise win rates", "06", lambda f: [f.path("win_rates")],
                lambda f, s: plots.win_rates(tables.comparisons(f.win_rates()))),
     FigureSpec("fig-scaling", "Data quality against quantity (paper Figure 3)", "07",
-               lambda f: [f.analysis_file("figure3_scaling")], _scaling),
+               lambda f: [f.path("analysis", "figure3_scaling")], _scaling),
 )
 
 
@@ -258,12 +260,12 @@ def curation_html(files: RunFiles) -> str:
     """The curated sets with the k that made each, and |A_k| for several k (notebooks 04 and 05)."""
     from humpback_nb.method.curate import threshold_counts
 
-    sets = {f"A({i})_k": files.curated(i) for i in (1, 2) if files.curated_info_file(i).is_file()}
+    sets = {f"A({i})_k": files.curated(i) for i in (1, 2) if files.path("curated_info", i).is_file()}
     if not sets:
         return '<p class="note">No curated set yet (stages A1, A2).</p>'
     parts = [markdown_html(tables.curated_sets(sets))]
     for i, name in ((1, "m0"), (2, "m1")):
-        if files.scores_file(name).is_file() and files.curated_info_file(i).is_file():
+        if files.path("scores", name).is_file() and files.path("curated_info", i).is_file():
             parts.append(f"<h4>Scores of {name.upper()}: pairs at or above each k</h4>" + markdown_html(
                 tables.threshold_counts(threshold_counts(files.scores(name)), files.curated(i).info["rated"])))
     return "\n".join(parts)
@@ -281,10 +283,10 @@ def kept_html(files: RunFiles) -> str:
     """The best-scored pairs of A(1)_k and A(2)_k, with the score of the model that rated them (M0, M1)."""
     parts = []
     for i, rater in ((1, "m0"), (2, "m1")):
-        if not files.curated_info_file(i).is_file():
+        if not files.path("curated_info", i).is_file():
             continue
         curated = files.curated(i)
-        scores = ({s["id"]: s["score"] for s in files.scores(rater)} if files.scores_file(rater).is_file() else {})
+        scores = ({s["id"]: s["score"] for s in files.scores(rater)} if files.path("scores", rater).is_file() else {})
         best = sorted(curated.records, key=lambda r: -(scores.get(r["id"]) or 0))[:EXAMPLES]
         parts.append(f"<h3>{html.escape(curated.label(i))}: {len(curated.records)} pairs, the best scored by "
                      f"{rater.upper()}</h3>"
@@ -295,13 +297,14 @@ def kept_html(files: RunFiles) -> str:
 def dropped_html(files: RunFiles) -> str:
     """Candidates M0 rated just below the k of A(1)_k, and candidates a rule dropped, with the rule."""
     parts = []
-    if files.scores_file("m0").is_file() and files.curated_info_file(1).is_file() and files.candidates_file().is_file():
+    needed = (files.path("scores", "m0"), files.path("curated_info", 1), files.path("candidates"))
+    if all(path.is_file() for path in needed):
         k = files.curated(1).k
         scores = {s["id"]: s["score"] for s in files.scores("m0") if s["score"] is not None}
         below = sorted((c for c in files.candidates() if scores.get(c["id"], k) < k), key=lambda c: -scores[c["id"]])
         parts.append(f"<h3>Rated below k = {k:.3g} by M0 ({len(below)} candidates), the nearest misses</h3>"
                      + "".join(pair_html(c, f"{c['id']}, score {scores[c['id']]}") for c in below[:EXAMPLES]))
-    if files.candidates_dropped_file().is_file():
+    if files.path("candidates_dropped").is_file():
         from humpback_nb.method.data.stats import examples
 
         dropped = files.candidates_dropped()
@@ -352,11 +355,11 @@ def build_report(run_dir: str | Path) -> str:
     """The report page of a finished run as HTML text."""
     folder = open_run(run_dir)
     files = folder.files
-    if not files.config_file().is_file():
-        raise PipelineError(f"{folder.path}: no run here (no {files.config_file().name}); "
+    if not files.path("config").is_file():
+        raise PipelineError(f"{folder.path}: no run here (no {files.path('config').name}); "
                             "start one with `humpback run --run-dir ...`")
-    if not files.summary_file().is_file():
-        raise PipelineError(f"{folder.path}: the run has no {files.summary_file().name} yet; finish it with "
+    if not files.path("summary").is_file():
+        raise PipelineError(f"{folder.path}: the run has no {files.path('summary').name} yet; finish it with "
                             "`humpback run` (`humpback status` shows which stages are left)")
     config, summary = folder.config(), files.summary()
     result = main_result(summary)
@@ -370,7 +373,7 @@ def build_report(run_dir: str | Path) -> str:
         ("dropped", "Dropped pairs (examples)", dropped_html(files)),
         ("stages", "Stage times", f"<p>pipeline: {summary.get('pipeline_seconds', 0) / 60:.1f} min of stages</p>"
          + stages_html(folder, config)),
-        ("config", "Config", f"<pre>{html.escape(files.config_file().read_text(encoding='utf-8'))}</pre>"),
+        ("config", "Config", f"<pre>{html.escape(files.path('config').read_text(encoding='utf-8'))}</pre>"),
     ]
     written = time.strftime("%Y-%m-%d %H:%M %Z")
     header = (f"<header><h1>Humpback run: {html.escape(folder.path.resolve().name)}</h1>"
@@ -391,6 +394,6 @@ def build_report(run_dir: str | Path) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write the run's report page (RunFiles.report_file) atomically; returns its path."""
-    path = RunFiles(run_dir).report_file()
+    path = RunFiles(run_dir).path("report")
     atomic_write_text(path, build_report(run_dir))
     return path

@@ -88,99 +88,53 @@ class Curated:
         return f"A({iteration})_k, k >= {self.k:.3g}"
 
 
+# Every name in a run folder, by artifact: "{}" is the model, iteration, comparison or stage the file is of.
+ARTIFACTS = {
+    "config": "config.yaml",                 # the config of the latest `run`
+    "lock": ".lock",                         # held while a process runs stages here
+    "seed": "seed.jsonl",
+    "segments": "segments.jsonl", "segments_dropped": "segments_dropped.jsonl",
+    "segments_report": "segments_report.json",
+    "candidates": "candidates.jsonl", "candidates_dropped": "candidates_dropped.jsonl",
+    "candidates_report": "candidates_report.json",
+    "models": "models",
+    "model": "models/{}",                    # "backward", "m0", "m1", ..., or a model an analysis trains
+    "scores": "scores_{}.jsonl",             # a model's rating of every candidate
+    "curated": "A{}.jsonl", "curated_info": "A{}.json",  # A(t)_k, and the k that made it
+    "eval": "eval",
+    "answers": "eval/answers_{}.jsonl",
+    "model_outputs": "eval/model_outputs_{}.json",  # AlpacaEval's format (`alpaca_eval --model_outputs PATH`)
+    "judgments": "eval/judgments_{}.jsonl",  # a comparison of the eval stage, e.g. "m2_vs_m0"
+    "win_rates": "eval/win_rates.json",
+    "analysis": "analyses/{}.json",          # "table8_tags", "table7_selectors", "figure3_scaling", "heldout_losses"
+    "summary": "summary.json",
+    "gpu_check": "gpu_check.json",           # `humpback gpu-check`'s report
+    "notebooks": "notebooks",                # the notebooks as executed on this run (`humpback notebooks`)
+    "figures": "figures",                    # the run's figures (PNG), written by the notebooks
+    "report": "report.html",                 # `humpback report`'s page
+    "manifest": "stages/{}.yaml",            # a stage's manifest
+    "model_manifest": "stages/models/{}.yaml",
+}
+
+
 class RunFiles:
-    """The files of one run folder: a path method and a reader for each artifact. Nothing else names them."""
+    """The files of one run folder: every path from ARTIFACTS (`path`), and a reader for each kind of record.
+    Nothing else names them."""
 
     def __init__(self, path: str | Path):
         self.root = Path(path)
 
-    # paths
-    def config_file(self) -> Path:
-        return self.root / "config.yaml"
-
-    def lock_file(self) -> Path:
-        return self.root / ".lock"
-
-    def seed_file(self) -> Path:
-        return self.root / "seed.jsonl"
-
-    def segments_file(self) -> Path:
-        return self.root / "segments.jsonl"
-
-    def segments_dropped_file(self) -> Path:
-        return self.root / "segments_dropped.jsonl"
-
-    def segments_report_file(self) -> Path:
-        return self.root / "segments_report.json"
-
-    def candidates_file(self) -> Path:
-        return self.root / "candidates.jsonl"
-
-    def candidates_dropped_file(self) -> Path:
-        return self.root / "candidates_dropped.jsonl"
-
-    def candidates_report_file(self) -> Path:
-        return self.root / "candidates_report.json"
-
-    def models_dir(self) -> Path:
-        return self.root / "models"
-
-    def model_dir(self, model: str) -> Path:
-        """A trained model's folder: "backward", "m0", "m1", "m2", or a model an analysis trains."""
-        return self.models_dir() / model
-
-    def scores_file(self, model: str) -> Path:
-        return self.root / f"scores_{model}.jsonl"
-
-    def curated_file(self, iteration: int) -> Path:
-        return self.root / f"A{iteration}.jsonl"
-
-    def curated_info_file(self, iteration: int) -> Path:
-        return self.root / f"A{iteration}.json"
-
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
-
-    def answers_file(self, model: str, folder: Path | None = None) -> Path:
-        return (folder or self.eval_dir()) / f"answers_{model}.jsonl"
-
-    def model_outputs_file(self, model: str, folder: Path | None = None) -> Path:
-        """AlpacaEval's model-outputs JSON of `model` (`alpaca_eval --model_outputs PATH`)."""
-        return (folder or self.eval_dir()) / f"model_outputs_{model}.json"
-
-    def judgments_file(self, comparison: str, folder: Path | None = None) -> Path:
-        return (folder or self.eval_dir()) / f"judgments_{comparison}.jsonl"
-
-    def win_rates_file(self, folder: Path | None = None) -> Path:
-        return (folder or self.eval_dir()) / "win_rates.json"
-
-    def analysis_file(self, name: str) -> Path:
-        """One of the paper's analyses: "table8_tags", "table7_selectors", "figure3_scaling"."""
-        return self.root / "analyses" / f"{name}.json"
-
-    def summary_file(self) -> Path:
-        return self.root / "summary.json"
-
-    def gpu_check_file(self) -> Path:  # `humpback gpu-check`'s report
-        return self.root / "gpu_check.json"
-
-    def notebooks_dir(self) -> Path:
-        """Where `humpback notebooks` writes the executed notebooks."""
-        return self.root / "notebooks"
-
-    def figures_dir(self) -> Path:
-        """The run's figures (PNG), written by the notebooks; each run has its own."""
-        return self.root / "figures"
-
-    def report_file(self) -> Path:
-        """`humpback report`'s page: one self-contained HTML file with every table and figure of the run."""
-        return self.root / "report.html"
-
-    def manifest_file(self, stage: str) -> Path:
-        return self.root / "stages" / f"{stage}.yaml"
-
-    def model_manifest_file(self, model: str) -> Path:
-        return self.root / "stages" / "models" / f"{model}.yaml"
+    def path(self, artifact: str, of: str | int | None = None, folder: Path | None = None) -> Path:
+        """The path of `artifact` (a key of ARTIFACTS) of `of` (the model, iteration, comparison or stage it is of);
+        `folder`: in another folder than its own (the eval stage writes its files into a temporary one)."""
+        if artifact not in ARTIFACTS:
+            raise PipelineError(f"unknown run-folder artifact {artifact!r}; artifacts: {', '.join(ARTIFACTS)}")
+        pattern = ARTIFACTS[artifact]
+        if ("{}" in pattern) != (of is not None):
+            raise PipelineError(f"run-folder artifact {artifact!r} ({pattern}) "
+                                + ("needs what it is of" if of is None else f"is of nothing, not {of!r}"))
+        relative = Path(pattern.format(of))
+        return folder / relative.name if folder is not None else self.root / relative
 
     def partial(self, output: Path, hash: str, part: str | None = None) -> Path:
         """Where a resumable stage keeps what it has made so far of `output` (or of one `part` of it), with the
@@ -192,77 +146,72 @@ class RunFiles:
         return sorted(output.parent.glob(f"{output.name}.*.partial"))
 
     def resolve(self, output: str) -> Path:
-        """The path of a declared output: "seed_file", or with an argument, "model_dir:m0", "scores_file:m0"."""
-        name, _, argument = output.partition(":")
-        method = getattr(self, name, None)
-        if method is None or not name.endswith(("_file", "_dir")):
-            raise PipelineError(f"unknown run-folder artifact {output!r}")
-        if not argument:
-            return method()
-        return method(int(argument) if argument.isdigit() else argument)
+        """The path of a declared output: "seed", or with what it is of, "model:m0", "scores:m0", "curated:1"."""
+        artifact, _, of = output.partition(":")
+        return self.path(artifact, of or None)
 
     # readers
     def seed_pairs(self, split: str = "train") -> list[dict[str, Any]]:
         """The seed pairs of one split: "train" (what M_yx and M0 learn from) or "heldout" (never trained on)."""
-        return [r for r in read_jsonl(self.seed_file()) if r["split"] == split]
+        return [r for r in read_jsonl(self.path("seed")) if r["split"] == split]
 
     def segments(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.segments_file())
+        return read_jsonl(self.path("segments"))
 
     def segments_dropped(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.segments_dropped_file())
+        return read_jsonl(self.path("segments_dropped"))
 
     def segments_report(self) -> dict[str, Any]:
-        return _read_json(self.segments_report_file())
+        return _read_json(self.path("segments_report"))
 
     def candidates(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.candidates_file())
+        return read_jsonl(self.path("candidates"))
 
     def candidates_dropped(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.candidates_dropped_file())
+        return read_jsonl(self.path("candidates_dropped"))
 
     def candidates_report(self) -> dict[str, Any]:
-        return _read_json(self.candidates_report_file())
+        return _read_json(self.path("candidates_report"))
 
     def scores(self, model: str) -> list[dict[str, Any]]:
         """`model`'s rating of every candidate ("m0" or "m1")."""
-        return read_jsonl(self.scores_file(model))
+        return read_jsonl(self.path("scores", model))
 
     def curated(self, iteration: int) -> Curated:
         """A^(iteration)_k with the k that made it."""
-        info = _read_json(self.curated_info_file(iteration))
-        return Curated(read_jsonl(self.curated_file(iteration)), info["k"], info["rule"], info)
+        info = _read_json(self.path("curated_info", iteration))
+        return Curated(read_jsonl(self.path("curated", iteration)), info["k"], info["rule"], info)
 
     def train_log(self, model: str) -> dict[str, Any]:
         from humpback_nb.infra.models import read_train_log  # the model folder's format belongs to models.py
 
-        return read_train_log(self.model_dir(model))
+        return read_train_log(self.path("model", model))
 
     def answers(self, model: str) -> list[dict[str, Any]]:
-        return read_jsonl(self.answers_file(model))
+        return read_jsonl(self.path("answers", model))
 
     def judgments(self, comparison: str) -> list[dict[str, Any]]:
         """Every judgment of a comparison of the eval stage, e.g. "m2_vs_m0"."""
-        return read_jsonl(self.judgments_file(comparison))
+        return read_jsonl(self.path("judgments", comparison))
 
     def win_rates(self) -> dict[str, Any]:
-        return _read_json(self.win_rates_file())
+        return _read_json(self.path("win_rates"))
 
     def analysis(self, name: str) -> dict[str, Any] | None:
         """An analysis' results, or None when its stage has not run."""
-        path = self.analysis_file(name)
+        path = self.path("analysis", name)
         return _read_json(path) if path.is_file() else None
 
     def summary(self) -> dict[str, Any]:
-        return _read_json(self.summary_file())
+        return _read_json(self.path("summary"))
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
         """A stage's manifest, or None while the stage is not done."""
-        return _read_yaml(self.manifest_file(stage))
+        return _read_yaml(self.path("manifest", stage))
 
     def model_manifests(self) -> list[dict[str, Any]]:
         """The manifest of every trained model in the run folder."""
-        folder = self.model_manifest_file("any").parent
+        folder = self.path("model_manifest", "any").parent
         return [_read_yaml(path) or {} for path in sorted(folder.glob("*.yaml"))]
 
 
@@ -279,7 +228,7 @@ class Stage:
     `humpback plan` counts its work."""
 
     name: str
-    outputs: tuple[str, ...]  # artifacts of RunFiles: "seed_file", "model_dir:m0", ...
+    outputs: tuple[str, ...]  # artifacts of the run folder (ARTIFACTS): "seed", "model:m0", "scores:m0", ...
     after: tuple[str, ...] = ()
     sections: tuple[str, ...] = ()
     function: Callable[[StageRun], Any] | None = field(default=None, compare=False)
@@ -340,7 +289,7 @@ class StageRun:
         the same `settings` (everything its training reads: base model, training settings, and the hashes or
         choices of its data). A model made with other settings is trained again from scratch."""
         model_hash = config_hash({"model": model, "settings": settings})
-        folder, manifest_file = self.files.model_dir(model), self.files.model_manifest_file(model)
+        folder, manifest_file = self.files.path("model", model), self.files.path("model_manifest", model)
         self.models[model] = model_hash
         manifest = _read_yaml(manifest_file)
         if manifest and manifest.get("hash") == model_hash and folder.is_dir():
@@ -386,14 +335,14 @@ class RunFolder:
     # -- config ---------------------------------------------------------------------------------------------
     def config(self) -> HumpbackConfig:
         """The config stored in the run folder."""
-        path = self.files.config_file()
+        path = self.files.path("config")
         if not path.is_file():
             raise PipelineError(f"{self.path}: no {path.name}; start the run with `humpback run`")
         return load_config(path)
 
     def set_config(self, config: HumpbackConfig) -> None:
         """Store `config` as the run's config; stages it changes become stale."""
-        save_config(config, self.files.config_file())
+        save_config(config, self.files.path("config"))
 
     # -- hashes and manifests -------------------------------------------------------------------------------
     def stage_hash(self, name: str, config: HumpbackConfig) -> str:
@@ -453,7 +402,7 @@ class RunFolder:
         for model in sorted(set(kept) | set(found), key=lambda m: (m not in kept, m)):
             record = found.get(model, {})
             done = (stage_state == "done" and kept.get(model) == record.get("hash")
-                    and self.files.model_dir(model).is_dir())
+                    and self.files.path("model", model).is_dir())
             rows.append({"model": model, "state": "done" if done else "stale" if record else "pending",
                          "hash": record.get("hash"), "seconds": record.get("seconds")})
         return rows
@@ -461,7 +410,7 @@ class RunFolder:
     def status(self, config: HumpbackConfig | None = None) -> list[dict[str, Any]]:
         """One row per stage: name, state, outputs, seconds it took, the models it trained, and why it is not done
         ("reason", and "damaged": the files, relative to the run folder, that changed since the stage wrote them)."""
-        if config is None and self.files.config_file().is_file():
+        if config is None and self.files.path("config").is_file():
             config = self.config()
         rows, seen = [], {}
         for name, stage in self.stages.items():
@@ -499,16 +448,16 @@ class RunFolder:
         read = {up: digest for up in stage.after
                 if (digest := _outputs_digest((self.manifest(up) or {}).get("files"))) is not None}
         if main:
-            self.files.manifest_file(name).unlink(missing_ok=True)  # from here on the stage is not done
+            self.files.path("manifest", name).unlink(missing_ok=True)  # from here on the stage is not done
             for output in self.outputs(name):  # a damaged output is made again, a model retrained
                 if any(_within(path, output.relative_to(self.path).as_posix()) for path in check.damaged):
-                    if output.parent == self.files.models_dir():
+                    if output.parent == self.files.path("models"):
                         self._remove_model(output.name)
                     else:
                         _remove(output)
             for output in self.outputs(name):
                 clean_temporaries(output.parent)
-                if output.parent != self.files.models_dir():  # a model's checkpoints: see StageRun.trained
+                if output.parent != self.files.path("models"):  # a model's checkpoints: see StageRun.trained
                     self._remove_partials(output, keep_hash=context.hash)  # left by runs with other settings
         wait_for_everyone()
         from humpback_nb.infra.decode import timing
@@ -543,7 +492,7 @@ class RunFolder:
         }
         if decoding.steps:  # what this process's decoding took: `humpback gpu-check` and `plan --calibrate` read it
             manifest["decoding"] = {k: round(v, 6) for k, v in decoding.to_dict().items()}
-        atomic_write_text(self.files.manifest_file(name), yaml.safe_dump(manifest, sort_keys=False))
+        atomic_write_text(self.files.path("manifest", name), yaml.safe_dump(manifest, sort_keys=False))
         return "ran"
 
     def run(self, config: HumpbackConfig, until: str | None = None, redo: Sequence[str] = (),
@@ -565,7 +514,7 @@ class RunFolder:
         results = {}
         with self.lock() if main else contextlib.nullcontext():
             if main:
-                if self.files.config_file().is_file():
+                if self.files.path("config").is_file():
                     for key, old, new in config_differences(self.config(), config):
                         log(f"changed     {key}: {old!r} -> {new!r}")
                 self.set_config(config)
@@ -583,7 +532,7 @@ class RunFolder:
             files = _refresh_mtimes(self.path, manifest["files"])
             if files != manifest["files"]:
                 manifest["files"] = files
-                atomic_write_text(self.files.manifest_file(name), yaml.safe_dump(manifest, sort_keys=False))
+                atomic_write_text(self.files.path("manifest", name), yaml.safe_dump(manifest, sort_keys=False))
 
     def _remove_partials(self, output: Path, keep_hash: str | None = None) -> None:
         """Delete the `.partial` files of `output`, except those made with the settings of `keep_hash`."""
@@ -596,7 +545,7 @@ class RunFolder:
         cleared = []
         for stage in self.stages.values():
             if stage.name == name or name in self._upstream(stage.name):
-                self.files.manifest_file(stage.name).unlink(missing_ok=True)
+                self.files.path("manifest", stage.name).unlink(missing_ok=True)
                 cleared.append(stage.name)
         for row in self.model_rows(name, "stale"):
             self._remove_model(row["model"])
@@ -606,8 +555,8 @@ class RunFolder:
         return cleared
 
     def _remove_model(self, model: str) -> None:
-        folder = self.files.model_dir(model)
-        self.files.model_manifest_file(model).unlink(missing_ok=True)
+        folder = self.files.path("model", model)
+        self.files.path("model_manifest", model).unlink(missing_ok=True)
         for target in (folder, *self.files.partials(folder)):
             _remove(target)
 
@@ -619,7 +568,7 @@ class RunFolder:
 
     def lock(self) -> _Lock:
         """Keep two processes from running stages in one run folder at the same time."""
-        return _Lock(self.files.lock_file())
+        return _Lock(self.files.path("lock"))
 
 
 def _read_yaml(path: Path) -> dict[str, Any] | None:

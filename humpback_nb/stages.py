@@ -104,17 +104,17 @@ def seed_cost(work) -> None:
     work.records("seed", work.config.data.seed_size + work.config.data.heldout_size, sum(work.lengths.seed_mean))
 
 
-@stage("seed", outputs=("seed_file",), sections=("data", "random_seed"), cost=seed_cost)
+@stage("seed", outputs=("seed",), sections=("data", "random_seed"), cost=seed_cost)
 def seed(run: StageRun) -> dict:
     """seed pairs: human-written (instruction, output) pairs, split "train" and "heldout"."""
     from humpback_nb.method.data.seed import build_seed
 
     records, counts = build_seed(run.config.data, run.config.random_seed)
-    write_jsonl(run.files.seed_file(), [dict(r, **conversation(r, "S_a")) for r in records])
+    write_jsonl(run.files.path("seed"), [dict(r, **conversation(r, "S_a")) for r in records])
     return counts
 
 
-@stage("segments", outputs=("segments_file", "segments_dropped_file", "segments_report_file"),
+@stage("segments", outputs=("segments", "segments_dropped", "segments_report"),
        sections=("data", "random_seed"),
        cost=lambda work: work.records("segment", work.candidates, work.lengths.segment))
 def segments(run: StageRun) -> dict:
@@ -122,9 +122,9 @@ def segments(run: StageRun) -> dict:
     from humpback_nb.method.data.segments import build_segments
 
     kept, dropped, report = build_segments(run.config.data, run.config.random_seed)
-    write_jsonl(run.files.segments_dropped_file(), dropped)
-    atomic_write_json(run.files.segments_report_file(), report)
-    write_jsonl(run.files.segments_file(), kept)
+    write_jsonl(run.files.path("segments_dropped"), dropped)
+    atomic_write_json(run.files.path("segments_report"), report)
+    write_jsonl(run.files.path("segments"), kept)
     return report
 
 
@@ -134,7 +134,7 @@ def backward_cost(work) -> None:
                backward=True)
 
 
-@stage("backward", outputs=("model_dir:backward",), after=("seed",), sections=("model", "train"), cost=backward_cost)
+@stage("backward", outputs=("model:backward",), after=("seed",), sections=("model", "train"), cost=backward_cost)
 def backward(run: StageRun) -> dict:
     """backward model M_yx: the base model fine-tuned on the seed pairs reversed (output -> instruction)."""
     from humpback_nb.infra.models import load_tokenizer
@@ -164,7 +164,7 @@ def backward_check_cost(work) -> None:
     work.loads(2)
 
 
-@stage("backward_check", outputs=("analysis_file:backward_heldout",), after=("seed", "backward"),
+@stage("backward_check", outputs=("analysis:backward_heldout",), after=("seed", "backward"),
        sections=("model", "train", "generate", "random_seed"), cost=backward_check_cost)
 def backward_check(run: StageRun) -> dict:
     """M_yx's check: the held-out loss of each held-out seed pair's true instruction given its output, under the
@@ -196,7 +196,7 @@ def backward_check(run: StageRun) -> dict:
               "examples": [{"id": p["id"], "output": p["output"], "true": p["instruction"],
                             "generated": w["text"].strip(), "finished": w.get("finished", True)}
                            for p, w in zip(shown, written, strict=True)]}
-    atomic_write_json(run.files.analysis_file("backward_heldout"), result)
+    atomic_write_json(run.files.path("analysis", "backward_heldout"), result)
     return {"loss": result["loss"], "resolved": difference["resolved"]}
 
 
@@ -210,27 +210,27 @@ def candidates_cost(work) -> None:
     work.records("candidate", work.candidates, lengths.instruction + lengths.segment)
 
 
-@stage("candidates", outputs=("candidates_file", "candidates_dropped_file", "candidates_report_file"),
+@stage("candidates", outputs=("candidates", "candidates_dropped", "candidates_report"),
        after=("backward", "segments"), sections=("model", "generate"), cost=candidates_cost)
 def candidates(run: StageRun) -> dict:
     """self-augmentation: M_yx writes an instruction for every segment; degenerate ones are set aside."""
     from humpback_nb.infra.models import load_trained
     from humpback_nb.method.augment import self_augment
 
-    model, tokenizer = load_trained(run.config.model, run.files.model_dir("backward"))
+    model, tokenizer = load_trained(run.config.model, run.files.path("model", "backward"))
     started = time.time()
-    partial = run.partial(run.files.candidates_file())
+    partial = run.partial(run.files.path("candidates"))
     kept, dropped, report = self_augment(model, tokenizer, run.files.segments(), run.config.generate,
                                          run.config.model.context_length, partial=partial)
     report["seconds_this_run"] = round(time.time() - started, 2)
-    write_jsonl(run.files.candidates_dropped_file(), dropped)
-    atomic_write_json(run.files.candidates_report_file(), report)
-    write_jsonl(run.files.candidates_file(), kept)
+    write_jsonl(run.files.path("candidates_dropped"), dropped)
+    atomic_write_json(run.files.path("candidates_report"), report)
+    write_jsonl(run.files.path("candidates"), kept)
     return report
 
 
 # -- 4. Self-curation and its iterations (section 2.3) ---------------------------------------------------------
-@stage("m0", outputs=("model_dir:m0",), after=("seed",), sections=("model", "train"),
+@stage("m0", outputs=("model:m0",), after=("seed",), sections=("model", "train"),
        cost=lambda work: work.train("m0", [(work.lengths.seed, work.config.data.seed_size)],
                                     work.lengths.forward_overhead["S_a"]))
 def m0(run: StageRun) -> dict:
@@ -259,13 +259,13 @@ def iteration(t: int, iterations: int) -> list[Stage]:
                    work.lengths.forward_overhead["S_a"])
 
     return [
-        Stage(f"rate_{rater}", (f"scores_file:{rater}",), ("seed", rater, "candidates"),
+        Stage(f"rate_{rater}", (f"scores:{rater}",), ("seed", rater, "candidates"),
               ("model", "curate", "random_seed"), partial(rate_candidates, model_name=rater), rate_doc, rater_ready,
               partial(rate_cost, compare=t == 1)),
-        Stage(f"A{t}", (f"curated_file:{t}", f"curated_info_file:{t}"), (f"rate_{rater}", "candidates"), ("curate",),
+        Stage(f"A{t}", (f"curated:{t}", f"curated_info:{t}"), (f"rate_{rater}", "candidates"), ("curate",),
               partial(curate, scored_by=rater, iteration=t), f"A({t})_k: the candidates {rater.upper()} scored >= k.",
               cost=curated_cost),
-        Stage(model, (f"model_dir:{model}",), ("seed", f"A{t}"), ("model", "train"),
+        Stage(model, (f"model:{model}",), ("seed", f"A{t}"), ("model", "train"),
               partial(train_forward, name=model, augmented=t),
               f"{model.upper()}{' (Humpback)' if t == iterations else ''}: fine-tuned on the seed pairs (S_a) and "
               f"A({t})_k (S_w).", cost=model_cost),
@@ -314,7 +314,7 @@ def heldout_cost(work, iterations: int) -> None:
     work.loads(models)
 
 
-@stage("heldout", outputs=("analysis_file:heldout_losses",), after=lambda T: ("seed", *forward_models(T)),
+@stage("heldout", outputs=("analysis:heldout_losses",), after=lambda T: ("seed", *forward_models(T)),
        sections=("model", "train", "evaluate", "random_seed"), cost=heldout_cost)
 def heldout(run: StageRun, iterations: int) -> dict:
     """held-out loss: each model's loss per output token on the held-out seed pairs, and the differences between
@@ -332,7 +332,7 @@ def heldout(run: StageRun, iterations: int) -> dict:
               "tokens_per_pair": [n for _, n in losses["base"]]}
     for difference in result["differences"].values():
         difference["resolved"] = resolved(difference)
-    atomic_write_json(run.files.analysis_file("heldout_losses"), result)
+    atomic_write_json(run.files.path("analysis", "heldout_losses"), result)
     return {"loss": result["loss"], "resolved": {k: d["resolved"] for k, d in result["differences"].items()}}
 
 
@@ -376,7 +376,7 @@ def eval_cost(work, iterations: int) -> None:
         work.judge(judged)
 
 
-@stage("eval", outputs=("eval_dir",), after=forward_models, sections=("model", "generate", "evaluate"),
+@stage("eval", outputs=("eval",), after=forward_models, sections=("model", "generate", "evaluate"),
        check=judge_ready, cost=eval_cost)
 def evaluate(run: StageRun, iterations: int) -> dict:
     """evaluation: answers of the base model, M0, M1 and M2, judged in both orders; win rates, and the judge's check
@@ -396,7 +396,7 @@ def evaluate(run: StageRun, iterations: int) -> dict:
     answers, judge = {}, None
     for name in generators:
         model, tokenizer = load(run, name)
-        partial = run.partial(run.files.eval_dir(), part=f"answers_{name}")
+        partial = run.partial(run.files.path("eval"), part=f"answers_{name}")
         answers[name] = answer(run, model, tokenizer, prompts, name, settings.inference_tags, partial)
         if name == "base":
             judge = make_judge(settings, model, tokenizer)  # the local judge is the base model: load it once
@@ -405,33 +405,33 @@ def evaluate(run: StageRun, iterations: int) -> dict:
     if settings.annotator == alpaca_eval.ANNOTATOR:  # AlpacaEval's prompts only; MT-bench is judged on its own
         for name in generators:
             key = f"{name}_vs_reference"
-            results[key] = versus_reference(run, judge, answers[name], run.files.eval_dir(), key, whole=True)
+            results[key] = versus_reference(run, judge, answers[name], run.files.path("eval"), key, whole=True)
         pool = {n: prompts_of(rows, "mt_bench") for n, rows in answers.items()}
         prefix = "mt_bench_"
     for x, y in comparisons(iterations) if pool["base"] else ():  # each judgment is kept as it comes: a rerun asks
         key = f"{prefix}{x}_vs_{y}"                                  # the rest
-        judged = run.partial(run.files.eval_dir(), part=f"judge_{key}")
+        judged = run.partial(run.files.path("eval"), part=f"judge_{key}")
         results[key] = compare(judge, pool[x], pool[y], partial=judged, progress=True, desc=f"judging {key}")
     # the judge's check: each model's answers against its own answers to other prompts (sanity.py)
     checks, checked = {}, {}
     for name in generators if pool["base"] else ():
         key = f"{prefix}{name}_vs_shuffled"
-        judged = run.partial(run.files.eval_dir(), part=f"judge_{key}")
+        judged = run.partial(run.files.path("eval"), part=f"judge_{key}")
         checked[key] = compare(judge, pool[name], shuffled_answers(pool[name]), partial=judged, progress=True,
                                desc=f"judge check: {name} against its shuffled answers")
         checks[name] = judge_check(checked[key]["judgments"])
-    with atomic_dir(run.files.eval_dir()) as tmp:
+    with atomic_dir(run.files.path("eval")) as tmp:
         for name, rows in answers.items():
             # AlpacaEval's file holds its own prompts only; every answer, with its prompt id, is in the JSONL
-            write_model_outputs(run.files.model_outputs_file(name, tmp), prompts_of(rows, "alpaca_eval"))
-            write_jsonl(run.files.answers_file(name, tmp), rows)
+            write_model_outputs(run.files.path("model_outputs", name, tmp), prompts_of(rows, "alpaca_eval"))
+            write_jsonl(run.files.path("answers", name, tmp), rows)
         for key, result in results.items():
             records = result.pop("judgments" if "judgments" in result else "annotations")
-            write_jsonl(run.files.judgments_file(key, tmp), records)
+            write_jsonl(run.files.path("judgments", key, tmp), records)
         for key, result in checked.items():
-            write_jsonl(run.files.judgments_file(key, tmp), result["judgments"])
+            write_jsonl(run.files.path("judgments", key, tmp), result["judgments"])
         cap, verdict = run.config.generate.max_new_tokens, judge_verdict(checks)
-        atomic_write_json(run.files.win_rates_file(tmp), {"protocol": protocol, "judge": judge_name(settings),
+        atomic_write_json(run.files.path("win_rates", folder=tmp), {"protocol": protocol, "judge": judge_name(settings),
                                                           "prompts": len(prompts),
                                                           "inference_tags": settings.inference_tags,
                                                           "judge_check": verdict,
@@ -493,14 +493,14 @@ def _cut(answers: list[dict], cap: int) -> dict[str, int]:
 
 
 # -- 8. Every number in one file --------------------------------------------------------------------------------
-@stage("summary", outputs=("summary_file",),
+@stage("summary", outputs=("summary",),
        after=lambda T: ("segments", "backward_check", *(f"rate_{m}" for m in forward_models(T - 1)), "heldout",
                         "eval", *(f"A{t}" for t in range(1, T + 1)), "tags", "selectors", "scaling"),
        sections=ALL_SECTIONS, cost=lambda work, iterations: None)  # a file of numbers: no work to count
 def summary(run: StageRun, iterations: int) -> dict:
     """summary: every number of the run in one file (what notebook 07 and the report read)."""
     result = summarize(run.files, run.config.whole(), run.stages, iterations)
-    atomic_write_json(run.files.summary_file(), result)
+    atomic_write_json(run.files.path("summary"), result)
     return {"pipeline_seconds": result["pipeline_seconds"]}
 
 
@@ -555,7 +555,7 @@ def checks(files) -> dict[str, Any]:
         if report.get("rater_check"):
             rater_checks[model_name(t)] = report["rater_check"]
         t += 1
-    win_rates = files.win_rates() if files.win_rates_file().is_file() else {}
+    win_rates = files.win_rates() if files.path("win_rates").is_file() else {}
     return {"judge_check": win_rates.get("judge_check"), "heldout": files.analysis("heldout_losses"),
             "backward_heldout": files.analysis("backward_heldout"),
             "rater_checks": rater_checks, "answers_cut": win_rates.get("answers_cut")}
@@ -631,7 +631,7 @@ def rate_candidates(run: StageRun, model_name: str) -> dict:
     started = time.time()
     candidates = run.files.candidates()
     scores = rate(model, tokenizer, candidates, settings, context,
-                  partial=run.partial(run.files.scores_file(model_name)))
+                  partial=run.partial(run.files.path("scores", model_name)))
     seconds = time.time() - started
     seed = run.files.seed_pairs("heldout") or run.files.seed_pairs("train")  # pairs the rater never trained on
     sets = sanity_pairs(seed, candidates, settings.sanity_size, run.config.random_seed)
@@ -646,7 +646,7 @@ def rate_candidates(run: StageRun, model_name: str) -> dict:
     if model_name == "m0" and settings.compare_size:  # the paper's rater and the kit's side by side, on the same
         report["rater_comparison"] = compare_raters(model, tokenizer, candidates[: settings.compare_size], settings,
                                                     context)  # first candidates
-    write_jsonl(run.files.scores_file(model_name),
+    write_jsonl(run.files.path("scores", model_name),
                 [dict(s, rater=settings.rater, model=model_name, tag=settings.rater_tag) for s in scores])
     return report
 
@@ -682,9 +682,9 @@ def curate(run: StageRun, scored_by: str, iteration: int) -> dict:
 
     chosen, info = curated_set(run.files.candidates(), run.files.scores(scored_by), run.config.curate)
     info["scored_by"] = scored_by
-    atomic_write_json(run.files.curated_info_file(iteration), info)
+    atomic_write_json(run.files.path("curated_info", iteration), info)
     # A row as a seed row: its generation details and score stay in the candidates file and the rater's scores file
-    write_jsonl(run.files.curated_file(iteration),
+    write_jsonl(run.files.path("curated", iteration),
                 [{key: c.get(key) for key in ROW_FIELDS} | conversation(c, "S_w") for c in chosen])
     return info
 
@@ -710,7 +710,7 @@ def load(run: StageRun, name: str):
 
     if name == "base":
         return load_model(run.config.model)
-    return load_trained(run.config.model, run.files.model_dir(name))
+    return load_trained(run.config.model, run.files.path("model", name))
 
 
 def answer(run: StageRun, model, tokenizer, prompts: list[dict], name: str, tags: str, partial: Path) -> list[dict]:

@@ -75,7 +75,7 @@ def executed_notebooks(tmp_path_factory, embedded_checkpoint):
     for path in notebook_paths():
         try:
             executed[path.stem] = execute(path, root / "executed" / path.name, {
-                "preset": "tiny", "run_dir": str(run_dir), "figures_dir": str(root / "figures")})
+                "preset": "tiny", "run_dir": str(run_dir), "figures": str(root / "figures")})
         except Exception as err:  # a cell failed: that notebook's test reports it, the next ones still run
             executed[path.stem] = err
     return run_dir, executed
@@ -90,6 +90,6 @@ def finished_tiny_run(executed_notebooks):
     from humpback_nb.run import RunFiles
 
     path = executed_notebooks[0]
-    if not RunFiles(path).summary_file().is_file():
+    if not RunFiles(path).path("summary").is_file():
         run(load_preset("tiny"), path)
     return path

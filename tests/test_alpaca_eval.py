@@ -417,7 +417,7 @@ def test_the_eval_stage_reports_alpaca_eval_1_with_its_protocol_and_mt_bench_on_
         alpaca_eval_prompts=3, mt_bench_prompts=2, annotator="alpaca_eval_gpt4", judge="gpt-4", judge_url=gpt4.url,
         reference=str(reference)))
 
-    report = json.loads(files.win_rates_file().read_text())
+    report = json.loads(files.path("win_rates").read_text())
     assert report["protocol"] == "AlpacaEval 1.0 (alpaca_eval_gpt4 annotator, gpt-4 judge, reference.json reference)"
     assert report["m2_vs_reference"]["win_rate"] == pytest.approx(100.0)  # a whale wins in either order
     # no whale either way: the judge picks what it is shown first, m0 where AlpacaEval shows it first
@@ -434,7 +434,7 @@ def test_the_eval_stage_reports_alpaca_eval_1_with_its_protocol_and_mt_bench_on_
 def test_the_eval_stage_labels_the_kits_judge_as_not_the_papers_protocol(gpt4, tmp_path, monkeypatch):
     files = run_eval_stage(tmp_path, monkeypatch, EvaluateConfig(alpaca_eval_prompts=2, mt_bench_prompts=1,
                                                                  judge="gpt-4", judge_url=gpt4.url))
-    report = json.loads(files.win_rates_file().read_text())
+    report = json.loads(files.path("win_rates").read_text())
     assert report["protocol"] == "gpt-4 judge with the kit's prompt vs base model: not the paper's protocol"
     assert report["m2_vs_m0"]["overall"]["win_rate"] == pytest.approx(100.0)
     assert report["m2_vs_m0"]["overall"]["pairs"] == 3  # AlpacaEval and MT-bench prompts together, as before

@@ -92,7 +92,7 @@ def test_a_seed_file_that_cannot_be_read_stops_the_seed_stage(tmp_path, capsys, 
     if kind != "not UTF-8":  # a decoding error names the line; the others name the key
         assert "(data.seed_source)" in error
     files = RunFiles(run)
-    assert not files.seed_file().exists() and files.manifest("seed") is None and not leftovers(run)
+    assert not files.path("seed").exists() and files.manifest("seed") is None and not leftovers(run)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -105,8 +105,8 @@ def test_a_corpus_file_that_cannot_be_read_stops_the_segments_stage(tmp_path, ca
     assert code == 2
     assert str(path) in error and problem in error, error
     files = RunFiles(run)
-    assert files.seed_file().exists()  # the stage before it finished
-    outputs = [files.segments_file(), files.segments_dropped_file(), files.segments_report_file()]
+    assert files.path("seed").exists()  # the stage before it finished
+    outputs = [files.path("segments"), files.path("segments_dropped"), files.path("segments_report")]
     assert not any(p.exists() for p in outputs) and files.manifest("segments") is None and not leftovers(run)
 
 
@@ -198,7 +198,7 @@ def test_a_seed_file_without_read_permission(capsys):
         code, err = without_privileges(lambda: main(run_args(run, "seed", f"data.seed_source={path}")), folder)
         assert code == 2, err
         assert err.strip() == f"humpback: error: {path}: permission denied, the file cannot be read (data.seed_source)"
-        assert not RunFiles(run).seed_file().exists() and not leftovers(run)
+        assert not RunFiles(run).path("seed").exists() and not leftovers(run)
 
 
 def test_a_corpus_file_without_read_permission(capsys):
@@ -215,7 +215,7 @@ def test_a_corpus_file_without_read_permission(capsys):
         assert code == 2, err
         assert err.strip().splitlines()[-1] == (f"humpback: error: {corpus / 'page.html'}: permission denied, the file "
                                                 "cannot be read (data.corpus_sources)")
-        assert not RunFiles(run).segments_file().exists() and not leftovers(run)
+        assert not RunFiles(run).path("segments").exists() and not leftovers(run)
 
 
 def test_a_labels_file_without_read_permission():
@@ -246,7 +246,7 @@ def test_filters_that_keep_no_segment_stop_the_stage_with_the_counts(tmp_path, c
     assert error == ("humpback: error: data.corpus_sources: no segment passed the filters: 1 segments read from "
                      "1 documents, dropped by filter: length 1; change data.min_chars, data.max_chars, or add "
                      "corpora to data.corpus_sources")
-    assert not RunFiles(run).segments_file().exists() and not leftovers(run)
+    assert not RunFiles(run).path("segments").exists() and not leftovers(run)
 
 
 def test_corpora_without_text_the_kit_reads_stop_the_stage(tmp_path, capsys):
@@ -273,7 +273,7 @@ def test_too_few_seed_pairs_stop_the_seed_stage_with_both_counts(tmp_path, capsy
     assert error == (f"humpback: error: {path}: 26 usable seed pairs (dropped: duplicates 3), fewer than the 28 that "
                      "data.seed_size (24) + data.heldout_size (4) ask for: lower data.seed_size or "
                      "data.heldout_size, or name a larger data.seed_source")
-    assert not RunFiles(run).seed_file().exists()
+    assert not RunFiles(run).path("seed").exists()
 
 
 def test_duplicate_seed_pairs_are_dropped_and_counted_in_the_report(tmp_path, capsys):

@@ -54,15 +54,15 @@ def lab(tmp_path_factory, finished_tiny_run):
     files = RunFiles(run_dir)
     candidates = files.candidates()
     hostile = dict(candidates[0], id="cand-hostile", instruction=HOSTILE, output=HOSTILE + " Mount Everest.")
-    write_jsonl(files.candidates_file(), [hostile, *candidates])
+    write_jsonl(files.path("candidates"), [hostile, *candidates])
     scores = files.scores("m0")
     k = files.curated(1).k
-    write_jsonl(files.scores_file("m0"), [dict(scores[0], id="cand-hostile", score=round(k - 0.01, 4)), *scores])
+    write_jsonl(files.path("scores", "m0"), [dict(scores[0], id="cand-hostile", score=round(k - 0.01, 4)), *scores])
     for name in NOTEBOOKS:
         source = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
         for cell in source["cells"]:
             if "parameters" in cell.get("metadata", {}).get("tags", []):
-                values = {"run_dir": repr(str(run_dir)), "figures_dir": repr(str(root / "figures")),
+                values = {"run_dir": repr(str(run_dir)), "figures": repr(str(root / "figures")),
                           "examples_to_show": "2"}  # the rest of the cell as committed: the run's own settings
                 lines = "".join(cell["source"]).splitlines()
                 cell["source"] = "\n".join(

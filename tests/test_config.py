@@ -195,7 +195,7 @@ def test_a_notebook_on_a_run_uses_its_settings_and_stops_when_its_own_differ(tmp
     logged = []
     made = open_run(None, folder.path, mine)[0]
     folder.run(made, log=logged.append)
-    before = folder.files.config_file().read_text()
+    before = folder.files.path("config").read_text()
 
     config, run = open_run(None, folder.path)  # nothing given: the run's own config, whatever made it
     assert config == made and run.path == folder.path
@@ -206,7 +206,7 @@ def test_a_notebook_on_a_run_uses_its_settings_and_stops_when_its_own_differ(tmp
     assert "train.max_steps: 5 in the run, 2 here" in message
     assert "generate.temperature: 0.7 in the run, 0.9 here" in message
     assert "Nothing was changed" in message and "another run_dir" in message
-    assert folder.files.config_file().read_text() == before
+    assert folder.files.path("config").read_text() == before
 
     folder.run(with_overrides(made, {"train.max_steps": 6}), log=logged.append)  # `humpback run` says what changed
     assert "changed     train.max_steps: 5 -> 6" in logged

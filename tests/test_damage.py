@@ -18,13 +18,13 @@ SALT = {"total": 0}  # what the next "total" adds: a stage that writes other out
 
 def make_numbers(run):
     CALLS.append("numbers")
-    write_jsonl(run.files.seed_file(), ({"id": i, "value": i * i, "split": "train"} for i in range(40)))
+    write_jsonl(run.files.path("seed"), ({"id": i, "value": i * i, "split": "train"} for i in range(40)))
 
 
 def sum_numbers(run):
     CALLS.append("total")
     values = [r["value"] for r in run.files.seed_pairs("train")]
-    write_jsonl(run.files.candidates_file(), [{"id": i, "total": sum(values[:i]) + SALT["total"]} for i in range(40)])
+    write_jsonl(run.files.path("candidates"), [{"id": i, "total": sum(values[:i]) + SALT["total"]} for i in range(40)])
 
 
 def train_model(run):
@@ -42,14 +42,14 @@ def train_model(run):
 def rate(run):
     CALLS.append("rate")
     totals = [r["total"] for r in run.files.candidates()]
-    write_jsonl(run.files.scores_file("m0"), [{"id": i, "score": t % 5} for i, t in enumerate(totals)])
+    write_jsonl(run.files.path("scores", "m0"), [{"id": i, "score": t % 5} for i, t in enumerate(totals)])
 
 
 STAGES = (
-    Stage("numbers", ("seed_file",), (), ("data",), make_numbers, doc="numbers"),
-    Stage("total", ("candidates_file",), ("numbers",), ("generate",), sum_numbers, doc="running totals"),
-    Stage("model", ("model_dir:m0",), ("numbers",), ("train",), train_model, doc="a model folder"),
-    Stage("rate", ("scores_file:m0",), ("total", "model"), ("curate",), rate, doc="scores"),
+    Stage("numbers", ("seed",), (), ("data",), make_numbers, doc="numbers"),
+    Stage("total", ("candidates",), ("numbers",), ("generate",), sum_numbers, doc="running totals"),
+    Stage("model", ("model:m0",), ("numbers",), ("train",), train_model, doc="a model folder"),
+    Stage("rate", ("scores:m0",), ("total", "model"), ("curate",), rate, doc="scores"),
 )
 
 
@@ -90,7 +90,7 @@ def cli_status(folder, monkeypatch, capsys):
 
 def test_a_finished_run_records_each_outputs_size_and_digest_and_is_done(folder):
     files = folder.manifest("total")["files"]
-    size = folder.files.candidates_file().stat().st_size
+    size = folder.files.path("candidates").stat().st_size
     assert files["candidates.jsonl"]["size"] == size and len(files["candidates.jsonl"]["sha256"]) == 64
     assert set(folder.manifest("model")["files"]["models/m0"]["folder"]) == {"weights/adapter.bin", "train_log.json"}
     assert set(folder.manifest("rate")["read"]) == {"total", "model"}
@@ -98,7 +98,7 @@ def test_a_finished_run_records_each_outputs_size_and_digest_and_is_done(folder)
 
 
 def test_a_truncated_output_is_damaged_and_named_and_its_readers_are_stale(folder, monkeypatch, capsys):
-    path = folder.files.candidates_file()
+    path = folder.files.path("candidates")
     path.write_text(path.read_text().splitlines(keepends=True)[0])
     assert states(folder) == {"numbers": "done", "total": "damaged", "model": "done", "rate": "stale"}
     damaged = row(folder, "total")
@@ -111,7 +111,7 @@ def test_a_truncated_output_is_damaged_and_named_and_its_readers_are_stale(folde
 
 
 def test_a_byte_edited_in_place_is_caught_by_its_digest(folder):
-    path = folder.files.candidates_file()
+    path = folder.files.path("candidates")
     text = path.read_text()
     edited = text.replace('"total": 0', '"total": 9', 1)
     assert edited != text and len(edited) == len(text)
@@ -121,7 +121,7 @@ def test_a_byte_edited_in_place_is_caught_by_its_digest(folder):
 
 
 def test_a_touched_file_is_still_done_and_its_new_mtime_is_recorded_by_the_next_run(folder, config):
-    path = folder.files.candidates_file()
+    path = folder.files.path("candidates")
     later(path)
     assert set(states(folder).values()) == {"done"}
     assert folder.run(config, log=lambda _: None) == dict.fromkeys(("numbers", "total", "model", "rate"), "skipped")
@@ -130,7 +130,7 @@ def test_a_touched_file_is_still_done_and_its_new_mtime_is_recorded_by_the_next_
 
 
 def test_a_folder_output_missing_a_file_or_holding_an_extra_one_is_damaged(folder):
-    model = folder.files.model_dir("m0")
+    model = folder.files.path("model", "m0")
     (model / "notes.txt").write_text("added by hand")
     (model / ".tmp-adapter.bin.x").write_text("left by an interrupted write: not an output")
     assert row(folder, "model")["damaged"] == ["models/m0/notes.txt"]
@@ -144,7 +144,7 @@ def test_a_folder_output_missing_a_file_or_holding_an_extra_one_is_damaged(folde
 
 
 def test_run_makes_a_damaged_output_again_and_keeps_readers_whose_input_came_back_the_same(folder, config):
-    path = folder.files.candidates_file()
+    path = folder.files.path("candidates")
     before = path.read_bytes()
     path.write_text("")
     assert folder.run(config, log=lambda _: None) == {"numbers": "skipped", "total": "ran", "model": "skipped",
@@ -154,7 +154,7 @@ def test_run_makes_a_damaged_output_again_and_keeps_readers_whose_input_came_bac
 
 
 def test_run_reruns_the_readers_when_the_damaged_stage_writes_other_outputs(folder, config):
-    path = folder.files.candidates_file()
+    path = folder.files.path("candidates")
     path.write_text("")
     SALT["total"] = 1  # the stage is not deterministic: its rerun writes other totals
     assert folder.run(config, log=lambda _: None) == {"numbers": "skipped", "total": "ran", "model": "skipped",
@@ -164,7 +164,7 @@ def test_run_reruns_the_readers_when_the_damaged_stage_writes_other_outputs(fold
 
 
 def test_a_damaged_model_is_trained_again(folder, config):
-    (folder.files.model_dir("m0") / "weights" / "adapter.bin").write_bytes(b"\0" * 10)
+    (folder.files.path("model", "m0") / "weights" / "adapter.bin").write_bytes(b"\0" * 10)
     results = folder.run(config, log=lambda _: None)
     assert results["model"] == "ran" and results["rate"] == "skipped"
     assert CALLS == ["model", "train"]  # not kept as "made with the same settings"
@@ -180,17 +180,17 @@ def test_a_stage_whose_input_was_rewritten_since_it_read_it_is_stale(folder, con
 
 def test_manifests_without_digests_are_trusted_as_before(folder):
     for stage in ("total", "rate"):
-        manifest_file = folder.files.manifest_file(stage)
+        manifest_file = folder.files.path("manifest", stage)
         manifest = yaml.safe_load(manifest_file.read_text())
         del manifest["files"], manifest["read"]
         manifest_file.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    folder.files.candidates_file().write_text("")
+    folder.files.path("candidates").write_text("")
     assert set(states(folder).values()) == {"done"}
 
 
 def test_the_stage_hashes_do_not_depend_on_the_outputs(folder, config):
     hashes = {name: folder.stage_hash(name, config) for name in folder.stages}
-    folder.files.candidates_file().write_text("")
+    folder.files.path("candidates").write_text("")
     assert {name: folder.stage_hash(name, config) for name in folder.stages} == hashes
     assert all(folder.manifest(name)["hash"] == hashes[name] for name in folder.stages)
 
@@ -200,7 +200,7 @@ def test_status_names_a_cut_candidates_file_of_the_tiny_run(finished_tiny_run, t
     copy = tmp_path / "run"
     shutil.copytree(finished_tiny_run, copy, ignore=shutil.ignore_patterns("notebooks"))
     assert "damaged" not in {r["state"] for r in open_run(copy).status()}
-    candidates = open_run(copy).files.candidates_file()
+    candidates = open_run(copy).files.path("candidates")
     candidates.write_text(candidates.read_text().splitlines(keepends=True)[0])
     assert main(["status", "--run-dir", str(copy)]) == 0
     out = capsys.readouterr().out

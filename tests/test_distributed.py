@@ -21,7 +21,8 @@ pytestmark = pytest.mark.slow
 # (12 segments: 6 batches of self-augmentation, 3 for each of two processes)
 SETTINGS = ["model.dtype=float32", "data.num_segments=12", "generate.batch_size=2", "curate.batch_size=2",
             "curate.compare_size=0"]  # the raters side by side: not what this test is about
-RECORDS = (RunFiles.candidates_file, RunFiles.candidates_dropped_file, lambda files: files.scores_file("m0"))
+RECORDS = (lambda files: files.path("candidates"), lambda files: files.path("candidates_dropped"),
+           lambda files: files.path("scores", "m0"))
 # Every process computes with one thread, as a launcher sets it: float sums split across another number of threads
 # round differently in the last bits.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -50,7 +51,7 @@ def cleared(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     run([sys.executable, "-m", "humpback_nb.cli", "clear", "--run-dir", str(target), "candidates"])
     files = RunFiles(target)
-    assert not files.candidates_file().exists() and files.model_dir("m0").is_dir()
+    assert not files.path("candidates").exists() and files.path("model", "m0").is_dir()
     return target
 
 
@@ -62,7 +63,7 @@ def same_records(a: Path, b: Path) -> None:
 
 def part_files(folder: Path) -> list[Path]:
     files = RunFiles(folder)
-    return [p for p in files.partials(files.candidates_file()) if ".rank" in p.name]
+    return [p for p in files.partials(files.path("candidates")) if ".rank" in p.name]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_a_killed_launch_ends_with_the_records_of_one_process(one_process, tmp_p
         launch.wait()
         psutil.wait_procs(family, timeout=30)
     parts = part_files(folder)
-    assert parts and not RunFiles(folder).candidates_file().exists()
+    assert parts and not RunFiles(folder).path("candidates").exists()
     saved = {part.name: part.read_bytes() for part in parts}
     run(humpback(folder, "rate_m0", processes=2))  # each process redoes only the batches missing in all parts
     same_records(one_process, folder)
@@ -119,7 +120,7 @@ def test_training_under_ddp_takes_the_steps_one_process_takes(one_process, tmp_p
     assert ours["processes"] == 2 and theirs["processes"] == 1
     assert [s["tokens"] for s in ours["steps"]] == [s["tokens"] for s in theirs["steps"]]  # the same examples
     assert [s["loss"] for s in ours["steps"]] == pytest.approx([s["loss"] for s in theirs["steps"]], abs=1e-4)
-    a, b = (load_file(RunFiles(f).model_dir("backward") / ADAPTER_FILE) for f in (tmp_path, one_process))
+    a, b = (load_file(RunFiles(f).path("model", "backward") / ADAPTER_FILE) for f in (tmp_path, one_process))
     # Adam moves every weight by about the learning rate whatever the gradient's size, so a gradient that
     # differs in its last bits (summed in another order) can move a weight the other way: 2 x lr per step at most
     bound = 2 * theirs["learning_rate"] * len(theirs["steps"])

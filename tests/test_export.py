@@ -30,8 +30,8 @@ def kit_merged(finished_tiny_run):
     """The kit's own M2 as its answers are written: the run's base in bf16 with the LoRA adapter merged in."""
     from humpback_nb.infra.models import load_trained
 
-    config = load_config(RunFiles(finished_tiny_run).config_file())
-    return load_trained(replace(config.model, dtype="bfloat16"), RunFiles(finished_tiny_run).model_dir("m2"))
+    config = load_config(RunFiles(finished_tiny_run).path("config"))
+    return load_trained(replace(config.model, dtype="bfloat16"), RunFiles(finished_tiny_run).path("model", "m2"))
 
 
 def test_the_export_holds_the_kits_merged_weights_and_format(exported, kit_merged):
@@ -108,8 +108,8 @@ def test_chat_answers_piped_questions_as_the_evaluation_answers(finished_tiny_ru
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{questions[0]}\n\n{questions[1]}\n"))  # piped, a blank line
     assert main(["chat", "--run-dir", str(finished_tiny_run), "--model", "m2", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
-    config = load_config(RunFiles(finished_tiny_run).config_file())
-    model, tokenizer = load_trained(config.model, RunFiles(finished_tiny_run).model_dir("m2"))
+    config = load_config(RunFiles(finished_tiny_run).path("config"))
+    model, tokenizer = load_trained(config.model, RunFiles(finished_tiny_run).path("model", "m2"))
     settings = replace(config.generate, max_new_tokens=8)
     expected = [answer(model, tokenizer, [{"id": "q", "instruction": q, "dataset": "chat"}], settings, "m2",
                        config.evaluate.inference_tags)[0]["output"] for q in questions]
@@ -123,11 +123,11 @@ def test_a_qlora_model_is_merged_into_the_unquantized_base_and_says_so(finished_
     from safetensors import safe_open
 
     files, copy = RunFiles(finished_tiny_run), RunFiles(tmp_path / "run")
-    settings = yaml.safe_load(files.config_file().read_text())
+    settings = yaml.safe_load(files.path("config").read_text())
     settings["model"]["quantization"] = "4bit"  # as a QLoRA run's config says
     copy.root.mkdir()
-    copy.config_file().write_text(yaml.safe_dump(settings))
-    shutil.copytree(files.model_dir("m2"), copy.model_dir("m2"))
+    copy.path("config").write_text(yaml.safe_dump(settings))
+    shutil.copytree(files.path("model", "m2"), copy.path("model", "m2"))
     assert main(["export", "--run-dir", str(copy.root), "--model", "m2", "--to", str(tmp_path / "out")]) == 0
     said = [line for line in capsys.readouterr().out.splitlines() if "4-bit" in line]
     assert len(said) == 1 and "merged into the unquantized base" in said[0]

@@ -15,14 +15,13 @@ from humpback_nb.method.analysis import (
     LOG_BASE,
     pick_by_rating,
     quality_sets,
-    rate_at_endpoint,
     read_labels,
     scaling_fit,
     scaling_sources,
     selector_quality,
     training_sample,
 )
-from humpback_nb.method.curate import selection_threshold
+from humpback_nb.method.curate import rate_at_endpoint, selection_threshold
 from humpback_nb.method.winrates import fit_alpha
 
 

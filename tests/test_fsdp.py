@@ -94,7 +94,7 @@ def run(command: list[str]) -> str:
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(RunFiles(folder).model_dir("backward") / "model.safetensors")
+    return load_file(RunFiles(folder).path("model", "backward") / "model.safetensors")
 
 
 def same_training(ours: Path, theirs: Path) -> None:
@@ -137,7 +137,7 @@ def test_the_model_saved_under_fsdp_loads_with_plain_transformers_and_every_weig
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    folder = RunFiles(under_fsdp).model_dir("backward")
+    folder = RunFiles(under_fsdp).path("model", "backward")
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     initial, trained = load_file(tiny_llama / "model.safetensors"), weights(under_fsdp)
@@ -159,7 +159,7 @@ def test_under_mixed_precision_the_model_is_saved_in_its_own_dtype(tiny_llama, t
                  settings=("model.dtype=bfloat16", "train.max_steps=2", "train.save_steps=0")))
     assert RunFiles(tmp_path / "run").train_log("backward")["parallel"] == "fsdp2"
     assert {w.dtype for w in weights(tmp_path / "run").values()} == {torch.bfloat16}
-    model = AutoModelForCausalLM.from_pretrained(RunFiles(tmp_path / "run").model_dir("backward"))
+    model = AutoModelForCausalLM.from_pretrained(RunFiles(tmp_path / "run").path("model", "backward"))
     assert model.dtype == torch.bfloat16
 
 
@@ -169,7 +169,7 @@ def test_a_killed_fsdp_launch_resumes_from_its_sharded_checkpoint(under_fsdp, ti
     folder = tmp_path / "run"
     launch = subprocess.Popen(humpback(folder, tiny_llama, fsdp=True), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=ENV)
-    model_dir = RunFiles(folder).model_dir("backward")
+    model_dir = RunFiles(folder).path("model", "backward")
     deadline = time.time() + 300
     try:  # kill every process of the launch once a complete checkpoint (one with its steps file) is there
         while not list(model_dir.parent.glob("backward.*.partial/checkpoint-*/humpback_steps.json")):

@@ -31,7 +31,7 @@ def test_gpu_check_runs_on_the_cpu_and_prints_a_verdict_per_check(tmp_path, caps
     sets = [arg for setting in SMALLEST for arg in ("--set", setting)]
     status = main(["gpu-check", "--run-dir", str(tmp_path), *sets])
     out = capsys.readouterr().out
-    report = json.loads(RunFiles(tmp_path).gpu_check_file().read_text())
+    report = json.loads(RunFiles(tmp_path).path("gpu_check").read_text())
     assert status == (0 if report["passed"] else 1)
     assert report["format"].startswith("base-model format") and report["stop_tokens"] == ["<|endoftext|>"]
     verdicts = {c["check"]: c["verdict"] for c in report["checks"]}
@@ -39,7 +39,7 @@ def test_gpu_check_runs_on_the_cpu_and_prints_a_verdict_per_check(tmp_path, caps
     for check, verdict in verdicts.items():
         assert f"{verdict:<4}  {check}" in out
     # the numbers come from the run's own records
-    scores = list(read_jsonl(RunFiles(tmp_path).scores_file("m0")))
+    scores = list(read_jsonl(RunFiles(tmp_path).path("scores", "m0")))
     parsed = sum(s["score"] is not None for s in scores) / len(scores)
     assert next(c["value"] for c in report["checks"] if c["check"].startswith("score parse")) == round(parsed, 3)
     assert report["scale"]["answers"] == 3 and report["scale"]["rater"] == "generate"
@@ -49,7 +49,7 @@ def test_gpu_check_runs_on_the_cpu_and_prints_a_verdict_per_check(tmp_path, caps
     assert set(timings["decoding"]) == {"candidates", "rate_m0", "answers"}
     assert all(t["steps"] > 0 and t["seconds_per_step"] > 0 for t in timings["decoding"].values())
     assert "ms a step at" in out
-    path = str(RunFiles(tmp_path).gpu_check_file())
+    path = str(RunFiles(tmp_path).path("gpu_check"))
     model = ["--set", f"model.name={report['model']}", "--set", "model.quantization=none"]
     assert main(["plan", "--preset", "paper-7b", *model, "--calibrate", path, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)

@@ -18,7 +18,7 @@ def test_alpaca_eval_metric_reads_the_judgments_as_they_are(finished_tiny_run):
 
     files = RunFiles(finished_tiny_run)
     kit = files.win_rates()["m2_vs_m0"]["overall"]
-    judgments = read_jsonl(files.judgments_file("m2_vs_m0"))
+    judgments = read_jsonl(files.path("judgments", "m2_vs_m0"))
     assert all(j["preference"] == pytest.approx(1 + j["outcome"]) for j in judgments if j["outcome"] is not None)
     theirs = get_winrate(judgments)
     assert not math.isnan(theirs["win_rate"])
@@ -30,8 +30,8 @@ def test_adapters_name_a_portable_base_model_and_carry_a_filled_card(finished_ti
     from humpback_nb.infra.models import load_trained
 
     files = RunFiles(finished_tiny_run)
-    config = load_config(files.config_file())
-    folder = files.model_dir("m2")
+    config = load_config(files.path("config"))
+    folder = files.path("model", "m2")
     adapter = json.loads((folder / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == config.model.name == "smollm2-135m-as-base"
     card = (folder / "README.md").read_text()
@@ -54,14 +54,14 @@ def test_seed_and_A_k_rows_load_together_and_train_with_trl_without_a_map(finish
     from trl import SFTConfig, SFTTrainer
 
     files = RunFiles(finished_tiny_run)
-    seed_rows, a1_rows = read_jsonl(files.seed_file()), read_jsonl(files.curated_file(1))
+    seed_rows, a1_rows = read_jsonl(files.path("seed")), read_jsonl(files.path("curated", 1))
     assert set(seed_rows[0]) == set(a1_rows[0])
     assert seed_rows[0]["prompt"] == [{"role": "system", "content": S_A},
                                       {"role": "user", "content": seed_rows[0]["instruction"]}]
     assert a1_rows[0]["prompt"][0] == {"role": "system", "content": S_W}
     assert a1_rows[0]["completion"] == [{"role": "assistant", "content": a1_rows[0]["output"]}]
 
-    data = load_dataset("json", data_files=[str(files.seed_file()), str(files.curated_file(1))], split="train",
+    data = load_dataset("json", data_files=[str(files.path("seed")), str(files.path("curated", 1))], split="train",
                         cache_dir=str(tmp_path / "cache"))
     assert len(data) == len(seed_rows) + len(a1_rows)
     assert data[len(seed_rows)]["tag"] == "S_w" and data[0]["split"] in ("train", "heldout")

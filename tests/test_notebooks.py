@@ -87,7 +87,7 @@ def test_on_a_finished_run_every_notebook_only_reads(finished_tiny_run, tmp_path
     seconds = {}
     for path in NOTEBOOKS:
         started = time.time()
-        output = execute(path, tmp_path / path.name, {"run_dir": str(run_dir), "figures_dir": str(tmp_path / "fig")})
+        output = execute(path, tmp_path / path.name, {"run_dir": str(run_dir), "figures": str(tmp_path / "fig")})
         seconds[path.stem] = round(time.time() - started, 1)
         executed = nbformat.read(output, as_version=4)
         assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
@@ -108,7 +108,7 @@ def test_the_switch_reaches_the_notebook_kernel(finished_tiny_run, tmp_path, mon
     monkeypatch.setenv(NO_COMPUTE, "1")
     with pytest.raises(PapermillExecutionError, match="ComputeRefused"):
         execute(NOTEBOOKS[0], tmp_path / NOTEBOOKS[0].name, {"run_dir": str(finished_tiny_run), "live": True,
-                                                           "figures_dir": str(tmp_path / "fig")})
+                                                           "figures": str(tmp_path / "fig")})
 
 
 @pytest.mark.slow
@@ -124,7 +124,7 @@ def test_after_a_change_of_learning_rate_every_model_is_trained_again(finished_t
     command = [sys.executable, "-m", "humpback_nb.cli", "run", "--preset", "tiny"]
     copy = tmp_path / "run"
     shutil.copytree(finished_tiny_run, copy, ignore=shutil.ignore_patterns("notebooks"))
-    before = sorted(p.name for p in RunFiles(copy).models_dir().iterdir())
+    before = sorted(p.name for p in RunFiles(copy).path("models").iterdir())
     assert {"backward", "m0", "m1", "m2", "m2_untagged"} <= set(before) and any("scaling_" in m for m in before)
 
     changed = ["--set", "train.learning_rate=3e-4", "--set", "train.final_learning_rate=2.7e-4",
@@ -136,7 +136,7 @@ def test_after_a_change_of_learning_rate_every_model_is_trained_again(finished_t
     # Which Figure 3 models there are depends on how many candidates each quality keeps, which the retrained models
     # decide anew (and which the CPU's rounding can move): the models are those the finished stages name, no others.
     after = sorted(model["model"] for row in rows for model in row["models"])
-    assert sorted(p.name for p in files.models_dir().iterdir()) == after
+    assert sorted(p.name for p in files.path("models").iterdir()) == after
     assert {"backward", "m0", "m1", "m2", "m2_untagged"} <= set(after) and any("scaling_" in m for m in after)
     assert {model: files.train_log(model)["steps"][0]["lr"] for model in after} == {model: 3e-4 for model in after}
     assert all(row["state"] == "done" for row in rows)

@@ -15,14 +15,14 @@ CALLS: list[str] = []
 def make_numbers(run):
     CALLS.append("numbers")
     n = run.config.data.seed_size
-    write_jsonl(run.files.seed_file(), ({"id": i, "value": i * i, "split": "train"} for i in range(n)))
+    write_jsonl(run.files.path("seed"), ({"id": i, "value": i * i, "split": "train"} for i in range(n)))
 
 
 def sum_numbers(run):
     CALLS.append("total")
     values = [r["value"] for r in run.files.seed_pairs("train")]
     scale = run.config.generate.temperature
-    write_jsonl(run.files.candidates_file(), [{"total": sum(values) * scale}])
+    write_jsonl(run.files.path("candidates"), [{"total": sum(values) * scale}])
 
 
 def crash(run):
@@ -31,8 +31,8 @@ def crash(run):
 
 
 TOY = (
-    Stage("numbers", ("seed_file",), (), ("data",), make_numbers),
-    Stage("total", ("candidates_file",), ("numbers",), ("generate",), sum_numbers),
+    Stage("numbers", ("seed",), (), ("data",), make_numbers),
+    Stage("total", ("candidates",), ("numbers",), ("generate",), sum_numbers),
 )
 
 
@@ -51,11 +51,11 @@ def test_stages_run_once_and_are_skipped_with_the_same_config(folder, config):
     assert folder.run(config, log=lambda _: None) == {"numbers": "ran", "total": "ran"}
     assert folder.run(config, log=lambda _: None) == {"numbers": "skipped", "total": "skipped"}
     assert CALLS == ["numbers", "total"]
-    assert read_jsonl(folder.files.candidates_file()) == [{"total": sum(i * i for i in range(24)) * 0.7}]
+    assert read_jsonl(folder.files.path("candidates")) == [{"total": sum(i * i for i in range(24)) * 0.7}]
     manifest = folder.manifest("numbers")
     assert manifest["hash"] == folder.stage_hash("numbers", config)
     assert manifest["config"] == config.to_dict()
-    assert folder.files.config_file().is_file()
+    assert folder.files.path("config").is_file()
 
 
 def test_a_change_redoes_only_the_stages_it_touches(folder, config):
@@ -76,20 +76,20 @@ def test_until_and_redo(folder, config):
 
 def test_an_interrupted_stage_is_not_done_and_runs_again(tmp_path, config):
     CALLS.clear()
-    stages = (TOY[0], Stage("total", ("candidates_file",), ("numbers",), ("generate",), crash))
+    stages = (TOY[0], Stage("total", ("candidates",), ("numbers",), ("generate",), crash))
     folder = RunFolder(tmp_path / "run", stages)
     with pytest.raises(RuntimeError, match="killed halfway"):
         folder.run(config, log=lambda _: None)
     assert folder.state("numbers", config) == "done"
     assert folder.state("total", config) == "pending"
-    assert not folder.files.manifest_file("total").exists()
-    assert not folder.files.lock_file().exists()
+    assert not folder.files.path("manifest", "total").exists()
+    assert not folder.files.path("lock").exists()
     fixed = RunFolder(tmp_path / "run", TOY)
     assert fixed.run(config, log=lambda _: None) == {"numbers": "skipped", "total": "ran"}
 
 
 def test_a_stage_that_writes_nothing_is_not_marked_done(tmp_path, config):
-    stages = (Stage("lazy", ("summary_file",), (), (), lambda run: None),)
+    stages = (Stage("lazy", ("summary",), (), (), lambda run: None),)
     folder = RunFolder(tmp_path / "run", stages)
     with pytest.raises(PipelineError, match=r"finished without writing \['summary.json'\]"):
         folder.run(config, log=lambda _: None)
@@ -99,7 +99,7 @@ def test_a_stage_that_writes_nothing_is_not_marked_done(tmp_path, config):
 def test_clear_makes_the_stage_and_its_readers_pending(folder, config):
     folder.run(config, log=lambda _: None)
     assert folder.clear("numbers") == ["numbers", "total"]
-    assert not folder.files.seed_file().exists()
+    assert not folder.files.path("seed").exists()
     assert [folder.state(s, config) for s in ("numbers", "total")] == ["pending", "pending"]
 
 
@@ -114,7 +114,7 @@ def test_one_process_at_a_time(folder):
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(folder, config):
     folder.path.mkdir(parents=True)
-    folder.files.lock_file().write_text("999999999\n")
+    folder.files.path("lock").write_text("999999999\n")
     assert folder.run(config, until="numbers", log=lambda _: None) == {"numbers": "ran"}
 
 
@@ -152,12 +152,12 @@ def test_partials_of_other_settings_are_removed_and_own_ones_kept(tmp_path, conf
     seen = []
 
     def resumable(run):
-        mine = run.partial(run.files.candidates_file())
+        mine = run.partial(run.files.path("candidates"))
         seen.append(mine.exists())
         mine.write_text('{"id": 1}\n')
         raise RuntimeError("interrupted")
 
-    stages = (Stage("s", ("candidates_file",), (), ("generate",), resumable),)
+    stages = (Stage("s", ("candidates",), (), ("generate",), resumable),)
     folder = RunFolder(tmp_path / "run", stages)
     for _ in range(2):
         with pytest.raises(RuntimeError):
@@ -167,7 +167,7 @@ def test_partials_of_other_settings_are_removed_and_own_ones_kept(tmp_path, conf
     with pytest.raises(RuntimeError):
         folder.run(other, log=lambda _: None)
     assert seen[-1] is False  # records made with other settings are never resumed
-    assert len(folder.files.partials(folder.files.candidates_file())) == 1
+    assert len(folder.files.partials(folder.files.path("candidates"))) == 1
 
 
 # -- honest hashes: a stage sees only the sections it declares -----------------------------------------------------
@@ -175,7 +175,7 @@ def test_a_stage_that_reads_an_undeclared_section_stops_with_its_name_and_the_se
     def sneaky(run):
         return run.config.train.learning_rate  # declares only "generate"
 
-    folder = RunFolder(tmp_path / "run", (Stage("sneaky", ("candidates_file",), (), ("generate",), sneaky),))
+    folder = RunFolder(tmp_path / "run", (Stage("sneaky", ("candidates",), (), ("generate",), sneaky),))
     with pytest.raises(SectionError, match="stage 'sneaky' reads config section 'train', which it does not declare"):
         folder.run(config, log=lambda _: None)
     assert folder.manifest("sneaky") is None
@@ -188,7 +188,7 @@ def test_the_cli_reports_an_undeclared_section_in_one_line(tmp_path, monkeypatch
         return run.config.evaluate.judge
 
     monkeypatch.setattr(humpback_nb.pipeline, "pipeline",
-                        lambda iterations: [Stage("sneaky", ("summary_file",), (), ("data",), sneaky)])
+                        lambda iterations: [Stage("sneaky", ("summary",), (), ("data",), sneaky)])
     assert main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "humpback: error: stage 'sneaky' reads config section 'evaluate', which it does not declare (it declares "
@@ -210,9 +210,9 @@ def test_models_inside_a_stage_are_retrained_when_their_settings_change_and_kept
         for name in ("extra_a", "extra_b"):
             rate = run.config.train.learning_rate
             run.trained(name, {"train": rate, "n": name}, fit(name, rate))
-        write_jsonl(run.files.candidates_file(), [{"judge": run.config.evaluate.judge}])
+        write_jsonl(run.files.path("candidates"), [{"judge": run.config.evaluate.judge}])
 
-    stages = (Stage("analysis", ("candidates_file",), (), ("train", "evaluate"), analysis),)
+    stages = (Stage("analysis", ("candidates",), (), ("train", "evaluate"), analysis),)
     folder = RunFolder(tmp_path / "run", stages)
     folder.run(config, log=lambda _: None)
     assert [(m["model"], m["state"]) for m in folder.status(config)[0]["models"]] == [("extra_a", "done"),
@@ -224,17 +224,17 @@ def test_models_inside_a_stage_are_retrained_when_their_settings_change_and_kept
     assert [m["state"] for m in folder.status(new_rate)[0]["models"]] == ["stale", "stale"]
     folder.run(new_rate, log=lambda _: None)
     assert trained[2:] == [("extra_a", 3e-4), ("extra_b", 3e-4)]
-    assert (folder.files.model_dir("extra_a") / "weights.txt").read_text() == "0.0003"
-    assert folder.files.model_manifest_file("extra_b").is_file()
+    assert (folder.files.path("model", "extra_a") / "weights.txt").read_text() == "0.0003"
+    assert folder.files.path("model_manifest", "extra_b").is_file()
 
 
 def test_status_shows_the_models_of_a_stage(tmp_path, config, capsys):
     def analysis(run):
         run.trained("extra", {"n": 1}, lambda folder, checkpoints: folder.mkdir(parents=True))
-        write_jsonl(run.files.candidates_file(), [])
+        write_jsonl(run.files.path("candidates"), [])
 
-    RunFolder(tmp_path, (Stage("analysis", ("candidates_file",), (), (), analysis),)).run(config, log=lambda _: None)
-    rows = RunFolder(tmp_path, (Stage("analysis", ("candidates_file",), (), (), analysis),)).status()
+    RunFolder(tmp_path, (Stage("analysis", ("candidates",), (), (), analysis),)).run(config, log=lambda _: None)
+    rows = RunFolder(tmp_path, (Stage("analysis", ("candidates",), (), (), analysis),)).status()
     assert rows[0]["models"][0]["model"] == "extra" and rows[0]["models"][0]["state"] == "done"
 
 
@@ -246,10 +246,10 @@ def test_no_file_name_of_the_run_folder_is_written_outside_the_run_module():
 
     root = Path(__file__).resolve().parents[1]
     files = RunFiles("R")
-    names = {p.name for p in (files.config_file(), files.seed_file(), files.segments_file(),
-                              files.segments_dropped_file(), files.segments_report_file(), files.candidates_file(),
-                              files.candidates_dropped_file(), files.candidates_report_file(), files.summary_file(),
-                              files.win_rates_file(), files.curated_file(1), files.curated_info_file(2))}
+    names = {p.name for p in (files.path("config"), files.path("seed"), files.path("segments"),
+                              files.path("segments_dropped"), files.path("segments_report"), files.path("candidates"),
+                              files.path("candidates_dropped"), files.path("candidates_report"), files.path("summary"),
+                              files.path("win_rates"), files.path("curated", 1), files.path("curated_info", 2))}
     patterns = [re.escape(name) for name in names] + [r"scores_m\d", r"\bA[12]\.jsonl", r"answers_\w*\.jsonl",
                                                       r"model_outputs_\w*\.json", r"judgments_\w*\.jsonl"]
     sources = [p for folder in ("humpback_nb", "notebooks", "benchmarks") for p in (root / folder).rglob("*")
@@ -275,14 +275,14 @@ def test_models_a_stage_no_longer_trains_are_removed_with_their_manifests(tmp_pa
     def analysis(run):  # one model per size, as Figure 3 trains them
         for n in run.config.evaluate.scaling_sizes:
             run.trained(f"size_{n}", {"n": n}, lambda folder, checkpoints: folder.mkdir(parents=True))
-        write_jsonl(run.files.candidates_file(), [])
+        write_jsonl(run.files.path("candidates"), [])
 
-    folder = RunFolder(tmp_path, (Stage("analysis", ("candidates_file",), (), ("evaluate",), analysis),))
+    folder = RunFolder(tmp_path, (Stage("analysis", ("candidates",), (), ("evaluate",), analysis),))
     folder.run(config, log=lambda _: None)  # tiny: sizes 2 and 4
     folder.run(with_overrides(config, {"evaluate.scaling_sizes": [4, 8]}), log=lambda _: None)
-    assert sorted(p.name for p in folder.files.models_dir().iterdir()) == ["size_4", "size_8"]
-    assert not folder.files.model_manifest_file("size_2").exists()
-    assert folder.clear("analysis") == ["analysis"] and not list(folder.files.models_dir().iterdir())
+    assert sorted(p.name for p in folder.files.path("models").iterdir()) == ["size_4", "size_8"]
+    assert not folder.files.path("model_manifest", "size_2").exists()
+    assert folder.clear("analysis") == ["analysis"] and not list(folder.files.path("models").iterdir())
 
 
 def test_status_loads_no_torch(tmp_path):
@@ -321,3 +321,53 @@ def test_the_judge_check_asks_only_what_the_run_needs(monkeypatch):
     for stage in STAGES[: [s.name for s in STAGES].index("rate_m0") + 1]:
         if stage.check is not None:
             stage.check(paper)  # the rater's check only: the run's own models rate
+
+
+# -- iterations as data --------------------------------------------------------------------------------------------
+PAPER_RUN = [  # the stages of the paper's run and what each writes, as every earlier version of the kit named them
+    ("seed", ["seed.jsonl"]),
+    ("segments", ["segments.jsonl", "segments_dropped.jsonl", "segments_report.json"]),
+    ("backward", ["models/backward"]), ("backward_check", ["analyses/backward_heldout.json"]),
+    ("candidates", ["candidates.jsonl", "candidates_dropped.jsonl", "candidates_report.json"]),
+    ("m0", ["models/m0"]), ("rate_m0", ["scores_m0.jsonl"]), ("A1", ["A1.jsonl", "A1.json"]), ("m1", ["models/m1"]),
+    ("rate_m1", ["scores_m1.jsonl"]), ("A2", ["A2.jsonl", "A2.json"]), ("m2", ["models/m2"]),
+    ("heldout", ["analyses/heldout_losses.json"]), ("eval", ["eval"]), ("tags", ["analyses/table8_tags.json"]),
+    ("selectors", ["analyses/table7_selectors.json"]), ("scaling", ["analyses/figure3_scaling.json"]),
+    ("summary", ["summary.json"])]
+
+
+def test_the_paper_s_two_iterations_keep_their_stages_and_names(tmp_path, config):
+    from humpback_nb.pipeline import open_run, pipeline
+
+    folder = open_run(tmp_path / "run", config)
+    assert [(s, [str(p.relative_to(folder.path)) for p in folder.outputs(s)]) for s in folder.stages] == PAPER_RUN
+    # the number of iterations decides which stages a run has, not what a stage makes: no hash changes with it
+    three = with_overrides(config, {"curate.iterations": 3})
+    assert three.hash() == config.hash()
+    assert all(folder.stage_hash(name, three) == folder.stage_hash(name, config) for name in folder.stages
+               if name not in ("heldout", "eval", "tags", "scaling", "summary"))
+    names = [s.name for s in pipeline(3)]
+    assert names[names.index("m2") + 1:names.index("heldout")] == ["rate_m2", "A3", "m3"]
+    assert dict((s.name, s.after) for s in pipeline(3))["tags"] == ("seed", "A3", "m3", "eval")
+    with pytest.raises(Exception, match="curate.iterations"):
+        with_overrides(config, {"curate.iterations": 1})  # Table 7 compares M0's and M1's selections
+
+
+@pytest.mark.slow
+def test_a_third_iteration_trains_m3_and_leaves_the_paper_s_stages_as_they_are(finished_tiny_run, tmp_path):
+    import shutil
+
+    from humpback_nb.pipeline import open_run
+
+    copy = tmp_path / "run"
+    shutil.copytree(finished_tiny_run, copy, ignore=shutil.ignore_patterns("notebooks", "figures", "report.html"))
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    config = with_overrides(open_run(copy).config(), {"curate.iterations": 3})
+    results = open_run(copy, config).run(config, until="heldout", log=lambda _: None)
+    assert [name for name, result in results.items() if result == "ran"] == ["rate_m2", "A3", "m3", "heldout"]
+    files = RunFiles(copy)
+    assert files.path("model", "m3").is_dir() and files.curated(3).records
+    assert files.train_log("m3")["steps"] and "A(3)_k" in (files.path("model", "m3") / "README.md").read_text()
+    assert {"m3 - m0", "m3 - m2", "m3 - base"} <= set(files.analysis("heldout_losses")["differences"])
+    changed = {p.relative_to(copy).as_posix() for p, t in before.items() if not p.exists() or p.stat().st_mtime_ns != t}
+    assert changed <= {"config.yaml", "analyses/heldout_losses.json", "stages/heldout.yaml"}, changed

@@ -61,7 +61,7 @@ def partial_lines(output):
 def checkpoint(model: str):
     def ready(folder: Path) -> bool:
         files = RunFiles(folder)
-        return any(list(p.glob("checkpoint-*/humpback_steps.json")) for p in files.partials(files.model_dir(model)))
+        return any(list(p.glob("checkpoint-*/humpback_steps.json")) for p in files.partials(files.path("model", model)))
 
     return ready
 
@@ -108,16 +108,16 @@ def uninterrupted(tmp_path_factory, embedded_checkpoint) -> Path:
 
 def test_killed_in_training_generation_and_rating_the_run_ends_as_if_never_stopped(uninterrupted, tmp_path):
     kill_when(tmp_path, checkpoint("backward"))  # training M_yx, after its first checkpoint
-    kill_when(tmp_path, partial_lines(RunFiles.candidates_file))  # self-augmentation, after a batch
-    partial = RunFiles(tmp_path).partials(RunFiles(tmp_path).candidates_file())[0]
+    kill_when(tmp_path, partial_lines(lambda files: files.path("candidates")))  # self-augmentation, after a batch
+    partial = RunFiles(tmp_path).partials(RunFiles(tmp_path).path("candidates"))[0]
     with open(partial, "ab") as handle:  # and a batch cut off while it was being written
         handle.write(b'{"id": "seg-000')
-    kill_when(tmp_path, partial_lines(lambda files: files.scores_file("m0")))  # rating, after a batch
+    kill_when(tmp_path, partial_lines(lambda files: files.path("scores", "m0")))  # rating, after a batch
     run_to_end(tmp_path)
 
     # same preset, same seed, other processes: the same records in every file (floats to the last bits but rarely)
     assert_same_records(tmp_path, uninterrupted)
     assert len(records(tmp_path)) >= 5  # seed, segments, dropped segments, candidates, scores ...
-    ours, theirs = (RunFiles(f).model_dir("backward") / ADAPTER_FILE for f in (tmp_path, uninterrupted))
+    ours, theirs = (RunFiles(f).path("model", "backward") / ADAPTER_FILE for f in (tmp_path, uninterrupted))
     assert ours.read_bytes() == theirs.read_bytes()
     assert not list(tmp_path.rglob("*.partial"))  # nothing left behind

@@ -38,18 +38,18 @@ def report(finished_tiny_run, tmp_path_factory):
     files = RunFiles(run_dir)
     candidates, scores, kept = files.candidates(), files.scores("m0"), files.curated(1)
     hostile = dict(candidates[0], id="cand-hostile", instruction=HOSTILE + " Why?", output=HOSTILE + " Because.")
-    write_jsonl(files.candidates_file(), [hostile, *candidates])
-    write_jsonl(files.scores_file("m0"), [dict(scores[0], id="cand-hostile", score=round(kept.k - 0.01, 4)),
+    write_jsonl(files.path("candidates"), [hostile, *candidates])
+    write_jsonl(files.path("scores", "m0"), [dict(scores[0], id="cand-hostile", score=round(kept.k - 0.01, 4)),
                                           dict(scores[0], id="cand-hostile-kept", score=5.0), *scores])
-    write_jsonl(files.curated_file(1), [dict(kept.records[0], id="cand-hostile-kept", instruction=HOSTILE + " Why?",
+    write_jsonl(files.path("curated", 1), [dict(kept.records[0], id="cand-hostile-kept", instruction=HOSTILE + " Why?",
                                              output=HOSTILE + " Because."), *kept.records])
-    write_jsonl(files.candidates_dropped_file(), [dict(hostile, id="cand-hostile-dropped", reason=HOSTILE),
+    write_jsonl(files.path("candidates_dropped"), [dict(hostile, id="cand-hostile-dropped", reason=HOSTILE),
                                                   *files.candidates_dropped()])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["report", "--run-dir", str(run_dir)]) == 0
-    assert out.getvalue() == f"report: {files.report_file()}\n"
-    return files, files.report_file().read_text(encoding="utf-8")
+    assert out.getvalue() == f"report: {files.path('report')}\n"
+    return files, files.path("report").read_text(encoding="utf-8")
 
 
 def section(page: str, key: str) -> str:
@@ -118,11 +118,11 @@ def test_a_folder_without_a_run_or_without_a_summary_is_one_error_line(tmp_path,
     assert err.count("\n") == 1 and err.startswith("humpback: error: ") and "no config.yaml" in err
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    shutil.copy(RunFiles(finished_tiny_run).config_file(), unfinished / "config.yaml")
+    shutil.copy(RunFiles(finished_tiny_run).path("config"), unfinished / "config.yaml")
     assert main(["report", "--run-dir", str(unfinished)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "summary.json" in err
-    assert not RunFiles(unfinished).report_file().exists() and not RunFiles(tmp_path).report_file().exists()
+    assert not RunFiles(unfinished).path("report").exists() and not RunFiles(tmp_path).path("report").exists()
 
 
 def test_a_run_without_the_analyses_says_so_and_draws_the_rest(finished_tiny_run, tmp_path):
@@ -130,8 +130,8 @@ def test_a_run_without_the_analyses_says_so_and_draws_the_rest(finished_tiny_run
 
     files = RunFiles(copy_run(finished_tiny_run, tmp_path / "run"))
     summary = files.summary() | {"figure3_scaling": None, "table7_selectors": None}
-    files.summary_file().write_text(json.dumps(summary))
-    files.analysis_file("figure3_scaling").unlink()
+    files.path("summary").write_text(json.dumps(summary))
+    files.path("analysis", "figure3_scaling").unlink()
     page = build_report(files.root)
     assert 'id="fig-scaling"><p class="note">' in page and "no scaling experiment" in section(page, "table3")
     assert "The selectors stage has not run." in section(page, "table7")
@@ -156,7 +156,7 @@ def test_the_report_renders_in_a_browser_and_runs_no_script_from_the_data(report
         dialogs, requests = [], []
         page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
         page.on("request", lambda request: requests.append(request.url))
-        page.goto(files.report_file().resolve().as_uri())
+        page.goto(files.path("report").resolve().as_uri())
         page.wait_for_load_state("load")
         for key in (*SECTIONS, *TABLES):
             located = page.locator(f"#{key}")

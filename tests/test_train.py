@@ -206,7 +206,7 @@ def test_a_models_hash_leaves_out_where_training_is_reported(finished_tiny_run):
     from humpback_nb.config import config_hash
     from humpback_nb.run import RunFiles
 
-    manifest = yaml.safe_load(RunFiles(finished_tiny_run).model_manifest_file("m2").read_text())
+    manifest = yaml.safe_load(RunFiles(finished_tiny_run).path("model_manifest", "m2").read_text())
     assert "report_to" not in manifest["settings"]["train"] and "lora_r" in manifest["settings"]["train"]
     assert manifest["hash"] == config_hash({"model": "m2", "settings": manifest["settings"]})
 

@@ -42,7 +42,7 @@ def open_run(preset: str | None = None, run_dir: str | Path = "runs/demo", confi
     from humpback_nb.config import ConfigError, config_differences, load_preset, resolve_config
 
     folder = pipeline.open_run(project_path(run_dir))  # with the stages of the config stored there
-    existing = folder.config() if folder.files.config_file().is_file() else None
+    existing = folder.config() if folder.files.path("config").is_file() else None
     if preset is None and config_file is None and not overrides:
         config = existing or load_preset("demo")
         return config, pipeline.open_run(folder.path, config)
@@ -63,7 +63,7 @@ def open_run(preset: str | None = None, run_dir: str | Path = "runs/demo", confi
 
 def figures_folder(folder, figures_dir: str | Path | None = None) -> Path:
     """Where a notebook saves its figures: `figures_dir`, else the run's own figures/ folder."""
-    path = project_path(figures_dir) if figures_dir is not None else folder.files.figures_dir()
+    path = project_path(figures_dir) if figures_dir is not None else folder.files.path("figures")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -118,10 +118,10 @@ def execute_all(preset: str | None, run_dir: str | Path, names: Sequence[str] | 
     for notebook in notebook_paths():
         if names and not notebook.name.startswith(tuple(names)):
             continue
-        parameters = {"preset": preset, "config_file": config_file, "overrides": overrides or {},
+        parameters = {"preset": preset, "config": config_file, "overrides": overrides or {},
                       "run_dir": str(run_dir), **(extra or {})}
         print(f"executing {notebook.name}", flush=True)
-        output = RunFiles(run_dir).notebooks_dir() / notebook.name
+        output = RunFiles(run_dir).path("notebooks") / notebook.name
         keep_previous(output)
         executed.append(execute(notebook, output, parameters, verbose))
     return executed
