@@ -10,8 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "humpback_nb"
+ROOT = next(folder for folder in Path(__file__).resolve().parents if (folder / PACKAGE / "__init__.py").is_file())
 
 
 def module_names(root: Path, package: str) -> dict[str, Path]:
