@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = next((p for p in (os.environ.get("HUMPBACK_CHROMIUM"), shutil.which("chromium"),
                              shutil.which("chromium-browser"), shutil.which("google-chrome")) if p), None)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ("02_backward_model", "04_self_curation")
 HOSTILE = '<script>alert("pwned")</script><img src=x onerror="alert(2)"> What is the tallest mountain?'
 

@@ -9,7 +9,7 @@ import pytest
 from humpback_nb.infra import sources
 from humpback_nb.infra.models import ModelError, resolve
 
-PACKAGE = Path(__file__).resolve().parents[1] / "humpback_nb"
+PACKAGE = Path(__file__).resolve().parents[2] / "humpback_nb"
 
 
 def calls(tree: ast.AST):
