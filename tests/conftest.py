@@ -75,7 +75,7 @@ def executed_notebooks(tmp_path_factory, embedded_checkpoint):
     for path in notebook_paths():
         try:
             executed[path.stem] = execute(path, root / "executed" / path.name, {
-                "preset": "tiny", "run_dir": str(run_dir), "figures": str(root / "figures")})
+                "preset": "tiny", "run_dir": str(run_dir), "figures_dir": str(root / "figures")})
         except Exception as err:  # a cell failed: that notebook's test reports it, the next ones still run
             executed[path.stem] = err
     return run_dir, executed

@@ -118,7 +118,7 @@ def execute_all(preset: str | None, run_dir: str | Path, names: Sequence[str] | 
     for notebook in notebook_paths():
         if names and not notebook.name.startswith(tuple(names)):
             continue
-        parameters = {"preset": preset, "config": config_file, "overrides": overrides or {},
+        parameters = {"preset": preset, "config_file": config_file, "overrides": overrides or {},
                       "run_dir": str(run_dir), **(extra or {})}
         print(f"executing {notebook.name}", flush=True)
         output = RunFiles(run_dir).path("notebooks") / notebook.name

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +59,17 @@ def lab(tmp_path_factory, finished_tiny_run):
     scores = files.scores("m0")
     k = files.curated(1).k
     write_jsonl(files.path("scores", "m0"), [dict(scores[0], id="cand-hostile", score=round(k - 0.01, 4)), *scores])
+    # The manifests as a kit before output digests wrote them (trusted as they are): the records edited by hand above
+    # stand as the stages' own, rather than showing the stages damaged and asking to make them again.
+    for manifest in files.path("manifest", "any").parent.glob("*.yaml"):
+        record = yaml.safe_load(manifest.read_text())
+        manifest.write_text(yaml.safe_dump({k: v for k, v in record.items() if k not in ("files", "read")},
+                                           sort_keys=False))
     for name in NOTEBOOKS:
         source = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
         for cell in source["cells"]:
             if "parameters" in cell.get("metadata", {}).get("tags", []):
-                values = {"run_dir": repr(str(run_dir)), "figures": repr(str(root / "figures")),
+                values = {"run_dir": repr(str(run_dir)), "figures_dir": repr(str(root / "figures")),
                           "examples_to_show": "2"}  # the rest of the cell as committed: the run's own settings
                 lines = "".join(cell["source"]).splitlines()
                 cell["source"] = "\n".join(

@@ -87,7 +87,7 @@ def test_on_a_finished_run_every_notebook_only_reads(finished_tiny_run, tmp_path
     seconds = {}
     for path in NOTEBOOKS:
         started = time.time()
-        output = execute(path, tmp_path / path.name, {"run_dir": str(run_dir), "figures": str(tmp_path / "fig")})
+        output = execute(path, tmp_path / path.name, {"run_dir": str(run_dir), "figures_dir": str(tmp_path / "fig")})
         seconds[path.stem] = round(time.time() - started, 1)
         executed = nbformat.read(output, as_version=4)
         assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
@@ -108,7 +108,7 @@ def test_the_switch_reaches_the_notebook_kernel(finished_tiny_run, tmp_path, mon
     monkeypatch.setenv(NO_COMPUTE, "1")
     with pytest.raises(PapermillExecutionError, match="ComputeRefused"):
         execute(NOTEBOOKS[0], tmp_path / NOTEBOOKS[0].name, {"run_dir": str(finished_tiny_run), "live": True,
-                                                           "figures": str(tmp_path / "fig")})
+                                                           "figures_dir": str(tmp_path / "fig")})
 
 
 @pytest.mark.slow
