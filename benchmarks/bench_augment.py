@@ -26,6 +26,7 @@ from _common import demo_inputs, emit, peak_rss_gib, rounded, run_facts, summary
 from bounds import Bounds, ModelShape, bounds_for, generation_bound
 
 from humpback_nb.infra.chat import prompt_ids
+from humpback_nb.infra.engines import LocalEngine
 from humpback_nb.infra.models import load_model
 from humpback_nb.method.augment import backward_prompts, write_instructions
 
@@ -91,7 +92,8 @@ def main() -> None:
     for _ in range(args.reps):
         torch.manual_seed(0)
         start = time.perf_counter()
-        records = write_instructions(model, tokenizer, segments, config.generate, config.model.context_length)
+        records = write_instructions(LocalEngine(model, tokenizer), segments, config.generate,
+                                     config.model.context_length)
         runs.append((time.perf_counter() - start, records))
     seconds = [s for s, _ in runs]
     records = runs[0][1]

@@ -24,6 +24,7 @@ from bench_augment import naive_loop
 from bounds import Bounds, ModelShape, bounds_for, rating_bound
 
 from humpback_nb.config import CurateConfig
+from humpback_nb.infra.engines import LocalEngine
 from humpback_nb.infra.models import load_model
 from humpback_nb.method.curate import agreement, parse_rate, rate_generate, rate_logprob
 from humpback_nb.method.prompts import curation_messages
@@ -80,11 +81,11 @@ def main() -> None:
     prefix_tokens, tail_tokens = logprob_tokens(tokenizer, pairs, *settings)
     bound = rating_bound(prefix_tokens, tail_tokens, shape, bounds)
 
-    fast, fast_s = repeated(args.reps, rate_logprob, model, tokenizer, pairs, *settings, progress=False)
+    fast, fast_s = repeated(args.reps, rate_logprob, LocalEngine(model, tokenizer), pairs, *settings, progress=False)
     kit_rss = peak_rss_gib()
-    whole, whole_s = repeated(args.naive_reps, rate_logprob, model, tokenizer, sample, *settings,
-                              reuse_prefix=False, progress=False)
-    paper, paper_s = repeated(args.naive_reps, rate_generate, model, tokenizer, sample, *settings)
+    whole, whole_s = repeated(args.naive_reps, rate_logprob, LocalEngine(model, tokenizer, shared_prefix=False), sample,
+                              *settings, progress=False)
+    paper, paper_s = repeated(args.naive_reps, rate_generate, LocalEngine(model, tokenizer), sample, *settings)
     naive_prompts = [{"messages": curation_messages(p["instruction"], p["output"], config.curate.rater_tag)}
                      for p in sample[: args.naive_pairs]]
     naive_s = [naive_loop(model, tokenizer, naive_prompts, config.generate, config.curate.max_new_tokens,

@@ -17,9 +17,9 @@ from humpback_nb.run import StageRun
 from humpback_nb.stages import (
     answer,
     base_judge,
-    endpoint_judge,
+    engine,
     judge_ready,
-    load,
+    losses_engine,
     model_losses,
     model_name,
     rater_and_judge_ready,
@@ -44,7 +44,7 @@ def tags_cost(work, iterations: int) -> None:
 
 
 @stage("tags", outputs=("analysis:table8_tags",), after=lambda T: ("seed", f"A{T}", model_name(T), "eval"),
-       sections=("model", "train", "generate", "evaluate"), check=judge_ready, cost=tags_cost)
+       sections=("model", "train", "generate", "evaluate", "engine"), check=judge_ready, cost=tags_cost)
 def tags(run: StageRun, iterations: int) -> dict:
     """Table 8: M2 answered with each inference tag, and a model trained like M2 without tags, each against the
     run's reference (AlpacaEval 1.0's when the run uses it, else the base model's answers); and the two models'
@@ -62,18 +62,18 @@ def tags(run: StageRun, iterations: int) -> dict:
     output = run.files.path("analysis", "table8_tags")
     settings, pairs = run.config.evaluate, run.files.seed_pairs("heldout")
     results, answered, losses = {}, {}, {}
-    for which, name in (("tagged", last), ("untagged", untagged["model"])):  # each model loaded once
-        model, tokenizer = load(run, name)
-        for label, (kind, tag) in TABLE8_VARIANTS.items():
-            if kind != which or (which, tag) == ("tagged", settings.inference_tags):
-                continue  # M2 with the evaluation's own tags: eval answered and judged these very prompts already
-            key = f"{which}_{tag.replace('+', '')}"
-            answered[label] = (key, answer(run, model, tokenizer, prompts, key, tag, run.partial(output, part=key)))
-        # the same question as a held-out loss, which resolves where the judge cannot: M2 prompted with the
-        # evaluation's tags, the untagged model without a system prompt, on the held-out seed pairs
-        losses[which] = model_losses(run, model, tokenizer, pairs, settings.inference_tags if which == "tagged"
-                                     else "none")
-        del model
+    for which, name in (("tagged", last), ("untagged", untagged["model"])):  # each model opened once
+        with engine(run, name) as model:
+            for label, (kind, tag) in TABLE8_VARIANTS.items():
+                if kind != which or (which, tag) == ("tagged", settings.inference_tags):
+                    continue  # M2 with the evaluation's own tags: eval answered and judged these very prompts already
+                key = f"{which}_{tag.replace('+', '')}"
+                answered[label] = (key, answer(run, model, prompts, key, tag, run.partial(output, part=key)))
+            # the same question as a held-out loss, which resolves where the judge cannot: M2 prompted with the
+            # evaluation's tags, the untagged model without a system prompt, on the held-out seed pairs
+            with losses_engine(run, name, model) as scorer:
+                losses[which] = model_losses(run, scorer, pairs,
+                                             settings.inference_tags if which == "tagged" else "none")
     for label in TABLE8_VARIANTS:
         if label in answered:
             key, answers = answered[label]
@@ -123,7 +123,8 @@ def selectors_cost(work) -> None:
 
 @stage("selectors", outputs=("analysis:table7_selectors",),
        after=("seed", "candidates", "m0", "m1", "A1", "A2", "eval"),
-       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=rater_and_judge_ready,
+       sections=("model", "train", "generate", "curate", "evaluate", "random_seed", "engine"),
+       check=rater_and_judge_ready,
        cost=selectors_cost)
 def selectors(run: StageRun) -> dict:
     """Table 7: M0, M1 (and an endpoint) as selectors: precision, recall, win rate of a model trained on their picks.
@@ -185,7 +186,7 @@ def scaling_cost(work, iterations: int) -> None:
 
 @stage("scaling", outputs=("analysis:figure3_scaling",),
        after=lambda T: ("candidates", f"rate_{model_name(T - 1)}", "eval"),
-       sections=("model", "train", "generate", "curate", "evaluate", "random_seed"), check=judge_ready,
+       sections=("model", "train", "generate", "curate", "evaluate", "random_seed", "engine"), check=judge_ready,
        cost=scaling_cost)
 def scaling(run: StageRun, iterations: int) -> dict:
     """Figure 3 / Table 3: win rate of models trained on N augmented pairs of each quality, against N; and each
@@ -250,10 +251,9 @@ def selector_row(run: StageRun, judge, pairs: list[dict], name: str, iteration: 
     from humpback_nb.method.curate import rate
 
     output, curated = run.files.path("analysis", "table7_selectors"), run.files.curated(iteration)
-    model, tokenizer = load(run, name)
-    scores = rate(model, tokenizer, pairs, run.config.curate, run.config.model.context_length,
-                  partial=run.partial(output, part=f"rate_{name}"))
-    del model
+    with engine(run, name) as model:
+        scores = rate(model, pairs, run.config.curate, run.config.model.context_length,
+                      partial=run.partial(output, part=f"rate_{name}"))
     size, seed = run.config.evaluate.selection_train_size, f"{run.config.random_seed}:{name}"
     chosen = training_sample(curated.records, size, seed)
     data = {f"A{iteration}": run.upstream[f"A{iteration}"], "draw": seed, "size": size}
@@ -268,10 +268,11 @@ def endpoint_selector_row(run: StageRun, judge, pairs: list[dict], label: str) -
     picked evaluate.selection_train_size, and a model trained on those gives the win rate."""
     from humpback_nb.method.analysis import pick_by_rating, selector_quality
     from humpback_nb.method.curate import rate_at_endpoint
+    from humpback_nb.method.judges import make_judge
 
     settings, k = run.config.evaluate, run.config.curate.threshold
     output = run.files.path("analysis", "table7_selectors")
-    endpoint = endpoint_judge(settings)
+    endpoint = make_judge(settings)  # evaluate.judge_url: an EndpointJudge
     tokens = run.config.curate.max_new_tokens  # room for the reasoning before "Score: N"
     workers = settings.judge_concurrency
     scores = rate_at_endpoint(endpoint, pairs, tokens, partial=run.partial(output, part="rate_endpoint"),
@@ -318,10 +319,12 @@ def trained_win_rate(run: StageRun, judge, name: str, pairs: list[dict], data: d
 
     train(run, name, examples, small, data=data, label=label,
           about=lambda: f"{len(pairs)} augmented pairs alone{' (tag S_w)' if small.tags else ''}, drawn by {data}")
-    model, tokenizer = load(run, name)
-    answers = answer(run, model, tokenizer, eval_prompts(settings), name, settings.inference_tags,
-                     run.partial(output, part=name))
-    losses = None if heldout is None else model_losses(run, model, tokenizer, heldout, settings.inference_tags)
-    del model
+    losses = None
+    with engine(run, name) as model:
+        answers = answer(run, model, eval_prompts(settings), name, settings.inference_tags,
+                         run.partial(output, part=name))
+        if heldout is not None:
+            with losses_engine(run, name, model) as scorer:
+                losses = model_losses(run, scorer, heldout, settings.inference_tags)
     overall = versus_reference(run, judge, answers, output, name)
     return {**overall, "prompts": overall["n"], "model": name} | ({} if losses is None else {"heldout_rows": losses})

@@ -8,7 +8,8 @@
     humpback config --preset demo --config mine.yaml --set train.max_steps=5   # the result, each value's source
     humpback plan --preset paper-7b-full --gpu h100 --gpus 8 [--json | --markdown]   # what a run costs
     humpback plan --preset paper-7b --calibrate runs/gpu-check/gpu_check.json --judge-price 30 60
-    humpback gpu-check [--model NAME]          # the paper's preset shrunk to minutes: verdicts before a paid run
+    humpback gpu-check [--model NAME] [--engine vllm]   # the paper's preset shrunk to minutes: verdicts before a
+                                                        # paid run (with vLLM's speed beside the kit's loops)
     humpback fetch                             # fetch and check every embedded default
     humpback export --run-dir runs/demo --model m2 --to m2-merged   # one merged model plain transformers loads
     humpback chat --run-dir runs/demo --model m2   # answers each line of stdin, as the evaluation answers
@@ -28,7 +29,7 @@ import yaml
 
 from humpback_nb.config import ConfigError, HumpbackConfig, explain_config, presets, render_config
 from humpback_nb.infra.files import RecordError
-from humpback_nb.infra.guard import ComputeRefused, JudgeError, ModelError
+from humpback_nb.infra.guard import ComputeRefused, EngineError, JudgeError, ModelError
 from humpback_nb.infra.sources import SourceError
 from humpback_nb.pipeline import open_run
 from humpback_nb.run import PipelineError, RunFiles
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="price with the times a `humpback gpu-check` report measured (its gpu_check.json)")
     plan.add_argument("--judge-price", type=_price, nargs=2, metavar=("PROMPT", "REPLY"),
                       help="the judge's price in US dollars per million prompt and reply tokens (e.g. 30 60)")
+    plan.add_argument("--engine", metavar="{local,vllm}",
+                      help="price generation and scoring as this engine runs them: the kit's own loops (local) or "
+                           "vLLM's server (vllm); default: the config's engine.kind")
     output = plan.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the plan as JSON")
     output.add_argument("--markdown", action="store_true", help="print the plan as a Markdown table")
@@ -74,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--model", help="the base model (default: paper-7b's; without CUDA the embedded one)")
     check.add_argument("--run-dir", type=Path, default=Path("runs/gpu-check"))
     check.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one setting")
+    check.add_argument("--engine", choices=["local", "vllm"], default="local",
+                       help="vllm: M0 also answers through vLLM's server, measured beside the kit's loops (for "
+                            "`humpback plan --engine vllm --calibrate`)")
 
     commands.add_parser("fetch", help="fetch and check every embedded model and data set")
 
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, PipelineError, SourceError, RecordError, ModelError, ComputeRefused, JudgeError) as err:
+    except (ConfigError, PipelineError, SourceError, RecordError, ModelError, ComputeRefused, JudgeError,
+            EngineError) as err:
         print(f"humpback: error: {err}", file=sys.stderr)
         return 2
 
@@ -187,7 +195,7 @@ def _plan(args: argparse.Namespace) -> int:
     from humpback_nb.plan import build_plan, render_markdown, render_text
 
     plan = build_plan(_config(args), gpu=args.gpu, gpus=args.gpus, calibrate=args.calibrate,
-                      judge_price=tuple(args.judge_price) if args.judge_price else None)
+                      judge_price=tuple(args.judge_price) if args.judge_price else None, engine=args.engine)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -209,7 +217,7 @@ def _price(text: str) -> float:
 def _gpu_check(args: argparse.Namespace) -> int:
     from humpback_nb.gpucheck import main as gpu_check
 
-    return gpu_check(args.run_dir, model=args.model, overrides=_overrides(args.set))
+    return gpu_check(args.run_dir, model=args.model, overrides=_overrides(args.set), engine=args.engine)
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -178,6 +178,33 @@ class EvaluateConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Who runs inference (generation, the logprob rater, the local judge, held-out losses): the kit's own loops
+    (`local`), or vLLM's OpenAI-compatible server (`vllm`), the engine to use at paper scale. How, not what: in no
+    stage's hash (a run may switch engines; stages already done are kept)."""
+
+    kind: Literal["local", "vllm"] = "local"
+    # vllm: servers you run (one per GPU or node, each serving the base model as "base" with LoRA enabled and
+    # runtime adapter loading, see docs/vllm.md); requests are spread over them. Empty: the kit starts its own.
+    urls: list[str] = field(default_factory=list)
+    # The kit's own server: the Python of an environment with vLLM (the one `make vllm` makes), and extra arguments
+    # for `vllm.entrypoints.openai.api_server` (e.g. ["--tensor-parallel-size", "8"]).
+    python: str = ".venv-vllm/bin/python"
+    args: list[str] = field(default_factory=list)
+    port: int = 8311  # the kit's server listens on 127.0.0.1 at this port
+    kv_cache_gib: int = 2  # vLLM's CPU build: GiB for keys and values (VLLM_CPU_KVCACHE_SPACE)
+    # The largest LoRA rank the kit's server takes: at least train.lora_r. vLLM prepares its LoRA kernels for this
+    # rank: on its CPU build the first LoRA request took ~20 s at 8 and ~170 s at 64 (the tiny run's adapters).
+    max_lora_rank: int = 16
+    start_timeout: float = 600.0  # seconds the kit waits for its server to answer /health
+    concurrency: int = 8  # requests in flight at once, each one batch of prompts
+    request_timeout: float = 600.0  # seconds one request may take
+    # Send each batch's seed (generate.random_seed + batch) with its request: sampling then repeats run to run.
+    # vLLM's CPU build refuses per-request seeds; its server is started with --seed generate.random_seed instead.
+    request_seeds: bool = False
+
+
+@dataclass
 class HumpbackConfig:
     """Everything one run of the method needs; `preset` records where it came from."""
 
@@ -189,6 +216,7 @@ class HumpbackConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,13 +235,16 @@ class HumpbackConfig:
 
     def hash(self) -> str:
         """A stable short hash of the settings (the `preset` label and NOT_HASHED settings do not count)."""
-        return config_hash({name: self.hashed_section(name) for name in self.to_dict() if name != "preset"})
+        hashed = {name: self.hashed_section(name) for name in self.to_dict() if name != "preset"}
+        return config_hash({name: value for name, value in hashed.items() if value != {}})  # engine: how, not what
 
 
 # Settings that change no output of the method, only where its numbers are reported or how many requests go out
-# at once: left out of every hash, so that turning on TensorBoard does not make a finished run stale.
+# at once, or which engine runs inference: left out of every hash, so that turning on TensorBoard or moving to vLLM
+# does not make a finished run stale.
 NOT_HASHED: dict[str, tuple[str, ...]] = {"train": ("report_to",), "curate": ("rater_concurrency", "iterations"),
-                                          "evaluate": ("judge_concurrency",)}
+                                          "evaluate": ("judge_concurrency",),
+                                          "engine": tuple(f.name for f in dataclasses.fields(EngineConfig))}
 
 
 def config_hash(value: Any) -> str:
@@ -413,6 +444,8 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "curate.batch_size": _AT_LEAST_1, "curate.compare_size": _NOT_NEGATIVE, "curate.sanity_size": _NOT_NEGATIVE,
     "curate.rater_concurrency": _AT_LEAST_1, "evaluate.judge_concurrency": _AT_LEAST_1,
     "curate.iterations": (2, 20, "[]"),
+    "engine.port": (1, 65535, "[]"), "engine.kv_cache_gib": _AT_LEAST_1, "engine.start_timeout": _POSITIVE,
+    "engine.concurrency": _AT_LEAST_1, "engine.max_lora_rank": _AT_LEAST_1, "engine.request_timeout": _POSITIVE,
     "evaluate.alpaca_eval_prompts": _AT_LEAST_1, "evaluate.mt_bench_prompts": _NOT_NEGATIVE,
     "evaluate.scaling_sizes": _AT_LEAST_1, "evaluate.scaling_steps": _AT_LEAST_1,
     "evaluate.selection_positives": _AT_LEAST_1, "evaluate.selection_train_size": _AT_LEAST_1,
@@ -442,6 +475,10 @@ def _check_ranges(config: HumpbackConfig, source: str) -> None:
     if flat["data.min_chars"] > flat["data.max_chars"]:
         raise ConfigError(f"{source}: data.min_chars ({flat['data.min_chars']}) is above data.max_chars "
                           f"({flat['data.max_chars']})")
+    engine, train = config.engine, config.train
+    if engine.kind == "vllm" and train.method == "lora" and train.lora_r > engine.max_lora_rank:
+        raise ConfigError(f"{source}: train.lora_r ({config.train.lora_r}) is above engine.max_lora_rank "
+                          f"({config.engine.max_lora_rank}): vLLM would refuse the run's adapters; raise it")
 
 
 def with_overrides(config: HumpbackConfig, overrides: dict[str, Any]) -> HumpbackConfig:

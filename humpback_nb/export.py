@@ -119,7 +119,7 @@ def chat(run_dir: str | Path, model: str, tags: str | None = None, max_new_token
     does (the run's generate settings, the system prompt of `tags`, by default evaluate.inference_tags); each
     answer is followed by a blank line. `questions` and `out` default to stdin and stdout. Returns the number of
     questions answered."""
-    from humpback_nb.infra.decode import generate_records
+    from humpback_nb.infra.engines import LocalEngine
     from humpback_nb.infra.models import load_model, load_trained
     from humpback_nb.method.prompts import TAGS, forward_messages
     from humpback_nb.nb.quiet import quiet_libraries
@@ -131,7 +131,7 @@ def chat(run_dir: str | Path, model: str, tags: str | None = None, max_new_token
     if tags not in TAGS:
         raise PipelineError(f"--tags {tags!r}: unknown; tags: {', '.join(TAGS)}")
     settings = replace(config.generate, max_new_tokens=max_new_tokens or config.generate.max_new_tokens)
-    loaded, tokenizer = load_model(config.model) if folder is None else load_trained(config.model, folder)
+    engine = LocalEngine(*(load_model(config.model) if folder is None else load_trained(config.model, folder)))
     if questions.isatty():
         print(f"{model} of {run_dir}, system prompt {tags}: a question per line, Ctrl-D to end", file=sys.stderr)
     answered = 0
@@ -141,7 +141,7 @@ def chat(run_dir: str | Path, model: str, tags: str | None = None, max_new_token
             continue
         # as evaluate.answer asks: one prompt, the run's sampling and seed, the reply stripped
         request = [{"id": f"chat-{answered}", "messages": forward_messages(question, tags)}]
-        reply = generate_records(loaded, tokenizer, request, settings, settings.max_new_tokens, progress=False)[0]
+        reply = engine.generate(request, settings, settings.max_new_tokens, progress=False)[0]
         print(reply["text"].strip() + "\n", file=out, flush=True)
         answered += 1
     return answered

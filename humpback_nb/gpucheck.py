@@ -82,17 +82,19 @@ def check_config(model: str | None = None, cuda: bool | None = None,
     return config
 
 
-def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[str, Any]:
-    """Run the shrunk method in `run_dir` and return the report (also written to `run_dir`/gpu_check.json)."""
+def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print, vllm: bool = False) -> dict[str, Any]:
+    """Run the shrunk method in `run_dir` and return the report (also written to `run_dir`/gpu_check.json). With
+    `vllm`, M0 answers the same prompts through vLLM's server too (`measure_vllm`: report["vllm"])."""
     import torch
 
     from humpback_nb.infra.chat import BASE_TEMPLATE, turn_end_ids
-    from humpback_nb.infra.decode import generate_records, timing
-    from humpback_nb.infra.models import load_tokenizer, load_trained, read_train_log
+    from humpback_nb.infra.decode import timing
+    from humpback_nb.infra.models import load_tokenizer, read_train_log
     from humpback_nb.method.curate import parse_rate
     from humpback_nb.method.evaluate import eval_prompts
     from humpback_nb.method.prompts import forward_messages
     from humpback_nb.pipeline import open_run
+    from humpback_nb.stages import model_engine
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -109,15 +111,16 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
                        for s in scores)
 
     log("M0 answers the evaluation prompts")
-    model, tokenizer = load_trained(config.model, files.path("model", "m0"))
+    model = model_engine(config, files, "m0")
     prompts = eval_prompts(config.evaluate)
     started = time.time()
     with timing() as answering:
-        answers = generate_records(model, tokenizer, [{"id": p["id"], "messages": forward_messages(
+        answers = model.generate([{"id": p["id"], "messages": forward_messages(
             p["instruction"], config.evaluate.inference_tags)} for p in prompts], config.generate,
             config.generate.max_new_tokens, desc="answers (M0)")
     answer_seconds = time.time() - started
-    del model
+    model.close()
+    measured_vllm = measure_vllm(config, files, prompts, log) if vllm else None
 
     texts = ([c["instruction"] for c in _jsonl(files.path("candidates"))]
              + [s.get("reasoning", "") for s in scores] + [a["text"] for a in answers])
@@ -188,11 +191,56 @@ def gpu_check(run_dir: str | Path, config: HumpbackConfig, log=print) -> dict[st
         "scale": {"segments": generated, "rated": len(scores), "answers": len(answers),
                   "train_steps": config.train.max_steps, "rater": config.curate.rater},
     }
+    if measured_vllm is not None:
+        report["vllm"] = measured_vllm | {"device": device}
+        stop["answers (M0, vLLM)"] = measured_vllm["stop_rate"]
+        report["checks"].append(Check("EOS stop rate: answers (M0, vLLM)", round(measured_vllm["stop_rate"], 3),
+                                      f">= {STOP_RATE}", measured_vllm["stop_rate"] >= STOP_RATE,
+                                      "vLLM's answers run to the token limit: the format's end of turn is not a stop "
+                                      "id there").to_dict())
+        report["passed"] = all(c["passed"] for c in report["checks"])
+        throughput["answers on vLLM (new tokens/s)"] = measured_vllm["new_tokens_per_second"]
+        throughput["prompts read on vLLM (tokens/s)"] = measured_vllm["prefill_tokens_per_second"]
     if not cuda:
         report["note"] = ("no CUDA: the embedded model dressed as a base model ran on the CPU after a few steps of "
                           "training; its stop and parse rates say little about a 7B model")
     atomic_write_json(files.path("gpu_check"), report)
     return report
+
+
+def measure_vllm(config: HumpbackConfig, files: RunFiles, prompts: list[dict[str, Any]], log=print) -> dict[str, Any]:
+    """M0's answers to `prompts` through vLLM's server (the kit's own, or engine.urls): new tokens a second, and the
+    same prompts read for one next token each (prompt tokens a second), the server's start apart. What
+    `humpback plan --engine vllm --calibrate` prices vLLM's decoding and prompt reading with."""
+    from dataclasses import replace
+
+    from humpback_nb.infra import serve
+    from humpback_nb.infra.chat import prompt_ids
+    from humpback_nb.method.prompts import forward_messages
+    from humpback_nb.stages import model_engine
+
+    log("M0 answers the evaluation prompts again, through vLLM's server")
+    settings = replace(config, engine=replace(config.engine, kind="vllm"))
+    started = time.time()
+    remote = model_engine(settings, files, "m0")
+    requests = [{"id": p["id"], "messages": forward_messages(p["instruction"], config.evaluate.inference_tags)}
+                for p in prompts]
+    remote.generate(requests[:1], config.generate, 4, progress=False)  # the first request warms the server up
+    start_seconds, started = time.time() - started, time.time()
+    try:
+        answers = remote.generate(requests, config.generate, config.generate.max_new_tokens, desc="answers (M0, vLLM)")
+        answer_seconds, started = time.time() - started, time.time()
+        rows = [prompt_ids(remote.tokenizer, r["messages"]) for r in requests]
+        remote.next_token_logprobs(rows, [0], batch_size=config.generate.batch_size)
+        read_seconds = time.time() - started
+    finally:
+        serve.stop()
+    new = sum(a["new_tokens"] for a in answers)
+    return {"prompts": len(requests), "new_tokens": new, "seconds": round(answer_seconds, 2),
+            "new_tokens_per_second": round(new / answer_seconds, 1) if answer_seconds else 0.0,
+            "prefill_tokens_per_second": round(sum(map(len, rows)) / read_seconds, 1) if read_seconds else 0.0,
+            "stop_rate": sum(a["finished"] for a in answers) / max(1, len(answers)),
+            "server_start_seconds": round(start_seconds, 1)}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -221,9 +269,11 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return list(read_jsonl(path))
 
 
-def main(run_dir: str | Path, model: str | None = None, overrides: dict[str, Any] | None = None) -> int:
-    """What `humpback gpu-check` does: run, print the verdicts; exit status 1 when a check fails."""
-    report = gpu_check(run_dir, check_config(model, overrides=overrides))
+def main(run_dir: str | Path, model: str | None = None, overrides: dict[str, Any] | None = None,
+         engine: str = "local") -> int:
+    """What `humpback gpu-check` does: run, print the verdicts; exit status 1 when a check fails. With engine "vllm",
+    vLLM's server is measured beside the kit's loops."""
+    report = gpu_check(run_dir, check_config(model, overrides=overrides), vllm=engine == "vllm")
     print(format_report(report))
     print(f"report: {RunFiles(run_dir).path('gpu_check')}", file=sys.stderr)
     return 0 if report["passed"] else 1

@@ -112,6 +112,7 @@ ARTIFACTS = {
     "notebooks": "notebooks",                # the notebooks as executed on this run (`humpback notebooks`)
     "figures": "figures",                    # the run's figures (PNG), written by the notebooks
     "report": "report.html",                 # `humpback report`'s page
+    "engine_log": "engine/vllm.log",         # the output of the kit's own vLLM server (engine.kind: vllm)
     "manifest": "stages/{}.yaml",            # a stage's manifest
     "model_manifest": "stages/models/{}.yaml",
 }
@@ -349,7 +350,8 @@ class RunFolder:
         """Hash of what determines a stage's outputs: its config sections and its inputs' hashes."""
         stage = self.stages[name]
         sections = SECTIONS if stage.sections == ALL_SECTIONS else stage.sections
-        return config_hash({"stage": name, "sections": {s: config.hashed_section(s) for s in sections},
+        hashed = {s: config.hashed_section(s) for s in sections}  # the engine (how, not what) hashes to nothing
+        return config_hash({"stage": name, "sections": {s: value for s, value in hashed.items() if value != {}},
                             "after": {up: self.stage_hash(up, config) for up in stage.after}})
 
     def manifest(self, name: str) -> dict[str, Any] | None:
@@ -507,9 +509,14 @@ class RunFolder:
         main = processes().is_main
         selected = names[: names.index(until) + 1] if until else names
         # what the config cannot serve stops the run here, before anything is written, not after hours of work
-        for name in [n for n in selected if n in redo or not self.is_done(n, config)]:
+        todo = [n for n in selected if n in redo or not self.is_done(n, config)]
+        for name in todo:
             if self.stages[name].check is not None:
                 self.stages[name].check(config)
+        if any("engine" in self.stages[name].sections for name in todo):
+            from humpback_nb.infra.serve import check_ready
+
+            check_ready(config.engine)  # vLLM's servers answer, or the kit can start its own
         self.path.mkdir(parents=True, exist_ok=True)
         results = {}
         with self.lock() if main else contextlib.nullcontext():
@@ -518,10 +525,15 @@ class RunFolder:
                     for key, old, new in config_differences(self.config(), config):
                         log(f"changed     {key}: {old!r} -> {new!r}")
                 self.set_config(config)
-            for name in selected:
-                results[name] = self.run_stage(name, config, redo=name in redo)
-                if main:
-                    log(f"{name:<11} {results[name]}")
+            try:
+                for name in selected:
+                    results[name] = self.run_stage(name, config, redo=name in redo)
+                    if main:
+                        log(f"{name:<11} {results[name]}")
+            finally:
+                from humpback_nb.infra import serve
+
+                serve.stop()  # the kit's vLLM server, if a stage started one (engine.kind: vllm)
         return results
 
     def _refresh_mtimes(self, name: str) -> None:

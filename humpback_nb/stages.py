@@ -14,8 +14,9 @@ in order. Heavy modules are imported inside the stages, so that `humpback status
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -158,14 +159,14 @@ def backward_check_cost(work) -> None:
     instruction, output = lengths.seed_mean
     backwards = lengths.backward_overhead + output + instruction
     for _ in range(2):
-        work.score(heldout, backwards, backwards)
+        work.score(heldout, backwards, backwards, losses=True)
     work.generate("candidates", min(BACKWARD_EXAMPLES, heldout), [lengths.backward_overhead + output],
                   lengths.instruction, generate.instruction_max_new_tokens, generate.batch_size)
     work.loads(2)
 
 
 @stage("backward_check", outputs=("analysis:backward_heldout",), after=("seed", "backward"),
-       sections=("model", "train", "generate", "random_seed"), cost=backward_check_cost)
+       sections=("model", "train", "generate", "random_seed", "engine"), cost=backward_check_cost)
 def backward_check(run: StageRun) -> dict:
     """M_yx's check: the held-out loss of each held-out seed pair's true instruction given its output, under the
     base model and under M_yx (paired bootstrap 95% interval), and the instructions M_yx writes for the first
@@ -178,15 +179,13 @@ def backward_check(run: StageRun) -> dict:
     pairs, settings = run.files.seed_pairs("heldout"), run.config.train
     tokenizer = load_tokenizer(run.config.model)
     examples = [backward_example(tokenizer, p["instruction"], p["output"], settings.max_seq_length) for p in pairs]
-    losses = {}
+    losses, shown = {}, pairs[:BACKWARD_EXAMPLES]
     for name in ("base", "backward"):
-        model, _ = load(run, name)
-        losses[name] = example_losses(model, tokenizer, examples)
-        if name == "backward":
-            shown = pairs[:BACKWARD_EXAMPLES]
-            written = write_instructions(model, tokenizer, [{"id": p["id"], "text": p["output"]} for p in shown],
-                                         run.config.generate, run.config.model.context_length)
-        del model
+        with engine(run, name, losses=True) as model:
+            losses[name] = example_losses(model, examples)
+    with engine(run, "backward") as backward_model:
+        written = write_instructions(backward_model, [{"id": p["id"], "text": p["output"]} for p in shown],
+                                     run.config.generate, run.config.model.context_length)
     tokens = sum(n for _, n in losses["base"])
     difference = loss_difference(losses["backward"], losses["base"], seed=run.config.random_seed)
     difference["resolved"] = resolved(difference)
@@ -211,17 +210,16 @@ def candidates_cost(work) -> None:
 
 
 @stage("candidates", outputs=("candidates", "candidates_dropped", "candidates_report"),
-       after=("backward", "segments"), sections=("model", "generate"), cost=candidates_cost)
+       after=("backward", "segments"), sections=("model", "generate", "engine"), cost=candidates_cost)
 def candidates(run: StageRun) -> dict:
     """self-augmentation: M_yx writes an instruction for every segment; degenerate ones are set aside."""
-    from humpback_nb.infra.models import load_trained
     from humpback_nb.method.augment import self_augment
 
-    model, tokenizer = load_trained(run.config.model, run.files.path("model", "backward"))
     started = time.time()
     partial = run.partial(run.files.path("candidates"))
-    kept, dropped, report = self_augment(model, tokenizer, run.files.segments(), run.config.generate,
-                                         run.config.model.context_length, partial=partial)
+    with engine(run, "backward") as backward_model:
+        kept, dropped, report = self_augment(backward_model, run.files.segments(), run.config.generate,
+                                             run.config.model.context_length, partial=partial)
     report["seconds_this_run"] = round(time.time() - started, 2)
     write_jsonl(run.files.path("candidates_dropped"), dropped)
     atomic_write_json(run.files.path("candidates_report"), report)
@@ -260,7 +258,8 @@ def iteration(t: int, iterations: int) -> list[Stage]:
 
     return [
         Stage(f"rate_{rater}", (f"scores:{rater}",), ("seed", rater, "candidates"),
-              ("model", "curate", "random_seed"), partial(rate_candidates, model_name=rater), rate_doc, rater_ready,
+              ("model", "curate", "random_seed", "engine"), partial(rate_candidates, model_name=rater), rate_doc,
+              rater_ready,
               partial(rate_cost, compare=t == 1)),
         Stage(f"A{t}", (f"curated:{t}", f"curated_info:{t}"), (f"rate_{rater}", "candidates"), ("curate",),
               partial(curate, scored_by=rater, iteration=t), f"A({t})_k: the candidates {rater.upper()} scored >= k.",
@@ -292,7 +291,7 @@ def rate_cost(work, compare: bool) -> None:
         work.generate("rate", compared, [lengths.rubric + p for p in pairs], settings.max_new_tokens,
                       settings.max_new_tokens, settings.batch_size)
         pair = sum(min(p, work.config.model.context_length - lengths.rubric - 8) for p in pairs) / len(pairs)
-        work.score(compared, pair, lengths.rubric + pair)
+        work.score(compared, pair, lengths.rubric + pair, losses=False)
 
 
 # -- 6. Evaluation (section 4) ----------------------------------------------------------------------------------
@@ -310,12 +309,12 @@ def heldout_cost(work, iterations: int) -> None:
     pair = instruction + output + work.lengths.forward_overhead[work.config.evaluate.inference_tags]
     models = 1 + len(forward_models(iterations))
     for _ in range(models):
-        work.score(work.config.data.heldout_size, pair, pair)
+        work.score(work.config.data.heldout_size, pair, pair, losses=True)
     work.loads(models)
 
 
 @stage("heldout", outputs=("analysis:heldout_losses",), after=lambda T: ("seed", *forward_models(T)),
-       sections=("model", "train", "evaluate", "random_seed"), cost=heldout_cost)
+       sections=("model", "train", "evaluate", "random_seed", "engine"), cost=heldout_cost)
 def heldout(run: StageRun, iterations: int) -> dict:
     """held-out loss: each model's loss per output token on the held-out seed pairs, and the differences between
     models with paired bootstrap 95% intervals; a number that resolves at any scale, whatever the judge."""
@@ -339,19 +338,17 @@ def heldout(run: StageRun, iterations: int) -> dict:
 def heldout_losses(run: StageRun, name: str, pairs: list[dict], tag: str) -> list[tuple[float, int]]:
     """(summed loss, tokens) of each held-out pair's output under model `name`, prompted with the system prompt
     `tag`, as the model was trained to read it (train.forward_example)."""
-    model, tokenizer = load(run, name)
-    losses = model_losses(run, model, tokenizer, pairs, tag)
-    del model
-    return losses
+    with engine(run, name, losses=True) as model:
+        return model_losses(run, model, pairs, tag)
 
 
-def model_losses(run: StageRun, model, tokenizer, pairs: list[dict], tag: str) -> list[tuple[float, int]]:
-    """heldout_losses of a model already loaded."""
+def model_losses(run: StageRun, engine, pairs: list[dict], tag: str) -> list[tuple[float, int]]:
+    """heldout_losses of a model already opened (its engine)."""
     from humpback_nb.method.train import example_losses, forward_example
 
-    examples = [forward_example(tokenizer, p["instruction"], p["output"], tag, run.config.train.max_seq_length)
+    examples = [forward_example(engine.tokenizer, p["instruction"], p["output"], tag, run.config.train.max_seq_length)
                 for p in pairs]
-    return example_losses(model, tokenizer, examples)
+    return example_losses(engine, examples)
 
 
 def comparisons(iterations: int) -> list[tuple[str, str]]:
@@ -376,7 +373,7 @@ def eval_cost(work, iterations: int) -> None:
         work.judge(judged)
 
 
-@stage("eval", outputs=("eval",), after=forward_models, sections=("model", "generate", "evaluate"),
+@stage("eval", outputs=("eval",), after=forward_models, sections=("model", "generate", "evaluate", "engine"),
        check=judge_ready, cost=eval_cost)
 def evaluate(run: StageRun, iterations: int) -> dict:
     """evaluation: answers of the base model, M0, M1 and M2, judged in both orders; win rates, and the judge's check
@@ -393,14 +390,15 @@ def evaluate(run: StageRun, iterations: int) -> dict:
     if settings.annotator == alpaca_eval.ANNOTATOR:
         alpaca_eval.load_reference(settings.reference)
     prompts = eval_prompts(settings)
-    answers, judge = {}, None
+    answers, base = {}, open_engine(run, "base")  # the local judge is the base model: opened once
     for name in generators:
-        model, tokenizer = load(run, name)
         partial = run.partial(run.files.path("eval"), part=f"answers_{name}")
-        answers[name] = answer(run, model, tokenizer, prompts, name, settings.inference_tags, partial)
         if name == "base":
-            judge = make_judge(settings, model, tokenizer)  # the local judge is the base model: load it once
-        del model
+            answers[name] = answer(run, base, prompts, name, settings.inference_tags, partial)
+        else:
+            with engine(run, name) as model:
+                answers[name] = answer(run, model, prompts, name, settings.inference_tags, partial)
+    judge = make_judge(settings, base)
     results, pool, prefix = {}, answers, ""
     if settings.annotator == alpaca_eval.ANNOTATOR:  # AlpacaEval's prompts only; MT-bench is judged on its own
         for name in generators:
@@ -453,6 +451,7 @@ def versus_reference(run: StageRun, judge, answers: list[dict], output: Path, ke
     `judge` against the base model's answers (not the paper's protocol). Judgments are kept as they come in the
     part `judge_<key>` of `output`. The overall win rate, or with `whole` every judgment too."""
     from humpback_nb.method import alpaca_eval
+    from humpback_nb.method.judges import make_judge
     from humpback_nb.method.winrates import compare
 
     settings, judged = run.config.evaluate, run.partial(output, part=f"judge_{key}")
@@ -461,20 +460,12 @@ def versus_reference(run: StageRun, judge, answers: list[dict], output: Path, ke
                          desc=f"judging {key}")
     else:
         annotator = alpaca_eval.load_annotator()
-        ask = alpaca_eval.endpoint_ask(endpoint_judge(settings), annotator)
+        ask = alpaca_eval.endpoint_ask(make_judge(settings), annotator)
         result = alpaca_eval.evaluate(ask, annotator, prompts_of(answers, "alpaca_eval"),
                                       alpaca_eval.load_reference(settings.reference), partial=judged, progress=True,
                                       desc=f"AlpacaEval 1.0 {key.removesuffix('_vs_reference')}",
                                       both_orders=settings.both_orders, workers=settings.judge_concurrency)
     return result if whole else result["overall"]
-
-
-def endpoint_judge(settings):
-    """The endpoint at evaluate.judge_url (model evaluate.judge), with the run's key and concurrency."""
-    from humpback_nb.method.judges import EndpointJudge
-
-    return EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
-                         concurrency=settings.judge_concurrency)
 
 
 def base_judge(run: StageRun):
@@ -483,8 +474,7 @@ def base_judge(run: StageRun):
 
     if run.config.evaluate.judge_url:
         return make_judge(run.config.evaluate)
-    model, tokenizer = load(run, "base")
-    return make_judge(run.config.evaluate, model, tokenizer)
+    return make_judge(run.config.evaluate, open_engine(run, "base"))
 
 
 def _cut(answers: list[dict], cap: int) -> dict[str, int]:
@@ -577,6 +567,9 @@ def train(run: StageRun, name: str, examples, settings, data: dict[str, Any], la
     from humpback_nb.method.train import model_card, train_model
 
     def fit(folder: Path, checkpoints: Path) -> None:
+        from humpback_nb.infra import serve
+
+        serve.before_training()  # on a GPU, a vLLM server the kit started gives its memory to the training
         main = processes().is_main
         if label and main:
             print(label, flush=True)
@@ -623,28 +616,32 @@ def rate_candidates(run: StageRun, model_name: str) -> dict:
     the rater's check: held-out seed pairs and `curate.sanity_size` candidates with another candidate's output,
     rated too, against the same candidates as they are (sanity.rater_check). M0 also rates its first
     `curate.compare_size` candidates with both raters (compare_raters), for notebook 04."""
+    with engine(run, model_name) as model:
+        return _rate_candidates(run, model, model_name)
+
+
+def _rate_candidates(run: StageRun, model, model_name: str) -> dict:
     from humpback_nb.method.curate import parse_rate, rate, sanity_pairs
     from humpback_nb.method.sanity import rater_check
 
-    model, tokenizer = load(run, model_name)
+
     settings, context = run.config.curate, run.config.model.context_length
     started = time.time()
     candidates = run.files.candidates()
-    scores = rate(model, tokenizer, candidates, settings, context,
-                  partial=run.partial(run.files.path("scores", model_name)))
+    scores = rate(model, candidates, settings, context, partial=run.partial(run.files.path("scores", model_name)))
     seconds = time.time() - started
     seed = run.files.seed_pairs("heldout") or run.files.seed_pairs("train")  # pairs the rater never trained on
     sets = sanity_pairs(seed, candidates, settings.sanity_size, run.config.random_seed)
     by_id = {s["id"]: s["score"] for s in scores}
-    sanity = {"seed": [s["score"] for s in rate(model, tokenizer, sets["seed"], settings, context)] if sets["seed"]
+    sanity = {"seed": [s["score"] for s in rate(model, sets["seed"], settings, context)] if sets["seed"]
               else [], "augmented": [by_id.get(c["id"]) for c in sets["augmented"]],
-              "shuffled": [s["score"] for s in rate(model, tokenizer, sets["shuffled"], settings, context)]
+              "shuffled": [s["score"] for s in rate(model, sets["shuffled"], settings, context)]
               if sets["shuffled"] else []}
     check = rater_check(sanity["augmented"][:len(sanity["shuffled"])], sanity["shuffled"], run.config.random_seed)
     report = {"pairs": len(scores), "parse_rate": parse_rate(scores), "seconds_this_run": round(seconds, 2),
               "rater_check": check, "sanity_scores": sanity}
     if model_name == "m0" and settings.compare_size:  # the paper's rater and the kit's side by side, on the same
-        report["rater_comparison"] = compare_raters(model, tokenizer, candidates[: settings.compare_size], settings,
+        report["rater_comparison"] = compare_raters(model, candidates[: settings.compare_size], settings,
                                                     context)  # first candidates
     write_jsonl(run.files.path("scores", model_name),
                 [dict(s, rater=settings.rater, model=model_name, tag=settings.rater_tag) for s in scores])
@@ -654,16 +651,16 @@ def rate_candidates(run: StageRun, model_name: str) -> dict:
 COMPARISON_EXAMPLES = 3  # of the generate rater's replies kept whole in the comparison
 
 
-def compare_raters(model, tokenizer, pairs: list[dict], settings, context: int) -> dict[str, Any]:
+def compare_raters(engine, pairs: list[dict], settings, context: int) -> dict[str, Any]:
     """The two raters on the same pairs: the paper's (reasoning, then "Score: N", greedy) and the kit's (the expected
     score from the probabilities of "1".."5"): each one's speed and scores, the generate rater's parse rate, how
     they agree, and the first replies of the generate rater."""
     from humpback_nb.method.curate import agreement, parse_rate, rate_generate, rate_logprob
 
     started = time.time()
-    by_logprob = rate_logprob(model, tokenizer, pairs, settings, context, progress=False)
+    by_logprob = rate_logprob(engine, pairs, settings, context, progress=False)
     logprob_seconds, started = time.time() - started, time.time()
-    by_generate = rate_generate(model, tokenizer, pairs, settings, context)
+    by_generate = rate_generate(engine, pairs, settings, context)
     generate_seconds = time.time() - started
     return {"pairs": len(pairs), "max_new_tokens": settings.max_new_tokens,
             "logprob": {"per_second": len(pairs) / max(logprob_seconds, 1e-9),
@@ -704,18 +701,54 @@ def conversation(record: dict[str, Any], tag: str) -> dict[str, Any]:
             "completion": [{"role": "assistant", "content": record["output"]}]}
 
 
-def load(run: StageRun, name: str):
-    """(model, tokenizer): the base model ("base"), or a model of this run (`models/<name>`)."""
-    from humpback_nb.infra.models import load_model, load_trained
-
-    if name == "base":
-        return load_model(run.config.model)
-    return load_trained(run.config.model, run.files.path("model", name))
+def open_engine(run: StageRun, name: str, losses: bool = False):
+    """The engine that runs model `name` for a stage (`model_engine`)."""
+    return model_engine(run.config, run.files, name, losses)
 
 
-def answer(run: StageRun, model, tokenizer, prompts: list[dict], name: str, tags: str, partial: Path) -> list[dict]:
+def model_engine(config, files, name: str, losses: bool = False):
+    """The engine that runs model `name`, the base model ("base") or a model of the run (`models/<name>`), as
+    `engine.kind` says: loaded here for the kit's own loops (`local`), or served by vLLM (`vllm`: the kit's own
+    server, its log in the run folder, or the servers of `engine.urls`). With `losses`, the kit's own forward pass
+    whatever the engine (infra/engines.py says why), the kit's server stopped first. `close()` frees it."""
+    from humpback_nb.infra import serve
+    from humpback_nb.infra.engines import LocalEngine
+    from humpback_nb.infra.models import load_model, load_tokenizer, load_trained
+
+    settings, folder = config.engine, None if name == "base" else files.path("model", name)
+    if losses:
+        serve.before_training()  # the same: on a GPU, the memory is the local model's
+    elif settings.kind == "vllm":
+        return serve.open_vllm(settings, config.model, name, folder, files.path("engine_log"),
+                               load_tokenizer(config.model))
+    model, tokenizer = load_model(config.model) if folder is None else load_trained(config.model, folder)
+    return LocalEngine(model, tokenizer)
+
+
+@contextlib.contextmanager
+def engine(run: StageRun, name: str, losses: bool = False) -> Iterator[Any]:
+    """`open_engine(run, name, losses)` for the block, freed after it (the next model loads into the memory it
+    held)."""
+    opened = open_engine(run, name, losses)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@contextlib.contextmanager
+def losses_engine(run: StageRun, name: str, opened=None) -> Iterator[Any]:
+    """An engine of model `name` that reads held-out losses (the kit's own forward pass): `opened`, when it is one."""
+    if opened is not None and opened.name == "local":
+        yield opened
+        return
+    with engine(run, name, losses=True) as local:
+        yield local
+
+
+def answer(run: StageRun, engine, prompts: list[dict], name: str, tags: str, partial: Path) -> list[dict]:
     """`name`'s answers to the evaluation prompts, with the system prompt `tags`, in AlpacaEval's format."""
     from humpback_nb.method.evaluate import answer as answers
 
-    return answers(model, tokenizer, prompts, run.config.generate, generator=f"humpback-nb-{name}", tags=tags,
+    return answers(engine, prompts, run.config.generate, generator=f"humpback-nb-{name}", tags=tags,
                    partial=partial)

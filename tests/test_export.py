@@ -11,6 +11,7 @@ from numerics import assert_same_greedy_path, logit_tolerance
 
 from humpback_nb.cli import main
 from humpback_nb.config import load_config
+from humpback_nb.infra.engines import LocalEngine
 from humpback_nb.run import RunFiles
 
 pytestmark = pytest.mark.slow
@@ -111,7 +112,8 @@ def test_chat_answers_piped_questions_as_the_evaluation_answers(finished_tiny_ru
     config = load_config(RunFiles(finished_tiny_run).path("config"))
     model, tokenizer = load_trained(config.model, RunFiles(finished_tiny_run).path("model", "m2"))
     settings = replace(config.generate, max_new_tokens=8)
-    expected = [answer(model, tokenizer, [{"id": "q", "instruction": q, "dataset": "chat"}], settings, "m2",
+    engine = LocalEngine(model, tokenizer)
+    expected = [answer(engine, [{"id": "q", "instruction": q, "dataset": "chat"}], settings, "m2",
                        config.evaluate.inference_tags)[0]["output"] for q in questions]
     assert out == "".join(f"{a}\n\n" for a in expected)  # each answer, then a blank line; EOF ended it
 

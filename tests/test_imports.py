@@ -146,7 +146,7 @@ def test_the_graph_builder_finds_a_circle_and_reads_every_kind_of_import(tmp_pat
 def test_the_kits_graph_is_read():
     graph = import_graph(ROOT, PACKAGE)
     assert {"humpback_nb.config", "humpback_nb.infra.chat", "humpback_nb.method.curate"} <= set(graph)
-    assert "humpback_nb.infra.chat" in graph["humpback_nb.infra.decode"]
+    assert "humpback_nb.infra.chat" in graph["humpback_nb.infra.engines"]
     assert "humpback_nb.config" in graph["humpback_nb.method.curate"]
 
 

@@ -88,19 +88,23 @@ def in_batches(ids: Sequence[str], batches: Sequence[Sequence[int]],
         made.extend(new)
         bar.update(len(new))
 
-    if workers > 1 and len(todo) > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(compute, number, batch) for number, batch in todo]
-            try:
-                for future in as_completed(futures):
-                    keep(future.result())  # appended here, by this thread alone
-            except BaseException:
-                for future in futures:
-                    future.cancel()
-                raise
-    else:
-        for number, batch in todo:
-            keep(compute(number, batch))
+    try:
+        if workers > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(compute, number, batch) for number, batch in todo]
+                try:
+                    for future in as_completed(futures):
+                        keep(future.result())  # appended here, by this thread alone
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        else:
+            for number, batch in todo:
+                keep(compute(number, batch))
+    except BaseException:
+        bar.close()  # its line ends here: an error printed next starts a line of its own
+        raise
     if where.world > 1:
         for part in gather(made):
             done.update((r["id"], r) for r in part)

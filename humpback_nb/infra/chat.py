@@ -22,6 +22,7 @@ BASE_TEMPLATE = (
 )
 
 Message = dict[str, str]
+IGNORE_INDEX = -100  # label of a token that does not count in the loss
 
 
 def fit_text(tokenizer, text: str, max_tokens: int) -> str:
@@ -61,3 +62,33 @@ def turn_end_ids(tokenizer) -> list[int]:
         raise ValueError("this tokenizer has no EOS and its chat template ends a turn with no special token: "
                          "generation could never stop")
     return sorted(set(ends))
+
+
+# -- examples as the model reads them: input ids and labels, right-padded -----------------------------------------
+def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict:
+    """Right-pad a batch. No attention mask is needed: with causal attention a real token never sees the pads
+    after it, and pads are out of the loss. `logits_to_keep` marks the positions whose next token is learned
+    (`loss_mask`): only there are the vocabulary logits computed, one row of logits each."""
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": [], "labels": []}
+    for f in features:
+        pad = width - len(f["input_ids"])
+        batch["input_ids"].append(f["input_ids"] + [pad_token_id] * pad)
+        batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
+    tensors = {key: torch.tensor(value) for key, value in batch.items()}
+    tensors["logits_to_keep"] = loss_mask(tensors["labels"])
+    return tensors
+
+
+def loss_mask(labels):
+    """True at each position p whose logits predict a learned token (labels[:, p + 1] is not IGNORE_INDEX).
+
+    Given as `logits_to_keep`, transformers (5.21 on) computes the vocabulary head on those positions alone and
+    returns their logits as rows (learned tokens, vocabulary), in the order of the mask. Positions shared by the
+    whole batch, the older form, computed the head on prompt tokens of the other rows too, and the gradient of
+    selecting the learned rows then filled a zero tensor of the whole batch's logits: a tenth of a training step."""
+    mask = labels.new_zeros(labels.shape).bool()
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask

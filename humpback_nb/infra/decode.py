@@ -1,10 +1,9 @@
-"""Decoding: one reply to one message (`chat`), and batched generation (`generate_records`) on `decode`.
+"""The kit's own decoding loops, which the local engine (engines.LocalEngine) runs: nothing in the method calls them.
 
-Batched generation sorts the prompts by length (long first, so that memory peaks in the first batch and
-batches waste little padding), pads them on the left and decodes them with `decode`: the prompts are read
-a few rows at a time into one preallocated cache, rows that finish leave the batch, and nucleus sampling
-sorts only the likely tokens. Each batch has its own seed (`random_seed + batch number`); with a `.partial`
-file the batches are resumable and shared by several processes (batches.py).
+A batch of prompts (`generate_batch`, sorted by length by the engine) is padded on the left and decoded with
+`decode`: the prompts are read a few rows at a time into one preallocated cache, rows that finish leave the batch,
+and nucleus sampling sorts only the likely tokens. `logits_after_prefix` reads many prompts that open with one shared
+prefix (its keys and values computed once, `shared_prefix`) for their next token's logits.
 """
 
 from __future__ import annotations
@@ -15,54 +14,19 @@ import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from humpback_nb.config import GenerateConfig
-from humpback_nb.infra.batches import in_batches
-from humpback_nb.infra.chat import prompt_ids, turn_end_ids
 from humpback_nb.infra.guard import refuse_compute
 from humpback_nb.infra.linear import inference
 
 
-def chat(model, tokenizer, message: str, system: str | None = None,
-         settings: GenerateConfig | None = None, greedy: bool = False) -> str:
-    """The model's reply to one user message, through the tokenizer's chat template.
-
-    Sampling follows `settings` (nucleus sampling, seeded); `greedy=True` decodes greedily.
-    """
-    settings = settings or GenerateConfig()
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
-    record = generate_records(model, tokenizer, [{"id": "chat", "messages": messages}], settings,
-                              settings.max_new_tokens, greedy=greedy, progress=False)[0]
-    return record["text"].strip()
-
-
-def generate_records(model, tokenizer, prompts: Sequence[dict[str, Any]], settings: GenerateConfig,
-                     max_new_tokens: int, partial: Path | None = None, greedy: bool = False,
-                     progress: bool = True, desc: str = "generating") -> list[dict[str, Any]]:
-    """One completion per prompt ({"id", "messages"}), in input order: {"id", "text", "prompt_tokens",
-    "new_tokens", "finished"}. With `partial`, finished batches are appended there and skipped on rerun."""
-    ids = [p["id"] for p in prompts]
-    if len(set(ids)) != len(ids):
-        raise ValueError("prompt ids must be unique")
-    encoded = [prompt_ids(tokenizer, p["messages"]) for p in prompts]
-    stops = turn_end_ids(tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
-    batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-
-    def compute(number: int, batch: Sequence[int]) -> list[dict[str, Any]]:
-        texts = _generate_batch(model, tokenizer, [encoded[i] for i in batch], settings, max_new_tokens,
-                                seed=settings.random_seed + number, greedy=greedy, stops=stops)
-        return [{"id": ids[i], **text, "batch": number} for i, text in zip(batch, texts, strict=True)]
-
-    return in_batches(ids, batches, compute, partial=partial, progress=progress, desc=desc)
-
-
-def _generate_batch(model, tokenizer, batch: list[list[int]], settings: GenerateConfig, max_new_tokens: int,
-                    seed: int, greedy: bool, stops: list[int]) -> list[dict[str, Any]]:
+def generate_batch(model, tokenizer, batch: list[list[int]], settings: GenerateConfig, max_new_tokens: int,
+                   seed: int, greedy: bool, stops: list[int]) -> list[dict[str, Any]]:
+    """{"text", "prompt_tokens", "new_tokens", "finished", "tokens"} of each prompt (token ids) of one batch: the
+    new tokens ("tokens") without the stop token, as text and counted."""
     width = max(len(ids) for ids in batch)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=model.device)
@@ -76,7 +40,7 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], settings: Generate
         finished = bool(row) and row[-1] in stops
         new = row[:-1] if finished else row
         results.append({"text": tokenizer.decode(new, skip_special_tokens=True), "prompt_tokens": len(ids),
-                        "new_tokens": len(new), "finished": finished})
+                        "new_tokens": len(new), "finished": finished, "tokens": new})
     return results
 
 

@@ -18,6 +18,10 @@ class JudgeError(RuntimeError):
     """An endpoint (a judge or the rater) refused the request, or failed every try; the message says which."""
 
 
+class EngineError(RuntimeError):
+    """An inference engine that cannot serve: a vLLM server that does not start, answer or stay up."""
+
+
 class ComputeRefused(RuntimeError):
     """Training or generation was asked for while HUMPBACK_NO_COMPUTE=1."""
 

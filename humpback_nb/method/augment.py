@@ -16,7 +16,6 @@ from typing import Any
 
 from humpback_nb.config import GenerateConfig
 from humpback_nb.infra.chat import fit_text, prompt_ids
-from humpback_nb.infra.decode import generate_records
 from humpback_nb.method.data.filters import words
 from humpback_nb.method.prompts import S_A, S_W, backward_messages
 
@@ -95,19 +94,20 @@ def generation_settings(settings: GenerateConfig) -> dict[str, Any]:
             "max_new_tokens": settings.instruction_max_new_tokens}
 
 
-def write_instructions(model, tokenizer, texts: list[dict[str, Any]], settings: GenerateConfig, context_length: int,
+def write_instructions(engine, texts: list[dict[str, Any]], settings: GenerateConfig, context_length: int,
                        partial=None) -> list[dict[str, Any]]:
-    """M_yx's instruction for each {"id", "text"}: generation records ("text" is the instruction)."""
-    prompts = backward_prompts(tokenizer, texts, context_length, settings.instruction_max_new_tokens)
-    return generate_records(model, tokenizer, prompts, settings, settings.instruction_max_new_tokens,
-                            partial=partial, desc="self-augmentation")
+    """M_yx's instruction for each {"id", "text"} (`engine` runs M_yx): generation records ("text" is the
+    instruction)."""
+    prompts = backward_prompts(engine.tokenizer, texts, context_length, settings.instruction_max_new_tokens)
+    return engine.generate(prompts, settings, settings.instruction_max_new_tokens, partial=partial,
+                           desc="self-augmentation")
 
 
-def self_augment(model, tokenizer, segments: list[dict[str, Any]], settings: GenerateConfig, context_length: int,
+def self_augment(engine, segments: list[dict[str, Any]], settings: GenerateConfig, context_length: int,
                  partial=None) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """(candidates, dropped, report): M_yx writes an instruction for every segment, and the degenerate ones are
-    set aside with their reason (paper section 2.2)."""
-    generated = write_instructions(model, tokenizer, segments, settings, context_length, partial=partial)
+    """(candidates, dropped, report): M_yx (run by `engine`) writes an instruction for every segment, and the
+    degenerate ones are set aside with their reason (paper section 2.2)."""
+    generated = write_instructions(engine, segments, settings, context_length, partial=partial)
     used = generation_settings(settings)
     candidates = [
         {"id": f"cand-{segment['id']}", "segment_id": segment["id"], "instruction": g["text"].strip(),

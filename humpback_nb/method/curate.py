@@ -8,7 +8,7 @@ Two raters, one interface (`rate`):
 * `logprob`: no text is generated. The assistant's turn is started with "Score: " and one forward pass
   reads the probabilities of the tokens "1".."5" there; the expected score and the distribution are
   kept. The rubric, the long part of the prompt, is the same for every candidate: its keys and values
-  are computed once and reused for every batch.
+  are computed once and reused for every batch (inside the engine: the local one reads it once, vLLM caches it).
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from humpback_nb.config import CurateConfig, GenerateConfig
 from humpback_nb.infra.batches import in_batches
 from humpback_nb.infra.chat import fit_text, prompt_ids, rendered_ids
-from humpback_nb.infra.decode import generate_records, logits_after_prefix, shared_prefix
+from humpback_nb.infra.engines import length_batches
 from humpback_nb.method.prompts import curation_messages
 
 SCORES = (1, 2, 3, 4, 5)
@@ -49,15 +47,15 @@ def parse_score(text: str) -> int | None:
 
 
 # -- the generate rater --------------------------------------------------------------------------
-def rate_generate(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
+def rate_generate(engine, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
                   partial: Path | None = None) -> list[dict[str, Any]]:
     """The paper's rater: reasoning, then "Score: N" on the last line (greedy decoding)."""
-    fit = _output_fitter(tokenizer, settings, context_length, reserve=settings.max_new_tokens)
+    fit = _output_fitter(engine.tokenizer, settings, context_length, reserve=settings.max_new_tokens)
     prompts = [{"id": p["id"], "messages": curation_messages(p["instruction"], fit(p), settings.rater_tag)}
                for p in pairs]
     greedy = GenerateConfig(batch_size=settings.batch_size)  # no sampling: only the batch size counts
-    generated = generate_records(model, tokenizer, prompts, greedy, settings.max_new_tokens, partial=partial,
-                                 greedy=True, desc="rating (generate)")
+    generated = engine.generate(prompts, greedy, settings.max_new_tokens, partial=partial, greedy=True,
+                                desc="rating (generate)")
     return [{"id": g["id"], "rater": "generate", "score": parse_score(g["text"]), "reasoning": g["text"].strip(),
              "finished": g["finished"]} for g in generated]
 
@@ -98,37 +96,32 @@ def _rubric_split(tokenizer, tag: str, answer_prefix: str) -> tuple[list[int], s
     return rendered_ids(tokenizer, head), _PAIR + tail
 
 
-def rate_logprob(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
-                 partial: Path | None = None, reuse_prefix: bool = True, progress: bool = True) -> list[dict[str, Any]]:
-    """Scores from the probabilities of "1".."5" after "Score: ", one forward pass per candidate.
-
-    With `reuse_prefix` the rubric's keys and values are computed once; without, every candidate is
-    run whole (the slow reference; both give the same scores).
-    """
+def rate_logprob(engine, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
+                 partial: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Scores from the probabilities of "1".."5" after "Score: ", one forward pass per candidate. Every prompt opens
+    with the same rubric: the local engine reads it once, vLLM caches it."""
+    tokenizer = engine.tokenizer
     answer_prefix, digit_ids = score_tokens(tokenizer)
     prefix_ids, tail = _rubric_split(tokenizer, settings.rater_tag, answer_prefix)
     fit = _output_fitter(tokenizer, settings, context_length, reserve=8)
-    rest = [tokenizer(tail.replace(_PAIR, f"{p['instruction']}\n{fit(p)}"), add_special_tokens=False)["input_ids"]
-            for p in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: (-len(rest[i]), i))
-    batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-    rubric = shared_prefix(model, prefix_ids) if reuse_prefix else None
+    rows = [prefix_ids + tokenizer(tail.replace(_PAIR, f"{p['instruction']}\n{fit(p)}"),
+                                   add_special_tokens=False)["input_ids"] for p in pairs]
 
     def compute(number: int, batch: list[int]) -> list[dict[str, Any]]:
-        logits = logits_after_prefix(model, prefix_ids, [rest[i] for i in batch], rubric, tokenizer.pad_token_id)
+        logprobs = engine.next_token_logprobs([rows[i] for i in batch], digit_ids, batch_size=len(batch))
         records = []
-        for row, i in zip(torch.softmax(logits.float(), dim=-1), batch, strict=True):
-            mass = row[digit_ids]
-            distribution = (mass / mass.sum()).tolist()
+        for row, i in zip(logprobs, batch, strict=True):
+            mass = [math.exp(x) for x in row]
+            distribution = [m / sum(mass) for m in mass]
             records.append({"id": pairs[i]["id"], "rater": "logprob",
                             "score": round(sum(s * p for s, p in zip(SCORES, distribution, strict=True)), 4),
                             "distribution": [round(p, 6) for p in distribution],
-                            "digit_mass": round(float(mass.sum()), 6)})
+                            "digit_mass": round(sum(mass), 6)})
         return records
 
     # a batch cut by a crash is rated whole again (the same rows give the same numbers); its missing rows are kept
-    return in_batches([p["id"] for p in pairs], batches, compute, partial=partial, progress=progress,
-                      desc="rating (logprob)", unit="pair")
+    return in_batches([p["id"] for p in pairs], length_batches([len(r) for r in rows], settings.batch_size), compute,
+                      partial=partial, progress=progress, desc="rating (logprob)", unit="pair", workers=engine.workers)
 
 
 def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path | None = None,
@@ -147,11 +140,11 @@ def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path
                       progress=bool(pairs), desc=desc, unit="pair", workers=workers)
 
 
-def rate_endpoint(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
+def rate_endpoint(engine, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
                   partial: Path | None = None) -> list[dict[str, Any]]:
     """The rater "endpoint": an OpenAI-compatible endpoint (`curate.rater_url`, model `curate.rater_model`) rates
     with the paper's prompt, no system prompt, and its reasoning then "Score: N" parsed as strictly as a local
-    model's; `curate.rater_concurrency` requests at once. The run's model is not asked (`model` is unused)."""
+    model's; `curate.rater_concurrency` requests at once. The run's model is not asked (`engine` is unused)."""
     from humpback_nb.method.judges import EndpointJudge
 
     if not settings.rater_url or not settings.rater_model:
@@ -164,13 +157,13 @@ def rate_endpoint(model, tokenizer, pairs: list[dict[str, Any]], settings: Curat
 RATERS = {"logprob": rate_logprob, "generate": rate_generate, "endpoint": rate_endpoint}
 
 
-def rate(model, tokenizer, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
+def rate(engine, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
          partial: Path | None = None) -> list[dict[str, Any]]:
     """Rate candidate pairs ({"id", "instruction", "output"}) with the rater of `settings` (`curate.rater`);
     prompts are cut to `context_length` tokens (`model.context_length`)."""
     if settings.rater not in RATERS:
         raise ValueError(f"unknown rater {settings.rater!r}; raters: {', '.join(RATERS)}")
-    return RATERS[settings.rater](model, tokenizer, pairs, settings, context_length, partial=partial)
+    return RATERS[settings.rater](engine, pairs, settings, context_length, partial=partial)
 
 
 def parse_rate(scores: list[dict[str, Any]]) -> float:

@@ -41,17 +41,16 @@ def eval_prompts(settings: EvaluateConfig) -> list[dict[str, Any]]:
 
 
 # -- answers -------------------------------------------------------------------------------------
-def answer(model, tokenizer, prompts: list[dict[str, Any]], settings: GenerateConfig, generator: str, tags: str,
+def answer(engine, prompts: list[dict[str, Any]], settings: GenerateConfig, generator: str, tags: str,
            partial=None) -> list[dict[str, Any]]:
     """Answers in AlpacaEval's model-outputs format: instruction, output, generator, dataset (and our id, and
     `finished`: false where generate.max_new_tokens cut the answer off); `tags` is the system prompt at inference
-    (a key of prompts.TAGS; the paper's best is "S_a+S_w")."""
-    from humpback_nb.infra.decode import generate_records
+    (a key of prompts.TAGS; the paper's best is "S_a+S_w"); `engine` runs the model that answers."""
     from humpback_nb.method.prompts import forward_messages
 
     requests = [{"id": p["id"], "messages": forward_messages(p["instruction"], tags)} for p in prompts]
-    generated = generate_records(model, tokenizer, requests, settings, settings.max_new_tokens,
-                                 partial=partial, desc=f"answers ({generator})")
+    generated = engine.generate(requests, settings, settings.max_new_tokens, partial=partial,
+                                desc=f"answers ({generator})")
     return [{"instruction": p["instruction"], "output": g["text"].strip(), "generator": generator,
              "dataset": p["dataset"], "id": p["id"], "finished": g["finished"]}
             for p, g in zip(prompts, generated, strict=True)]

@@ -9,23 +9,17 @@ preference. Replies are parsed, never run.
 
 from __future__ import annotations
 
-import email.utils
-import http.client
 import json
-import os
-import random
+import math
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from humpback_nb.config import EvaluateConfig
 from humpback_nb.infra.guard import JudgeError
+from humpback_nb.infra.http import Retry, one_line, post_json, retry_after  # noqa: F401  (retry_after: tests)
 
 # A pairwise judging prompt in the manner of AlpacaEval's annotators (ours; AlpacaEval's GPT-4 template is
 # longer and asks for a ranking). The judge must answer with one letter.
@@ -64,13 +58,13 @@ def parse_choice(reply: str) -> str | None:
 
 # -- judges --------------------------------------------------------------------------------------
 class LocalJudge:
-    """A judge from a local model: P("A") against P("B") after the judging prompt (always a preference).
+    """A judge from a model the kit runs: P("A") against P("B") after the judging prompt (always a preference).
 
-    Called as `judge(instruction, a, b)` like any judge; `prefer_a_batch` reads many prompts in batches of
-    `batch_size`, which `winrates.compare` uses."""
+    Called as `judge(instruction, a, b)` like any judge; `prefer_a_batch` reads many prompts through the engine
+    (infra/engines.py: the kit's loops or vLLM), which `winrates.compare` uses."""
 
-    def __init__(self, model, tokenizer, max_chars: int = 2000, batch_size: int = 8):
-        self.model, self.tokenizer, self.max_chars, self.batch_size = model, tokenizer, max_chars, batch_size
+    def __init__(self, engine, max_chars: int = 2000, batch_size: int = 8):
+        self.engine, self.tokenizer, self.max_chars, self.batch_size = engine, engine.tokenizer, max_chars, batch_size
         self.letters = [self._letter_id(letter) for letter in ("A", "B")]
 
     def _letter_id(self, letter: str) -> int:
@@ -88,54 +82,25 @@ class LocalJudge:
         return self.prefer_a_batch([(instruction, a, b)])[0]
 
     def prefer_a_batch(self, questions: list[tuple[str, str, str]]) -> list[float]:
-        """`prefer_a` of each (instruction, a, b), `batch_size` prompts a forward pass."""
+        """`prefer_a` of each (instruction, a, b), `batch_size` prompts at a time."""
         from humpback_nb.infra.chat import prompt_ids
-        from humpback_nb.infra.decode import logits_after_prefix, shared_prefix
 
         answer = self.tokenizer(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
         rows = [prompt_ids(self.tokenizer, [{"role": "user", "content": JUDGE_PROMPT.format(
             instruction=instruction, a=a[: self.max_chars], b=b[: self.max_chars])}]) + answer
             for instruction, a, b in questions]
-        # On a CPU, the tokens every prompt opens with (chat template, system prompt and the judge's opening up to
-        # the instruction: 48 of a demo prompt's ~230) are read once, and each prompt's rest after them, packed.
-        shared = shared_prefix_length(rows) if self.model.device.type == "cpu" else 0
-        shared = shared if shared >= MIN_SHARED_PREFIX else 0
-        prefix = shared_prefix(self.model, rows[0][:shared]) if shared else None
-        preferences: list[float] = []
-        for start in range(0, len(rows), self.batch_size):
-            rests = [row[shared:] for row in rows[start : start + self.batch_size]]
-            logits = logits_after_prefix(self.model, rows[0][:shared], rests, prefix, self.tokenizer.pad_token_id)
-            preferences += torch.softmax(logits[:, self.letters].float(), dim=-1)[:, 0].tolist()
-        return preferences
-
-
-MIN_SHARED_PREFIX = 16  # tokens: a shorter prefix is read with each prompt
-
-
-def shared_prefix_length(rows: list[list[int]]) -> int:
-    """How many tokens all `rows` open with, leaving at least one token of each row after them."""
-    length = min(len(row) for row in rows) - 1
-    first = rows[0]
-    for row in rows[1:]:
-        length = next((i for i in range(length) if row[i] != first[i]), length)
-    return max(0, length)
-
-
-class _Transient(Exception):
-    """A failure worth another try: a rate limit, a server error, a timeout or a dropped connection."""
-
-    def __init__(self, message: str, wait: float | None = None):
-        super().__init__(message)
-        self.wait = wait  # the seconds the server asked for (Retry-After), if it did
+        logprobs = self.engine.next_token_logprobs(rows, self.letters, batch_size=self.batch_size)
+        return [1.0 / (1.0 + math.exp(b - a)) for a, b in logprobs]  # the two letters renormalised
 
 
 @dataclass
 class EndpointJudge:
     """A judge behind an OpenAI-compatible chat endpoint (`{base_url}/chat/completions`).
 
-    Rate limits (429), server errors (5xx, 408), timeouts and connection errors are tried again, at most
-    `max_tries` times in all, after waits that double from `backoff` seconds with jitter, or as long as the
-    server's Retry-After asks; no wait is longer than `max_wait`. Any other error status fails at once."""
+    Transient failures (rate limits, server errors, timeouts, dropped connections) are tried again, at most
+    `max_tries` times in all, after waits that double from `backoff` seconds with jitter, or as long as the server's
+    Retry-After asks, no wait longer than `max_wait` (infra/http.py, the kit's one client). Any other error status
+    fails at once."""
 
     base_url: str
     model: str
@@ -150,6 +115,9 @@ class EndpointJudge:
     @property
     def url(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
+
+    def __call__(self, instruction: str, a: str, b: str) -> float:
+        return self.prefer_a(instruction, a, b)
 
     def prefer_a(self, instruction: str, a: str, b: str) -> float:
         """1.0 if the endpoint answers A, 0.0 for B; `UnparsedReply` when its reply names neither alone."""
@@ -166,72 +134,15 @@ class EndpointJudge:
     def chat(self, messages: list[dict[str, str]], max_tokens: int = 4, temperature: float = 0.0) -> str:
         """The endpoint's raw reply to a whole conversation (a system message, say), tried again after transient
         failures: for annotators that bring their own prompt and parser (alpaca_eval.py)."""
-        for tries in range(1, self.max_tries + 1):
-            try:
-                return self._post(messages, max_tokens, temperature)
-            except _Transient as err:
-                if tries >= self.max_tries:
-                    raise JudgeError(f"endpoint {self.url} ({self.model}) failed {tries} tries; "
-                                     f"the last: {err}") from None
-                wait = err.wait if err.wait is not None else self.backoff * 2 ** (tries - 1) * random.uniform(0.5, 1)
-                self.sleep(min(wait, self.max_wait))
-        raise JudgeError(f"endpoint {self.url}: max_tries is {self.max_tries}, at least 1 is needed")
-
-    def _post(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> str:
         body = {"model": self.model, "temperature": temperature, "max_tokens": max_tokens, "messages": messages}
-        request = urllib.request.Request(
-            self.url, data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json",
-                     "Authorization": f"Bearer {os.environ.get(self.api_key_env, '')}"},
-        )
+        payload = post_json(self.url, body, timeout=self.timeout, error=JudgeError, key_env=self.api_key_env,
+                            what=f"endpoint {self.url} ({self.model})",
+                            retry=Retry(self.max_tries, self.backoff, self.max_wait, self.sleep))
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as err:
-            status = f"HTTP {err.code}: {_error_message(err)}"
-            if err.code in (408, 429) or err.code >= 500:
-                raise _Transient(status, retry_after(err.headers.get("Retry-After"))) from None
-            raise JudgeError(f"endpoint {self.url} ({self.model}) refused the request: {status}") from None
-        except (OSError, http.client.HTTPException) as err:  # timeouts, refused and dropped connections
-            raise _Transient(f"{type(err).__name__}: {err}") from None
-        try:
-            return json.loads(payload)["choices"][0]["message"].get("content") or ""
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            return payload["choices"][0]["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
             raise JudgeError(f"endpoint {self.url} ({self.model}) sent no chat completion: "
-                             f"{_one_line(payload.decode('utf-8', 'replace'))}") from None
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (a number of seconds or an HTTP date); None without one."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _error_message(err: urllib.error.HTTPError) -> str:
-    """The error message of an error reply: OpenAI's {"error": {"message": ...}}, or the body's text."""
-    try:
-        text = err.read().decode("utf-8", "replace")
-    except OSError:
-        return err.reason or ""
-    try:
-        error = json.loads(text).get("error")
-        text = error.get("message", text) if isinstance(error, dict) else error or text
-    except (ValueError, AttributeError):
-        pass
-    return _one_line(str(text)) or str(err.reason)
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
+                             f"{one_line(json.dumps(payload))}") from None
 
 
 Judge = Callable[[str, str, str], float]
@@ -271,18 +182,21 @@ def _ask(prefer_a: Judge, instruction: str, a: str, b: str) -> tuple[float | Non
         return None, err.reply
 
 
-def make_judge(settings: EvaluateConfig, base_model=None, tokenizer=None) -> Judge:
-    """The judge of `settings`: the local base model, or an OpenAI-compatible endpoint when `judge_url` is set."""
+def make_judge(settings: EvaluateConfig, engine=None) -> Judge:
+    """The judge of `settings`: the base model through `engine` (LocalJudge), or an OpenAI-compatible endpoint when
+    `judge_url` is set (EndpointJudge, `judge_concurrency` requests in flight)."""
     if settings.judge_url:
         return EndpointJudge(settings.judge_url, settings.judge, settings.judge_key_env,
-                             concurrency=settings.judge_concurrency).prefer_a
-    return LocalJudge(base_model, tokenizer)
+                             concurrency=settings.judge_concurrency)
+    return LocalJudge(engine)
 
 
 def concurrency(judge) -> int:
-    """How many pairs `judge` may judge at once: an endpoint's `concurrency`, else 1 (a local model, one at a time)."""
-    endpoint = getattr(judge, "__self__", judge)
-    return endpoint.concurrency if isinstance(endpoint, EndpointJudge) else 1
+    """How many batches of pairs `judge` takes at once: an endpoint's `concurrency`, a local judge's engine's workers
+    (vLLM's requests in flight; the kit's loops one), else 1."""
+    if isinstance(judge, EndpointJudge):
+        return judge.concurrency
+    return judge.engine.workers if isinstance(judge, LocalJudge) else 1
 
 
 def judge_name(settings: EvaluateConfig) -> str:

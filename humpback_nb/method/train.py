@@ -30,10 +30,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from humpback_nb.config import ConfigError, ModelConfig, TrainConfig
-from humpback_nb.infra.chat import Message, fit_text, prompt_ids, rendered_ids
+from humpback_nb.infra.chat import IGNORE_INDEX, Message, fit_text, pad_batch, prompt_ids, rendered_ids
 from humpback_nb.infra.distributed import gather, processes, wait_for_everyone
 from humpback_nb.infra.files import atomic_dir
-from humpback_nb.infra.linear import inference
 from humpback_nb.infra.models import TRAIN_LOG, attach_lora, load_model, runtime
 from humpback_nb.infra.progress import tqdm
 from humpback_nb.method.prompts import backward_messages, forward_messages
@@ -42,7 +41,6 @@ from humpback_nb.method.schedule import linear_to_final, paper_schedule
 # peft asks transformers a question transformers renamed; the answer is the same.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-IGNORE_INDEX = -100  # label of a token that does not count in the loss
 STEPS_FILE = "humpback_steps.json"  # in a checkpoint: the steps logged before it
 TRACKING_DIR = "tracking"  # in a model's folder: what the experiment trackers of train.report_to wrote there
 
@@ -89,58 +87,16 @@ def forward_examples(tokenizer, seed: list[dict[str, Any]], augmented: list[dict
             + [forward_example(tokenizer, r["instruction"], r["output"], web_tag, max_length) for r in augmented])
 
 
-def mean_loss(model, tokenizer, examples: list[dict[str, list[int]]], batch_size: int = 8) -> float:
-    """Average loss per output token of `model` on encoded examples (prompt tokens do not count)."""
-    losses = example_losses(model, tokenizer, examples, batch_size)
+def mean_loss(engine, examples: list[dict[str, list[int]]], batch_size: int = 8) -> float:
+    """Average loss per output token of the engine's model on encoded examples (prompt tokens do not count)."""
+    losses = engine.losses(examples, batch_size)
     return sum(total for total, _ in losses) / max(1, sum(count for _, count in losses))
 
 
-def example_losses(model, tokenizer, examples: list[dict[str, list[int]]],
-                   batch_size: int = 8) -> list[tuple[float, int]]:
-    """Each example's loss summed over its output tokens, and their number, in the examples' order. Batches are cut
-    from the examples sorted by length: the demo's held-out pairs read 24% fewer padded tokens than in their order."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    losses: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    model.eval()
-    with inference(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = {k: v.to(model.device) for k, v in pad_batch([examples[i] for i in chunk],
-                                                                 tokenizer.pad_token_id).items()}
-            labels = batch.pop("labels")
-            learned = labels[:, 1:] != IGNORE_INDEX  # the logits' rows: learned tokens, row by row
-            per_token = torch.nn.functional.cross_entropy(model(**batch).logits.float(), labels[:, 1:][learned],
-                                                          reduction="none")
-            for i, part in zip(chunk, per_token.split(learned.sum(1).tolist()), strict=True):
-                losses[i] = (float(part.sum()), len(part))
-    return losses
-
-
-def pad_batch(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch. No attention mask is needed: with causal attention a real token never sees the pads
-    after it, and pads are out of the loss. `logits_to_keep` marks the positions whose next token is learned
-    (`loss_mask`): only there are the vocabulary logits computed, one row of logits each."""
-    width = max(len(f["input_ids"]) for f in features)
-    batch = {"input_ids": [], "labels": []}
-    for f in features:
-        pad = width - len(f["input_ids"])
-        batch["input_ids"].append(f["input_ids"] + [pad_token_id] * pad)
-        batch["labels"].append(f["labels"] + [IGNORE_INDEX] * pad)
-    tensors = {key: torch.tensor(value) for key, value in batch.items()}
-    tensors["logits_to_keep"] = loss_mask(tensors["labels"])
-    return tensors
-
-
-def loss_mask(labels: torch.Tensor) -> torch.Tensor:
-    """True at each position p whose logits predict a learned token (labels[:, p + 1] is not IGNORE_INDEX).
-
-    Given as `logits_to_keep`, transformers (5.21 on) computes the vocabulary head on those positions alone and
-    returns their logits as rows (learned tokens, vocabulary), in the order of the mask. Positions shared by the
-    whole batch, the older form, computed the head on prompt tokens of the other rows too, and the gradient of
-    selecting the learned rows then filled a zero tensor of the whole batch's logits: a tenth of a training step."""
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return mask
+def example_losses(engine, examples: list[dict[str, list[int]]], batch_size: int = 8) -> list[tuple[float, int]]:
+    """Each example's loss summed over its output tokens, and their number, in the examples' order (the engine's
+    `losses`: the kit's forward pass, or vLLM's prompt log-probabilities)."""
+    return engine.losses(examples, batch_size)
 
 
 def output_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

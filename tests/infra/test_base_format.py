@@ -6,7 +6,7 @@ import pytest
 
 from humpback_nb.config import GenerateConfig, ModelConfig, TrainConfig
 from humpback_nb.infra.chat import BASE_TEMPLATE, turn_end_ids
-from humpback_nb.infra.decode import generate_records
+from humpback_nb.infra.engines import LocalEngine
 from humpback_nb.infra.models import embedded_checkpoint, load_tokenizer, load_trained
 from humpback_nb.method.curate import parse_score
 from humpback_nb.method.prompts import forward_messages
@@ -71,7 +71,7 @@ def test_a_model_trained_in_base_format_learns_to_stop_and_generation_stops_ther
     assert log["steps"][-1]["loss"] < log["steps"][0]["loss"]
     model, tokenizer = load_trained(base, tmp_path / "model")
     prompts = [{"id": w, "messages": forward_messages(f"Repeat the word: {w}", "S_a")} for w in new_words]
-    replies = generate_records(model, tokenizer, prompts, GenerateConfig(batch_size=4), 16, greedy=True,
+    replies = LocalEngine(model, tokenizer).generate(prompts, GenerateConfig(batch_size=4), 16, greedy=True,
                                progress=False)
     # Exact text from a trained model holds on any CPU here: along these replies the top-2 margins were 3.8 logits or
     # more, and the same 24 steps trained with sums split over 1 thread instead of 2 moved the logits by 0.001 (both

@@ -9,6 +9,7 @@ from numerics import logit_tolerance
 from humpback_nb.config import ModelConfig
 from humpback_nb.infra import attention
 from humpback_nb.infra.decode import next_token_logits, packed_logits, prefix_cache
+from humpback_nb.infra.engines import LocalEngine
 from humpback_nb.infra.models import load_model
 from humpback_nb.method.judges import LocalJudge, judge_both_orders
 from humpback_nb.method.winrates import compare
@@ -91,12 +92,12 @@ def answers(texts: list[str], generator: str) -> list[dict]:
 
 def test_the_local_judge_reads_many_pairs_as_it_reads_one(fp32):
     model, tokenizer = fp32
-    judge = LocalJudge(model, tokenizer, batch_size=4)
+    judge = LocalJudge(LocalEngine(model, tokenizer), batch_size=4)
     xs = answers(["To find each other across the ocean.", "The Pacific.", "Phytoplankton."], "m2")
     ys = answers(["Because.", "A lake, probably, or maybe the sky.", "Fish and chips on Fridays."], "m0")
     result = compare(judge, xs, ys)  # three pairs: batches of two pairs (four prompts), then one
     for x, y, judged in zip(xs, ys, result["judgments"], strict=True):
-        one = judge_both_orders(lambda *q: LocalJudge(model, tokenizer, batch_size=1).prefer_a(*q),
+        one = judge_both_orders(lambda *q: LocalJudge(LocalEngine(model, tokenizer), batch_size=1).prefer_a(*q),
                                 x["instruction"], x["output"], y["output"])
         assert judged["x_as_a"] == pytest.approx(one["x_as_a"], abs=2e-4)
         assert judged["x_as_b"] == pytest.approx(one["x_as_b"], abs=2e-4)
@@ -156,10 +157,11 @@ def test_a_decoding_step_attends_as_sdpa_does_over_a_padded_cache():
 
 def test_the_local_judge_reads_the_opening_all_prompts_share_once_and_equals_each_whole_prompt(fp32):
     from humpback_nb.infra.chat import prompt_ids
-    from humpback_nb.method.judges import ANSWER_PREFIX, JUDGE_PROMPT, MIN_SHARED_PREFIX, shared_prefix_length
+    from humpback_nb.infra.engines import MIN_SHARED_PREFIX, shared_prefix_length
+    from humpback_nb.method.judges import ANSWER_PREFIX, JUDGE_PROMPT
 
     model, tokenizer = fp32
-    judge = LocalJudge(model, tokenizer, batch_size=2)
+    judge = LocalJudge(LocalEngine(model, tokenizer), batch_size=2)
     questions = [("Why do whales sing?", "To find each other.", "Because."),
                  ("Name an ocean.", "A lake.", "The Pacific."),
                  ("What do krill eat?", "Phytoplankton, mostly.", "Fish and chips.")]

@@ -6,7 +6,7 @@ from numerics import assert_same_greedy_path, logit_tolerance
 from humpback_nb.config import GenerateConfig, ModelConfig
 from humpback_nb.infra import decode as generate
 from humpback_nb.infra.batches import read_partial
-from humpback_nb.infra.decode import generate_records
+from humpback_nb.infra.engines import LocalEngine
 from humpback_nb.infra.models import load_model
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_generation_in_batches_writes_what_transformers_writes_when_greedy(greed
 
     model, tokenizer, paths = greedy_reference
     rows = recorded_rows(monkeypatch)
-    records = generate_records(model, tokenizer, prompts(), GenerateConfig(batch_size=batch_size), 12, greedy=True,
+    records = LocalEngine(model, tokenizer).generate(prompts(), GenerateConfig(batch_size=batch_size), 12, greedy=True,
                                progress=False)
     assert [r["id"] for r in records] == [p["id"] for p in prompts()]
     assert len(rows) == len(paths)
@@ -89,7 +89,7 @@ def test_generation_in_batches_writes_what_transformers_writes_when_greedy(greed
 def test_generation_resumes_after_an_interruption_without_duplicates_or_gaps(model_and_tokenizer, tmp_path,
                                                                             monkeypatch):
     model, tokenizer = model_and_tokenizer
-    reference = generate_records(model, tokenizer, prompts(), SETTINGS, 10, progress=False)
+    reference = LocalEngine(model, tokenizer).generate(prompts(), SETTINGS, 10, progress=False)
 
     partial = tmp_path / "out.partial"
     real = generate._generate_batch
@@ -103,12 +103,12 @@ def test_generation_resumes_after_an_interruption_without_duplicates_or_gaps(mod
 
     monkeypatch.setattr(generate, "_generate_batch", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        generate_records(model, tokenizer, prompts(), SETTINGS, 10, partial=partial, progress=False)
+        LocalEngine(model, tokenizer).generate(prompts(), SETTINGS, 10, partial=partial, progress=False)
     assert len(read_partial(partial)) == 3
     with open(partial, "a") as handle:  # a crash in the middle of writing a line
         handle.write('{"id": "q9", "text": "cut sh')
     monkeypatch.setattr(generate, "_generate_batch", real)
-    resumed = generate_records(model, tokenizer, prompts(), SETTINGS, 10, partial=partial, progress=False)
+    resumed = LocalEngine(model, tokenizer).generate(prompts(), SETTINGS, 10, partial=partial, progress=False)
 
     lines = [json.loads(line) for line in partial.read_text().splitlines()]
     assert sorted(r["id"] for r in lines) == sorted(p["id"] for p in prompts())
@@ -117,15 +117,15 @@ def test_generation_resumes_after_an_interruption_without_duplicates_or_gaps(mod
 
 def test_sampling_is_seeded(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    a = generate_records(model, tokenizer, prompts()[:3], SETTINGS, 10, progress=False)
-    b = generate_records(model, tokenizer, prompts()[:3], SETTINGS, 10, progress=False)
+    a = LocalEngine(model, tokenizer).generate(prompts()[:3], SETTINGS, 10, progress=False)
+    b = LocalEngine(model, tokenizer).generate(prompts()[:3], SETTINGS, 10, progress=False)
     assert [r["text"] for r in a] == [r["text"] for r in b]
 
 
 def test_timing_counts_what_decoding_did(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     with generate.timing() as timed:
-        records = generate_records(model, tokenizer, prompts(), SETTINGS, 10, progress=False)
+        records = LocalEngine(model, tokenizer).generate(prompts(), SETTINGS, 10, progress=False)
     assert timed.prompts == len(records) and timed.prefill_tokens == sum(r["prompt_tokens"] for r in records)
     batches = [[r for r in records if r["batch"] == b] for b in range(3)]  # 7 prompts, 3 to a batch
     # every batch steps until its longest row is written (its last token, a stop or the 10th, needs no step after)
@@ -135,7 +135,7 @@ def test_timing_counts_what_decoding_did(model_and_tokenizer):
     assert summary["seconds_per_step"] == pytest.approx(timed.step_seconds / timed.steps)
     with generate.timing() as other:  # nothing recorded outside the block, or after it
         pass
-    generate_records(model, tokenizer, prompts()[:1], SETTINGS, 4, progress=False)
+    LocalEngine(model, tokenizer).generate(prompts()[:1], SETTINGS, 4, progress=False)
     assert other.steps == 0
 
 

@@ -3,7 +3,7 @@ import torch
 from numerics import logit_tolerance, margins
 
 from humpback_nb.config import ModelConfig, TrainConfig
-from humpback_nb.infra.decode import chat
+from humpback_nb.infra.engines import LocalEngine, chat
 from humpback_nb.infra.models import (
     ModelError,
     attach_lora,
@@ -46,7 +46,7 @@ def test_embedded_model_loads_and_answers(embedded_checkpoint, quantization):
 
         linear = model.model.layers[0].self_attn.q_proj
         assert isinstance(linear, bnb.nn.Linear4bit) and linear.weight.quant_state.quant_type == "nf4"
-    answer = chat(model, tokenizer, QUESTION, greedy=True)
+    answer = chat(LocalEngine(model, tokenizer), QUESTION, greedy=True)
     assert "Paris" in answer
 
 

@@ -393,11 +393,15 @@ def run_eval_stage(tmp_path, monkeypatch, settings: EvaluateConfig):
     from humpback_nb.config import HumpbackConfig
     from humpback_nb.run import RunFiles, StageConfig, StageRun
 
-    def canned(run, model, tokenizer, prompts, name, tags, partial):
+    class Unused:  # no model is read: the answers are canned
+        def close(self):
+            pass
+
+    def canned(run, engine, prompts, name, tags, partial):
         return [{"instruction": p["instruction"], "output": "a whale" if name == "m2" else f"{name}: a fish",
                  "generator": name, "dataset": p["dataset"], "id": p["id"]} for p in prompts]
 
-    monkeypatch.setattr(stages, "load", lambda run, name: (object(), None))
+    monkeypatch.setattr(stages, "open_engine", lambda run, name, losses=False: Unused())
     monkeypatch.setattr(stages, "answer", canned)
     config = HumpbackConfig()
     config.evaluate = settings

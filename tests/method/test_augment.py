@@ -72,6 +72,6 @@ def test_the_report_counts_the_instructions_cut_off_at_the_cap_and_says_what_bec
     monkeypatch.setattr(augment, "write_instructions", lambda *args, **kwargs: written)
     for drop in (True, False):
         settings = GenerateConfig(instruction_max_new_tokens=16, drop_capped=drop)
-        kept, dropped, report = augment.self_augment(None, None, segments, settings, 512)
+        kept, dropped, report = augment.self_augment(None, segments, settings, 512)
         assert report["unfinished"] == 1 and report["capped_share"] == 0.25 and report["drop_capped"] is drop
         assert len(kept) == (3 if drop else 4) and report["generation"]["max_new_tokens"] == 16

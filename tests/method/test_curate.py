@@ -4,6 +4,7 @@ import statistics
 import pytest
 
 from humpback_nb.config import load_preset, with_overrides
+from humpback_nb.infra.engines import LocalEngine
 from humpback_nb.method.curate import (
     agreement,
     parse_rate,
@@ -97,24 +98,24 @@ def test_logprob_rater_on_the_embedded_model(embedded_checkpoint, tmp_path):
             for i, d in enumerate(data[:40]) if not d["input"] and 200 < len(d["output"]) < 1200][:8]
     shuffled = [{"id": f"shuffled{i}", "instruction": a["instruction"], "output": b["output"]}
                 for i, (a, b) in enumerate(zip(good, good[1:] + good[:1], strict=True))]
-    scores = rate_logprob(model, tokenizer, good + shuffled, config.curate, config.model.context_length, progress=False)
+    engine = LocalEngine(model, tokenizer)
+    scores = rate_logprob(engine, good + shuffled, config.curate, config.model.context_length, progress=False)
     for record in scores:
         assert sum(record["distribution"]) == pytest.approx(1.0, abs=1e-5)
         assert 1.0 <= record["score"] <= 5.0 and 0 < record["digit_mass"] <= 1
     by_id = {s["id"]: s["score"] for s in scores}
     assert statistics.mean(by_id[p["id"]] for p in good) > statistics.mean(by_id[p["id"]] for p in shuffled)
-    whole = rate_logprob(model, tokenizer, good[:3], config.curate, config.model.context_length, reuse_prefix=False,
-                         progress=False)
+    whole = rate_logprob(LocalEngine(model, tokenizer, shared_prefix=False), good[:3], config.curate,
+                         config.model.context_length, progress=False)
     assert [s["score"] for s in whole] == pytest.approx([by_id[p["id"]] for p in good[:3]], abs=1e-3)
 
     # a crash after one line of a batch: the rerun rates the whole batch again and keeps the missing rows
     small = with_overrides(config, {"curate.batch_size": 4})
     pairs = good + shuffled
-    reference = rate_logprob(model, tokenizer, pairs, small.curate, small.model.context_length, progress=False)
+    reference = rate_logprob(engine, pairs, small.curate, small.model.context_length, progress=False)
     partial = tmp_path / "scores.partial"
     partial.write_text(json.dumps(reference[0]) + "\n")
-    resumed = rate_logprob(model, tokenizer, pairs, small.curate, small.model.context_length, partial=partial,
-                           progress=False)
+    resumed = rate_logprob(engine, pairs, small.curate, small.model.context_length, partial=partial, progress=False)
     assert resumed == reference
     assert [json.loads(line)["id"] for line in partial.read_text().splitlines()].count(reference[0]["id"]) == 1
 

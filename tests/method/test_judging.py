@@ -206,7 +206,7 @@ def test_all_unparsed_gives_no_win_rate(endpoint):
 
 
 def test_the_shared_prefix_of_judge_prompts_leaves_a_token_of_each():
-    from humpback_nb.method.judges import shared_prefix_length
+    from humpback_nb.infra.engines import shared_prefix_length
 
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a row that is all prefix keeps its last token

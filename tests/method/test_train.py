@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from humpback_nb.config import load_preset, with_overrides
 from humpback_nb.infra.chat import prompt_ids
+from humpback_nb.infra.engines import LocalEngine
 from humpback_nb.infra.models import load_tokenizer, read_train_log
 from humpback_nb.method.prompts import BACKWARD_PROMPT, S_A, S_W
 from humpback_nb.method.schedule import linear_to_final, paper_schedule
@@ -99,12 +100,12 @@ def test_qlora_lowers_the_training_loss_and_ends_at_the_final_learning_rate(toke
     from humpback_nb.infra.models import load_model
 
     base, _ = load_model(config.model)
-    before = mean_loss(base, tokenizer, examples)
+    before = mean_loss(LocalEngine(base, tokenizer), examples)
     log = train_model(examples, config.model, config.train, tmp_path / "m", log=lambda _: None)
     from humpback_nb.infra.models import load_trained
 
     trained, _ = load_trained(config.model, tmp_path / "m")
-    after = mean_loss(trained, tokenizer, examples)
+    after = mean_loss(LocalEngine(trained, tokenizer), examples)
     assert after < before - 0.1
     assert [s["lr"] for s in log["steps"]][0] == pytest.approx(1e-3)
     assert log["steps"][-1]["lr"] == pytest.approx(5e-4)
@@ -228,11 +229,11 @@ def test_mean_loss_is_the_loss_per_output_token_whatever_the_order_and_batches(t
         per_token += losses
         alone.append((sum(losses), len(losses)))
     expected = sum(per_token) / len(per_token)
-    assert mean_loss(model, tokenizer, examples, batch_size=2) == pytest.approx(expected, rel=1e-4)
-    assert mean_loss(model, tokenizer, examples[::-1], batch_size=3) == pytest.approx(expected, rel=1e-4)
+    assert mean_loss(LocalEngine(model, tokenizer), examples, batch_size=2) == pytest.approx(expected, rel=1e-4)
+    assert mean_loss(LocalEngine(model, tokenizer), examples[::-1], batch_size=3) == pytest.approx(expected, rel=1e-4)
     # each example's own summed loss and token count, in the examples' order, read in batches (float32: the same
     # numbers up to the order of sums)
-    batched = example_losses(model, tokenizer, examples, batch_size=3)
+    batched = example_losses(LocalEngine(model, tokenizer), examples, batch_size=3)
     assert [n for _, n in batched] == [n for _, n in alone]
     assert [x for x, _ in batched] == pytest.approx([x for x, _ in alone], rel=1e-4)
 
