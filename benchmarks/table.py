@@ -44,6 +44,23 @@ def row(result: dict[str, Any]) -> str:
         f"{spread(s['naive'], unit=unit)}: {s['naive_name']}", f"{s['ratio_vs_naive']}x", ""]).strip()
 
 
+def engines_table(result: dict[str, Any]) -> list[str]:
+    """The same work through the kit's loops and vLLM's server (benchmarks/bench_engines.py)."""
+    rows = ["| same work, same bf16 weights | engine local | engine vllm (CPU build) | vLLM / local |",
+            "|---|---|---|---|"]
+    for loop, unit, name in (("self_augmentation", "new_tokens_per_s", "self-augmentation, new tokens/s"),
+                             ("rating", "pairs_per_s", "logprob rater, pairs/s")):
+        local, vllm = result["local"][loop], result["vllm"][loop]
+        rows.append(f"| {name} ({local.get('prompts', local.get('pairs'))} prompts) | {spread(local[unit])}, "
+                    f"{spread(local['share_of_bound'], 100, '%')} of bound | {spread(vllm[unit])}, "
+                    f"{spread(vllm['share_of_bound'], 100, '%')} of bound | {result['vllm_over_local'][loop]}x |")
+    v = result["vllm"]
+    rows += ["", f"vLLM's server: started in {v['server_start_seconds']} s, its first request "
+                 f"{v['first_request_seconds']} s (neither in the rates); {v['server']}, {v['concurrency']} requests "
+                 "in flight."]
+    return rows
+
+
 def machine_line(bounds: dict[str, Any]) -> str:
     m, b, p = bounds["matmul"], bounds["bandwidth"], bounds["prefill"]
     square, best = m["square_peak_tflops"], p["best"]
@@ -76,6 +93,11 @@ def table(folder: Path) -> str:
         if bounds and used.get("measured_at") != bounds["measured_at"]:
             notes.append(f"{path.name} used bounds measured at {used.get('measured_at')} ({used.get('source')}), "
                          f"not those of {bounds_file}.")
+    engines = folder / "engines.json"
+    if engines.is_file():
+        lines += ["", *engines_table(json.loads(engines.read_text()))]
+    else:
+        notes.append(f"{engines} is missing.")
     if bounds:
         lines += ["", machine_line(bounds)]
     lines += ["", "Spread: min-max over the repetitions (n of each figure); a share is bound time / measured time of "

