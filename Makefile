@@ -48,7 +48,9 @@ demo: fetch  ## every notebook on the demo preset, executed into runs/demo/noteb
 	$(BIN)/humpback notebooks --preset $(PRESET) --run-dir $(RUN)
 	$(BIN)/humpback report --run-dir $(RUN)
 
-test: install vllm browser  ## unit tests, every notebook on the tiny preset, and the vllm engine on the real vLLM
+test:  ## unit tests, every notebook on the tiny preset, and the vllm engine on the real vLLM
+	@# the two environments install side by side: pip unpacks on one core each
+	@$(MAKE) --no-print-directory -j2 install vllm browser
 	HUMPBACK_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
 
 browser:  ## Chromium for the test that runs a notebook in a browser (Debian's package, where apt-get may install it)

@@ -215,7 +215,7 @@ def open_vllm(settings: EngineConfig, model_config, name: str, folder: Path | No
     base = Path(resolve(model_config.name))
     start = partial(server_for, settings, base, folder, log, str(runtime(model_config.device, model_config.dtype).dtype)
                     .removeprefix("torch."), SERVER_SEED, settings.max_lora_rank,
-                    ["--quantization", "bitsandbytes"] if model_config.quantization == "4bit" else [])
+                    quantization_args(model_config))
     kit = KitServed(start, adapter_name(name, folder) if adapter else None, folder)
     kit.url()
     return VLLMEngine([], kit.adapter or kit.server.served, tokenizer, settings, server=kit)
@@ -241,6 +241,12 @@ class KitServed:
 
     def gone(self) -> str | None:
         return self.server.gone() if self.server is not None else None
+
+
+def quantization_args(model_config) -> list[str]:
+    """A 4-bit base (QLoRA) is served in 4 bits where vLLM has the kernels (bitsandbytes, on a GPU); on a CPU, vLLM's
+    build has none, and the base is served in bf16 (the adapters then sit on the unquantized weights)."""
+    return ["--quantization", "bitsandbytes"] if model_config.quantization == "4bit" and _has_cuda() else []
 
 
 def check_ready(settings: EngineConfig) -> None:

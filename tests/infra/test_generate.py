@@ -53,7 +53,7 @@ def greedy_reference(embedded_checkpoint):
 
 
 def recorded_rows(monkeypatch) -> dict[tuple[int, ...], list[int]]:
-    """The tokens `decode` writes after each prompt (keyed by the prompt's ids), while generate_records runs."""
+    """The tokens `decode` writes after each prompt (keyed by the prompt's ids), while the local engine generates."""
     rows, real = {}, generate.decode
 
     def recording(model, input_ids, attention_mask, *args, **kwargs):
@@ -92,7 +92,7 @@ def test_generation_resumes_after_an_interruption_without_duplicates_or_gaps(mod
     reference = LocalEngine(model, tokenizer).generate(prompts(), SETTINGS, 10, progress=False)
 
     partial = tmp_path / "out.partial"
-    real = generate._generate_batch
+    real = generate.generate_batch
     calls = []
 
     def crash_on_second_batch(*args, **kwargs):
@@ -101,13 +101,13 @@ def test_generation_resumes_after_an_interruption_without_duplicates_or_gaps(mod
             raise KeyboardInterrupt("interrupted")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "_generate_batch", crash_on_second_batch)
+    monkeypatch.setattr(generate, "generate_batch", crash_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         LocalEngine(model, tokenizer).generate(prompts(), SETTINGS, 10, partial=partial, progress=False)
     assert len(read_partial(partial)) == 3
     with open(partial, "a") as handle:  # a crash in the middle of writing a line
         handle.write('{"id": "q9", "text": "cut sh')
-    monkeypatch.setattr(generate, "_generate_batch", real)
+    monkeypatch.setattr(generate, "generate_batch", real)
     resumed = LocalEngine(model, tokenizer).generate(prompts(), SETTINGS, 10, partial=partial, progress=False)
 
     lines = [json.loads(line) for line in partial.read_text().splitlines()]
