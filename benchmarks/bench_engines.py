@@ -8,7 +8,8 @@ share of the rater's bound (bounds.rating_bound: the rubric read once, each pair
 load, and the first request's warm-up) is reported apart and is in no rate. Both engines run the same weights: the
 base model unquantized in bf16 (vLLM's CPU build has no 4-bit kernels; the kit's local engine is given the same
 weights, so that neither is charged for a quantization the other does not do). Every figure is the median of --reps
-runs with its spread, min-max.
+runs with its spread, min-max; each run reads other prompts than the runs before it (vLLM's prefix cache would
+otherwise hold a whole repetition's prompts from the one before).
 
     python benchmarks/bench_engines.py [--reps 3] [--segments 64] [--pairs 64] [--bounds FILE]
 """
@@ -41,15 +42,18 @@ def timed_runs(reps: int, work) -> list[tuple[float, Any]]:
     return runs
 
 
-def measure(engine, segments, pairs, config, reps: int, shape: ModelShape, bounds: Bounds,
-            rating_seconds: float) -> dict[str, Any]:
-    """One engine's self-augmentation and rating, `reps` times each."""
-    writing = timed_runs(reps, lambda: write_instructions(engine, segments, config.generate,
-                                                          config.model.context_length))
-    rating = timed_runs(reps, lambda: rate_logprob(engine, pairs, config.curate, config.model.context_length,
-                                                   progress=False))
+def measure(engine, segment_sets, pair_sets, config, shape: ModelShape, bounds: Bounds,
+            rating_seconds: list[float]) -> dict[str, Any]:
+    """One engine's self-augmentation and rating, once on each set: repetition r reads set r, other prompts than the
+    repetitions before it, so that vLLM's prefix cache does not hold them from an earlier repetition."""
+    writing = [timed_runs(1, lambda s=segments: write_instructions(engine, s, config.generate,
+                                                                   config.model.context_length))[0]
+               for segments in segment_sets]
+    rating = [timed_runs(1, lambda p=pairs: rate_logprob(engine, p, config.curate, config.model.context_length,
+                                                         progress=False))[0] for pairs in pair_sets]
     new = [sum(r["new_tokens"] for r in records) for _, records in writing]
     shares = [generation_bound(records, shape, bounds)["seconds"] / s for s, records in writing]
+    segments, pairs = segment_sets[0], pair_sets[0]
     return {
         "self_augmentation": {"prompts": len(segments), "new_tokens": summary(new),
                               "finished": sum(r["finished"] for r in writing[0][1]),
@@ -57,16 +61,16 @@ def measure(engine, segments, pairs, config, reps: int, shape: ModelShape, bound
                               "new_tokens_per_s": summary([n / s for n, (s, _) in zip(new, writing, strict=True)]),
                               "share_of_bound": summary(shares)},
         "rating": {"pairs": len(pairs), "seconds": summary([s for s, _ in rating]),
-                   "pairs_per_s": summary([len(pairs) / s for s, _ in rating]),
-                   "share_of_bound": summary([rating_seconds / s for s, _ in rating])},
+                   "pairs_per_s": summary([len(p) / s for p, (s, _) in zip(pair_sets, rating, strict=True)]),
+                   "share_of_bound": summary([b / s for b, (s, _) in zip(rating_seconds, rating, strict=True)])},
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="runs of each loop on each engine")
-    parser.add_argument("--segments", type=int, default=64)
-    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--segments", type=int, default=64, help="segments a repetition (other ones each time)")
+    parser.add_argument("--pairs", type=int, default=40, help="seed pairs a repetition (other ones each time)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="instruction budget (the kit's default)")
     parser.add_argument("--bounds", help="bounds.json written by bounds.py moments before (else measured here)")
     parser.add_argument("--bound-reps", type=int, default=3, help="repetitions of the bounds measured here")
@@ -79,17 +83,21 @@ def main() -> None:
     config = replace(config, model=model_config,
                      generate=replace(config.generate, instruction_max_new_tokens=args.max_new_tokens),
                      engine=replace(config.engine, kind="vllm", port=args.port, kv_cache_gib=2))
-    segments = segments[: args.segments]
-    pairs = [{"id": r["id"], "instruction": r["instruction"], "output": r["output"]} for r in seed[: args.pairs]]
+    if args.reps * args.segments > len(segments) or args.reps * args.pairs > len(seed):
+        parser.error(f"--reps x --segments must be at most {len(segments)} and --reps x --pairs at most {len(seed)}")
+    segment_sets = [segments[r * args.segments : (r + 1) * args.segments] for r in range(args.reps)]
+    pair_sets = [[{"id": p["id"], "instruction": p["instruction"], "output": p["output"]}
+                  for p in seed[r * args.pairs : (r + 1) * args.pairs]] for r in range(args.reps)]
 
     model, tokenizer = load_model(model_config)
     measured = bounds_for(model, args.bounds, args.bound_reps)
     bounds, shape = Bounds.from_json(measured), ModelShape.from_config(model.config)
-    prefix_tokens, tail_tokens = logprob_tokens(tokenizer, pairs, config.curate, config.model.context_length)
-    rater_bound = rating_bound(prefix_tokens, tail_tokens, shape, bounds)
+    rater_bounds = [rating_bound(*logprob_tokens(tokenizer, pairs, config.curate, config.model.context_length), shape,
+                                 bounds) for pairs in pair_sets]
+    rater_bound = rater_bounds[0]
 
-    local = measure(LocalEngine(model, tokenizer), segments, pairs, config, args.reps, shape, bounds,
-                    rater_bound["seconds"])
+    local = measure(LocalEngine(model, tokenizer), segment_sets, pair_sets, config, shape, bounds,
+                    [b["seconds"] for b in rater_bounds])
     del model
 
     log = Path("runs/bench/engine/vllm.log")
@@ -97,10 +105,10 @@ def main() -> None:
     remote = serve.open_vllm(config.engine, model_config, "base", None, log, load_tokenizer(model_config))
     start_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    write_instructions(remote, segments[:2], config.generate, config.model.context_length)  # the first request
+    write_instructions(remote, segments[-2:], config.generate, config.model.context_length)  # the first request
     warm_up = time.perf_counter() - started
     try:
-        vllm = measure(remote, segments, pairs, config, args.reps, shape, bounds, rater_bound["seconds"])
+        vllm = measure(remote, segment_sets, pair_sets, config, shape, bounds, [b["seconds"] for b in rater_bounds])
     finally:
         serve.stop()
 
