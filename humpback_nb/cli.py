@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run-dir", required=True, type=Path)
     run.add_argument("--until", metavar="STAGE", help="stop after this stage")
     run.add_argument("--redo", metavar="STAGE", action="append", default=[], help="run this stage even if done")
+    run.add_argument("--from", dest="start_from", metavar="RUN_DIR", type=Path,
+                     help="start from another run: link every stage it has done with the same hashes (a follow-up "
+                          "started from a Humpback run runs only its own stages)")
 
     status = commands.add_parser("status", help="which stages of a run folder are done")
     status.add_argument("--run-dir", required=True, type=Path)
@@ -150,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     folder = open_run(args.run_dir, config)
-    folder.run(config, until=args.until, redo=args.redo)
+    folder.run(config, until=args.until, redo=args.redo, start_from=getattr(args, "start_from", None))
     if processes().is_main:
         print(f"run folder: {folder.path}")
     return 0
@@ -166,7 +169,8 @@ def _status(args: argparse.Namespace) -> int:
     for row in folder.status():
         took = f"{row['seconds']:.1f}s" if row["seconds"] is not None and row["state"] == "done" else ""
         state = f"{row['state']} ({row['reason']})" if row.get("reason") else row["state"]
-        print(f"  {row['stage']:<11} {state:<10} {took:>9}  {row['doc']}")
+        linked = f"[linked from {row['linked_from']}] " if row.get("linked_from") else ""
+        print(f"  {row['stage']:<13} {state:<10} {took:>9}  {linked}{row['doc']}")
         for model in row["models"]:
             took = f"{model['seconds']:.1f}s" if model["seconds"] is not None and model["state"] == "done" else ""
             print(f"    model {model['model']:<22} {model['state']:<8} {took:>9}  {model['hash'] or ''}")

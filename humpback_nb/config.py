@@ -128,6 +128,9 @@ class CurateConfig:
     # 41,821 of 502,133 candidates (8.3%), its A4 195,043 (38.8%).
     top_share: float | None = None
     rater_tag: Literal["S_a+S_w", "S_a", "S_w", "none"] = "S_a"  # system prompt while rating (M0 knows S_a)
+    # What the rater reads: the pair, as the paper ("pair"), or the instruction alone, as Kun (arXiv 2401.06477)
+    # ("instruction"; the rubric is ours: method/prompts.py KUN_INSTRUCTION_PROMPT says why)
+    sees: Literal["pair", "instruction"] = "pair"
     max_new_tokens: int = 256  # for the `generate` rater's reasoning
     batch_size: int = 16
     compare_size: int = 48  # candidates rated by both raters to compare them (notebook 04)
@@ -205,6 +208,43 @@ class EngineConfig:
 
 
 @dataclass
+class VariantConfig:
+    """Which method the run's data is made by: Humpback (Li et al. 2023), or one of its follow-ups on the same
+    stages (docs/variants.md). A follow-up's run holds Humpback's stages (shared with a Humpback run by hash, linked
+    from it with `humpback run --from`) and adds its own: its pairs, its model, and its evaluation beside Humpback's.
+
+    bft:        back-and-forth translation (Nguyen et al. 2024, arXiv 2408.04614): `model` rewrites each pair of
+                A(1)_k from (generated instruction, original segment); the model trains on the seed pairs and the
+                rewritten pairs.
+    kun:        Kun (Zheng et al. 2024, arXiv 2401.06477): M0 rates each candidate's instruction alone; `model` (M0,
+                as in Kun) polishes the segments of the ones kept (curate.top_share or curate.threshold) into answers.
+    alpagasus:  AlpaGasus (Chen et al. 2023, arXiv 2307.08701): `model` rates the seed pairs with AlpaGasus's prompt
+                (0-5); the pairs scored >= `threshold` train the model, alone."""
+
+    method: Literal["humpback", "bft", "kun", "alpagasus"] = "humpback"
+    # The model the follow-up asks: the rewriter (bft; the paper's Llama-2-70B-chat), the polisher (kun: "m0", the
+    # run's own M0, as in Kun), or the rater (alpagasus; the paper's ChatGPT). An embedded name, a local folder or
+    # a hub id, loaded or served by the run's engine, or "m0"; with `url`, the model an OpenAI-compatible endpoint
+    # serves.
+    model: str = "smollm2-135m"
+    url: str | None = None  # e.g. http://127.0.0.1:8000/v1 (a vLLM server of the 70B chat model) or an API
+    key_env: str = "OPENAI_API_KEY"  # the environment variable that holds the endpoint's key
+    concurrency: int = 8  # requests to `url` in flight at once
+    max_new_tokens: int = 512  # a rewrite (bft, kun), or the rater's reply (alpagasus)
+    threshold: float = 4.5  # alpagasus: pairs rated >= this on its 0-5 scale are kept (the paper's 4.5)
+    # alpagasus: how the model rates: "generate", as AlpaGasus (its reply's first line is the score), or "logprob"
+    # (the score expected from the probabilities of "0".."5" as the reply's first token: for a model too small to
+    # follow the prompt, as the kit's logprob rater)
+    rating: Literal["generate", "logprob"] = "generate"
+    # alpagasus: instead of `threshold`, keep this share of the rated pairs, best first (the paper's 4.5 kept 9,229
+    # of Alpaca's 52,002 pairs, 17.7%); for scores on another scale than the paper's rater gives
+    top_share: float | None = None
+    # alpagasus: the pairs it curates: the run's seed pairs ("seed": data.seed_source), or an Alpaca-format JSON /
+    # JSONL file of (instruction, input, output) records
+    pairs: str = "seed"
+
+
+@dataclass
 class HumpbackConfig:
     """Everything one run of the method needs; `preset` records where it came from."""
 
@@ -217,6 +257,7 @@ class HumpbackConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    variant: VariantConfig = field(default_factory=VariantConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -229,8 +270,11 @@ class HumpbackConfig:
     def hashed_section(self, name: str) -> Any:
         """`section(name)` without the settings that change no output (NOT_HASHED): what a stage's hash covers."""
         value = self.section(name)
+        if name == "variant" and value["method"] == "humpback":
+            return {}  # a follow-up's settings change nothing in a Humpback run: its hashes stay as they were
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in NOT_HASHED.get(name, ())}
+            value = {k: v for k, v in value.items() if k not in NOT_HASHED.get(name, ())
+                     and (k, v) not in ADDED_SETTINGS.get(name, {}).items()}
         return value
 
     def hash(self) -> str:
@@ -243,8 +287,12 @@ class HumpbackConfig:
 # at once, or which engine runs inference: left out of every hash, so that turning on TensorBoard or moving to vLLM
 # does not make a finished run stale.
 NOT_HASHED: dict[str, tuple[str, ...]] = {"train": ("report_to",), "curate": ("rater_concurrency", "iterations"),
-                                          "evaluate": ("judge_concurrency",),
+                                          "evaluate": ("judge_concurrency",), "variant": ("concurrency",),
                                           "engine": tuple(f.name for f in dataclasses.fields(EngineConfig))}
+
+# Settings added after runs were made, with the value that does what the kit did before them: at that value a
+# setting is left out of the hashes, so that a finished run stays done when the kit learns a new setting.
+ADDED_SETTINGS: dict[str, dict[str, Any]] = {"curate": {"sees": "pair"}}
 
 
 def config_hash(value: Any) -> str:
@@ -266,7 +314,9 @@ def load_preset(name: str) -> HumpbackConfig:
     path = PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(presets())}")
-    config = load_config(path)
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)  # a preset may be another one with a few changes (bft-demo: demo, a follow-up)
+    config = _merge(load_preset(base), raw, str(path)) if base else from_dict(raw, source=str(path))
     config.preset = name
     return config
 
@@ -444,6 +494,8 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "curate.batch_size": _AT_LEAST_1, "curate.compare_size": _NOT_NEGATIVE, "curate.sanity_size": _NOT_NEGATIVE,
     "curate.rater_concurrency": _AT_LEAST_1, "evaluate.judge_concurrency": _AT_LEAST_1,
     "curate.iterations": (2, 20, "[]"),
+    "variant.concurrency": _AT_LEAST_1, "variant.max_new_tokens": _AT_LEAST_1, "variant.threshold": (0, 5, "[]"),
+    "variant.top_share": (0, 1, "(]"),
     "engine.port": (1, 65535, "[]"), "engine.kv_cache_gib": _AT_LEAST_1, "engine.start_timeout": _POSITIVE,
     "engine.concurrency": _AT_LEAST_1, "engine.max_lora_rank": _AT_LEAST_1, "engine.request_timeout": _POSITIVE,
     "evaluate.alpaca_eval_prompts": _AT_LEAST_1, "evaluate.mt_bench_prompts": _NOT_NEGATIVE,

@@ -8,17 +8,20 @@
                                         the paper's 2: M2 is Humpback)
     heldout, eval                       held-out losses; answers, judged                       section 4
     tags, selectors, scaling            the paper's analyses: Table 8, Table 7, Figure 3       section 5
+    [variant_pairs, <method>,           a follow-up's own stages (variant.method: bft, kun, alpagasus; followups.py)
+     variant_eval]
     summary                             every number of the run in one file
 
-The method's stages are declared in stages.py, the analyses' in analyses.py; this module puts them in order for a
-number of iterations and gives them to the run folder (run.RunFolder), which runs and skips them.
+The method's stages are declared in stages.py, the analyses' in analyses.py, the follow-ups' in followups.py; this
+module puts them in order for a number of iterations and a method, and gives them to the run folder (run.RunFolder),
+which runs and skips them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from humpback_nb import analyses, stages  # noqa: F401 (analyses declares its stages when imported)
+from humpback_nb import analyses, followups, stages  # noqa: F401 (analyses declares its stages when imported)
 from humpback_nb.config import HumpbackConfig
 from humpback_nb.run import RunFiles, RunFolder, Stage
 
@@ -26,11 +29,17 @@ BEFORE = ("seed", "segments", "backward", "backward_check", "candidates", "m0")
 AFTER = ("heldout", "eval", "tags", "selectors", "scaling", "summary")
 
 
-def pipeline(iterations: int = 2) -> list[Stage]:
-    """Every stage of a run with `iterations` self-curation iterations, in order."""
+def pipeline(iterations: int = 2, method: str = "humpback") -> list[Stage]:
+    """Every stage of a run with `iterations` self-curation iterations, in order; a follow-up's (`method`, config
+    variant.method) after Humpback's, before the summary, which then reads them too."""
+    from dataclasses import replace
+
     curation = [s for t in range(1, iterations + 1) for s in stages.iteration(t, iterations)]
-    return ([stages.DECLARED[name] for name in BEFORE] + curation
-            + [bind(stages.DECLARED[name], iterations) for name in AFTER])
+    after = [bind(stages.DECLARED[name], iterations) for name in AFTER]
+    added = followups.stages(method, iterations)
+    if added:
+        after[-1] = replace(after[-1], after=(*after[-1].after, added[-1].name))
+    return [stages.DECLARED[name] for name in BEFORE] + curation + after[:-1] + added + after[-1:]
 
 
 def bind(stage: Stage, iterations: int) -> Stage:
@@ -53,7 +62,9 @@ def open_run(path: str | Path, config: HumpbackConfig | None = None) -> RunFolde
     folder = Path(path)
     if config is None and RunFiles(folder).path("config").is_file():
         config = RunFolder(folder, STAGES).config()
-    return RunFolder(folder, pipeline(config.curate.iterations if config is not None else 2))
+    if config is None:
+        return RunFolder(folder, pipeline())
+    return RunFolder(folder, pipeline(config.curate.iterations, config.variant.method))
 
 
 def run(config: HumpbackConfig, run_dir: str | Path, until: str | None = None,

@@ -842,7 +842,8 @@ def build_plan(config: HumpbackConfig, gpu: str = "h100", gpus: int = 1, calibra
         vllm = calibration.vllm if calibration and calibration.vllm else published_vllm_rates(arch, GPUS[gpu])
     cost = _Costing(config, arch, lengths, GPUS[gpu], calibration, vllm)
     rows = []
-    for stage in pipeline(config.curate.iterations):  # the stages `humpback run` runs, each with its cost declaration
+    # the stages `humpback run` runs, each with its cost declaration
+    for stage in pipeline(config.curate.iterations, config.variant.method):
         if stage.cost is None:
             raise PipelineError(f"stage {stage.name!r} declares no cost: `humpback plan` cannot count it (give it "
                                 "`cost=`, a function of plan.Work, beside its declaration)")

@@ -112,6 +112,9 @@ ARTIFACTS = {
     "notebooks": "notebooks",                # the notebooks as executed on this run (`humpback notebooks`)
     "figures": "figures",                    # the run's figures (PNG), written by the notebooks
     "report": "report.html",                 # `humpback report`'s page
+    "variant_pairs": "variant/pairs.jsonl",  # a follow-up's training pairs (config variant.method, followups.py)
+    "variant_report": "variant/pairs.json",  # how they were made: the prompt's source, counts, what rewrites changed
+    "variant_eval": "variant/eval",          # its model's answers and judgments beside Humpback's models
     "engine_log": "engine/vllm.log",         # the output of the kit's own vLLM server (engine.kind: vllm)
     "manifest": "stages/{}.yaml",            # a stage's manifest
     "model_manifest": "stages/models/{}.yaml",
@@ -205,6 +208,14 @@ class RunFiles:
 
     def summary(self) -> dict[str, Any]:
         return _read_json(self.path("summary"))
+
+    def variant_pairs(self) -> list[dict[str, Any]]:
+        """A follow-up's training pairs (a rewritten pair keeps its web text as "original")."""
+        return read_jsonl(self.path("variant_pairs"))
+
+    def variant_report(self) -> dict[str, Any]:
+        """How a follow-up's pairs were made: its paper, the model asked, counts, what the rewrites changed."""
+        return _read_json(self.path("variant_report"))
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
         """A stage's manifest, or None while the stage is not done."""
@@ -425,7 +436,7 @@ class RunFolder:
             rows.append({"stage": name, "state": state, "outputs": [str(p.relative_to(self.path))
                                                                      for p in self.outputs(name)],
                          "seconds": manifest.get("seconds"), "doc": stage.doc,
-                         "models": self.model_rows(name, state),
+                         "models": self.model_rows(name, state), "linked_from": manifest.get("linked_from"),
                          "reason": check.reason, "damaged": check.damaged})
         return rows
 
@@ -498,8 +509,9 @@ class RunFolder:
         return "ran"
 
     def run(self, config: HumpbackConfig, until: str | None = None, redo: Sequence[str] = (),
-            log: Callable[[str], None] = print) -> dict[str, str]:
-        """Store the config, then run every stage in order up to `until` (inclusive)."""
+            log: Callable[[str], None] = print, start_from: str | Path | None = None) -> dict[str, str]:
+        """Store the config, then run every stage in order up to `until` (inclusive); with `start_from`, the stages
+        the run folder there has done with the same hashes are linked first (`link_from`), and not run again."""
         names = list(self.stages)
         if until is not None and until not in self.stages:
             raise PipelineError(f"unknown stage {until!r}; stages: {', '.join(names)}")
@@ -525,6 +537,8 @@ class RunFolder:
                     for key, old, new in config_differences(self.config(), config):
                         log(f"changed     {key}: {old!r} -> {new!r}")
                 self.set_config(config)
+                for name in self.link_from(start_from, config) if start_from is not None else ():
+                    log(f"{name:<11} linked from {start_from}")
             try:
                 for name in selected:
                     results[name] = self.run_stage(name, config, redo=name in redo)
@@ -551,6 +565,33 @@ class RunFolder:
         for leftover in self.files.partials(output):
             if keep_hash is None or f".{keep_hash}." not in leftover.name:
                 _remove(leftover)
+
+    def link_from(self, source: str | Path, config: HumpbackConfig) -> list[str]:
+        """Take every stage that the run folder `source` has done with the hash `config` gives it here: its outputs,
+        the models it trained and their manifests are hard-linked into this folder (copied where a link cannot be
+        made), its manifest copied with `linked_from: <source>`. A stage this folder has already made stays its own.
+        The stages taken, in order: a follow-up started from a Humpback run runs only what Humpback did not."""
+        source = Path(source)
+        if source.resolve() == self.path.resolve():
+            raise PipelineError(f"{source}: is this run folder itself; give the run to start from")
+        if not RunFiles(source).path("config").is_file():
+            raise PipelineError(f"{source}: holds no run to start from (no {ARTIFACTS['config']})")
+        theirs, taken = RunFolder(source, list(self.stages.values())), []
+        for name in self.stages:
+            manifest = theirs.manifest(name)
+            if (self.manifest(name) is not None or manifest is None
+                    or manifest.get("hash") != self.stage_hash(name, config)
+                    or theirs.check(name, config).state != "done"):
+                continue
+            for output in theirs.outputs(name):
+                _link(output, self.path / output.relative_to(theirs.path))
+            for model in manifest.get("models") or {}:
+                for path in (theirs.files.path("model", model), theirs.files.path("model_manifest", model)):
+                    _link(path, self.path / path.relative_to(theirs.path))
+            manifest["linked_from"] = str(source)
+            atomic_write_text(self.files.path("manifest", name), yaml.safe_dump(manifest, sort_keys=False))
+            taken.append(name)
+        return taken
 
     def clear(self, name: str) -> list[str]:
         """Delete a stage's outputs, models and manifest, and the manifests of every stage that reads them."""
@@ -585,6 +626,24 @@ class RunFolder:
 
 def _read_yaml(path: Path) -> dict[str, Any] | None:
     return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _link(source: Path, target: Path) -> None:
+    """`source` (a file or a folder) at `target` too, file by file as hard links (copies across file systems); what
+    was at `target` is replaced."""
+    _remove(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=link)
+    else:
+        link(str(source), str(target))
 
 
 def _remove(path: Path) -> None:

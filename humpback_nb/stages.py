@@ -528,6 +528,7 @@ def summarize(files, config, stages: list[str], iterations: int) -> dict[str, An
         "table8_tags": files.analysis("table8_tags"),
         "table7_selectors": files.analysis("table7_selectors"),
         "figure3_scaling": files.analysis("figure3_scaling"),
+        "variant": files.analysis("variant"),  # a follow-up's model beside Humpback's (config variant.method)
         "stage_seconds": {name: m["seconds"] for name, m in manifests.items()},
         "pipeline_seconds": round(sum(m["seconds"] for m in manifests.values()), 1),
         "stage_reports": {name: m["report"] for name, m in manifests.items() if m.get("report")},

@@ -188,7 +188,7 @@ def test_the_cli_reports_an_undeclared_section_in_one_line(tmp_path, monkeypatch
         return run.config.evaluate.judge
 
     monkeypatch.setattr(humpback_nb.pipeline, "pipeline",
-                        lambda iterations: [Stage("sneaky", ("summary",), (), ("data",), sneaky)])
+                        lambda iterations, method="humpback": [Stage("sneaky", ("summary",), (), ("data",), sneaky)])
     assert main(["run", "--preset", "tiny", "--run-dir", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "humpback: error: stage 'sneaky' reads config section 'evaluate', which it does not declare (it declares "

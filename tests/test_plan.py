@@ -82,8 +82,8 @@ def test_the_plan_walks_the_stages_a_run_runs(monkeypatch):
     assert next(s for s in three.stages if s.stage == "heldout").model_runs == 5  # base, M0..M3
     assert "m3_untagged" in next(s for s in three.stages if s.stage == "tags").models
 
-    monkeypatch.setattr(plan_module, "pipeline", lambda t: [replace(s, cost=None) if s.name == "A1" else s
-                                                            for s in pipeline(t)])
+    monkeypatch.setattr(plan_module, "pipeline", lambda t, method="humpback": [
+        replace(s, cost=None) if s.name == "A1" else s for s in pipeline(t)])
     with pytest.raises(PipelineError, match="stage 'A1' declares no cost"):
         build_plan(load_preset("tiny"))
 

@@ -23,7 +23,7 @@ from humpback_nb.config import CurateConfig, GenerateConfig
 from humpback_nb.infra.batches import in_batches
 from humpback_nb.infra.chat import fit_text, prompt_ids, rendered_ids
 from humpback_nb.infra.engines import length_batches
-from humpback_nb.method.prompts import curation_messages
+from humpback_nb.method.prompts import curation_messages, instruction_messages
 
 SCORES = (1, 2, 3, 4, 5)
 _SCORE_LINE = re.compile(r"score\s*:\s*(\S+?)\.?", re.IGNORECASE)
@@ -46,13 +46,21 @@ def parse_score(text: str) -> int | None:
     return int(match.group(1))
 
 
+def rating_messages(instruction: str, output: str, settings: CurateConfig, tag: str | None = None) -> list:
+    """The rating prompt of `settings`: the paper's rubric for the pair, or (`curate.sees` "instruction") the
+    instruction alone, as Kun rates; with the system prompt of `tag` (default `curate.rater_tag`)."""
+    tag = settings.rater_tag if tag is None else tag
+    if settings.sees == "instruction":
+        return instruction_messages(instruction, tag)
+    return curation_messages(instruction, output, tag)
+
+
 # -- the generate rater --------------------------------------------------------------------------
 def rate_generate(engine, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
                   partial: Path | None = None) -> list[dict[str, Any]]:
     """The paper's rater: reasoning, then "Score: N" on the last line (greedy decoding)."""
     fit = _output_fitter(engine.tokenizer, settings, context_length, reserve=settings.max_new_tokens)
-    prompts = [{"id": p["id"], "messages": curation_messages(p["instruction"], fit(p), settings.rater_tag)}
-               for p in pairs]
+    prompts = [{"id": p["id"], "messages": rating_messages(p["instruction"], fit(p), settings)} for p in pairs]
     greedy = GenerateConfig(batch_size=settings.batch_size)  # no sampling: only the batch size counts
     generated = engine.generate(prompts, greedy, settings.max_new_tokens, partial=partial, greedy=True,
                                 desc="rating (generate)")
@@ -78,7 +86,7 @@ def score_tokens(tokenizer, prefix: str = "Score: ") -> tuple[str, list[int]]:
 
 def _output_fitter(tokenizer, settings: CurateConfig, context_length: int, reserve: int):
     """A function that cuts a pair's output so that rubric, instruction, output and `reserve` tokens fit."""
-    rubric = len(prompt_ids(tokenizer, curation_messages("", "", settings.rater_tag)))
+    rubric = len(prompt_ids(tokenizer, rating_messages("", "", settings)))
     room = context_length - rubric - reserve
 
     def fit(pair: dict[str, Any]) -> str:
@@ -88,9 +96,9 @@ def _output_fitter(tokenizer, settings: CurateConfig, context_length: int, reser
     return fit
 
 
-def _rubric_split(tokenizer, tag: str, answer_prefix: str) -> tuple[list[int], str]:
+def _rubric_split(tokenizer, settings: CurateConfig, answer_prefix: str) -> tuple[list[int], str]:
     """(token ids of the shared prefix, text template of the rest with _PAIR where the pair goes)."""
-    text = tokenizer.apply_chat_template(curation_messages(_PAIR, "", tag), add_generation_prompt=True,
+    text = tokenizer.apply_chat_template(rating_messages(_PAIR, "", settings), add_generation_prompt=True,
                                          tokenize=False) + answer_prefix
     head, tail = text.split(_PAIR)
     return rendered_ids(tokenizer, head), _PAIR + tail
@@ -102,10 +110,14 @@ def rate_logprob(engine, pairs: list[dict[str, Any]], settings: CurateConfig, co
     with the same rubric: the local engine reads it once, vLLM caches it."""
     tokenizer = engine.tokenizer
     answer_prefix, digit_ids = score_tokens(tokenizer)
-    prefix_ids, tail = _rubric_split(tokenizer, settings.rater_tag, answer_prefix)
+    prefix_ids, tail = _rubric_split(tokenizer, settings, answer_prefix)
     fit = _output_fitter(tokenizer, settings, context_length, reserve=8)
-    rows = [prefix_ids + tokenizer(tail.replace(_PAIR, f"{p['instruction']}\n{fit(p)}"),
-                                   add_special_tokens=False)["input_ids"] for p in pairs]
+
+    def rated(p: dict[str, Any]) -> str:  # what takes the place of _PAIR: the pair, or the instruction alone
+        return p["instruction"] if settings.sees == "instruction" else f"{p['instruction']}\n{fit(p)}"
+
+    rows = [prefix_ids + tokenizer(tail.replace(_PAIR, rated(p)), add_special_tokens=False)["input_ids"]
+            for p in pairs]
 
     def compute(number: int, batch: list[int]) -> list[dict[str, Any]]:
         logprobs = engine.next_token_logprobs([rows[i] for i in batch], digit_ids, batch_size=len(batch))
@@ -125,7 +137,8 @@ def rate_logprob(engine, pairs: list[dict[str, Any]], settings: CurateConfig, co
 
 
 def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path | None = None,
-                     desc: str = "Table 7 rating (endpoint)", workers: int = 1) -> list[dict]:
+                     desc: str = "Table 7 rating (endpoint)", workers: int = 1,
+                     settings: CurateConfig | None = None) -> list[dict]:
     """Scores of an OpenAI-compatible endpoint (a `judges.EndpointJudge`: the paper's GPT-4 row, or the rater
     "endpoint"): the paper's rating prompt without a system prompt, the reply's reasoning and "Score: N" parsed as
     strictly as a local model's (None otherwise). With `partial`, each rating is kept as it comes and a rerun asks
@@ -133,7 +146,9 @@ def rate_at_endpoint(endpoint, pairs: list[dict], max_tokens: int, partial: Path
 
     def compute(number: int, batch: list[int]) -> list[dict]:
         pair = pairs[batch[0]]
-        reply = endpoint.chat(curation_messages(pair["instruction"], pair["output"], "none"), max_tokens=max_tokens)
+        messages = (rating_messages(pair["instruction"], pair["output"], settings, tag="none") if settings
+                    else curation_messages(pair["instruction"], pair["output"], "none"))
+        reply = endpoint.chat(messages, max_tokens=max_tokens)
         return [{"id": pair["id"], "rater": "endpoint", "score": parse_score(reply), "reasoning": reply.strip()}]
 
     return in_batches([p["id"] for p in pairs], [[i] for i in range(len(pairs))], compute, partial=partial,
@@ -151,7 +166,8 @@ def rate_endpoint(engine, pairs: list[dict[str, Any]], settings: CurateConfig, c
         raise ValueError("curate.rater endpoint needs curate.rater_url and curate.rater_model")
     endpoint = EndpointJudge(settings.rater_url, settings.rater_model, settings.rater_key_env)
     return rate_at_endpoint(endpoint, pairs, settings.max_new_tokens, partial=partial,
-                            desc=f"rating ({settings.rater_model} at the endpoint)", workers=settings.rater_concurrency)
+                            desc=f"rating ({settings.rater_model} at the endpoint)", workers=settings.rater_concurrency,
+                            settings=settings)
 
 
 RATERS = {"logprob": rate_logprob, "generate": rate_generate, "endpoint": rate_endpoint}

@@ -19,7 +19,7 @@ S_W = "Answer with knowledge from web search."
 # Which system prompt each `tags` setting stands for (config: evaluate.inference_tags).
 TAGS = {"S_a": S_A, "S_w": S_W, "S_a+S_w": f"{S_A} {S_W}", "none": None}
 
-# The backward prompt as quoted by a follow-up from the same lab (Yu et al. 2024, arXiv 2408.04614);
+# The backward prompt as quoted by a follow-up from the same lab (Nguyen et al. 2024, arXiv 2408.04614);
 # Li et al. 2023 fine-tune M_yx on (output -> instruction) pairs without printing a prompt.
 BACKWARD_PROMPT = (
     "Below is a candidate answer to a question or instruction from an user. "
@@ -58,5 +58,81 @@ Please first provide a brief reasoning you used to derive the rating score, and 
 def curation_messages(instruction: str, output: str, tag: str = "S_a") -> list[Message]:
     """The rating prompt for one candidate pair, with the system prompt of `tag` (M0 was trained on S_a)."""
     text = CURATION_PROMPT.replace("<generated instruction>\n<output>", f"{instruction}\n{output}")
+    system = TAGS[tag]
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+
+
+# -- The follow-ups' prompts (config `variant`, docs/variants.md) -------------------------------------------------
+# Each is the published text where its authors published one, with where it comes from; where they did not, ours,
+# said so. tests/method/test_variant_prompts.py checks the published ones against their sources' text
+# (tests/data/prompt_sources/).
+
+# AlpaGasus (Chen et al. 2023, arXiv 2307.08701, Figure 3), verbatim from its code (github.com/gpt4life/alpagasus,
+# rating/chatgpt_rating.py, the "accuracy" rating it used): a system message, then the pair as an Alpaca triplet
+# followed by the request. Its scale is 0 to 5; the paper keeps the pairs rated >= 4.5.
+ALPAGASUS_SYSTEM = ("We would like to request your feedback on the performance of AI assistant in response to the "
+                    "instruction and the given input displayed following.")
+ALPAGASUS_TRIPLET = "###Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}\n\n"
+ALPAGASUS_USER = ("Please rate according to the accuracy of the response to the instruction and the input. Each "
+                  "assistant receives a score on a scale of 0 to 5, where a higher score indicates higher level of "
+                  "the accuracy. Please first output a single line containing value indicating the scores. In the "
+                  "subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any "
+                  "potential bias. \n\n")
+
+
+def alpagasus_messages(instruction: str, output: str, input: str = "") -> list[Message]:
+    """AlpaGasus's rating request for one pair, as its code sends it."""
+    triplet = ALPAGASUS_TRIPLET.format(instruction=instruction, input=input, output=output)
+    return [{"role": "system", "content": ALPAGASUS_SYSTEM}, {"role": "user", "content": triplet + ALPAGASUS_USER}]
+
+
+# Kun (Zheng et al. 2024, arXiv 2401.06477), from its code (github.com/Zheng0428/COIG-Kun, evaluation/common.py,
+# `load_questions`). Answer polishment: the chat model M0 reads the raw text, then the instruction after
+# ",请回答:" ("please answer:"); the same function budgets the prompt's tokens with the English
+# "<text>,Combining the above information. Please answer the question". The kit's data are English: the English
+# sentence is the request, the instruction after it as in the Chinese prompt.
+KUN_POLISH_PUBLISHED = "{output},请回答:{instruction}"
+KUN_POLISH_ENGLISH = "{output},Combining the above information. Please answer the question"
+KUN_POLISH_PROMPT = KUN_POLISH_ENGLISH + ":{instruction}"
+# Kun's instruction scoring: its scorer is a model fine-tuned to rate instructions, prompted with this template
+# alone (no rubric), which a chat model the kit has not fine-tuned for it cannot follow.
+KUN_SCORER_PUBLISHED = "指令: 【{instruction}】 回复："
+# Ours, therefore (not Kun's): the paper's self-curation rubric turned to the instruction alone, so that both of
+# the kit's raters (generate: "Score: N" parsed strictly; logprob: the probabilities of "1".."5") read it as they
+# read the paper's.
+KUN_INSTRUCTION_PROMPT = """Below is an instruction from an user. Evaluate whether or not it is a good example of an instruction a user would give an AI Assistant. Please assign a score using the following 5-point scale:
+1: It means the instruction is not an instruction: it is a fragment, a title, navigation or promotional text, or it cannot be understood.
+2: It means the instruction can be understood but asks for very little, or for something only the text's author could know.
+3: It means the instruction is a clear request, but vague, too broad, or depends on a context it does not give.
+4: It means the instruction is a clear, self-contained request an AI Assistant can answer helpfully.
+5: It means it is a perfect instruction: clear, specific, self-contained and worth a detailed, expert answer.
+
+Please first provide a brief reasoning you used to derive the rating score, and then write "Score: <rating>" in the last line.
+
+<generated instruction>"""  # noqa: E501 (one line a score, as the paper's rubric)
+
+# Back-and-forth translation (Nguyen et al. 2024, arXiv 2408.04614, section 2): an aligned chat model rewrites the
+# response "conditioned on the generated instructions and the initial web texts". Ours: the paper's own rewriting
+# prompt was not in any source this kit could read, so this one is written from that description; replace it with
+# the paper's when you have it (docs/variants.md).
+BFT_REWRITE_PROMPT = """Below is an instruction from a user and a text from the web that answers it. Rewrite the text into the response an AI Assistant should give to the instruction: keep the text's information, facts and details, leave out what does not serve the instruction (navigation, promotion, personal asides, other people's comments), and write it as a helpful, well-organized answer. Write the response only.
+
+Instruction:
+{instruction}
+
+Text:
+{output}"""  # noqa: E501
+
+
+def rewrite_messages(method: str, instruction: str, output: str) -> list[Message]:
+    """The rewriting request of a follow-up for one pair (instruction, web text): back-and-forth translation's
+    ("bft") or Kun's answer polishment ("kun")."""
+    template = {"bft": BFT_REWRITE_PROMPT, "kun": KUN_POLISH_PROMPT}[method]
+    return [{"role": "user", "content": template.format(instruction=instruction, output=output)}]
+
+
+def instruction_messages(instruction: str, tag: str = "S_a") -> list[Message]:
+    """The rating prompt for an instruction alone (Kun's scoring, our rubric), with the system prompt of `tag`."""
+    text = KUN_INSTRUCTION_PROMPT.replace("<generated instruction>", instruction)
     system = TAGS[tag]
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
