@@ -9,8 +9,9 @@ finished Humpback run with `humpback run --from` links them and runs none again)
     alpagasus  variant_pairs (a model rates the seed pairs 0-5, keeps >= 4.5) -> alpagasus -> variant_eval
 
 variant_eval puts the follow-up's model beside Humpback's: its held-out loss against M0, M1 and M_T (paired
-bootstrap intervals, the same pairs), and its answers to the evaluation prompts judged against theirs and the base
-model's, with the judge's check. Everything goes to analyses/variant.json (notebook 08 and the report read it).
+bootstrap intervals, the same pairs), and its answers to the evaluation prompts judged against those of M_T, M1
+and the base model, with the judge's check. Everything goes to analyses/variant.json (notebook 08 and the report
+read it).
 """
 
 from __future__ import annotations
@@ -211,9 +212,15 @@ def variant_model(run: StageRun) -> dict:
 
 # -- beside Humpback's models ---------------------------------------------------------------------------------------
 def compared_with(iterations: int) -> tuple[str, ...]:
-    """The models a follow-up's model is put beside: Humpback (M_T), M1 (trained on the same instructions, with the
-    web text as it was), M0 (the seed pairs only) and the base model."""
+    """The models a follow-up's model is put beside on held-out losses: Humpback (M_T), M1 (trained on the same
+    instructions, with the web text as it was), M0 (the seed pairs only) and the base model."""
     return tuple(dict.fromkeys((model_name(iterations), "m1", "m0", "base")))
+
+
+def judged_against(iterations: int) -> tuple[str, ...]:
+    """The models whose answers a follow-up's answers are judged against: Humpback, M1 and the base model (the
+    reference of the kit's protocol); M0 only on held-out losses, which cost no judge."""
+    return tuple(m for m in compared_with(iterations) if m != "m0")
 
 
 def variant_eval(run: StageRun, iterations: int) -> dict:
@@ -255,7 +262,7 @@ def variant_eval(run: StageRun, iterations: int) -> dict:
         results[f"{method}_vs_reference"] = versus_reference(run, judge, mine, folder, f"{method}_vs_reference",
                                                              whole=True)
         pool, prefix = {n: prompts_of(rows, "mt_bench") for n, rows in pool.items()}, "mt_bench_"
-    for name in others if pool[method] else ():
+    for name in judged_against(iterations) if pool[method] else ():
         key = f"{prefix}{method}_vs_{name}"
         results[key] = compare(judge, pool[method], pool[name], partial=run.partial(folder, part=f"judge_{key}"),
                                progress=True, desc=f"judging {key}")
@@ -319,8 +326,9 @@ def stages(method: str, iterations: int) -> list[Stage]:
               ("seed", "heldout", "eval", method, *forward_models(iterations)),
               ("model", "train", "generate", "evaluate", "random_seed", "variant", "engine"),
               partial(variant_eval, iterations=iterations),
-              f"{method}'s model beside Humpback's: held-out losses with intervals, and answers judged against M0, "
-              "M1, Humpback and the base model.", judge_ready, partial(eval_cost, iterations=iterations)),
+              f"{method}'s model beside Humpback's: held-out losses with intervals against M0, M1, Humpback and the "
+              "base model, and answers judged against Humpback's, M1's and the base model's.", judge_ready,
+              partial(eval_cost, iterations=iterations)),
     ]
     return found
 
@@ -358,13 +366,14 @@ def model_cost(work, method: str) -> None:
 
 
 def eval_cost(work, iterations: int) -> None:
-    """The follow-up's model answers and is judged against M_T, M1, M0 and the base model, and its shuffled answers."""
+    """The follow-up's model reads the held-out pairs, answers, and is judged against M_T, M1 and the base model, and
+    its shuffled answers."""
     settings = work.config.evaluate
     instruction, output = work.lengths.seed_mean
     pair = instruction + output + work.lengths.forward_overhead[settings.inference_tags]
     work.score(work.config.data.heldout_size, pair, pair, losses=True)
     work.answers(1)
-    judged = len(compared_with(iterations)) + 1
+    judged = len(judged_against(iterations)) + 1
     if settings.annotator == "alpaca_eval_gpt4":
         work.alpaca_eval(1)
         if settings.mt_bench_prompts:

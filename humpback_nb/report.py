@@ -256,6 +256,24 @@ def tables_html(summary: dict[str, Any], config) -> list[tuple[str, str, str]]:
     return out
 
 
+def variant_results(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The results (analyses/variant.json) of the follow-ups' runs beside the Humpback run at `run_dir`
+    (followups.variant_folder), for those that have them."""
+    from humpback_nb import followups
+
+    found = {method: RunFiles(followups.variant_folder(run_dir, method)).analysis("variant")
+             for method in followups.VARIANT_SETTINGS}
+    return {method: result for method, result in found.items() if result}
+
+
+def variants_html(results: dict[str, dict[str, Any]], config) -> str:
+    """The follow-ups beside Humpback (notebook 08): one row each, then what differs from their papers."""
+    return (f"<p>Each follow-up's run lies beside this one and shares its stages; its model is compared with "
+            f"{html.escape(', '.join(next(iter(results.values()))['compared_with']))} on the same held-out pairs "
+            "and prompts.</p>" + markdown_html(tables.variants(results))
+            + markdown_html(tables.variant_differences(config, results)))
+
+
 def curation_html(files: RunFiles) -> str:
     """The curated sets with the k that made each, and |A_k| for several k (notebooks 04 and 05)."""
     from humpback_nb.method.curate import threshold_counts
@@ -363,10 +381,13 @@ def build_report(run_dir: str | Path) -> str:
                             "`humpback run` (`humpback status` shows which stages are left)")
     config, summary = folder.config(), files.summary()
     result = main_result(summary)
+    followed = variant_results(folder.path)
     sections = [
         ("tables", "Tables beside the paper's (notebook 07)",
          "\n".join(f'<article id="{key}"><h3>{html.escape(title)}</h3>{body}</article>'
                    for key, title, body in tables_html(summary, config))),
+        *([("variants", "Follow-ups beside Humpback: the variants' table (notebook 08)",
+            variants_html(followed, config))] if followed else []),
         ("figures", "Figures (notebooks 00-07)", "\n".join(figure_html(spec, files, summary) for spec in FIGURES)),
         ("curation", "Curated sets and thresholds (notebooks 04, 05)", curation_html(files)),
         ("kept", "Kept pairs (examples)", kept_html(files)),

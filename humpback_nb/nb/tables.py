@@ -138,11 +138,16 @@ DIFFERENCE_HEADER = "| difference | loss per token | 95% interval | resolved |"
 
 def _difference_row(name: str, d: dict[str, Any]) -> str:
     """A row of DIFFERENCE_HEADER: "a - b", the difference, its interval, and which model is better if resolved."""
+    return "| " + " | ".join([name, *_difference_cells(name, d)]) + " |"
+
+
+def _difference_cells(name: str, d: dict[str, Any]) -> list[str]:
+    """The difference, its interval, and which model is better if resolved (the cells of `_difference_row`)."""
     interval = f"{d['interval'][0]:+.3f} to {d['interval'][1]:+.3f}" if d["interval"] else "-"
     shown = "-" if d["difference"] is None else f"{d['difference']:+.3f}"
     verdict = ("yes: " + (f"{name.split(' - ')[0]} better" if d["difference"] < 0 else f"{name.split(' - ')[1]} "
                           "better")) if d.get("resolved") else "no: noise at this size"
-    return f"| {name} | {shown} | {interval} | {verdict} |"
+    return [shown, interval, verdict]
 
 
 def backward_check(result: dict[str, Any]) -> str:
@@ -322,3 +327,235 @@ def differences(config, table: str) -> str:
     if table not in wanted:
         raise ValueError(f"unknown table {table!r}; tables: {', '.join(wanted)}")
     return "*What differs from the paper:* " + "; ".join(parts[p] for p in wanted[table]) + "."
+
+
+# -- Humpback's follow-ups (followups.py: analyses/variant.json of each follow-up's run; notebook 08) ---------------
+# What each follow-up's paper did and found, as far as the kit states it: numbers only where they are known for
+# sure (AlpaGasus's counts and training times), the rest in words.
+VARIANT_PAPERS: dict[str, dict[str, str]] = {
+    "bft": {"name": "back-and-forth translation", "paper": "Nguyen et al. 2024, arXiv 2408.04614",
+            "models": "7B and 70B models", "asked": "Llama-2-70B-chat rewrites each kept response",
+            "data": "Humpback's backtranslation and filtering on Dolma", "judge": "AlpacaEval",
+            "headline": "at similar data sizes its models beat Humpback's (and ShareGPT, Open Orca, Alpaca-GPT4 and "
+                        "Self-instruct data) on AlpacaEval, at 7B and at 70B"},
+    "kun": {"name": "Kun", "paper": "Zheng et al. 2024, arXiv 2401.06477", "models": "",
+            "asked": "the chat model polishes the raw text into the answer, with a Chinese prompt",
+            "data": "Chinese raw text after perplexity and length filters", "judge": "",
+            "headline": "instructions scored alone, then answer polishment, make an instruction set from raw text "
+                        "without written answers (described, no number quoted here)"},
+    "alpagasus": {"name": "AlpaGasus", "paper": "Chen et al. 2023, arXiv 2307.08701", "models": "LLaMA 7B and 13B",
+                  "asked": "ChatGPT rates each pair 0-5", "data": "Alpaca's 52,002 pairs", "judge": "GPT-4",
+                  "headline": "ChatGPT kept 9,229 of Alpaca's 52,002 pairs (score >= 4.5, 17.7%); the 7B model "
+                              "trained on them beats the one trained on all 52k, and trains in 14 minutes instead "
+                              "of 80"},
+}
+EMBEDDED_CHAT = {"smollm2-135m": "SmolLM2-135M-Instruct, the kit's embedded chat model"}  # infra/models.py
+Z95 = 1.96  # a win rate's approximate 95% interval: its standard error across prompts times this, either side
+
+
+def _spread(stats: dict[str, Any] | None, digits: int = 0, share: bool = False) -> str:
+    """"mean ± std" of a {"mean", "std", "n"} dict (variants.changes); shares as percentages."""
+    if not stats or stats.get("mean") is None:
+        return "-"
+    scale, unit = (100, "%") if share else (1, "")
+    std = "" if stats.get("std") is None else f" ± {scale * stats['std']:,.{digits}f}"
+    return f"{scale * stats['mean']:,.{digits}f}{std}{unit}"
+
+
+def _humpback(result: dict[str, Any]) -> str:
+    """The Humpback model a follow-up is put beside first (M_T: "m2" for two iterations)."""
+    return result["compared_with"][0]
+
+
+def _versus(result: dict[str, Any], other: str) -> dict[str, Any] | None:
+    """The overall win rate of the follow-up's model against `other` (its MT-bench one under AlpacaEval's own
+    annotator, where the models are compared with each other on MT-bench only)."""
+    method = result["method"]
+    for key in (f"{method}_vs_{other}", f"mt_bench_{method}_vs_{other}"):
+        if key in (result.get("win_rates") or {}):
+            return result["win_rates"][key].get("overall")
+    return None
+
+
+def _judge_passes(result: dict[str, Any]) -> bool | None:
+    """Whether the follow-up's judge passed its check (None: not checked)."""
+    check = result.get("judge_check") or {}
+    return check["separates"] if check.get("models") else None
+
+
+def _win_cell(overall: dict[str, Any] | None, judge: bool | None) -> str:
+    """A win rate with its ≈95% interval (± 1.96 se) and what it says: noise when the judge fails its check or the
+    interval holds 50%."""
+    if not overall or overall.get("win_rate") is None:
+        return "-"
+    rate, se, n = overall["win_rate"], overall.get("se"), overall["n"]
+    if se is None:
+        return f"{rate:.1f}% (n={n}, no interval): noise"
+    low, high = rate - Z95 * se, rate + Z95 * se
+    shown = f"{rate:.1f}% ({low:.1f} to {high:.1f}, n={n})"
+    if judge is False:
+        return f"{shown}: noise, the judge fails its check"
+    if low <= 50 <= high:
+        return f"{shown}: noise, the interval holds 50%"
+    return f"{shown}: {'better' if rate > 50 else 'worse'}" + ("" if judge else " (the judge was not checked)")
+
+
+def _judge_cell(result: dict[str, Any]) -> str:
+    check = result.get("judge_check") or {}
+    if not check.get("models"):
+        return "not checked"
+    c = next(iter(check["models"].values()))
+    interval = (f", 95% interval {100 * c['interval'][0]:.1f} to {100 * c['interval'][1]:.1f}"
+                if c.get("interval") else "")
+    real = "-" if c.get("real_preferred") is None else f"{100 * c['real_preferred']:.1f}%"
+    return f"{'passes' if check['separates'] else 'fails'}: real answers preferred {real}{interval}"
+
+
+def _trained_on(pairs: dict[str, Any]) -> str:
+    if pairs.get("method") == "alpagasus":
+        return f"{pairs.get('kept', 0):,} of {pairs.get('pairs', 0):,} seed pairs ({_kept_by(pairs)})"
+    return f"seed pairs + {pairs.get('kept', 0):,} rewritten ({pairs.get('selection', '-')})"
+
+
+def variants(results: dict[str, dict[str, Any]]) -> str:
+    """One row per follow-up (its analyses/variant.json): what its model trained on, its held-out loss minus
+    Humpback's with the paired bootstrap 95% interval, its win rate against Humpback with its interval (or why it
+    is noise), and the judge's check."""
+    lines = ["| follow-up | trained on | held-out loss − Humpback's | 95% interval | resolved "
+             "| win rate vs Humpback (≈95% interval) | the judge's check |", "|---|---|---:|---|---|---|---|"]
+    for method, result in results.items():
+        humpback = _humpback(result)
+        name = f"{method} - {humpback}"
+        d = result["heldout"]["differences"].get(name)
+        loss = _difference_cells(name, d) if d else ["-", "-", "-"]
+        lines.append(f"| {method} | {_trained_on(result['pairs'])} | {' | '.join(loss)} "
+                     f"| {_win_cell(_versus(result, humpback), _judge_passes(result))} | {_judge_cell(result)} |")
+    return "\n".join(lines)
+
+
+def variant_win_rates(result: dict[str, Any]) -> str:
+    """The follow-up's model against each of Humpback's (and the base model): win rate, its ≈95% interval and what
+    it says, wins, ties, losses, n."""
+    judge = _judge_passes(result)
+    lines = ["| comparison | win rate (≈95% interval): reading | wins | ties | losses | n | unparsed |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for label, overall in comparisons(result.get("win_rates") or {}).items():
+        lines.append(f"| {label} | {_win_cell(overall, judge)} | {overall['wins']} | {overall['ties']} "
+                     f"| {overall['losses']} | {overall['n']} | {overall.get('unparsed', 0)} |")
+    return "\n".join(lines)
+
+
+def variant_changes(changes: dict[str, dict[str, Any]]) -> str:
+    """What each way of making responses did to the segments (variants.changes, one dict per row label): lengths in
+    characters (mean ± std), the share of the response's word 3-grams found in its segment, and the word-level
+    similarity of the two. Humpback's row (A(1)_k keeps the segment) reads 100% on both."""
+    lines = ["| responses | pairs | segment chars | response chars | response 3-grams in the segment "
+             "| word similarity to the segment |", "|---|---:|---:|---:|---:|---:|"]
+    for label, c in changes.items():
+        lines.append(f"| {label} | {c['pairs']:,} | {_spread(c['original_chars'])} | {_spread(c['rewrite_chars'])} "
+                     f"| {_spread(c['from_original'], share=True)} | {_spread(c['similarity'], share=True)} |")
+    return "\n".join(lines)
+
+
+def _kept_by(report: dict[str, Any]) -> str:
+    """The rule AlpaGasus's follow-up kept its pairs by: the threshold, or the k of a top share (variant.top_share)."""
+    if report.get("k") is not None and report.get("k") != report.get("threshold"):
+        return f"score >= {report['k']:.3g}, {report.get('rule', 'variant.top_share')}"
+    return f"score >= {report.get('threshold'):g}"
+
+
+def alpagasus_ratings(report: dict[str, Any]) -> str:
+    """AlpaGasus's rating of the seed pairs (the alpagasus follow-up's variant_report) beside the paper's: pairs
+    rated, replies with a score, the rule that kept pairs, pairs kept and their share; then how many pairs got each
+    score (rounded down to a half: the logprob rating gives expected scores)."""
+    share = report["kept"] / report["pairs"] if report.get("pairs") else None
+    rating = f", {report['rating']} rating" if report.get("rating") else ""
+    lines = ["| | pairs | rated (a score read) | kept by | kept | share kept |", "|---|---:|---:|---|---:|---:|",
+             f"| ours: {report.get('model')} rates the seed pairs{rating} | {report['pairs']:,} "
+             f"| {report['rated']:,} ({report['parse_rate']:.0%}) | {_kept_by(report)} | {report['kept']:,} "
+             f"| {'-' if share is None else f'{share:.1%}'} |",
+             "| AlpaGasus: ChatGPT rates Alpaca | 52,002 | - | score >= 4.5 | 9,229 | 17.7% |"]
+    scores = report.get("scores")
+    if scores:
+        counts: dict[str, int] = {}
+        for score in sorted(scores, key=lambda s: (s is None, s or 0)):
+            key = "no score" if score is None else f"{int(score * 2) / 2:g}"
+            counts[key] = counts.get(key, 0) + 1
+        lines += ["", "| score | " + " | ".join(counts) + " |", "|---|" + "---:|" * len(counts),
+                  "| pairs | " + " | ".join(f"{n:,}" for n in counts.values()) + " |"]
+    return "\n".join(lines)
+
+
+def _cell_text(text: Any, chars: int) -> str:
+    """A text for one cell of a Markdown table: on one line, shortened, with Markdown and HTML shown as text."""
+    from textwrap import shorten
+
+    cut = "\x00"  # where shorten cut, marked apart from the text's own characters until they are escaped
+    text = shorten(" ".join(str(text).split()), chars, placeholder=" " + cut) if text is not None else "-"
+    for special in ("\\", "|", "*", "_", "`", "[", "]", "#"):
+        text = text.replace(special, "\\" + special)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace(cut, "[...]")
+
+
+def side_by_side(rows: list[dict[str, Any]], chars: int = 300) -> str:
+    """Texts side by side, one column per key of the rows (e.g. instruction, segment, Humpback's response, the
+    rewrite), each shortened to `chars` characters and escaped."""
+    if not rows:
+        return "(no pairs)"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell_text(row.get(c), chars) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ours(result: dict[str, Any]) -> str:
+    """This run's answer to a follow-up's headline: its data, then its model against Humpback's."""
+    humpback = _humpback(result)
+    pairs = result["pairs"]
+    data = (f"{pairs['kept']:,} of {pairs['pairs']:,} seed pairs kept ({pairs['kept'] / max(1, pairs['pairs']):.1%})"
+            if result["method"] == "alpagasus" else _trained_on(pairs))
+    d = result["heldout"]["differences"].get(f"{result['method']} - {humpback}")
+    if d and d["difference"] is not None and d["interval"]:
+        verdict = ("noise, the interval holds 0" if not d.get("resolved") else
+                   "lower than Humpback's" if d["difference"] < 0 else "higher than Humpback's")
+        loss = (f"held-out loss − {humpback}'s {d['difference']:+.3f} per token (95% interval "
+                f"{d['interval'][0]:+.3f} to {d['interval'][1]:+.3f}): {verdict}")
+    else:
+        loss = "held-out loss: not measured"
+    win = _win_cell(_versus(result, humpback), _judge_passes(result))
+    return f"{data}; {loss}; win rate vs {humpback} {win}"
+
+
+def variant_headlines(results: dict[str, dict[str, Any]]) -> str:
+    """Each follow-up's paper and its headline beside this run's measurement of the same thing."""
+    lines = ["| follow-up | paper | its headline | ours |", "|---|---|---|---|"]
+    for method, result in results.items():
+        paper = VARIANT_PAPERS[method]
+        lines.append(f"| {paper['name']} ({method}) | {paper['paper']} | {paper['headline']} | {_ours(result)} |")
+    return "\n".join(lines)
+
+
+def _asked(method: str, pairs: dict[str, Any]) -> str:
+    """The model a follow-up asked to rewrite or rate, as this run named it."""
+    role = {"bft": "rewriter", "kun": "polisher", "alpagasus": "rater"}[method]
+    model = "this run's M0" if pairs.get("model") == "m0" else str(pairs.get("model"))
+    model += f" ({EMBEDDED_CHAT[model]})" if model in EMBEDDED_CHAT else ""
+    return f"{method}'s {role} {model}" + (f" at {pairs['url']}" if pairs.get("url") else "")
+
+
+def variant_differences(config, results: dict[str, dict[str, Any]]) -> str:
+    """One line on what the follow-ups' runs do differently from their papers: the model trained, the model that
+    rewrites or rates, the judge and the data (read from the Humpback run's config and the follow-ups' results)."""
+    def theirs(field: str) -> str:  # what a paper did, where the kit states it
+        return ", ".join(f"{VARIANT_PAPERS[m]['name']} {VARIANT_PAPERS[m][field]}" for m in results
+                         if VARIANT_PAPERS[m][field]) or "-"
+
+    helpers = "; ".join(f"{_asked(m, r['pairs'])}, where in the paper {VARIANT_PAPERS[m]['asked']}"
+                        for m, r in results.items())
+    judges = sorted({str(r.get("judge")) for r in results.values()})
+    judge = ", ".join("the base model as a local judge" if j == "local:base" else j for j in judges)
+    data = (f"{config.data.seed_size:,} seed pairs of {config.data.seed_source} and {config.data.num_segments:,} "
+            f"segments of {', '.join(config.data.corpus_sources) or 'no corpus'}")
+    return (f"*What differs from the papers:* model {config.model.name} ({config.model.quantization}, train.method "
+            f"{config.train.method}; the papers': {theirs('models')}); {helpers}; judge: {judge} (the papers': "
+            f"{theirs('judge')}); data: {data} (the papers': {theirs('data')}).")
