@@ -76,6 +76,10 @@ def outside_model(run: StageRun) -> Iterator[Any]:
     from humpback_nb.infra.models import load_model, load_tokenizer
 
     model_config = replace(run.config.model, name=settings.model)
+    if run.config.engine.kind == "vllm" and run.config.engine.urls:
+        raise PipelineError(f"variant.model {settings.model}: the servers of engine.urls serve the run's base model; "
+                            "serve the follow-up's model at an endpoint of its own (variant.url), or leave engine.urls "
+                            "empty to let the kit serve it")
     if run.config.engine.kind == "vllm":
         opened = serve.open_vllm(run.config.engine, model_config, "outside", None, run.files.path("engine_log"),
                                  load_tokenizer(model_config))
@@ -396,18 +400,3 @@ def variant_folder(run_dir: str | Path, method: str) -> Path:
     """Where the follow-up `method` started from the Humpback run at `run_dir` lives: `<run_dir>-<method>`."""
     path = Path(run_dir)
     return path.with_name(f"{path.name}-{method}")
-
-
-def start_variant(humpback, config, method: str, until: str | None = None, log=print):
-    """(config, run folder) of the follow-up `method` beside the Humpback run folder `humpback` (config `config`):
-    Humpback's settings with VARIANT_SETTINGS[method]; every stage the Humpback run has done is linked from it, so
-    that only the follow-up's own stages run (up to `until`, all by default)."""
-    from humpback_nb import pipeline
-    from humpback_nb.config import with_overrides
-
-    if method not in VARIANT_SETTINGS:
-        raise PipelineError(f"unknown follow-up {method!r}; follow-ups: {', '.join(VARIANT_SETTINGS)}")
-    variant_config = with_overrides(config, VARIANT_SETTINGS[method])
-    folder = pipeline.open_run(variant_folder(humpback.path, method), variant_config)
-    folder.run(variant_config, until=until, start_from=humpback.path, log=log)
-    return variant_config, folder

@@ -71,3 +71,19 @@ def run(config: HumpbackConfig, run_dir: str | Path, until: str | None = None,
         redo: tuple[str, ...] = ()) -> dict[str, str]:
     """Run the method's stages for `config` in `run_dir` (what `humpback run` does)."""
     return open_run(run_dir, config).run(config, until=until, redo=redo)
+
+
+def start_variant(humpback: RunFolder, config: HumpbackConfig, method: str, until: str | None = None,
+                  log=print) -> tuple[HumpbackConfig, RunFolder]:
+    """(config, run folder) of the follow-up `method` beside the Humpback run folder `humpback` (config `config`):
+    Humpback's settings with followups.VARIANT_SETTINGS[method], in `<run_dir>-<method>`; every stage the Humpback
+    run has done is linked from it, so that only the follow-up's own stages run (up to `until`, all by default)."""
+    from humpback_nb.config import with_overrides
+    from humpback_nb.run import PipelineError
+
+    if method not in followups.VARIANT_SETTINGS:
+        raise PipelineError(f"unknown follow-up {method!r}; follow-ups: {', '.join(followups.VARIANT_SETTINGS)}")
+    variant_config = with_overrides(config, followups.VARIANT_SETTINGS[method])
+    folder = open_run(followups.variant_folder(humpback.path, method), variant_config)
+    folder.run(variant_config, until=until, start_from=humpback.path, log=log)
+    return variant_config, folder
