@@ -141,17 +141,24 @@ def run_all_until(page, url: str, root, shown: str, seconds: int = 240) -> None:
     run_all()
     # On a finished run a notebook runs in seconds. JupyterLab may still ask which kernel to use (it does when its
     # list of kernels arrives after the notebook opened): the person answers with the notebook's own. A click that
-    # arrived before the kernel was ready runs nothing: the person asks again.
+    # arrived before the kernel was ready runs nothing, and cells sent to a kernel that JupyterLab then replaced by
+    # another stay waiting while the new kernel sits idle: in either case the person asks again.
     started_at = time.monotonic()
-    deadline, asked_again = started_at + seconds, started_at + 20
+    deadline, asked_again, idle_since = started_at + seconds, started_at + 20, None
     while not outputs(page, shown).count():
         dialog = page.locator(".jp-Dialog")
         if dialog.count() and "Select Kernel" in dialog.first.inner_text():
             dialog.first.locator("button.jp-mod-accept").click()
         started = page.locator(".jp-InputArea-prompt", has_text=re.compile(r"\[(\*|\d+)\]")).count()
-        if not started and not dialog.count() and time.monotonic() > asked_again:
+        now = time.monotonic()
+        if page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count():
+            idle_since = idle_since or now
+        else:
+            idle_since = None  # the kernel is at work (between two cells it is idle for a moment only)
+        stalled = not started or (idle_since is not None and now - idle_since > 10)
+        if stalled and not dialog.count() and now > asked_again:
             run_all()
-            asked_again = time.monotonic() + 20
+            asked_again, idle_since = time.monotonic() + 20, None
         errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
                               has_text="Error")
         if errors.count() or time.monotonic() > deadline:
