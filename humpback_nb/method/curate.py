@@ -104,6 +104,15 @@ def _rubric_split(tokenizer, settings: CurateConfig, answer_prefix: str) -> tupl
     return rendered_ids(tokenizer, head), _PAIR + tail
 
 
+def expected_score(logprobs: list[float], values: tuple[int, ...] | range) -> dict[str, Any]:
+    """The score expected from the log-probabilities of the tokens that write `values` (renormalised over them): the
+    score, the distribution, and the mass the score tokens had before renormalising (digit_mass)."""
+    mass = [math.exp(x) for x in logprobs]
+    distribution = [m / sum(mass) for m in mass]
+    return {"score": round(sum(v * p for v, p in zip(values, distribution, strict=True)), 4),
+            "distribution": [round(p, 6) for p in distribution], "digit_mass": round(sum(mass), 6)}
+
+
 def rate_logprob(engine, pairs: list[dict[str, Any]], settings: CurateConfig, context_length: int,
                  partial: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Scores from the probabilities of "1".."5" after "Score: ", one forward pass per candidate. Every prompt opens
@@ -121,15 +130,8 @@ def rate_logprob(engine, pairs: list[dict[str, Any]], settings: CurateConfig, co
 
     def compute(number: int, batch: list[int]) -> list[dict[str, Any]]:
         logprobs = engine.next_token_logprobs([rows[i] for i in batch], digit_ids, batch_size=len(batch))
-        records = []
-        for row, i in zip(logprobs, batch, strict=True):
-            mass = [math.exp(x) for x in row]
-            distribution = [m / sum(mass) for m in mass]
-            records.append({"id": pairs[i]["id"], "rater": "logprob",
-                            "score": round(sum(s * p for s, p in zip(SCORES, distribution, strict=True)), 4),
-                            "distribution": [round(p, 6) for p in distribution],
-                            "digit_mass": round(sum(mass), 6)})
-        return records
+        return [{"id": pairs[i]["id"], "rater": "logprob", **expected_score(row, SCORES)}
+                for row, i in zip(logprobs, batch, strict=True)]
 
     # a batch cut by a crash is rated whole again (the same rows give the same numbers); its missing rows are kept
     return in_batches([p["id"] for p in pairs], length_batches([len(r) for r in rows], settings.batch_size), compute,

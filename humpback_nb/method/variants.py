@@ -22,6 +22,7 @@ from typing import Any
 from humpback_nb.config import GenerateConfig
 from humpback_nb.infra.batches import in_batches
 from humpback_nb.infra.chat import fit_text, prompt_ids
+from humpback_nb.method.curate import expected_score
 from humpback_nb.method.prompts import alpagasus_messages, rewrite_messages
 
 ALPAGASUS_SCALE = (0.0, 5.0)
@@ -120,8 +121,6 @@ def rate_alpagasus_logprob(engine, pairs: list[dict[str, Any]], context_length: 
     """AlpaGasus's prompt, read rather than answered: the score expected from the probabilities of "0".."5" as the
     reply's first token (where AlpaGasus's reply writes its score), one forward pass a pair; the distribution kept.
     For a model that does not write the score line (a 135M one); `rate_alpagasus` parses the line as AlpaGasus."""
-    import math
-
     from humpback_nb.infra.engines import length_batches
 
     tokenizer = engine.tokenizer
@@ -132,14 +131,8 @@ def rate_alpagasus_logprob(engine, pairs: list[dict[str, Any]], context_length: 
                               p["output"]), p.get("input", ""))) for p in pairs]
 
     def compute(number: int, batch: list[int]) -> list[dict[str, Any]]:
-        records = []
-        for row, i in zip(engine.next_token_logprobs([rows[i] for i in batch], digits, batch_size=len(batch)), batch,
-                          strict=True):
-            mass = [math.exp(x) for x in row]
-            distribution = [m / sum(mass) for m in mass]
-            records.append({"id": pairs[i]["id"], "score": round(sum(d * q for d, q in enumerate(distribution)), 4),
-                            "distribution": [round(q, 6) for q in distribution], "digit_mass": round(sum(mass), 6)})
-        return records
+        logprobs = engine.next_token_logprobs([rows[i] for i in batch], digits, batch_size=len(batch))
+        return [{"id": pairs[i]["id"], **expected_score(row, range(6))} for row, i in zip(logprobs, batch, strict=True)]
 
     return in_batches([p["id"] for p in pairs], length_batches([len(r) for r in rows], batch_size), compute,
                       partial=partial, progress=bool(pairs), desc="rating (AlpaGasus, logprob)", unit="pair",
