@@ -32,12 +32,12 @@ from humpback_nb.stages import (
     engine,
     forward_models,
     heldout_losses,
+    judge_answers,
     judge_ready,
     model_name,
     open_engine,
     prompts_of,
     train,
-    versus_reference,
 )
 
 METHODS = ("bft", "kun", "alpagasus")
@@ -91,10 +91,6 @@ def outside_model(run: StageRun) -> Iterator[Any]:
         opened.close()
 
 
-def _workers(model) -> int:
-    return getattr(model, "concurrency", None) or getattr(model, "workers", 1)
-
-
 # -- the follow-up's pairs ------------------------------------------------------------------------------------------
 def kun_rate(run: StageRun) -> dict:
     """Kun's scoring: M0 rates every candidate's instruction alone (curate.sees "instruction"), with the run's rater."""
@@ -131,7 +127,7 @@ def variant_pairs(run: StageRun) -> dict:
                                                 partial=run.partial(output))
             else:
                 scores = rate_alpagasus(model, pairs, settings.max_new_tokens, context, partial=run.partial(output),
-                                        workers=_workers(model))
+                                        workers=model.workers)
             k = selection_threshold(scores, settings)
             by_id = {s["id"]: s for s in scores}
             kept = [dict(p, score=by_id[p["id"]]["score"]) for p in pairs
@@ -147,7 +143,7 @@ def variant_pairs(run: StageRun) -> dict:
         else:
             chosen, selection = selected(run, method)
             rewritten, asked = rewrite(model, chosen, method, run.config.generate, settings.max_new_tokens, context,
-                                       partial=run.partial(output), workers=_workers(model))
+                                       partial=run.partial(output), workers=model.workers)
             report |= selection | asked | {"changes": changes(rewritten)}
             rows = [{key: p.get(key) for key in ROW_FIELDS} | conversation(p, "S_w")
                     | {"original": p["original"], "finished": p["finished"]} for p in rewritten]
@@ -234,8 +230,7 @@ def variant_eval(run: StageRun, iterations: int) -> dict:
     from humpback_nb.method import alpaca_eval
     from humpback_nb.method.evaluate import eval_prompts, write_model_outputs
     from humpback_nb.method.judges import judge_name, make_judge
-    from humpback_nb.method.sanity import judge_check, judge_verdict, loss_difference, resolved, shuffled_answers
-    from humpback_nb.method.winrates import compare
+    from humpback_nb.method.sanity import judge_check, judge_verdict, loss_difference, resolved
 
     method, settings = run.config.variant.method, run.config.evaluate
     others = compared_with(iterations)
@@ -260,30 +255,19 @@ def variant_eval(run: StageRun, iterations: int) -> dict:
         mine = answer(run, model, prompts, method, settings.inference_tags,
                       run.partial(folder, part=f"answers_{method}"))
     judge = make_judge(settings, base)
-    answers = {name: run.files.answers(name) for name in others}
-    results, pool, prefix = {}, {method: mine, **answers}, ""
-    if settings.annotator == alpaca_eval.ANNOTATOR:
-        results[f"{method}_vs_reference"] = versus_reference(run, judge, mine, folder, f"{method}_vs_reference",
-                                                             whole=True)
-        pool, prefix = {n: prompts_of(rows, "mt_bench") for n, rows in pool.items()}, "mt_bench_"
-    for name in judged_against(iterations) if pool[method] else ():
-        key = f"{prefix}{method}_vs_{name}"
-        results[key] = compare(judge, pool[method], pool[name], partial=run.partial(folder, part=f"judge_{key}"),
-                               progress=True, desc=f"judging {key}")
-    check_key = f"{prefix}{method}_vs_shuffled"
-    checked = compare(judge, pool[method], shuffled_answers(pool[method]),
-                      partial=run.partial(folder, part=f"judge_{check_key}"), progress=True,
-                      desc=f"judge check: {method} against its shuffled answers") if pool[method] else None
+    answers = {method: mine} | {name: run.files.answers(name) for name in others}
+    against = [(method, name) for name in judged_against(iterations)]
+    results, checked = judge_answers(run, judge, answers, [method], against, [method], folder)
     base.close()
-    verdict = judge_verdict({method: judge_check(checked["judgments"])}) if checked else None
+    verdict = judge_verdict({method: judge_check(checked[method]["judgments"])}) if checked else None
     with atomic_dir(folder) as tmp:
         write_jsonl(tmp / f"answers_{method}.jsonl", mine)
         write_model_outputs(tmp / f"model_outputs_{method}.json", prompts_of(mine, "alpaca_eval"))
         for key, result in results.items():
             write_jsonl(tmp / f"judgments_{key}.jsonl", result.pop("judgments" if "judgments" in result
                                                                     else "annotations"))
-        if checked:
-            write_jsonl(tmp / f"judgments_{check_key}.jsonl", checked["judgments"])
+        for check in checked.values():
+            write_jsonl(tmp / f"judgments_{check['key']}.jsonl", check["judgments"])
     cap = run.config.generate.max_new_tokens
     report = run.files.variant_report()
     result = {"method": method, "paper": PAPERS[method], "model": method, "compared_with": list(others),

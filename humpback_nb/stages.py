@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -382,8 +382,7 @@ def evaluate(run: StageRun, iterations: int) -> dict:
     from humpback_nb.method import alpaca_eval
     from humpback_nb.method.evaluate import eval_prompts, write_model_outputs
     from humpback_nb.method.judges import judge_name, make_judge
-    from humpback_nb.method.sanity import judge_check, judge_verdict, shuffled_answers
-    from humpback_nb.method.winrates import compare
+    from humpback_nb.method.sanity import judge_check, judge_verdict
 
     settings, generators = run.config.evaluate, ("base", *forward_models(iterations))
     protocol = alpaca_eval.protocol(settings)  # mixed settings, or a missing reference, fail before any answer
@@ -399,25 +398,9 @@ def evaluate(run: StageRun, iterations: int) -> dict:
             with engine(run, name) as model:
                 answers[name] = answer(run, model, prompts, name, settings.inference_tags, partial)
     judge = make_judge(settings, base)
-    results, pool, prefix = {}, answers, ""
-    if settings.annotator == alpaca_eval.ANNOTATOR:  # AlpacaEval's prompts only; MT-bench is judged on its own
-        for name in generators:
-            key = f"{name}_vs_reference"
-            results[key] = versus_reference(run, judge, answers[name], run.files.path("eval"), key, whole=True)
-        pool = {n: prompts_of(rows, "mt_bench") for n, rows in answers.items()}
-        prefix = "mt_bench_"
-    for x, y in comparisons(iterations) if pool["base"] else ():  # each judgment is kept as it comes: a rerun asks
-        key = f"{prefix}{x}_vs_{y}"                                  # the rest
-        judged = run.partial(run.files.path("eval"), part=f"judge_{key}")
-        results[key] = compare(judge, pool[x], pool[y], partial=judged, progress=True, desc=f"judging {key}")
-    # the judge's check: each model's answers against its own answers to other prompts (sanity.py)
-    checks, checked = {}, {}
-    for name in generators if pool["base"] else ():
-        key = f"{prefix}{name}_vs_shuffled"
-        judged = run.partial(run.files.path("eval"), part=f"judge_{key}")
-        checked[key] = compare(judge, pool[name], shuffled_answers(pool[name]), partial=judged, progress=True,
-                               desc=f"judge check: {name} against its shuffled answers")
-        checks[name] = judge_check(checked[key]["judgments"])
+    results, checked = judge_answers(run, judge, answers, generators, comparisons(iterations), generators,
+                                     run.files.path("eval"))
+    checks = {name: judge_check(check["judgments"]) for name, check in checked.items()}
     with atomic_dir(run.files.path("eval")) as tmp:
         for name, rows in answers.items():
             # AlpacaEval's file holds its own prompts only; every answer, with its prompt id, is in the JSONL
@@ -426,8 +409,8 @@ def evaluate(run: StageRun, iterations: int) -> dict:
         for key, result in results.items():
             records = result.pop("judgments" if "judgments" in result else "annotations")
             write_jsonl(run.files.path("judgments", key, tmp), records)
-        for key, result in checked.items():
-            write_jsonl(run.files.path("judgments", key, tmp), result["judgments"])
+        for check in checked.values():
+            write_jsonl(run.files.path("judgments", check["key"], tmp), check["judgments"])
         cap, verdict = run.config.generate.max_new_tokens, judge_verdict(checks)
         atomic_write_json(run.files.path("win_rates", folder=tmp), {"protocol": protocol, "judge": judge_name(settings),
                                                           "prompts": len(prompts),
@@ -438,6 +421,40 @@ def evaluate(run: StageRun, iterations: int) -> dict:
                                                           **results})
     return {key: result.get("overall", result) for key, result in results.items()} | {
         "judge_separates": verdict["separates"]}
+
+
+def judge_answers(run: StageRun, judge, answers: dict[str, list[dict]], against_reference: Sequence[str],
+                  pairs: Sequence[tuple[str, str]], checked: Sequence[str], folder: Path) -> tuple[dict, dict]:
+    """The judging of the evaluation, under the run's protocol. With AlpacaEval 1.0's annotator, each model of
+    `against_reference` against the reference on AlpacaEval's prompts (`versus_reference`), and the rest on MT-bench's
+    prompts alone; else on every prompt. Each pair (x, y) judged in both orders; each model of `checked` against its
+    own answers to other prompts (the judge's check, sanity.py). Each judgment is kept as it comes in a part of
+    `folder`: a rerun asks for the rest. Returns the win rates by key, with their judgments, and each checked model's
+    judgments with the key they are kept under."""
+    from humpback_nb.method import alpaca_eval
+    from humpback_nb.method.sanity import shuffled_answers
+    from humpback_nb.method.winrates import compare
+
+    results, pool, prefix = {}, answers, ""
+    if run.config.evaluate.annotator == alpaca_eval.ANNOTATOR:  # MT-bench is judged on its own
+        for name in against_reference:
+            key = f"{name}_vs_reference"
+            results[key] = versus_reference(run, judge, answers[name], folder, key, whole=True)
+        pool, prefix = {n: prompts_of(rows, "mt_bench") for n, rows in answers.items()}, "mt_bench_"
+    if not all(pool.values()):  # no prompt left to judge (MT-bench's prompts set to 0)
+        return results, {}
+    for x, y in pairs:
+        key = f"{prefix}{x}_vs_{y}"
+        results[key] = compare(judge, pool[x], pool[y], partial=run.partial(folder, part=f"judge_{key}"),
+                               progress=True, desc=f"judging {key}")
+    checks = {}
+    for name in checked:
+        key = f"{prefix}{name}_vs_shuffled"
+        judged = compare(judge, pool[name], shuffled_answers(pool[name]), progress=True,
+                         partial=run.partial(folder, part=f"judge_{key}"),
+                         desc=f"judge check: {name} against its shuffled answers")
+        checks[name] = {"key": key, "judgments": judged["judgments"]}
+    return results, checks
 
 
 def prompts_of(rows: list[dict], source: str) -> list[dict]:

@@ -116,6 +116,11 @@ class EndpointJudge:
     def url(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
 
+    @property
+    def workers(self) -> int:
+        """Requests in flight at once, under an engine's name for it: a follow-up asks an endpoint or an engine."""
+        return self.concurrency
+
     def __call__(self, instruction: str, a: str, b: str) -> float:
         return self.prefer_a(instruction, a, b)
 
