@@ -128,7 +128,9 @@ def test_after_a_change_of_learning_rate_every_model_is_trained_again(finished_t
     assert {"backward", "m0", "m1", "m2", "m2_untagged"} <= set(before) and any("scaling_" in m for m in before)
 
     changed = ["--set", "train.learning_rate=3e-4", "--set", "train.final_learning_rate=2.7e-4",
-               # fewer prompts to answer and judge, the same models: this test is about what is trained again
+               # fewer segments to write instructions for and rate, fewer prompts to answer and judge, the same
+               # models: this test is about what is trained again
+               "--set", "data.num_segments=12",
                "--set", "evaluate.alpaca_eval_prompts=2", "--set", "evaluate.mt_bench_prompts=1",
                "--set", "evaluate.scaling_sizes=[2]"]  # one Figure 3 model per set
     subprocess.run([*command, "--run-dir", str(copy), *changed], check=True, capture_output=True, timeout=900)
