@@ -23,6 +23,7 @@ kind=$("$python" "$repo/benchmarks/table.py" --cpu-kind)
 model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1)
 commit=$(git -C "$repo" rev-parse --short HEAD)
 work=$(mktemp -d)
+chmod 755 "$work"  # as a checkout is: the tests that drop their privileges still read the kit in the clone
 trap 'rm -rf "$work"' EXIT
 rows=()
 notebooks=""
