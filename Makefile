@@ -66,15 +66,17 @@ lint: install
 lab: install  ## JupyterLab on the project, opened at notebooks/ (the executed ones are in runs/<name>/notebooks/)
 	$(BIN)/jupyter lab --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks
 
-bench: fetch vllm  ## this machine's bounds, the three loops as a share of them and against their naive baselines, the two engines (local, vLLM) side by side, a table; the host's work in a decoding step; what paper-7b costs (humpback plan); JSON in runs/bench/; the table also in docs/measured/bench-<cpu kind>.md with the CPU and the commit
+bench: fetch vllm  ## this machine's bounds, the three loops as a share of them and against their naive baselines, the two engines (local, vLLM) side by side, where each loop's time goes (profile), a table; the host's work in a decoding step; what paper-7b costs (humpback plan); JSON in runs/bench/; the table also in docs/measured/bench-<cpu kind>.md with the CPU and the commit
 	@mkdir -p runs/bench
-	@rm -f runs/bench/bounds.json runs/bench/augment.json runs/bench/curate.json runs/bench/train.json runs/bench/engines.json runs/bench/host_overhead.json
+	@rm -f runs/bench/bounds.json runs/bench/augment.json runs/bench/curate.json runs/bench/train.json runs/bench/engines.json runs/bench/profile.json runs/bench/host_overhead.json
 	@# the bounds first, then each loop reads them (all figures from this one run); a file is kept only if its script succeeded
 	$(BIN)/python benchmarks/bounds.py > runs/bench/bounds.json.tmp && mv runs/bench/bounds.json.tmp runs/bench/bounds.json
 	@cat runs/bench/bounds.json
 	@for name in augment curate train engines; do \
 	  $(BIN)/python benchmarks/bench_$$name.py --bounds runs/bench/bounds.json > runs/bench/$$name.json.tmp && \
 	  mv runs/bench/$$name.json.tmp runs/bench/$$name.json && cat runs/bench/$$name.json || exit 1; done
+	$(BIN)/python benchmarks/profile_loops.py > runs/bench/profile.json.tmp && \
+	  mv runs/bench/profile.json.tmp runs/bench/profile.json && cat runs/bench/profile.json
 	$(BIN)/python benchmarks/host_overhead.py > runs/bench/host_overhead.json.tmp && \
 	  mv runs/bench/host_overhead.json.tmp runs/bench/host_overhead.json && cat runs/bench/host_overhead.json
 	$(BIN)/humpback plan --preset paper-7b --json | tee runs/bench/plan.json

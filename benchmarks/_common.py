@@ -24,16 +24,17 @@ _STDOUT = sys.stdout
 if Path(sys.argv[0]).resolve().parent == Path(__file__).resolve().parent:
     sys.stdout = sys.stderr
 
-from humpback_nb.config import HumpbackConfig, load_preset  # noqa: E402
+from humpback_nb.config import HumpbackConfig, load_preset, with_overrides  # noqa: E402
 from humpback_nb.pipeline import open_run  # noqa: E402
 
 SPREAD = "min-max over the repetitions"  # what every {"median", "min", "max", "n"} of the benchmarks means
 
 
-def demo_inputs(preset: str = "demo") -> tuple[HumpbackConfig, list[dict[str, Any]], list[dict[str, Any]]]:
-    """(config, training seed pairs, segments) of a preset: its `seed` and `segments` stages, run in a
-    temporary folder (no model is needed for them)."""
-    config = load_preset(preset)
+def demo_inputs(preset: str = "demo", overrides: dict[str, Any] | None = None
+                ) -> tuple[HumpbackConfig, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(config, training seed pairs, segments) of a preset (with `overrides`, e.g. more segments): its `seed` and
+    `segments` stages, run in a temporary folder (no model is needed for them)."""
+    config = with_overrides(load_preset(preset), overrides or {})
     with tempfile.TemporaryDirectory(prefix="humpback-bench-") as folder:
         run = open_run(folder, config)
         run.run(config, until="segments", log=lambda _: None)

@@ -6,8 +6,8 @@ finish, nucleus sampling that sorts only the likely tokens, 4-bit weights unpack
 the naive loop that public reimplementations run: `model.generate` on one prompt at a time, with the
 model loaded in 4-bit the usual way. Same segments, same prompt, same sampling settings, same model.
 
-The bound of a generation (bounds.generation_bound) is computed from its records: per batch, the prefill of its
-prompt tokens at the best prefill speed, then every decoding step with the rows still writing, each step
+The bound of a generation (bounds.generation_bound) is computed from its records: the FLOPs of reading its prompts
+at the model-shape bf16 peak, then every decoding step with the rows still writing, each step
 max(bytes / bandwidth, FLOPs / peak). Every figure is the median of --reps runs (the naive loops, slow, of
 --naive-reps runs) with its spread, min-max.
 
@@ -85,8 +85,9 @@ def main() -> None:
     naive_segments = segments[::every][: args.naive]
 
     model, tokenizer = load_model(config.model)
-    measured = bounds_for(model, args.bounds, args.bound_reps)
-    bounds, shape = Bounds.from_json(measured), ModelShape.from_config(model.config)
+    shape = ModelShape.from_config(model.config)
+    measured = bounds_for(shape, args.bounds, args.bound_reps)
+    bounds = Bounds.from_json(measured)
 
     runs = []
     for _ in range(args.reps):
@@ -128,7 +129,7 @@ def main() -> None:
         "ratio_from_batching_alone": round(kit_rate / same_model["new_tokens_per_s"]["median"], 1),
         "summary": {"loop": "self-augmentation (write_instructions)", "unit": "new tokens/s",
                     "kit": kit["new_tokens_per_s"], "bound": round(bound_rate, 1),
-                    "bound_how": "prefill at the best prefill speed + decoding steps at max(bytes/bandwidth, "
+                    "bound_how": "prompts' FLOPs at the model-shape peak + decoding steps at max(bytes/bandwidth, "
                                  "FLOPs/model-shape peak)",
                     "share_of_bound": summary(shares), "naive": naive["new_tokens_per_s"],
                     "naive_name": "model.generate one prompt at a time, 4-bit",

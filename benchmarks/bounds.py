@@ -7,13 +7,13 @@ repetitions; the repetitions of several shapes are interleaved, so that a noisy 
   realistic number of token rows; the model-shape peak does every shape once per token at each token count
   (time = sum of flops_i / rate_i), so it is a FLOP-weighted mean of the per-shape rates.
 * memory bandwidth: read (sum of a float32 tensor of --gib GiB) and copy (read + write counted).
-* prefill: prompt tokens/s of the real model's forward (no cache, logits_to_keep=1) over (rows, length) shapes;
-  the best shape's speed is the prefill bound.
 
-The bound times (pure functions, no torch): prefill of N tokens = N / best prefill tokens/s; a decoding step =
-max(bytes / read bandwidth, FLOPs / model-shape peak); training = model FLOPs / bf16 peak.
+Every bound is the machine's, none the kit's own speed: reading prompts (prefill, the rater) = their FLOPs (each
+prompt causal, its attention included, the head at its last token) / the model-shape peak; a decoding step =
+max(bytes / read bandwidth, FLOPs / model-shape peak); training = model FLOPs / the model-shape peak (its MFU
+against the large-square peak is given too). The bound times are pure functions, no torch.
 
-    python benchmarks/bounds.py [--reps 5] [--square 2048 3072] [--rows 1 4 8 16] [--lengths 256 512] [--gib 1]
+    python benchmarks/bounds.py [--reps 5] [--square 2048 3072] [--tokens 512 2048] [--gib 1]
 """
 
 from __future__ import annotations
@@ -91,14 +91,13 @@ class Bounds:
     peak: float  # bf16 FLOP/s at the model's own shapes
     square_peak: float  # bf16 FLOP/s at a large square shape
     bandwidth: float  # bytes/s read
-    prefill: float | None  # prompt tokens/s of the real model at its best shape (None: not measured)
 
     @classmethod
     def from_json(cls, measured: dict[str, Any]) -> Bounds:
         """From what `measure` returns (or bounds.json)."""
         b = measured["bounds"]
         return cls(peak=b["model_peak_tflops"] * 1e12, square_peak=b["square_peak_tflops"] * 1e12,
-                   bandwidth=b["read_gb_s"] * 1e9, prefill=b["prefill_tokens_per_s"])
+                   bandwidth=b["read_gb_s"] * 1e9)
 
 
 # -- bound times (pure) --------------------------------------------------------------------------
@@ -108,14 +107,9 @@ def combined_rate(parts: Iterable[tuple[float, float]]) -> float:
     return sum(f for f, _ in parts) / sum(f / r for f, r in parts)
 
 
-def prefill_seconds(tokens: int, bounds: Bounds) -> float:
-    """Bound time of reading `tokens` prompt tokens: at the best prefill speed measured."""
-    return tokens / bounds.prefill
-
-
 def prefill_flops(shape: ModelShape, lengths: Iterable[int], past: int = 0, kept: int = 1) -> int:
     """FLOPs of reading prompts of `lengths` tokens (causal attention), each after `past` cached tokens, with the
-    head computed for the last `kept` tokens of each (the reference FLOP bound of a prefill)."""
+    head computed for the last `kept` tokens of each."""
     head = 2 * shape.hidden * shape.vocab
     total = 0
     for n in lengths:
@@ -154,31 +148,38 @@ def decode_steps(records: Iterable[dict[str, Any]]) -> dict[int, list[list[int]]
 
 def generation_bound(records: Sequence[dict[str, Any]], shape: ModelShape, bounds: Bounds) -> dict[str, Any]:
     """Bound time of a batched generation from its records ({"prompt_tokens", "new_tokens", "finished", "batch"}):
-    for each batch, the prefill of its prompt tokens plus each decoding step with the rows still writing."""
+    the FLOPs of reading every prompt at the model-shape peak, plus each batch's decoding steps with the rows still
+    writing."""
     prompt_tokens = sum(r["prompt_tokens"] for r in records)
     steps = [lengths for batch in decode_steps(records).values() for lengths in batch]
     costs = [step_costs(shape, lengths, bounds) for lengths in steps]
     decode = sum(max(read, compute) for read, compute in costs)
-    prefill = prefill_seconds(prompt_tokens, bounds)
+    prefill = prefill_flops(shape, [r["prompt_tokens"] for r in records]) / bounds.peak
     flop_bound = sum(compute > read for read, compute in costs)
     return {"seconds": prefill + decode, "prefill_seconds": prefill, "decode_seconds": decode,
-            "prefill_flop_bound_seconds": prefill_flops(shape, [r["prompt_tokens"] for r in records]) / bounds.peak,
             "prompt_tokens": prompt_tokens, "new_tokens": sum(r["new_tokens"] for r in records),
             "batches": len({r["batch"] for r in records}), "steps": len(steps), "flop_bound_steps": flop_bound}
 
 
 def rating_bound(prefix_tokens: int, tail_tokens: Sequence[int], shape: ModelShape, bounds: Bounds) -> dict[str, Any]:
-    """Bound time of the logprob rater: the prefill of what it must read, the rubric prefix once and each pair's tail
-    (instruction, output, "Score: ")."""
-    tokens = prefix_tokens + sum(tail_tokens)
+    """Bound time of the logprob rater: the FLOPs of what it must read, the rubric prefix once and each pair's tail
+    (instruction, output, "Score: ") attending over it, at the model-shape peak."""
     flops = prefill_flops(shape, [prefix_tokens], kept=0) + prefill_flops(shape, tail_tokens, past=prefix_tokens)
-    return {"seconds": prefill_seconds(tokens, bounds), "tokens_read": tokens, "prefix_tokens": prefix_tokens,
-            "tail_tokens": sum(tail_tokens), "prefill_flop_bound_seconds": flops / bounds.peak}
+    return {"seconds": flops / bounds.peak, "tokens_read": prefix_tokens + sum(tail_tokens),
+            "prefix_tokens": prefix_tokens, "tail_tokens": sum(tail_tokens), "flops": flops}
+
+
+def prompt_bound(lengths: Sequence[int], shape: ModelShape, bounds: Bounds) -> dict[str, Any]:
+    """Bound time of reading prompts of `lengths` tokens for one next token each: their FLOPs at the model-shape
+    peak."""
+    flops = prefill_flops(shape, lengths)
+    return {"seconds": flops / bounds.peak, "prompt_tokens": sum(lengths), "flops": flops}
 
 
 def training_bound(flops: float, bounds: Bounds) -> dict[str, float]:
-    """Bound time of training `flops` model FLOPs, at the large-square bf16 peak (MFU's) and at the model's shapes."""
-    return {"seconds": flops / bounds.square_peak, "seconds_at_model_shapes": flops / bounds.peak}
+    """Bound time of training `flops` model FLOPs at the model-shape bf16 peak, and at the large-square peak (the
+    usual MFU's)."""
+    return {"seconds": flops / bounds.peak, "seconds_at_square_peak": flops / bounds.square_peak}
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -236,72 +237,43 @@ def measure_bandwidth(gib: float = 1.0, reps: int = 5) -> dict[str, Any]:
             "copy_gb_s": {"how": "copy of a float32 tensor, bytes read + written", **summary(copy)}}
 
 
-def measure_prefill(model: Any, rows: Sequence[int] = (1, 4, 8, 16), lengths: Sequence[int] = (256, 512),
-                    reps: int = 5) -> dict[str, Any]:
-    """Prompt tokens/s of the model's forward (no cache, logits for the last token only) at each (rows, length)."""
-    import torch
-    from _common import summary
-
-    generator = torch.Generator().manual_seed(0)
-    shapes = [(r, n) for r in rows for n in lengths]
-    ids = {s: torch.randint(0, model.config.vocab_size, s, generator=generator, device=model.device) for s in shapes}
-    speeds: dict[tuple[int, int], list[float]] = defaultdict(list)
-    with torch.inference_mode():
-        for s in (min(shapes, key=_tokens), max(shapes, key=_tokens)):  # warm-up, the largest sets up the memory
-            model(input_ids=ids[s], use_cache=False, logits_to_keep=1)
-        for _ in range(reps):
-            for r, n in shapes:
-                start = time.perf_counter()
-                model(input_ids=ids[r, n], use_cache=False, logits_to_keep=1)
-                speeds[r, n].append(r * n / (time.perf_counter() - start))
-    per_shape = {f"{r}x{n}": summary(speeds[r, n], 5) for r, n in shapes}
-    r, n = max(shapes, key=lambda s: per_shape[f"{s[0]}x{s[1]}"]["median"])
-    return {"best": {"rows": r, "length": n, **per_shape[f"{r}x{n}"]}, "per_shape": per_shape}
-
-
-def _tokens(shape: tuple[int, int]) -> int:
-    return shape[0] * shape[1]
-
-
-def measure(model: Any | None, reps: int = 5, square: Sequence[int] = (2048, 3072), tokens: Sequence[int] = (512, 2048),
-            rows: Sequence[int] = (1, 4, 8, 16), lengths: Sequence[int] = (256, 512),
-            gib: float = 1.0, shape: ModelShape | None = None) -> dict[str, Any]:
-    """Every bound of this machine for `model`, measured now; "bounds" holds the medians the bound times use.
-    Without a model (training needs none), `shape` gives the model's shapes and the prefill is not measured."""
+def measure(shape: ModelShape, reps: int = 5, square: Sequence[int] = (2048, 3072),
+            tokens: Sequence[int] = (512, 2048), gib: float = 1.0) -> dict[str, Any]:
+    """Every bound of this machine for a model of `shape`, measured now; "bounds" holds the medians the bound times
+    use."""
     from _common import SPREAD
 
-    shape = shape or ModelShape.from_config(model.config)
     started = datetime.now(UTC).isoformat(timespec="seconds")
     clock = time.perf_counter()
     bandwidth = measure_bandwidth(gib, reps)
     matmuls = measure_matmuls(shape, square, tokens, reps)
-    prefill = measure_prefill(model, rows, lengths, reps) if model is not None else None
-    measured = {
+    return {
         "bounds": {"square_peak_tflops": matmuls["square_peak_tflops"]["median"],
                    "model_peak_tflops": matmuls["model_peak_tflops"]["median"],
-                   "read_gb_s": bandwidth["read_gb_s"]["median"],
-                   "prefill_tokens_per_s": prefill["best"]["median"] if prefill else None},
-        "matmul": matmuls, "bandwidth": bandwidth, "prefill": prefill,
+                   "read_gb_s": bandwidth["read_gb_s"]["median"]},
+        "matmul": matmuls, "bandwidth": bandwidth,
         "model_shape": {**asdict(shape), "params": shape.params, "weight_bytes": shape.weight_bytes,
                         "kv_bytes_per_token": shape.kv_bytes_per_token},
         "reps": reps, "spread": SPREAD, "measured_at": started, "seconds": round(time.perf_counter() - clock, 1),
     }
-    if prefill:  # the FLOP bound of the best shape, for reference
-        best = prefill["best"]
-        flops = prefill_flops(shape, [best["length"]] * best["rows"])
-        prefill["flop_bound_tokens_per_s"] = round(best["rows"] * best["length"] * matmuls["model_peak_tflops"]
-                                                   ["median"] * 1e12 / flops)
-    return measured
 
 
-def bounds_for(model: Any | None, path: str | None, reps: int, shape: ModelShape | None = None) -> dict[str, Any]:
-    """The bounds `make bench` wrote to `path` moments before, else measured now (`reps` repetitions; without a
-    model, no prefill)."""
+def transformers_config(model: Any) -> Any:
+    """The transformers config of a kit's model (`ModelConfig`): its shapes, without loading its weights."""
+    from transformers import AutoConfig
+
+    from humpback_nb.infra.models import resolve
+
+    return AutoConfig.from_pretrained(resolve(model.name), trust_remote_code=False)
+
+
+def bounds_for(shape: ModelShape, path: str | None, reps: int) -> dict[str, Any]:
+    """The bounds `make bench` wrote to `path` moments before, else measured now (`reps` repetitions)."""
     from _common import load_bounds
 
     measured = load_bounds(path)
     if measured is None:
-        measured = measure(model, reps=reps, shape=shape)
+        measured = measure(shape, reps=reps)
         measured["source"] = "measured in this process"
     else:
         measured["source"] = path
@@ -312,22 +284,18 @@ def main() -> None:
     from _common import emit, machine
 
     from humpback_nb.config import load_preset
-    from humpback_nb.infra.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--square", type=int, nargs="+", default=[2048, 3072], help="square matmul sizes")
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048], help="token rows of the model shapes")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16], help="prefill rows")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512], help="prefill lengths")
     parser.add_argument("--gib", type=float, default=1.0, help="size of the tensor read for the bandwidth")
     args = parser.parse_args()
 
     config = load_preset("demo")
-    model, _ = load_model(config.model)
-    measured = measure(model, args.reps, args.square, args.tokens, args.rows, args.lengths, args.gib)
-    emit({"benchmark": "bounds", "model": f"{config.model.name} ({config.model.quantization}, computed in bf16)",
-          **measured, "machine": machine()})
+    shape = ModelShape.from_config(transformers_config(config.model))
+    emit({"benchmark": "bounds", "model": f"{config.model.name} (its shapes, in bf16)",
+          **measure(shape, args.reps, args.square, args.tokens, args.gib), "machine": machine()})
 
 
 if __name__ == "__main__":

@@ -48,8 +48,11 @@ def engines_table(result: dict[str, Any]) -> list[str]:
     """The same work through the kit's loops and vLLM's server (benchmarks/bench_engines.py)."""
     rows = ["| same work, same bf16 weights | engine local | engine vllm (CPU build) | vLLM / local |",
             "|---|---|---|---|"]
-    for loop, unit, name in (("self_augmentation", "new_tokens_per_s", "self-augmentation, new tokens/s"),
+    for loop, unit, name in (("prompt_reading", "prompt_tokens_per_s", "prompt reading, prompt tokens/s"),
+                             ("self_augmentation", "new_tokens_per_s", "self-augmentation, new tokens/s"),
                              ("rating", "pairs_per_s", "logprob rater, pairs/s")):
+        if loop not in result["local"]:
+            continue
         local, vllm = result["local"][loop], result["vllm"][loop]
         rows.append(f"| {name} ({local.get('prompts', local.get('pairs'))} prompts) | {spread(local[unit])}, "
                     f"{spread(local['share_of_bound'], 100, '%')} of bound | {spread(vllm[unit])}, "
@@ -61,17 +64,30 @@ def engines_table(result: dict[str, Any]) -> list[str]:
     return rows
 
 
+def profile_table(result: dict[str, Any]) -> list[str]:
+    """Where each loop's time went (benchmarks/profile_loops.py): shares of its wall time, its top operators."""
+    rows = ["| where the time went (torch.profiler, one run) | wall | matrix products | softmax | other operators | "
+            "no operator (Python, host) | top operators (share) |", "|---|---|---|---|---|---|---|"]
+    for name, loop in result["loops"].items():
+        share = loop["share"]
+        top = ", ".join(f"{t['op'].split('::')[-1]} {t['share']:.0%}" for t in loop["top"][:4])
+        rows.append(f"| {name} | {loop['wall_seconds']:.1f} s | {share.get('matrix products', 0):.0%} | "
+                    f"{share.get('softmax', 0):.0%} | {share.get('rest', 0):.0%} | "
+                    f"{share['no operator (Python, host)']:.0%} | {top} |")
+    return rows
+
+
 def machine_line(bounds: dict[str, Any]) -> str:
-    m, b, p = bounds["matmul"], bounds["bandwidth"], bounds["prefill"]
-    square, best = m["square_peak_tflops"], p["best"]
+    m, b = bounds["matmul"], bounds["bandwidth"]
+    square = m["square_peak_tflops"]
     return (f"Machine bounds (median (min-max) of {bounds['reps']} repetitions, measured {bounds['measured_at']}): "
             f"bf16 matmul peak {spread(square, unit=' TFLOP/s')} at {square['size']}x{square['size']}, "
             f"{spread(m['model_peak_tflops'], unit=' TFLOP/s')} at the model's shapes "
             f"({' and '.join(map(str, m['model_peak_tflops']['tokens']))} token rows); memory bandwidth "
             f"{spread(b['read_gb_s'], unit=' GB/s')} read ({b['read_gb_s']['how']}), "
-            f"{spread(b['copy_gb_s'], unit=' GB/s')} copy (read + write); prefill {spread(best, unit=' tokens/s')} "
-            f"at its best shape, {best['rows']} rows x {best['length']} tokens (the FLOP bound there: "
-            f"{fmt(p['flop_bound_tokens_per_s'])} tokens/s).")
+            f"{spread(b['copy_gb_s'], unit=' GB/s')} copy (read + write). Every bound is made of these: prompts "
+            "and the rater's reading are their FLOPs at the model-shape peak, a decoding step the larger of its "
+            "bytes over the read bandwidth and its FLOPs over that peak, training its model FLOPs over that peak.")
 
 
 def table(folder: Path) -> str:
@@ -98,6 +114,11 @@ def table(folder: Path) -> str:
         lines += ["", *engines_table(json.loads(engines.read_text()))]
     else:
         notes.append(f"{engines} is missing.")
+    profile = folder / "profile.json"
+    if profile.is_file():
+        lines += ["", *profile_table(json.loads(profile.read_text()))]
+    else:
+        notes.append(f"{profile} is missing.")
     if bounds:
         lines += ["", machine_line(bounds)]
     lines += ["", "Spread: min-max over the repetitions (n of each figure); a share is bound time / measured time of "

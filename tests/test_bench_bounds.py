@@ -14,6 +14,7 @@ from bounds import (  # noqa: E402
     decode_steps,
     generation_bound,
     prefill_flops,
+    prompt_bound,
     rating_bound,
     step_costs,
     step_seconds,
@@ -22,9 +23,9 @@ from bounds import (  # noqa: E402
 
 SHAPE = ModelShape()  # smollm2-135m
 # bandwidth-bound: reading the weights (0.27 GB at 1 GB/s) takes far longer than their FLOPs at 1 PFLOP/s
-SLOW_MEMORY = Bounds(peak=1e15, square_peak=2e15, bandwidth=1e9, prefill=1000.0)
+SLOW_MEMORY = Bounds(peak=1e15, square_peak=2e15, bandwidth=1e9)
 # FLOP-bound: 1 GFLOP/s against 1 PB/s
-SLOW_MATH = Bounds(peak=1e9, square_peak=2e9, bandwidth=1e15, prefill=1000.0)
+SLOW_MATH = Bounds(peak=1e9, square_peak=2e9, bandwidth=1e15)
 
 
 def record(prompt: int, new: int, batch: int, finished: bool = True) -> dict:
@@ -73,10 +74,11 @@ def test_finished_rows_stop_costing_kv_bytes():
     long_row, short_row = record(100, 5, 0), record(100, 1, 0)
     bound = generation_bound([long_row, short_row], SHAPE, SLOW_MEMORY)
     kv = SHAPE.kv_bytes_per_token * (sum(100 + t for t in range(1, 6)) + 101)  # the short row: step 1 only
-    expected = 5 * SHAPE.weight_bytes / 1e9 + kv / 1e9 + 200 / 1000.0
+    prompts = prefill_flops(SHAPE, [100, 100]) / 1e15  # read at the model-shape peak
+    expected = 5 * SHAPE.weight_bytes / 1e9 + kv / 1e9 + prompts
     assert bound["seconds"] == pytest.approx(expected)
     assert bound["steps"] == 5 and bound["flop_bound_steps"] == 0
-    assert bound["prefill_seconds"] == pytest.approx(0.2)
+    assert bound["prefill_seconds"] == pytest.approx(prompts)
 
 
 def test_batches_read_the_weights_each():
@@ -102,12 +104,23 @@ def test_records_in_any_order():
 
 
 def test_rating_reads_the_prefix_once():
-    bound = rating_bound(300, [50, 70, 80], SHAPE, SLOW_MEMORY)
+    bound = rating_bound(300, [50, 70, 80], SHAPE, SLOW_MATH)
     assert bound["tokens_read"] == 500
-    assert bound["seconds"] == pytest.approx(0.5)
-    # the FLOP reference: the tails attend over the prefix, the head runs once per tail
-    alone = prefill_flops(SHAPE, [300], kept=0) + prefill_flops(SHAPE, [50, 70, 80], past=300)
-    assert bound["prefill_flop_bound_seconds"] == pytest.approx(alone / SLOW_MEMORY.peak)
+    # the prefix once (no head), the tails attending over it, the head once per tail, at the model-shape peak
+    flops = prefill_flops(SHAPE, [300], kept=0) + prefill_flops(SHAPE, [50, 70, 80], past=300)
+    assert bound["flops"] == flops
+    assert bound["seconds"] == pytest.approx(flops / SLOW_MATH.peak)
+    # reading each pair whole would cost more: the prefix's FLOPs once per pair
+    assert prompt_bound([350, 370, 380], SHAPE, SLOW_MATH)["seconds"] > 2 * bound["seconds"]
+
+
+def test_prompt_bound_is_the_prompts_flops_at_the_model_shape_peak():
+    bound = prompt_bound([10, 20], SHAPE, SLOW_MATH)
+    assert bound["prompt_tokens"] == 30
+    assert bound["seconds"] == pytest.approx(prefill_flops(SHAPE, [10, 20]) / 1e9)
+    # the same as a generation of one token each (no decoding step)
+    one_token = [record(10, 1, 0, finished=False), record(20, 1, 0, finished=False)]
+    assert generation_bound(one_token, SHAPE, SLOW_MATH)["seconds"] == pytest.approx(bound["seconds"])
 
 
 def test_prefill_flops():
@@ -126,13 +139,12 @@ def test_combined_rate_weights_by_flops():
 
 def test_training_bound_against_both_peaks():
     bound = training_bound(4e9, SLOW_MATH)
-    assert bound == {"seconds": pytest.approx(2.0), "seconds_at_model_shapes": pytest.approx(4.0)}
+    assert bound == {"seconds": pytest.approx(4.0), "seconds_at_square_peak": pytest.approx(2.0)}
 
 
 def test_bounds_from_json_medians():
-    measured = {"bounds": {"square_peak_tflops": 0.5, "model_peak_tflops": 0.25, "read_gb_s": 20.0,
-                           "prefill_tokens_per_s": 1500.0}}
-    assert Bounds.from_json(measured) == Bounds(peak=0.25e12, square_peak=0.5e12, bandwidth=20e9, prefill=1500.0)
+    measured = {"bounds": {"square_peak_tflops": 0.5, "model_peak_tflops": 0.25, "read_gb_s": 20.0}}
+    assert Bounds.from_json(measured) == Bounds(peak=0.25e12, square_peak=0.5e12, bandwidth=20e9)
 
 
 def test_summary_and_repeat():
