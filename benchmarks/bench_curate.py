@@ -48,7 +48,7 @@ def logprob_tokens(tokenizer, pairs: list[dict[str, Any]], settings: CurateConfi
     from humpback_nb.method.curate import _PAIR, _output_fitter, _rubric_split, score_tokens
 
     answer_prefix, _ = score_tokens(tokenizer)
-    prefix_ids, tail = _rubric_split(tokenizer, settings.rater_tag, answer_prefix)
+    prefix_ids, tail = _rubric_split(tokenizer, settings, answer_prefix)
     fit = _output_fitter(tokenizer, settings, context_length, reserve=8)
     return len(prefix_ids), [len(tokenizer(tail.replace(_PAIR, f"{p['instruction']}\n{fit(p)}"),
                                            add_special_tokens=False)["input_ids"]) for p in pairs]

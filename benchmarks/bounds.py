@@ -3,9 +3,10 @@
 Measured (each repeated --reps times, given as {"median", "min", "max", "n", "values"}, the spread min-max over the
 repetitions; the repetitions of several shapes are interleaved, so that a noisy minute spreads over all of them):
 
-* bf16 matmul peak at large square shapes, and at the model's own shapes (x @ W.T as nn.Linear runs it) for a
-  realistic number of token rows; the model-shape peak does every shape once per token at each token count
-  (time = sum of flops_i / rate_i), so it is a FLOP-weighted mean of the per-shape rates.
+* bf16 matmul peak at large square shapes, and at the model's own shapes (x @ W.T) for a realistic number of token
+  rows, each shape the faster of torch's plain `linear` and oneDNN's product with a packed weight; the model-shape
+  peak does every shape once per token at each token count (time = sum of flops_i / rate_i), so it is a
+  FLOP-weighted mean of the per-shape rates.
 * memory bandwidth: read (sum of a float32 tensor of --gib GiB) and copy (read + write counted).
 
 Every bound is the machine's, none the kit's own speed: reading prompts (prefill, the rater) = their FLOPs (each
@@ -185,34 +186,48 @@ def training_bound(flops: float, bounds: Bounds) -> dict[str, float]:
 # -- measurements --------------------------------------------------------------------------------
 def measure_matmuls(shape: ModelShape, square: Sequence[int] = (2048, 3072), tokens: Sequence[int] = (512, 2048),
                     reps: int = 5, flops_per_sample: float = 4e9) -> dict[str, Any]:
-    """bf16 FLOP/s of x @ W.T at large square shapes and at the model's shapes (`tokens` rows)."""
+    """bf16 FLOP/s of x @ W.T at large square shapes and at the model's shapes (`tokens` rows), each the faster of
+    torch's `linear` on the plain weight and oneDNN's product with the weight packed once (as the kit's inference
+    loops multiply, infra/linear.py): the machine's rate by the fastest means torch has, not the kit's."""
     import torch
     import torch.nn.functional as F
     from _common import summary
 
+    packs = hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.backends.mkldnn.is_available()
     unique = sorted({(k, o) for _, k, o, _ in shape.matmuls()})
     cases = {f"square {n}": (n, n, n) for n in square}
     cases |= {f"{t}x{k}x{o}": (t, k, o) for t in tokens for k, o in unique}
     tensors = {name: (torch.randn(m, k, dtype=torch.bfloat16), torch.randn(o, k, dtype=torch.bfloat16))
                for name, (m, k, o) in cases.items()}
-    rates: dict[str, list[float]] = defaultdict(list)
+    products = {"plain": lambda x, w, _: F.linear(x, w)}
+    if packs:
+        tensors = {name: (x, w, torch.ops.mkldnn._reorder_linear_weight(w, 64)) for name, (x, w) in tensors.items()}
+        products["packed"] = lambda x, _, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+    else:
+        tensors = {name: (x, w, None) for name, (x, w) in tensors.items()}
+    rates: dict[str, dict[str, list[float]]] = {how: defaultdict(list) for how in products}
     for rep in range(reps + 1):  # the first round warms up
         for name, (m, k, o) in cases.items():
-            x, w = tensors[name]
+            x, w, packed = tensors[name]
             inner = max(1, round(flops_per_sample / (2 * m * k * o)))
-            start = time.perf_counter()
-            for _ in range(inner):
-                F.linear(x, w)
-            if rep:
-                rates[name].append(2 * m * k * o * inner / (time.perf_counter() - start))
+            for how, product in products.items():
+                start = time.perf_counter()
+                for _ in range(inner):
+                    product(x, w, packed)
+                if rep:
+                    rates[how][name].append(2 * m * k * o * inner / (time.perf_counter() - start))
+    best = {name: [max(rates[how][name][i] for how in products) for i in range(reps)] for name in cases}
     # the model-shape peak of each round: every matmul of a token, at each token count
-    model_peak = [combined_rate((t * count * 2 * k * o, rates[f"{t}x{k}x{o}"][i])
+    model_peak = [combined_rate((t * count * 2 * k * o, best[f"{t}x{k}x{o}"][i])
                                 for t in tokens for _, k, o, count in shape.matmuls()) for i in range(reps)]
-    squares = {n: summary([r / 1e12 for r in rates[f"square {n}"]]) for n in square}
-    best = max(square, key=lambda n: squares[n]["median"])
-    return {"square_peak_tflops": {"size": best, **squares[best]},
+    squares = {n: summary([r / 1e12 for r in best[f"square {n}"]]) for n in square}
+    size = max(square, key=lambda n: squares[n]["median"])
+    return {"square_peak_tflops": {"size": size, **squares[size]},
             "model_peak_tflops": {"tokens": list(tokens), **summary([r / 1e12 for r in model_peak])},
-            "per_shape_tflops": {name: summary([r / 1e12 for r in values]) for name, values in rates.items()}}
+            "per_shape_tflops": {name: summary([r / 1e12 for r in values]) for name, values in best.items()},
+            "per_shape_tflops_by_product": {how: {name: summary([r / 1e12 for r in values])["median"]
+                                                  for name, values in by_name.items()}
+                                            for how, by_name in rates.items()}}
 
 
 def measure_bandwidth(gib: float = 1.0, reps: int = 5) -> dict[str, Any]:
