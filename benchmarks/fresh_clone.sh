@@ -27,6 +27,7 @@ chmod 755 "$work"  # as a checkout is: the tests that drop their privileges stil
 trap 'rm -rf "$work"' EXIT
 rows=()
 notebooks=""
+stages=""
 failed=0
 
 minutes() {  # "h:mm:ss.ss" or "m:ss.ss" -> minutes, one decimal
@@ -58,6 +59,28 @@ import yaml
 
 seconds = [yaml.safe_load(p.read_text()).get("seconds") or 0 for p in Path(sys.argv[1], "stages").glob("*.yaml")]
 print(f"the stages {sum(seconds) / 60:.1f} min" if seconds else "")
+EOF
+)
+    stages=$("$clone/.venv/bin/python" - "$clone/runs" <<'EOF'
+import sys
+from pathlib import Path
+
+import yaml
+
+# every stage's own seconds, the run's and its follow-ups' (a stage a follow-up linked from the run is not counted
+# twice), in the order the stages finished
+rows = []
+for run in sorted(Path(sys.argv[1]).glob("demo*")):
+    for path in (run / "stages").glob("*.yaml"):
+        manifest = yaml.safe_load(path.read_text()) or {}
+        if manifest.get("seconds") and "linked_from" not in manifest:
+            rows.append((path.stat().st_mtime, f"{run.name}/{path.stem}", manifest["seconds"]))
+if rows:
+    total = sum(s for _, _, s in rows)
+    print("| stage | seconds | share |\n|---|---:|---:|")
+    for _, name, s in sorted(rows):
+        print(f"| `{name}` | {s:.0f} | {s / total:.0%} |")
+    print(f"| all | {total:.0f} ({total / 60:.1f} min) | |")
 EOF
 )
     notebooks=$("$clone/.venv/bin/python" - "$clone/runs/demo/notebooks" <<'EOF'
@@ -105,6 +128,12 @@ mkdir -p "$repo/docs/measured"
     echo "\`make demo\`'s notebooks from scratch (papermill's times in the executed notebooks):"
     echo
     echo "$notebooks"
+  fi
+  if [ -n "$stages" ]; then
+    echo
+    echo "\`make demo\`'s stages, the run's and its follow-ups' (each stage's manifest):"
+    echo
+    echo "$stages"
   fi
 } >"$page.tmp"
 mv "$page.tmp" "$page"
