@@ -42,7 +42,7 @@ for target in "${targets[@]}"; do
   status=0
   (cd "$clone" && /usr/bin/time -v -o "$work/$target/time.txt" make "$target" PYTHON="$python") \
     >"$work/$target/log.txt" 2>&1 || status=$?
-  wall=$(sed -n 's/.*Elapsed (wall clock) time[^:]*: //p' "$work/$target/time.txt")
+  wall=$(awk '/Elapsed \(wall clock\)/ { print $NF }' "$work/$target/time.txt")
   rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$work/$target/time.txt")
   peak=$(awk '{ printf "%.1f GiB", $1 / 1048576 }' <<<"${rss:-0}")
   part=""
