@@ -3,8 +3,8 @@ its CPU build from .venv-vllm), reading the same prompts, writing instructions f
 the same pairs.
 
 Prompt reading: the backward prompts of other segments than the writing's, each read for one new token (its
-first, sampled), prompt tokens per second and the share of their FLOP bound (bounds.generation_bound of one-token
-records: the prompts' FLOPs at the model-shape peak).
+first, sampled), prompt tokens per second and the share of their bound (bounds.prompt_bound: the prompts' FLOPs
+at the model-shape peak).
 
 Self-augmentation: the bench's backward prompts (the demo preset's segments, its sampling: T 0.7, top-p 0.9, up to
 --max-new-tokens new tokens), new tokens per second, and each run's share of this machine's bound for the token mix
@@ -29,7 +29,7 @@ from typing import Any
 
 from _common import demo_inputs, emit, peak_rss_gib, rounded, run_facts, summary
 from bench_curate import logprob_tokens
-from bounds import Bounds, ModelShape, bounds_for, generation_bound, rating_bound
+from bounds import Bounds, ModelShape, bounds_for, generation_bound, prompt_bound, rating_bound
 
 from humpback_nb.infra import serve
 from humpback_nb.infra.engines import LocalEngine
@@ -69,8 +69,8 @@ def measure(engine, read_sets, segment_sets, pair_sets, config, shape: ModelShap
         "prompt_reading": {"prompts": len(read_sets[0]), "prompt_tokens": summary(read),
                            "seconds": summary([s for s, _ in reading]),
                            "prompt_tokens_per_s": summary([n / s for n, (s, _) in zip(read, reading, strict=True)]),
-                           "share_of_bound": summary([generation_bound(records, shape, bounds)["seconds"] / s
-                                                      for s, records in reading])},
+                           "share_of_bound": summary([prompt_bound([r["prompt_tokens"] for r in records], shape,
+                                                                   bounds)["seconds"] / s for s, records in reading])},
         "self_augmentation": {"prompts": len(segments), "new_tokens": summary(new),
                               "finished": sum(r["finished"] for r in writing[0][1]),
                               "seconds": summary([s for s, _ in writing]),

@@ -91,9 +91,9 @@ def main() -> None:
             pairs = [{"id": p["id"], "instruction": p["instruction"], "output": p["output"]}
                      for p in seed[: args.pairs]]
 
-            def rate() -> None:
-                engine._prefix = None  # the rubric is read in each run, as in a stage
-                rate_logprob(engine, pairs, config.curate, config.model.context_length, progress=False)
+            def rate() -> None:  # a new engine: the rubric is read in each run, as in a stage
+                rate_logprob(LocalEngine(model, tokenizer), pairs, config.curate, config.model.context_length,
+                             progress=False)
             rate()
             loops["rate"] = {"pairs": args.pairs, **profiled(rate)}
         del engine, model
