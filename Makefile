@@ -51,7 +51,7 @@ demo: fetch  ## every notebook on the demo preset, executed into runs/demo/noteb
 test:  ## unit tests, every notebook on the tiny preset, and the vllm engine on the real vLLM
 	@# the two environments install side by side: pip unpacks on one core each
 	@$(MAKE) --no-print-directory -j2 install vllm browser
-	HUMPBACK_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q
+	HUMPBACK_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -n 2
 
 browser:  ## Chromium for the test that runs a notebook in a browser (Debian's package, where apt-get may install it)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \

@@ -12,6 +12,46 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# `make test` runs the tests on two workers (pytest-xdist), each with its share of the cores (which the processes
+# it starts inherit): two workers each using every core would slow both, their threads waiting on each other at
+# every operation.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+# The finished tiny run is made once per worker that asks for it (the notebooks, some 5 minutes), so the files whose
+# tests read it all go to one worker; every other file goes to a worker whole, and its module fixtures are made once.
+FINISHED_RUN = "the finished tiny run"
+FINISHED_RUN_FIXTURES = {"executed_notebooks", "finished_tiny_run"}
+FINISHED_RUN_FILES = {f"tests/{name}.py" for name in (
+    "nb/test_notebooks", "nb/test_browser", "nb/test_variant_tables", "method/test_train", "test_vllm",
+    "test_pipeline", "test_export", "test_report", "test_followups", "test_damage", "test_interop",
+    "test_endpoint_rater")}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduler by scope, a scope being a file, or FINISHED_RUN for the FINISHED_RUN_FILES."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return FINISHED_RUN if path in FINISHED_RUN_FILES else path
+
+    return ByFile(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a worker, a test outside FINISHED_RUN_FILES that reads the finished run is refused: it would make it again."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    outside = sorted({item.nodeid.split("::")[0] for item in items
+                      if FINISHED_RUN_FIXTURES & set(getattr(item, "fixturenames", ()))} - FINISHED_RUN_FILES)
+    if outside:
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(outside)} to FINISHED_RUN_FILES (its tests read "
+                                "the finished tiny run, which each worker would otherwise make again)")
+
 
 @pytest.fixture(scope="session")
 def embedded_checkpoint():

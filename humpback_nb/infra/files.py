@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import json
 import os
 import shutil
@@ -117,6 +118,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (made if missing) while the block runs: another process asking for
+    it waits until then. For work that two processes may start at once on one cache (a test run's workers, a launch's
+    processes), which must be done once and read whole."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or the process ends
+        yield
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from humpback_nb.config import ModelConfig, TrainConfig
 from humpback_nb.infra.attention import use_cpu_attention
 from humpback_nb.infra.chat import BASE_TEMPLATE
-from humpback_nb.infra.files import atomic_dir
+from humpback_nb.infra.files import atomic_dir, exclusive
 from humpback_nb.infra.guard import ModelError  # defined without torch, so that the CLI catches it cheaply
 from humpback_nb.infra.sources import cache_dir, fetch
 
@@ -81,16 +81,25 @@ def embedded_checkpoint(name: str = "smollm2-135m") -> Path:
     if name not in embedded_names():
         raise ModelError(f"unknown embedded model {name!r}; embedded: {', '.join(embedded_names())}")
     target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+
+    def ready() -> bool:
+        return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+    if ready():
         return target
-    if name in EMBEDDED_VARIANTS:
-        original, eos = EMBEDDED_VARIANTS[name]
+    # Two processes finding the cache empty (two test workers, a launch's processes) convert once: the second waits
+    # and reads the first's folder, which replacing it with its own would pull from under the first's reads.
+    with exclusive(target.with_name(f".{name}.lock")):
+        if ready():
+            return target
+        if name in EMBEDDED_VARIANTS:
+            original, eos = EMBEDDED_VARIANTS[name]
+            with atomic_dir(target) as tmp:
+                as_base_model(embedded_checkpoint(original), tmp, eos)
+            return target
+        gguf_path = fetch(EMBEDDED_MODELS[name])
         with atomic_dir(target) as tmp:
-            as_base_model(embedded_checkpoint(original), tmp, eos)
-        return target
-    gguf_path = fetch(EMBEDDED_MODELS[name])
-    with atomic_dir(target) as tmp:
-        convert_gguf(gguf_path, tmp)
+            convert_gguf(gguf_path, tmp)
     return target
 
 

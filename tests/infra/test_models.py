@@ -151,6 +151,35 @@ def test_lora_trains_saves_and_reloads_identically(embedded_checkpoint, tmp_path
     assert not torch.allclose(untrained, served, atol=1e-2)
 
 
+CONVERT = """
+import os, sys
+from humpback_nb.infra.models import embedded_checkpoint
+target = embedded_checkpoint("smollm2-135m-as-base")
+print(os.stat(target / "config.json").st_ino, os.stat(target).st_ino)
+"""
+
+
+def test_two_processes_on_an_empty_cache_make_the_base_model_form_once(embedded_checkpoint, tmp_path):
+    """Started at once on a cache without it (two test workers, a launch's processes), both get the one folder the
+    first made: the second waits for it rather than making its own and replacing the first's under its reads."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    os.symlink(embedded_checkpoint, cache / "models" / "smollm2-135m")  # the converted model; its base form is not
+    env = {**os.environ, "HUMPBACK_CACHE": str(cache)}
+    started = [subprocess.Popen([sys.executable, "-c", CONVERT], env=env, stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    outputs = [process.communicate(timeout=300)[0] for process in started]
+    assert [process.returncode for process in started] == [0, 0]
+    target = cache / "models" / "smollm2-135m-as-base"
+    assert outputs[0] == outputs[1] == f"{(target / 'config.json').stat().st_ino} {target.stat().st_ino}\n"
+    assert sorted(p.name for p in (cache / "models").iterdir()) == [
+        ".smollm2-135m-as-base.lock", "smollm2-135m", "smollm2-135m-as-base"]  # no temporary folder left
+
+
 def test_resolve_refuses_what_it_cannot_load(tmp_path):
     with pytest.raises(ModelError, match="neither an embedded model"):
         resolve(str(tmp_path / "missing"))
