@@ -19,38 +19,57 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _cores = len(os.sched_getaffinity(0))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-# The finished tiny run is made once per worker that asks for it (the notebooks, some 5 minutes), so the files whose
-# tests read it all go to one worker; every other file goes to a worker whole, and its module fixtures are made once.
+# The finished tiny run is made once per worker that asks for it (the notebooks, some 5 minutes), so the tests that
+# read it all go to one worker: the files below whole, and the tests named in the others. Every other file goes to a
+# worker whole, and its module fixtures are made once.
 FINISHED_RUN = "the finished tiny run"
 FINISHED_RUN_FIXTURES = {"executed_notebooks", "finished_tiny_run"}
-FINISHED_RUN_FILES = {f"tests/{name}.py" for name in (
-    "nb/test_notebooks", "nb/test_browser", "nb/test_variant_tables", "method/test_train", "test_vllm",
-    "test_pipeline", "test_export", "test_report", "test_followups", "test_damage", "test_interop",
-    "test_endpoint_rater")}
+FINISHED_RUN_TESTS = (
+    "tests/nb/test_browser.py", "tests/test_export.py", "tests/test_report.py", "tests/test_followups.py",
+    "tests/test_interop.py", "tests/test_endpoint_rater.py",
+    "tests/test_vllm.py::test_greedy_instructions_agree_with_the_local_engine_or_part_at_a_near_tie",
+    "tests/test_vllm.py::test_the_logprob_rater_agrees_within_the_bound_its_log_probabilities_give",
+    "tests/test_vllm.py::test_answers_stop_where_the_local_engine_stops",
+    "tests/test_vllm.py::test_the_tiny_pipeline_runs_on_vllm_and_a_killed_server_costs_only_the_unfinished_batches",
+    "tests/nb/test_notebooks.py::test_notebook_runs_on_the_tiny_preset",
+    "tests/nb/test_notebooks.py::test_on_a_finished_run_every_notebook_only_reads",
+    "tests/nb/test_notebooks.py::test_the_switch_reaches_the_notebook_kernel",
+    "tests/nb/test_notebooks.py::test_after_a_change_of_learning_rate_every_model_is_trained_again",
+    "tests/nb/test_variant_tables.py::test_a_report_of_a_finished_run_with_a_follow_up_beside_it",
+    "tests/method/test_train.py::test_a_models_hash_leaves_out_where_training_is_reported",
+    "tests/test_damage.py::test_status_names_a_cut_candidates_file_of_the_tiny_run",
+    "tests/test_pipeline.py::test_a_third_iteration_trains_m3_and_leaves_the_paper_s_stages_as_they_are",
+)
+
+
+def _reads_the_finished_run(nodeid: str) -> bool:
+    """True for a test FINISHED_RUN_TESTS names: its file, or its name (any of its parameters)."""
+    test = nodeid.split("[")[0]
+    return any(test == named or test.startswith(named + "::") for named in FINISHED_RUN_TESTS)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's scheduler by scope, a scope being a file, or FINISHED_RUN for the FINISHED_RUN_FILES."""
+    """pytest-xdist's scheduler by scope: FINISHED_RUN for the tests that read it, else the test's file."""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByFile(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::")[0]
-            return FINISHED_RUN if path in FINISHED_RUN_FILES else path
+            return FINISHED_RUN if _reads_the_finished_run(nodeid) else nodeid.split("::")[0]
 
     return ByFile(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    """On a worker, a test outside FINISHED_RUN_FILES that reads the finished run is refused: it would make it again."""
+    """On a worker, a test that reads the finished run without being in FINISHED_RUN_TESTS is refused: it would run
+    on a worker that makes the run again."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    outside = sorted({item.nodeid.split("::")[0] for item in items
-                      if FINISHED_RUN_FIXTURES & set(getattr(item, "fixturenames", ()))} - FINISHED_RUN_FILES)
-    if outside:
-        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(outside)} to FINISHED_RUN_FILES (its tests read "
-                                "the finished tiny run, which each worker would otherwise make again)")
+    unnamed = sorted(item.nodeid.split("[")[0] for item in items if not _reads_the_finished_run(item.nodeid)
+                     and FINISHED_RUN_FIXTURES & set(getattr(item, "fixturenames", ())))
+    if unnamed:
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(dict.fromkeys(unnamed))} to FINISHED_RUN_TESTS "
+                                "(it reads the finished tiny run, which another worker would make again)")
 
 
 @pytest.fixture(scope="session")
