@@ -80,13 +80,18 @@ def test_4bit_unpacked_once_on_cpu_computes_what_bitsandbytes_computes(embedded_
     assert torch.equal(a.argmax(-1)[decided], b.argmax(-1)[decided])
 
 
-def test_the_unpacked_base_model_is_quantized_once_and_copied_after(embedded_checkpoint, tmp_path):
+@pytest.mark.parametrize("quantization", ["4bit", "none"])
+def test_the_base_model_is_loaded_once_and_copied_after(embedded_checkpoint, tmp_path, monkeypatch, quantization):
+    """Unpacked NF4 or full precision, a CPU process loads its base model from the file once."""
+    from transformers import AutoModelForCausalLM
+
     from humpback_nb.infra import models
 
-    models._UNPACKED.clear()
-    first, tokenizer = load_model(ModelConfig(quantization="4bit"))
-    assert len(models._UNPACKED) == 1
-    second, _ = load_model(ModelConfig(quantization="4bit"))
+    models._KEPT.clear()
+    first, tokenizer = load_model(ModelConfig(quantization=quantization))
+    assert len(models._KEPT) == 1
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # a second read of the file would fail
+    second, _ = load_model(ModelConfig(quantization=quantization))
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
     assert second.lm_head.weight is second.model.embed_tokens.weight  # tied weights stay tied in the copy
@@ -97,11 +102,13 @@ def test_the_unpacked_base_model_is_quantized_once_and_copied_after(embedded_che
             if "lora_B" in name:
                 weight.fill_(0.05)  # a fresh adapter changes nothing: this one does
     adapter = save_adapter(lora, tmp_path / "adapter")
-    merged, _ = load_model(ModelConfig(quantization="4bit"), adapter=adapter)
-    third, _ = load_model(ModelConfig(quantization="4bit"))
+    merged, _ = load_model(ModelConfig(quantization=quantization), adapter=adapter)
+    third, _ = load_model(ModelConfig(quantization=quantization))
     q = first.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, q)
     assert torch.equal(third.model.layers[0].self_attn.q_proj.weight, q)
+    with pytest.raises(TypeError):  # another build of the model (dropout in its attention layers) reads the file
+        load_model(ModelConfig(quantization=quantization), attention_dropout=0.1)
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "none"])
