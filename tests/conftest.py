@@ -53,11 +53,11 @@ def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist's scheduler by scope: FINISHED_RUN for the tests that read it, else the test's file."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ByFile(LoadScopeScheduling):
+    class ByScope(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return FINISHED_RUN if _reads_the_finished_run(nodeid) else nodeid.split("::")[0]
 
-    return ByFile(config, log)
+    return ByScope(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
