@@ -51,16 +51,6 @@ for target in "${targets[@]}"; do
     part=$(grep -E '^=*.*[0-9]+ (passed|failed)' "$work/$target/log.txt" | tail -n 1 | sed 's/^=* *//; s/ *=*$//' || true)
   elif [ -x "$clone/.venv/bin/python" ]; then
     # the stages' own seconds (each stage's manifest), and each notebook's (papermill's, in the executed copies)
-    part=$("$clone/.venv/bin/python" - "$clone/runs/demo" <<'EOF'
-import sys
-from pathlib import Path
-
-import yaml
-
-seconds = [yaml.safe_load(p.read_text()).get("seconds") or 0 for p in Path(sys.argv[1], "stages").glob("*.yaml")]
-print(f"the stages {sum(seconds) / 60:.1f} min" if seconds else "")
-EOF
-)
     stages=$("$clone/.venv/bin/python" - "$clone/runs" <<'EOF'
 import sys
 from pathlib import Path
@@ -68,21 +58,25 @@ from pathlib import Path
 import yaml
 
 # every stage's own seconds, the run's and its follow-ups' (a stage a follow-up linked from the run is not counted
-# twice), in the order the stages finished
+# twice), in the order the stages finished; the first line is their sum, for the table of the two commands
 rows = []
 for run in sorted(Path(sys.argv[1]).glob("demo*")):
     for path in (run / "stages").glob("*.yaml"):
         manifest = yaml.safe_load(path.read_text()) or {}
         if manifest.get("seconds") and "linked_from" not in manifest:
-            rows.append((path.stat().st_mtime, f"{run.name}/{path.stem}", manifest["seconds"]))
+            rows.append((path.stat().st_mtime, run.name, path.stem, manifest["seconds"]))
 if rows:
-    total = sum(s for _, _, s in rows)
+    total = sum(s for *_, s in rows)
+    own = sum(s for _, run, _, s in rows if run == "demo")
+    print(f"the stages {total / 60:.1f} min (the run's {own / 60:.1f}, its follow-ups' {(total - own) / 60:.1f})")
     print("| stage | seconds | share |\n|---|---:|---:|")
-    for _, name, s in sorted(rows):
-        print(f"| `{name}` | {s:.0f} | {s / total:.0%} |")
+    for _, run, name, s in sorted(rows):
+        print(f"| `{run}/{name}` | {s:.0f} | {s / total:.0%} |")
     print(f"| all | {total:.0f} ({total / 60:.1f} min) | |")
 EOF
 )
+    part=$(head -n 1 <<<"$stages")
+    stages=$(tail -n +2 <<<"$stages")
     notebooks=$("$clone/.venv/bin/python" - "$clone/runs/demo/notebooks" <<'EOF'
 import json
 import sys
