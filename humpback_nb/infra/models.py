@@ -266,9 +266,9 @@ def _copy_out_of_the_file(model) -> None:
 
 # A base model kept once per process on a CPU, and copied at each load after the first: the method loads its base
 # model some forty times (every training, every model that answers or rates). Quantized to NF4 and unpacked, quantizing
-# takes ten times as long as loading; in full precision, a copy takes half the time of loading from the file (0.15 s
-# against 0.3 s for the tiny preset's model on a 2-core AMD EPYC) and is out of the file already, ready to merge an
-# adapter into. A copy of the kept model is what loading again would give, value for value.
+# takes ten times as long as loading; in full precision, a load of the tiny preset's model takes 0.54 -> 0.23 s with
+# a copy (docs/performance.md, "Loading"), which is out of the file already, ready to merge an adapter into. A copy of
+# the kept model is what loading again would give, value for value.
 _KEPT: dict[tuple, PreTrainedModel] = {}
 KEPT_BYTES = 2 * 2**30
 
