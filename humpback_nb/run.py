@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -659,38 +660,48 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_held: dict[Path, tuple[int, int]] = {}  # the run folders' locks this process holds: (file descriptor, `with`s in)
+
+
 class _Lock:
+    """A run folder's lock: an exclusive `flock` on its `.lock` file, which names the process holding it. The kernel
+    lets go of it when that process ends, however it ends; and a copy of the folder made meanwhile (`cp -r`,
+    `shutil.copytree`) holds a file, not a lock. A process may take its own lock again."""
+
     def __init__(self, path: Path):
         self.path = path
 
     def __enter__(self) -> _Lock:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if _pid_alive(self.path):
-                    raise PipelineError(
-                        f"{self.path.parent}: another process ({self.path.read_text().strip()}) is running "
-                        f"stages here; if it is gone, delete {self.path}"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # left by a process that died
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"{os.getpid()}\n")
+        key = self.path.resolve()
+        if key in _held:
+            fd, depth = _held[key]
+            _held[key] = fd, depth + 1
             return self
-        raise PipelineError(f"{self.path}: could not take the run folder's lock")
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "starting"
+                os.close(fd)
+                raise PipelineError(f"{self.path.parent}: another process ({holder}) is running stages here") from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break  # the file at that path still: not one its last holder removed as it let go
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[key] = fd, 1
+        return self
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _pid_alive(lock_path: Path) -> bool:
-    try:
-        pid = int(lock_path.read_text().strip())
-        os.kill(pid, 0)
-    except (ValueError, OSError):
-        return False
-    return pid != os.getpid()
+        key = self.path.resolve()
+        fd, depth = _held.pop(key)
+        if depth > 1:
+            _held[key] = fd, depth - 1
+        else:
+            self.path.unlink(missing_ok=True)  # before letting go: whoever opened this file meanwhile opens anew
+            os.close(fd)
 
 
 # -- the outputs' digests: what a manifest records of the files a stage wrote ------------------------------------

@@ -1,3 +1,5 @@
+import os
+import shutil
 import subprocess
 import sys
 
@@ -110,6 +112,21 @@ def test_one_process_at_a_time(folder):
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert other.returncode != 0 and "another process" in other.stderr
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_copy_of_a_folder_in_use_is_free_and_the_refusal_names_the_holder(folder, tmp_path):
+    folder.path.mkdir(parents=True)
+    code = "import sys\nfrom humpback_nb.run import RunFolder\nwith RunFolder(sys.argv[1], ()).lock(): pass"
+    with folder.lock(), folder.lock():  # a process may take its own lock again
+        copy = tmp_path / "copy"
+        shutil.copytree(folder.path, copy)  # as `cp -r` copies a run folder that a notebook is working in
+        assert (copy / ".lock").is_file()
+        assert subprocess.run([sys.executable, "-c", code, str(copy)]).returncode == 0  # the file, not the lock
+        other = subprocess.run([sys.executable, "-c", code, str(folder.path)], capture_output=True, text=True)
+        assert folder.files.path("lock").is_file()  # the inner `with` left it held
+    assert other.returncode != 0 and f"another process ({os.getpid()}) is running stages here" in other.stderr
+    assert not folder.files.path("lock").exists()
+    assert subprocess.run([sys.executable, "-c", code, str(folder.path)]).returncode == 0
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(folder, config):
@@ -355,8 +372,6 @@ def test_the_paper_s_two_iterations_keep_their_stages_and_names(tmp_path, config
 
 @pytest.mark.slow
 def test_a_third_iteration_trains_m3_and_leaves_the_paper_s_stages_as_they_are(finished_tiny_run, tmp_path):
-    import shutil
-
     from humpback_nb.pipeline import open_run
 
     copy = tmp_path / "run"
