@@ -48,7 +48,7 @@ COPY_OR_READ_THE_FINISHED_RUN = (
     "tests/nb/test_variant_tables.py::test_a_report_of_a_finished_run_with_a_follow_up_beside_it",
     "tests/test_damage.py::test_status_names_a_cut_candidates_file_of_the_tiny_run",
 )
-# The scopes that took a minute or more (`pytest -n 2 --durations=0` on the 2-core AMD EPYC: 322, 271, 206, 194, 106,
+# The scopes that took a minute or more (`pytest -n 2 --durations=0` on the 2-core AMD EPYC: 322, 261, 206, 194, 106,
 # 74 and 73 s), longest first: they start first, so that what is left when one worker runs out of work is short.
 LONGEST = (AFTER_THE_RUN + "tests/test_vllm.py", "tests/test_reliability.py", "tests/test_distributed.py",
            AFTER_THE_RUN + "tests/nb/test_notebooks.py", "tests/test_fsdp.py", "tests/test_gpu_check.py",
