@@ -18,6 +18,12 @@ On entering, each pack is checked against its weight: where it lives, its versio
 torch op) and the sums of its first and last rows (a LoRA merge writes through `.data`, which no version sees); a
 weight that changed is packed anew. A write through `.data` that leaves both sums as they were is the one change it
 cannot see.
+
+A gated MLP (LLaMA's `down(silu(gate(x)) * up(x))`) multiplies by its packs with the SiLU and the product with `up`
+done by oneDNN as it writes each product's output (`GatedMLP`): reading 64 backward prompts of the demo model in
+groups of 8 (~4,200 tokens a group) took 25.6 s instead of 27.4 (medians of 4, interleaved in one process, AMD
+EPYC VM), the activation's and the product's passes over 4,200 x 1,536 values no longer going through memory. A
+decoding step's 64 rows and 512-row blocks run as fast either way.
 """
 
 from __future__ import annotations
@@ -38,21 +44,66 @@ class PackedLinear(nn.Linear):
     """`nn.Linear` that multiplies by its packed weight inside `packing`, without gradients."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pack = _packs.get(self) if _depth.get(self) else None
+        pack = _live_pack(self)
         if pack is None or torch.is_grad_enabled() or x.dtype != torch.bfloat16:
             return super().forward(x)
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), pack[1], self.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), pack, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _live_pack(layer: nn.Module) -> torch.Tensor | None:
+    """`layer`'s packed weight while a `packing` scope of its model is open, else None."""
+    pack = _packs.get(layer) if _depth.get(layer) else None
+    return None if pack is None else pack[1]
+
+
+# transformers' MLPs that compute down(act_fn(gate(x)) * up(x)), with SiLU as their act_fn in LLaMA-family configs
+GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+_gated: dict[type, type] = {}  # an MLP class -> its GatedMLP subclass
+
+
+class GatedMLP(nn.Module):
+    """A gated SiLU MLP whose three products, inside `packing` and without gradients, take their packed weights, with
+    SiLU fused into the gate's product and the product with the gate fused into up's (oneDNN post-ops); elsewhere
+    the MLP's own forward. Mixed into the MLP's class (`use_packed_linear`)."""
+
+    gate_proj: PackedLinear
+    up_proj: PackedLinear
+    down_proj: PackedLinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packs = [_live_pack(layer) for layer in (self.gate_proj, self.up_proj, self.down_proj)]
+        if None in packs or torch.is_grad_enabled() or x.dtype != torch.bfloat16:
+            return super().forward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        gate = torch.ops.mkldnn._linear_pointwise(flat, packs[0], self.gate_proj.bias, "swish", [], "")  # silu
+        hidden = torch.ops.mkldnn._linear_pointwise.binary(flat, gate, packs[1], self.up_proj.bias, "mul")
+        out = torch.ops.mkldnn._linear_pointwise(hidden, packs[2], self.down_proj.bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def use_packed_linear(model: nn.Module) -> None:
-    """Make the bf16 `nn.Linear` layers of a CPU model `PackedLinear`s (their weights and state dict unchanged);
-    `packing` does it on entering."""
+    """Make the bf16 `nn.Linear` layers of a CPU model `PackedLinear`s, and its gated SiLU MLPs `GatedMLP`s (their
+    weights and state dict unchanged); `packing` does it on entering."""
     if not _supported():
         return
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.bfloat16:
             module.__class__ = PackedLinear
+    for module in model.modules():
+        if _is_gated_silu_mlp(module):
+            cls = type(module)
+            if cls not in _gated:
+                _gated[cls] = type(f"Packed{cls.__name__}", (GatedMLP, cls), {"__module__": __name__})
+            module.__class__ = _gated[cls]
+
+
+def _is_gated_silu_mlp(module: nn.Module) -> bool:
+    cls = type(module)
+    return (cls.__name__ in GATED_MLPS and cls.__module__.startswith("transformers.models.")
+            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+            and all(type(getattr(module, name, None)) is PackedLinear for name in ("gate_proj", "up_proj",
+                                                                                   "down_proj")))
 
 
 @contextmanager

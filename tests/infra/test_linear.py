@@ -1,5 +1,6 @@
 """Linear layers with their bf16 weights packed for oneDNN (infra/linear.py): the same products as nn.Linear, used
-only inside the kit's inference scopes and without gradients, and packed anew when a weight changes."""
+only inside the kit's inference scopes and without gradients, and packed anew when a weight changes; a gated SiLU
+MLP's products with its activation and gating fused into them, the same MLP as its own forward."""
 
 import weakref
 
@@ -10,7 +11,7 @@ from torch import nn
 from humpback_nb.config import ModelConfig
 from humpback_nb.infra import linear
 from humpback_nb.infra.decode import next_token_logits
-from humpback_nb.infra.linear import PackedLinear, inference, packing, use_packed_linear
+from humpback_nb.infra.linear import GatedMLP, PackedLinear, inference, packing, use_packed_linear
 from humpback_nb.infra.models import load_model
 
 pytestmark = pytest.mark.skipif(not linear._supported(), reason="this torch has no oneDNN packed-linear ops")
@@ -104,6 +105,72 @@ def test_only_plain_bf16_linear_layers_are_packed():
     assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight"]
 
 
+def gated_mlp(act: str = "silu", seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(seed)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=96, intermediate_size=160, hidden_act=act)).to(torch.bfloat16)
+    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        nn.init.normal_(layer.weight, std=0.1)
+    return mlp
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (2, 37, 96), (1, 600, 96)])
+def test_a_gated_mlp_with_fused_products_equals_its_own_forward(shape):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    mlp = gated_mlp()
+    activations = []
+    mlp.act_fn.register_forward_hook(lambda *args: activations.append(args))
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        plain = mlp(x)  # transformers' forward: three products, SiLU and the product with up apart
+        with packing(mlp):
+            fused = mlp(x)
+    assert len(activations) == 1  # SiLU ran apart once, for the plain forward; inside the scope oneDNN applied it
+    assert isinstance(mlp, GatedMLP) and isinstance(mlp, LlamaMLP)
+    assert list(mlp.state_dict()) == ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
+    assert fused.shape == plain.shape
+    torch.testing.assert_close(fused, plain, **bf16_tolerance(plain))
+
+
+def test_the_fused_mlp_uses_the_packs_inside_the_scope_only_and_never_with_gradients():
+    mlp = gated_mlp()
+    x = torch.randn(5, 96, dtype=torch.bfloat16)
+    with inference(mlp):
+        mlp(x)
+    mark, _ = linear._packs[mlp.up_proj]
+    linear._packs[mlp.up_proj] = mark, torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(mlp.up_proj.weight),
+                                                                               64)
+    with torch.inference_mode():
+        with packing(mlp):
+            assert not mlp(x).any()  # up's pack (zeros) gates every value
+        assert mlp(x).any()
+    with packing(mlp):
+        out = mlp(x.requires_grad_())
+    assert out.requires_grad and out.any()
+    out.float().sum().backward()
+    assert x.grad is not None and x.grad.any()
+
+
+def test_only_gated_silu_mlps_of_packed_layers_are_fused():
+    gelu = gated_mlp(act="gelu")
+    use_packed_linear(gelu)
+    assert type(gelu.gate_proj) is PackedLinear and not isinstance(gelu, GatedMLP)  # not SiLU: its own forward
+    fp32 = gated_mlp().float()
+    use_packed_linear(fp32)
+    assert not isinstance(fp32, GatedMLP)  # its layers stay nn.Linear
+    wrapped = gated_mlp()
+    wrapped.gate_proj = nn.Sequential(wrapped.gate_proj)  # as an adapter wraps a layer
+    use_packed_linear(wrapped)
+    assert not isinstance(wrapped, GatedMLP)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    with inference(wrapped):
+        torch.testing.assert_close(wrapped(x), nn.Linear.forward(wrapped.down_proj, torch.nn.functional.silu(
+            wrapped.gate_proj(x)) * wrapped.up_proj(x)))
+
+
 @pytest.mark.slow
 def test_a_bf16_model_reads_and_merges_as_without_packs(embedded_checkpoint, monkeypatch):
     # The embedded model in bf16, as the kit runs it on a CPU: next-token logits with the packs are those without
@@ -133,6 +200,7 @@ def test_a_bf16_model_reads_and_merges_as_without_packs(embedded_checkpoint, mon
     packed = next_token_logits(model, rows, tokenizer.pad_token_id)
     assert_alike(packed, without_packs())
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 7 * model.config.num_hidden_layers + 1
+    assert all(isinstance(layer.mlp, GatedMLP) for layer in model.model.layers)  # SiLU and gating fused
     assert all(m in linear._packs for m in model.modules() if isinstance(m, PackedLinear))
     torch.manual_seed(0)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
