@@ -32,6 +32,23 @@ def layer(bias: bool = False, seed: int = 0) -> nn.Module:
     return model
 
 
+def gated_mlp(act: str = "silu", seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(seed)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=96, intermediate_size=160, hidden_act=act)).to(torch.bfloat16)
+    for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        nn.init.normal_(projection.weight, std=0.1)
+    return mlp
+
+
+def zero_pack(module: nn.Module) -> None:
+    """A pack of zeros in place of `module`'s real one: where the pack is used, the products are zeros."""
+    mark, _ = linear._packs[module]
+    linear._packs[module] = mark, torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(module.weight), 64)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(1, 96), (5, 96), (3, 70, 96)])
 def test_packed_products_equal_nn_linear(bias, shape):
@@ -47,20 +64,20 @@ def test_packed_products_equal_nn_linear(bias, shape):
     torch.testing.assert_close(packed, plain, **bf16_tolerance(plain))
 
 
-def test_the_pack_is_used_inside_the_scope_only_and_never_with_gradients():
-    model = layer()
+@pytest.mark.parametrize("make, zeroed", [(layer, lambda model: model[0]), (gated_mlp, lambda mlp: mlp.up_proj)],
+                         ids=["linear", "fused mlp"])
+def test_the_pack_is_used_inside_the_scope_only_and_never_with_gradients(make, zeroed):
+    model = make()
     x = torch.randn(4, 96, dtype=torch.bfloat16)
     with inference(model):
         model(x)
-    mark, _ = linear._packs[model[0]]
-    # A pack of zeros in place of the real one shows where it is used.
-    linear._packs[model[0]] = mark, torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(model[0].weight), 64)
+    zero_pack(zeroed(model))  # the MLP's fused products: up's pack gates every value
     with torch.inference_mode():
         with packing(model):
             assert not model(x).any()  # used in the scope
         assert model(x).any()  # not outside it
     with packing(model):
-        out = model(x.requires_grad_())  # gradients wanted: nn.Linear's own forward
+        out = model(x.requires_grad_())  # gradients wanted: the module's own forward
     assert out.any() and out.requires_grad
     out.float().sum().backward()
     assert x.grad is not None and x.grad.any()
@@ -90,8 +107,7 @@ def test_a_scope_packs_its_own_model_only():
     x = torch.randn(2, 96, dtype=torch.bfloat16)
     with inference(other):
         other(x)
-    mark, _ = linear._packs[other[0]]
-    linear._packs[other[0]] = mark, torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(other[0].weight), 64)
+    zero_pack(other[0])
     with inference(one):
         assert other(x).any()  # another model's pack (here a wrong one) is not used in this model's scope
         with inference(other):
@@ -103,17 +119,6 @@ def test_only_plain_bf16_linear_layers_are_packed():
     use_packed_linear(model)
     assert [type(m).__name__ for m in model] == ["PackedLinear", "Linear", "Embedding"]
     assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight"]
-
-
-def gated_mlp(act: str = "silu", seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    torch.manual_seed(seed)
-    mlp = LlamaMLP(LlamaConfig(hidden_size=96, intermediate_size=160, hidden_act=act)).to(torch.bfloat16)
-    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        nn.init.normal_(layer.weight, std=0.1)
-    return mlp
 
 
 @pytest.mark.parametrize("shape", [(1, 96), (2, 37, 96), (1, 600, 96)])
@@ -133,25 +138,6 @@ def test_a_gated_mlp_with_fused_products_equals_its_own_forward(shape):
     assert list(mlp.state_dict()) == ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
     assert fused.shape == plain.shape
     torch.testing.assert_close(fused, plain, **bf16_tolerance(plain))
-
-
-def test_the_fused_mlp_uses_the_packs_inside_the_scope_only_and_never_with_gradients():
-    mlp = gated_mlp()
-    x = torch.randn(5, 96, dtype=torch.bfloat16)
-    with inference(mlp):
-        mlp(x)
-    mark, _ = linear._packs[mlp.up_proj]
-    linear._packs[mlp.up_proj] = mark, torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(mlp.up_proj.weight),
-                                                                               64)
-    with torch.inference_mode():
-        with packing(mlp):
-            assert not mlp(x).any()  # up's pack (zeros) gates every value
-        assert mlp(x).any()
-    with packing(mlp):
-        out = mlp(x.requires_grad_())
-    assert out.requires_grad and out.any()
-    out.float().sum().backward()
-    assert x.grad is not None and x.grad.any()
 
 
 def test_only_gated_silu_mlps_of_packed_layers_are_fused():
