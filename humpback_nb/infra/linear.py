@@ -59,7 +59,6 @@ def _live_pack(layer: nn.Module) -> torch.Tensor | None:
 
 # transformers' MLPs that compute down(act_fn(gate(x)) * up(x)), with SiLU as their act_fn in LLaMA-family configs
 GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
-_gated: dict[type, type] = {}  # an MLP class -> its GatedMLP subclass
 
 
 class GatedMLP(nn.Module):
@@ -92,10 +91,13 @@ def use_packed_linear(model: nn.Module) -> None:
             module.__class__ = PackedLinear
     for module in model.modules():
         if _is_gated_silu_mlp(module):
-            cls = type(module)
-            if cls not in _gated:
-                _gated[cls] = type(f"Packed{cls.__name__}", (GatedMLP, cls), {"__module__": __name__})
-            module.__class__ = _gated[cls]
+            module.__class__ = _gated(type(module))
+
+
+@functools.cache
+def _gated(cls: type) -> type:
+    """`cls` with `GatedMLP`'s forward, one class for all its modules."""
+    return type(f"Packed{cls.__name__}", (GatedMLP, cls), {"__module__": __name__})
 
 
 def _is_gated_silu_mlp(module: nn.Module) -> bool:
