@@ -62,8 +62,8 @@ MFU = 0.40
 # - host: the operators a step dispatches, each at HOST_SECONDS_PER_OP. OPS_PER_LAYER and OPS_PER_STEP are counted
 #   on transformers' LLaMA in the kit's own loop (tests/test_plan.py counts them again; benchmarks/host_overhead.py
 #   prints them with the seconds this machine spends on each).
-OPS_PER_LAYER = 59  # norms, projections, rotary embedding, attention, MLP, residuals, the cache's writes
-OPS_PER_STEP = 87  # embedding, final norm, head, sampling, the loop's bookkeeping
+OPS_PER_LAYER = 60  # norms, projections, rotary embedding, attention, MLP, residuals, the cache's writes
+OPS_PER_STEP = 70  # embedding, final norm, head, sampling, the loop's bookkeeping
 OPS_PER_NF4_LINEAR = 4  # an assumption: bitsandbytes' dequantize_4bit, the cast and transpose, its input cast
 # An assumption: some 6 us of Python and dispatch an operator (benchmarks/host_overhead.py: 6.2 on a 2-core Xeon),
 # less on a faster host, and ~3 us to launch a CUDA kernel. `humpback gpu-check` measures the whole step.

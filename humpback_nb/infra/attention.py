@@ -19,6 +19,7 @@ import torch
 
 NAME = "humpback_cpu"
 PACKED = "humpback_packed"  # rows packed into one sequence, after a prefix whose keys and values are held once
+BLOCKS = "humpback_blocks"  # a decoding step over a cache of blocks of rows (decode.BlockCache)
 prefix_layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # that prefix's (keys, values) by layer, while it runs
 QUERY_BLOCK = 256  # packed_attention: a long row's queries this many at a time (256 beat 128 and whole rows)
 MAX_LENGTH = 2048  # longer sequences go to SDPA's kernel: the scores would take length^2 memory per head
@@ -61,6 +62,30 @@ def _one_query(query, key, value, attention_mask, scaling):
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), value)  # (rows, key/value heads, group, size)
     return out.view(rows, 1, heads, size), None
+
+
+def block_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, products=True, **kwargs):
+    """A decoding step over `decode.BlockCache`: one query per row, each block of rows against its own keys and
+    values (`key` and `value` are lists, a tensor per block, the rows one block after another), `attention_mask`
+    the slots each row sees, (rows, 1, 1, the widest block's slots). With `products`, as two matrix products on the
+    CPU (`_one_query`); else with SDPA's kernel."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attend(q, k, v, mask):
+        if products and q.device.type == "cpu":
+            return _one_query(q, k, v, mask, scaling)[0]
+        return sdpa_attention_forward(module, q, k, v, mask, scaling=scaling)[0]
+
+    if len(key) == 1:  # one block, as wide as the mask
+        return attend(query, key[0], value[0], attention_mask), None
+    rows, heads, _, size = query.shape
+    out = query.new_empty(rows, 1, heads, size)
+    first = 0
+    for keys, values in zip(key, value, strict=True):
+        end = first + keys.shape[0]
+        out[first:end] = attend(query[first:end], keys, values, attention_mask[first:end, ..., : keys.shape[2]])
+        first = end
+    return out, None
 
 
 def _causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -124,6 +149,19 @@ def _register(name: str, attention, mask) -> str:
 def register_packed() -> str:
     """The name of `packed_attention`, registered (no mask: each row causal by construction)."""
     return _register(PACKED, packed_attention, lambda *args, **kwargs: None)
+
+
+def register_blocks(model) -> str:
+    """The name of `block_attention` for `model`'s decoding steps, registered: with two matrix products where the
+    model computes its attention as `causal_attention` does, else with SDPA's kernel (its mask comes from the
+    cache, a 4D tensor the model passes on as it is)."""
+    from functools import partial
+
+    from transformers.masking_utils import sdpa_mask
+
+    if model.config._attn_implementation == NAME:
+        return _register(BLOCKS, block_attention, sdpa_mask)
+    return _register(f"{BLOCKS}_sdpa", partial(block_attention, products=False), sdpa_mask)
 
 
 def use_cpu_attention(model) -> None:

@@ -1,9 +1,9 @@
 """The kit's own decoding loops, which the local engine (engines.LocalEngine) runs: nothing in the method calls them.
 
-A batch of prompts (`generate_batch`, sorted by length by the engine) is padded on the left and decoded with
-`decode`: the prompts are read a few rows at a time into one preallocated cache, rows that finish leave the batch,
-and nucleus sampling sorts only the likely tokens. `logits_after_prefix` reads many prompts that open with one shared
-prefix (its keys and values computed once, `shared_prefix`) for their next token's logits.
+A batch of prompts (`generate_batch`, sorted by length by the engine) is decoded with `decode`: the prompts are
+read a few rows at a time into a cache of blocks of rows of like length (`BlockCache`), rows that finish leave the
+batch, and nucleus sampling sorts only the likely tokens. `logits_after_prefix` reads many prompts that open with one
+shared prefix (its keys and values computed once, `shared_prefix`) for their next token's logits.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from transformers import Cache
 
 from humpback_nb.config import GenerateConfig
 from humpback_nb.infra.guard import refuse_compute
@@ -191,93 +192,195 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     finished).
 
     The prompts are read `prefill_rows` at a time, each group cut to its own longest prompt (long prompts
-    in big batches cost more per token on a CPU). Their keys and values go into one preallocated cache
-    with room for every new token, so a step writes one slot instead of copying the whole cache. Each step
-    feeds one token per row still writing; finished rows leave the batch once a quarter of it has finished.
-    Greedy decoding picks the argmax, as `model.generate(do_sample=False)` does; sampling keeps the nucleus
-    of `sample_top_p`.
+    in big batches cost more per token on a CPU). Their keys and values go into a `BlockCache`: the rows, longest
+    prompt first, in a few blocks of like length, each padded to its own longest prompt only, with room for a few
+    new tokens at a time, so a step writes one slot instead of copying the whole cache and reads little padding.
+    Each step feeds one token per row still writing; finished rows leave the batch once a quarter of it has
+    finished. Greedy decoding picks the argmax, as `model.generate(do_sample=False)` does; sampling keeps the
+    nucleus of `sample_top_p`.
     """
+    from humpback_nb.infra.attention import register_blocks
+
     refuse_compute("generation")
     greedy = greedy or temperature == 0  # temperature 0 is the limit of sampling: the most likely token
     rows, width = input_ids.shape
     device = input_ids.device
-    position = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    lengths = attention_mask.sum(-1).tolist()
+    order = sorted(range(rows), key=lambda i: -lengths[i])  # the engine's batches come sorted so: kept as they are
+    prompts = [input_ids[i, width - lengths[i]:].tolist() for i in order]
     written: list[list[int]] = [[] for _ in range(rows)]
     stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=device)
     started = time.perf_counter()
+    before = model.config._attn_implementation
     with inference(model):
-        cache, logits = _prefill(model, input_ids, attention_mask, prefill_rows, width + max_new_tokens)
+        cache, logits = _prefill(model, prompts, prefill_rows)
         if _timings:
             float(logits[0, 0])  # wait for the device: the prompts are read
-            _record(prompts=rows, prefill_tokens=int(attention_mask.sum()),
-                    prefill_seconds=time.perf_counter() - started)
+            _record(prompts=rows, prefill_tokens=sum(lengths), prefill_seconds=time.perf_counter() - started)
         started, steps, row_steps, context_steps = time.perf_counter(), 0, 0, 0
-        mask = torch.cat([attention_mask, attention_mask.new_zeros(rows, max_new_tokens)], dim=1)
-        position = position[:, -1:]
-        alive = torch.arange(rows, device=device)  # row of `written` for each row of the batch
+        position = torch.tensor([[len(p) - 1] for p in prompts], device=device)
+        alive = torch.tensor(order, device=device)  # row of `written` for each row of the batch
         writing = torch.ones(rows, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            chosen = logits.argmax(-1) if greedy else sample_top_p(logits, temperature, top_p, generator)
-            for row, token, live in zip(alive.tolist(), chosen.tolist(), writing.tolist(), strict=True):
-                if live:
-                    written[row].append(token)
-            writing &= ~torch.isin(chosen, stops)
-            if step == max_new_tokens - 1 or not bool(writing.any()):
-                break
-            if int((~writing).sum()) * 4 >= len(alive):  # drop the finished rows
-                keep = writing.nonzero().flatten()
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
-                    layer.batch_size = len(keep)
-                alive, chosen, writing = alive[keep], chosen[keep], writing[keep]
-                mask, position = mask[keep], position[keep]
-            mask[:, width + step] = 1
-            position = position + 1
-            logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position,
-                           past_key_values=cache, use_cache=True).logits[:, -1]
-            steps, row_steps, context_steps = steps + 1, row_steps + len(alive), context_steps + width + step + 1
+        try:
+            model.set_attn_implementation(register_blocks(model))
+            for step in range(max_new_tokens):
+                chosen = logits.argmax(-1) if greedy else sample_top_p(logits, temperature, top_p, generator)
+                for row, token, live in zip(alive.tolist(), chosen.tolist(), writing.tolist(), strict=True):
+                    if live:
+                        written[row].append(token)
+                writing &= ~torch.isin(chosen, stops)
+                if step == max_new_tokens - 1 or not bool(writing.any()):
+                    break
+                if int((~writing).sum()) * 4 >= len(alive):  # drop the finished rows
+                    keep = writing.nonzero().flatten()
+                    cache.keep(keep)
+                    alive, chosen, writing, position = alive[keep], chosen[keep], writing[keep], position[keep]
+                position = position + 1
+                logits = model(input_ids=chosen[:, None], attention_mask=cache.mask, position_ids=position,
+                               past_key_values=cache, use_cache=True).logits[:, -1]
+                steps, row_steps, context_steps = steps + 1, row_steps + len(alive), context_steps + cache.slots_read()
+                cache.advance()
+        finally:
+            model.set_attn_implementation(before)
     if _timings:  # the last step's tokens were read back (`tolist`): the device is done
         _record(steps=steps, step_seconds=time.perf_counter() - started, row_steps=row_steps,
                 context_steps=context_steps)
     return written
 
 
-def _prefill(model, input_ids, attention_mask, prefill_rows: int, max_cache_len: int):
-    """(a static cache of `max_cache_len` slots holding every prompt, the logits after each prompt).
+def _prefill(model, prompts: list[list[int]], prefill_rows: int) -> tuple[BlockCache, torch.Tensor]:
+    """(a `BlockCache` holding every prompt, the logits after each prompt), the prompts (token ids) longest first.
 
     Each group of rows is read without padding or an attention mask: packed on a CPU (`packed_logits`; batches of
     long prompts read padded spent a third of their time on attention scores too large for the cache), padded on the
     right elsewhere (causal attention: no real token sees the pads after it). The keys and values then go into the
-    cache left-padded, where decoding reads them."""
-    from transformers import DynamicCache, StaticCache
+    cache, where decoding reads them."""
+    from transformers import DynamicCache
 
-    rows, width = input_ids.shape
-    lengths = attention_mask.sum(-1).tolist()
-    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    cache = BlockCache([len(p) for p in prompts])
     logits = []
-    for start in range(0, rows, prefill_rows):
-        group = range(start, min(start + prefill_rows, rows))
-        prompts = [input_ids[i, width - lengths[i]:].tolist() for i in group]
+    for start in range(0, len(prompts), prefill_rows):
+        group = prompts[start : start + prefill_rows]
         part = DynamicCache(config=model.config)
         if model.device.type == "cpu":
-            logits.append(packed_logits(model, prompts, cache=part))
-            ends = list(itertools.accumulate(len(p) for p in prompts))
-            spans = [(0, end - len(p), end) for p, end in zip(prompts, ends, strict=True)]  # (row, from, to) in part
+            logits.append(packed_logits(model, group, cache=part))
+            ends = list(itertools.accumulate(len(p) for p in group))
+            spans = [(0, end - len(p), end) for p, end in zip(group, ends, strict=True)]  # (row, from, to) in part
         else:
-            ids, keep, where = _right_padded(prompts, 0, model.device)
+            ids, keep, where = _right_padded(group, 0, model.device)
             out = model(input_ids=ids, past_key_values=part, use_cache=True, logits_to_keep=keep).logits
-            logits.append(out[torch.arange(len(prompts), device=model.device), where])
-            spans = [(j, 0, len(p)) for j, p in enumerate(prompts)]
-        for layer, filled in zip(cache.layers, part.layers, strict=True):
-            if not layer.is_initialized:  # it reads batch, heads and head size from these; the length is its own
-                shape = (rows, filled.keys.shape[1], 0, filled.keys.shape[3])
-                layer.lazy_initialization(filled.keys.new_empty(shape), filled.values.new_empty(shape))
-            for i, (row, a, b) in zip(group, spans, strict=True):
-                layer.keys[i, :, width - lengths[i]:width] = filled.keys[row, :, a:b]
-                layer.values[i, :, width - lengths[i]:width] = filled.values[row, :, a:b]
-    for layer in cache.layers:
-        layer.cumulative_length.fill_(width)
+            logits.append(out[torch.arange(len(group), device=model.device), where])
+            spans = [(j, 0, len(p)) for j, p in enumerate(group)]
+        for number, filled in enumerate(part.layers):
+            for i, (row, a, b) in enumerate(spans, start=start):
+                cache.put(number, i, filled.keys[row, :, a:b], filled.values[row, :, a:b])
+    cache.advance(0)
     return cache, torch.cat(logits)
+
+
+GROW = 32  # new-token slots a block gets at a time: a step reads at most this many not yet written
+BLOCK_COST = 2048  # what a block of its own costs a step's attention, in slots of one row read (measured, see below)
+
+
+class BlockCache(Cache):
+    """Keys and values of a decoding batch whose rows are sorted by prompt length, longest first: the rows in a few
+    blocks of like length, each block's keys (and values) one tensor of (rows, key/value heads, slots, head size),
+    its prompts left-padded to its own longest, then slots for the new tokens, `GROW` at a time.
+
+    A step's attention reads all of a block's slots (`attention.block_attention`), masked by `mask`: torch's
+    batched product reads a contiguous tensor at twice the speed of a slice of one, so a block holds no more slots
+    than it reads. One tensor for the whole batch, left-padded to its longest prompt with every new token's slot
+    ahead, read a third padding for the kit's backward prompts (189 to 807 tokens).
+    The blocks are cut where the padding saved pays for another block's products (`blocks`).
+    """
+
+    def __init__(self, lengths: Sequence[int]):
+        super().__init__(layers=[])
+        self.lengths = list(lengths)
+        self.spans = blocks(self.lengths, BLOCK_COST)  # (first row, end) of each block
+        self.widths = [self.lengths[a] for a, _ in self.spans]  # each block's longest prompt: its first row's
+        self.room = GROW  # slots for new tokens in each block
+        self.written = 0  # new tokens in the cache, the same for every row
+        self.keys: list[list[torch.Tensor]] = []  # by layer, then by block
+        self.values: list[list[torch.Tensor]] = []
+        self.mask: torch.Tensor | None = None  # (rows, 1, 1, slots): the slots each row's next token sees
+
+    def put(self, layer: int, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store a prompt's keys and values, (key/value heads, its length, head size), for one layer."""
+        if layer == len(self.keys):
+            shape = [[e - a, keys.shape[0], w + self.room, keys.shape[-1]]
+                     for (a, e), w in zip(self.spans, self.widths, strict=True)]
+            self.keys.append([keys.new_zeros(s) for s in shape])  # zeros, not garbage: a padding slot's weight is 0
+            self.values.append([values.new_zeros(s) for s in shape])
+        block = next(b for b, (a, e) in enumerate(self.spans) if a <= row < e)
+        first, width = self.spans[block][0], self.widths[block]
+        self.keys[layer][block][row - first, :, width - keys.shape[1]:width] = keys
+        self.values[layer][block][row - first, :, width - keys.shape[1]:width] = values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Write a step's keys and values (rows, key/value heads, 1, head size) into the next slot of each block;
+        (keys, values) of the layer, a tensor per block."""
+        for (a, e), width, keys, values in zip(self.spans, self.widths, self.keys[layer_idx], self.values[layer_idx],
+                                               strict=True):
+            keys[:, :, width + self.written] = key_states[a:e, :, 0]
+            values[:, :, width + self.written] = value_states[a:e, :, 0]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def advance(self, tokens: int = 1) -> None:
+        """After a step: `tokens` more written; make room for the next (`GROW` slots more where none is left), and
+        the mask of what it sees."""
+        self.written += tokens
+        if self.written == self.room:
+            self.room += GROW
+            for layer in (*self.keys, *self.values):
+                layer[:] = [torch.cat([t, t.new_zeros(*t.shape[:2], GROW, t.shape[3])], dim=2) for t in layer]
+        self._mask()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices of the batch, in order) in every block; blocks left empty go."""
+        kept = rows.tolist()
+        chosen = [[r - a for r in kept if a <= r < e] for a, e in self.spans]
+        live = [b for b, c in enumerate(chosen) if c]
+        for layer in (*self.keys, *self.values):
+            layer[:] = [layer[b][torch.tensor(chosen[b], device=layer[b].device)] for b in live]
+        counts = [len(chosen[b]) for b in live]
+        ends = list(itertools.accumulate(counts))
+        self.spans = [(end - n, end) for n, end in zip(counts, ends, strict=True)]
+        self.widths = [self.widths[b] for b in live]
+        self.lengths = [self.lengths[r] for r in kept]
+        self._mask()
+
+    def slots_read(self) -> float:
+        """Slots a step's attention reads, per row (padding and the slots not yet written included)."""
+        rows = sum(e - a for a, e in self.spans)
+        return sum((e - a) * (w + self.room) for (a, e), w in zip(self.spans, self.widths, strict=True)) / rows
+
+    def _mask(self) -> None:
+        device = self.keys[0][0].device
+        width = torch.tensor([w for (a, e), w in zip(self.spans, self.widths, strict=True) for _ in range(a, e)],
+                             device=device)
+        first = width - torch.tensor(self.lengths, device=device)
+        slot = torch.arange(max(self.widths) + self.room, device=device)
+        self.mask = ((slot >= first[:, None]) & (slot <= (width + self.written)[:, None]))[:, None, None]
+
+
+def blocks(lengths: Sequence[int], cost: int) -> list[tuple[int, int]]:
+    """(first, end) of each block of rows, the rows' `lengths` sorted longest first: the cut that reads the fewest
+    slots, each block costing `cost` slots more (a block's slots: its rows times its longest prompt)."""
+    n = len(lengths)
+    best = [0.0] + [float("inf")] * n  # best[e]: the cheapest blocks of rows :e
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for first in range(end):
+            value = best[first] + (end - first) * lengths[first] + cost
+            if value < best[end]:
+                best[end], cut[end] = value, first
+    spans, end = [], n
+    while end:
+        spans.append((cut[end], end))
+        end = cut[end]
+    return spans[::-1]
 
 
 def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,6 +155,68 @@ def test_a_decoding_step_attends_as_sdpa_does_over_a_padded_cache():
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+def test_decoding_steps_over_blocks_of_rows_attend_as_each_row_alone(monkeypatch):
+    # decode.BlockCache: prompts of unlike lengths in blocks of their own, room for new tokens made a few slots at a
+    # time, rows leaving the batch; each row's attention at each step, in two layers, equals SDPA's over that row's
+    # own keys and values alone.
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from humpback_nb.infra import decode
+    from humpback_nb.infra.attention import block_attention
+
+    monkeypatch.setattr(decode, "GROW", 3)
+    monkeypatch.setattr(decode, "BLOCK_COST", 5)
+    torch.manual_seed(0)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=3, training=False)
+    lengths = [23, 21, 20, 9, 8, 2]
+    own = [[(torch.randn(3, n, 16), torch.randn(3, n, 16)) for n in lengths] for _ in range(2)]  # by layer, row
+    cache = decode.BlockCache(lengths)
+    assert cache.spans == [(0, 3), (3, 5), (5, 6)]
+    for layer, rows in enumerate(own):
+        for row, (k, v) in enumerate(rows):
+            cache.put(layer, row, k, v)
+    cache.advance(0)
+    alive = list(range(len(lengths)))
+    for step in range(8):
+        if step == 4:  # rows 1, 3 and 4 finished: the first block keeps two rows, the second goes
+            cache.keep(torch.tensor([0, 2, 5]))
+            alive = [alive[i] for i in (0, 2, 5)]
+            assert cache.spans == [(0, 2), (2, 3)]
+        q = torch.randn(len(alive), 9, 1, 16)
+        for layer, rows in enumerate(own):
+            k, v = torch.randn(len(alive), 3, 1, 16), torch.randn(len(alive), 3, 1, 16)
+            ours, _ = block_attention(module, q, *cache.update(k, v, layer), cache.mask, scaling=0.25)
+            for j, row in enumerate(alive):
+                rows[row] = (torch.cat([rows[row][0], k[j]], dim=1), torch.cat([rows[row][1], v[j]], dim=1))
+                theirs, _ = sdpa_attention_forward(module, q[j : j + 1], rows[row][0][None], rows[row][1][None], None,
+                                                   scaling=0.25)
+                torch.testing.assert_close(ours[j : j + 1], theirs, atol=1e-5, rtol=1e-5)
+        cache.advance()
+    assert cache.room == 9  # three times 3 slots for the 8 new tokens
+
+
+@pytest.mark.parametrize("cost", [0, 6, 40, 10**6])
+def test_blocks_are_the_cut_that_reads_the_fewest_slots(cost):
+    import itertools
+
+    from humpback_nb.infra.decode import blocks
+
+    lengths = [30, 29, 29, 17, 16, 5, 4, 4, 1]
+
+    def price(spans):
+        return sum((end - first) * lengths[first] + cost for first, end in spans)
+
+    cuts = [[0, *gaps, len(lengths)] for k in range(len(lengths))
+            for gaps in itertools.combinations(range(1, len(lengths)), k)]
+    cheapest = min(price(list(itertools.pairwise(c))) for c in cuts)
+    spans = blocks(lengths, cost)
+    assert [a for a, _ in spans] == [0] + [e for _, e in spans[:-1]] and spans[-1][1] == len(lengths)
+    assert price(spans) == cheapest
+    assert len(spans) == {10**6: 1, 0: 7}.get(cost, len(spans))  # far too dear: one block; free: one per length
+
+
 def test_the_local_judge_reads_the_opening_all_prompts_share_once_and_equals_each_whole_prompt(fp32):
     from humpback_nb.infra.chat import prompt_ids
     from humpback_nb.infra.engines import MIN_SHARED_PREFIX, shared_prefix_length

@@ -139,16 +139,21 @@ def test_timing_counts_what_decoding_did(model_and_tokenizer):
     assert other.steps == 0
 
 
-def test_decoding_loop_matches_transformers_generate_when_greedy(greedy_reference):
-    # The kit's loop (grouped prefill, one preallocated cache, finished rows leaving the batch) against
-    # transformers' own generate, one prompt at a time, in float32: the logits within float32's tolerance, the
-    # same tokens wherever they decide them (numerics.py).
+@pytest.mark.parametrize("grow, block_cost", [(None, None), (2, 0)])  # the kit's settings; a block per length
+def test_decoding_loop_matches_transformers_generate_when_greedy(greedy_reference, monkeypatch, grow, block_cost):
+    # The kit's loop (grouped prefill, a cache of blocks of rows growing a few slots at a time, finished rows leaving
+    # the batch) against transformers' own generate, one prompt at a time, in float32: the logits within float32's
+    # tolerance, the same tokens wherever they decide them (numerics.py).
     import torch
 
     from humpback_nb.infra.chat import turn_end_ids
     from humpback_nb.infra.decode import decode
 
+    if grow is not None:
+        monkeypatch.setattr(generate, "GROW", grow)
+        monkeypatch.setattr(generate, "BLOCK_COST", block_cost)
     model, tokenizer, paths = greedy_reference
+    assert len({len(e) for e in paths}) > 2  # prompts of several lengths: several blocks with a block per length
     encoded = list(paths)
     width = max(map(len, encoded))
     pad = tokenizer.pad_token_id
