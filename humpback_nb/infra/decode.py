@@ -195,8 +195,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     in big batches cost more per token on a CPU). Their keys and values go into a `BlockCache`: the rows, longest
     prompt first, in a few blocks of like length, each padded to its own longest prompt only, with room for a few
     new tokens at a time, so a step writes one slot instead of copying the whole cache and reads little padding.
-    Each step feeds one token per row still writing; finished rows leave the batch once a quarter of it has
-    finished. Greedy decoding picks the argmax, as `model.generate(do_sample=False)` does; sampling keeps the
+    Each step feeds one token per row still writing; finished rows leave the batch once a sixteenth of it has
+    finished (`LEAVE`). Greedy decoding picks the argmax, as `model.generate(do_sample=False)` does; sampling keeps the
     nucleus of `sample_top_p`.
     """
     from humpback_nb.infra.attention import register_blocks
@@ -231,7 +231,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
                 writing &= ~torch.isin(chosen, stops)
                 if step == max_new_tokens - 1 or not bool(writing.any()):
                     break
-                if int((~writing).sum()) * 4 >= len(alive):  # drop the finished rows
+                if int((~writing).sum()) * LEAVE >= len(alive):  # drop the finished rows
                     keep = writing.nonzero().flatten()
                     cache.keep(keep)
                     alive, chosen, writing, position = alive[keep], chosen[keep], writing[keep], position[keep]
@@ -278,8 +278,9 @@ def _prefill(model, prompts: list[list[int]], prefill_rows: int) -> tuple[BlockC
     return cache, torch.cat(logits)
 
 
+LEAVE = 16  # finished rows leave the batch once 1 / LEAVE of it has finished (blocks without them are not copied)
 GROW = 32  # new-token slots a block gets at a time: a step reads at most this many not yet written
-BLOCK_COST = 2048  # what a block of its own costs a step's attention, in slots of one row read (measured, see below)
+BLOCK_COST = 2048  # what a block of its own costs a step's attention, in slots of one row read (docs/performance.md)
 
 
 class BlockCache(Cache):
@@ -342,8 +343,9 @@ class BlockCache(Cache):
         kept = rows.tolist()
         chosen = [[r - a for r in kept if a <= r < e] for a, e in self.spans]
         live = [b for b, c in enumerate(chosen) if c]
-        for layer in (*self.keys, *self.values):
-            layer[:] = [layer[b][torch.tensor(chosen[b], device=layer[b].device)] for b in live]
+        for layer in (*self.keys, *self.values):  # a block that keeps all its rows is not copied
+            layer[:] = [layer[b] if len(chosen[b]) == len(layer[b]) else
+                        layer[b][torch.tensor(chosen[b], device=layer[b].device)] for b in live]
         counts = [len(chosen[b]) for b in live]
         ends = list(itertools.accumulate(counts))
         self.spans = [(end - n, end) for n, end in zip(counts, ends, strict=True)]
