@@ -9,6 +9,7 @@ third of the time. Causal attention without a mask, dropout or cache takes this 
 read padded on the right), and so does a decoding step (one query per row against its cached keys, a padding mask
 at most); everything else goes to SDPA as before. `packed_attention` reads rows packed into one sequence, after a
 prefix whose keys and values every row shares (the rater's rubric), a row at a time (`decode.packed_logits`).
+`block_attention` is the kit's decoding step, a block of rows at a time over `decode.BlockCache`.
 """
 
 from __future__ import annotations

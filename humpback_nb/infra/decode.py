@@ -150,7 +150,7 @@ class DecodeTiming:
     steps: int = 0
     step_seconds: float = 0.0
     row_steps: int = 0  # rows fed, summed over the steps: new tokens written, the last token of each row aside
-    context_steps: int = 0  # positions each step attends over (the batch's width), summed over the steps
+    context_steps: float = 0.0  # cache slots a step's attention reads per row (padding too), summed over the steps
 
     def to_dict(self) -> dict[str, float]:
         """The sums, and per step: seconds, rows and context; tokens a second of prompt reading and of writing."""
@@ -196,8 +196,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     prompt first, in a few blocks of like length, each padded to its own longest prompt only, with room for a few
     new tokens at a time, so a step writes one slot instead of copying the whole cache and reads little padding.
     Each step feeds one token per row still writing; finished rows leave the batch once a sixteenth of it has
-    finished (`LEAVE`). Greedy decoding picks the argmax, as `model.generate(do_sample=False)` does; sampling keeps the
-    nucleus of `sample_top_p`.
+    finished (`LEAVE`). Greedy decoding picks the argmax, as `model.generate(do_sample=False)` does; sampling keeps
+    the nucleus of `sample_top_p`.
     """
     from humpback_nb.infra.attention import register_blocks
 
